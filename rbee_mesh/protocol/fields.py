@@ -1,0 +1,320 @@
+"""Declarative field validation for messages and operations.
+
+Every field of every message and operation names a `Spec`. A spec turns a value that came from a
+user or off the wire into the value the dataclass keeps (`load`, which rejects anything out of
+range with a ProtocolError that names the field), and back into a msgpack-ready value (`dump`).
+One mechanism validates both construction in our own code and decoding of untrusted bytes, so a
+message that exists is a message that is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, Self, TypeVar
+
+from rbee_mesh.protocol.errors import ProtocolError
+
+#: Nesting limit for free-form values (results, heartbeat state). Keeps validation iterative-safe.
+MAX_VALUE_DEPTH = 16
+
+_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+
+
+class Spec:
+    """How one field is validated (`load`) and put on the wire (`dump`)."""
+
+    def load(self, name: str, value: Any) -> Any:
+        raise ProtocolError(f"{name}: no validator")  # pragma: no cover - every Spec overrides
+
+    def dump(self, value: Any) -> Any:
+        return value
+
+
+@dataclass(frozen=True)
+class Text(Spec):
+    """A str with a length range and an optional full-match pattern."""
+
+    max_len: int = 256
+    min_len: int = 0
+    pattern: re.Pattern[str] | None = None
+    hint: str = ""
+
+    def load(self, name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{name} must be a string, got {_type_name(value)}")
+        if not self.min_len <= len(value) <= self.max_len:
+            if self.min_len and not value:
+                raise ProtocolError(f"{name} must not be empty")
+            raise ProtocolError(
+                f"{name} must be {self.min_len} to {self.max_len} characters, got {len(value)}"
+            )
+        if not _utf8_ok(value):
+            raise ProtocolError(f"{name} is not valid Unicode text (it holds a lone surrogate)")
+        if self.pattern is not None and value and not self.pattern.fullmatch(value):
+            raise ProtocolError(f"{name} {value[:80]!r} is not valid{self.hint}")
+        return value
+
+
+def ident(max_len: int = 64) -> Text:
+    """An identifier: job, hive, worker or sender id."""
+    return Text(
+        max_len=max_len,
+        min_len=1,
+        pattern=_IDENT,
+        hint=" (letters, digits and . _ : / @ + -, starting with a letter or digit)",
+    )
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    lo: int
+    hi: int
+
+    def load(self, name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{name} must be an integer, got {_type_name(value)}")
+        if not self.lo <= value <= self.hi:
+            raise ProtocolError(f"{name} must be between {self.lo} and {self.hi}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class Float(Spec):
+    """A finite number in [lo, hi]; `open_lo` excludes lo itself. Integers are accepted."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+
+    def load(self, name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"{name} must be a number, got {_type_name(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ProtocolError(f"{name} must be a finite number, got a huge integer") from None
+        if not math.isfinite(number):
+            raise ProtocolError(f"{name} must be a finite number, got {number}")
+        below = number <= self.lo if self.open_lo else number < self.lo
+        if below or number > self.hi:
+            low = "above" if self.open_lo else "at least"
+            raise ProtocolError(f"{name} must be {low} {self.lo} and at most {self.hi}, got {value}")
+        return number
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def load(self, name: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{name} must be true or false, got {_type_name(value)}")
+        return value
+
+
+E = TypeVar("E", bound=Enum)
+
+
+@dataclass(frozen=True)
+class OneOf(Spec):
+    """A member of an Enum whose values are strings; travels as the value."""
+
+    enum: type[Enum]
+
+    def load(self, name: str, value: Any) -> Enum:
+        if isinstance(value, self.enum):
+            return value
+        # Only strings reach the Enum lookup: its own error message repr()s the value, and the
+        # repr of a deeply nested list off the wire raises RecursionError.
+        if isinstance(value, str):
+            try:
+                return self.enum(value)
+            except ValueError:
+                pass
+        choices = ", ".join(str(m.value) for m in self.enum)
+        raise ProtocolError(f"{name} must be one of {choices}; got {_brief(value)}")
+
+    def dump(self, value: Any) -> Any:
+        return value.value
+
+
+@dataclass(frozen=True)
+class Optional(Spec):
+    """None, or a value of the inner spec."""
+
+    inner: Spec
+
+    def load(self, name: str, value: Any) -> Any:
+        return None if value is None else self.inner.load(name, value)
+
+    def dump(self, value: Any) -> Any:
+        return None if value is None else self.inner.dump(value)
+
+
+@dataclass(frozen=True)
+class TextList(Spec):
+    """A bounded sequence of strings, kept as a tuple so messages stay hashable and frozen."""
+
+    item: Text
+    max_items: int
+
+    def load(self, name: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"{name} must be a list of strings, got {_type_name(value)}")
+        if len(value) > self.max_items:
+            raise ProtocolError(f"{name} may hold at most {self.max_items} items, got {len(value)}")
+        return tuple(self.item.load(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+    def dump(self, value: Any) -> Any:
+        return list(value)
+
+
+@dataclass(frozen=True)
+class Value(Spec):
+    """A free-form msgpack value (results, records, heartbeat state), checked for shape only.
+
+    Maps must have str keys; bytes, ext types and nesting deeper than MAX_VALUE_DEPTH are refused.
+    `mapping=True` requires the top level to be a map.
+    """
+
+    mapping: bool = False
+
+    def load(self, name: str, value: Any) -> Any:
+        if self.mapping and not isinstance(value, Mapping):
+            raise ProtocolError(f"{name} must be a map, got {_type_name(value)}")
+        _check_value(name, value)
+        return value
+
+
+def _check_value(name: str, root: Any) -> None:
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_VALUE_DEPTH:
+            raise ProtocolError(f"{name} nests deeper than {MAX_VALUE_DEPTH} levels")
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if not _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX:
+                raise ProtocolError(f"{name} holds an integer outside the 64-bit range")
+            continue
+        if isinstance(value, str):
+            if not _utf8_ok(value):
+                raise ProtocolError(f"{name} holds text with a lone surrogate")
+            continue
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ProtocolError(f"{name} holds a non-finite number")
+            continue
+        if isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
+            continue
+        if isinstance(value, Mapping):
+            for key, v in value.items():
+                if not isinstance(key, str):
+                    raise ProtocolError(f"{name} has a map key that is not a string")
+                if not _utf8_ok(key):
+                    raise ProtocolError(f"{name} has a map key with a lone surrogate")
+                stack.append((v, depth + 1))
+            continue
+        raise ProtocolError(f"{name} holds a value of unsupported type {_type_name(value)}")
+
+
+_MSGPACK_INT_MIN = -(2**63)
+_MSGPACK_INT_MAX = 2**64 - 1
+
+
+def _utf8_ok(text: str) -> bool:
+    """Whether msgpack can put `text` on the wire (lone surrogates cannot be UTF-8 encoded)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _brief(value: Any) -> str:
+    """An untrusted value for an error message: scalars shown (cut to 80), containers by type.
+
+    Never repr() a container from the wire: a deeply nested one raises RecursionError.
+    """
+    if value is None or isinstance(value, bool | int | float | str):
+        return f"{value!r:.80}"
+    return _type_name(value)
+
+
+def spec(s: Spec, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """Declare a dataclass field validated by `s`, with an optional default or default factory."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"spec": s})
+
+
+class Validated:
+    """Mixin for frozen dataclasses whose fields are declared with `spec()`.
+
+    Validation runs in __post_init__, so every constructed instance is valid. `from_wire` builds an
+    instance from an untrusted map, refusing unknown and missing fields; `to_wire` is its inverse.
+    """
+
+    WIRE_EXCLUDE: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            field_spec: Spec | None = f.metadata.get("spec")
+            if field_spec is not None:
+                loaded = field_spec.load(f.name, getattr(self, f.name))
+                object.__setattr__(self, f.name, loaded)
+
+    @classmethod
+    def wire_fields(cls) -> list[dataclasses.Field[Any]]:
+        return [
+            f
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.name not in cls.WIRE_EXCLUDE and "spec" in f.metadata
+        ]
+
+    @classmethod
+    def from_wire(cls, body: Any, what: str, **extra: Any) -> Self:
+        """Build from a decoded msgpack map; `extra` supplies fields that travel outside it."""
+        if not isinstance(body, Mapping):
+            raise ProtocolError(f"{what} body must be a map, got {_type_name(body)}")
+        fields = cls.wire_fields()
+        names = {f.name for f in fields}
+        unknown = [str(k) for k in body if k not in names]
+        if unknown:
+            raise ProtocolError(f"{what} has unknown field(s): {', '.join(sorted(unknown))[:200]}")
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in body
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ProtocolError(f"{what} is missing field(s): {', '.join(missing)}")
+        try:
+            return cls(**dict(body), **extra)
+        except TypeError as exc:  # a field name the dataclass refuses despite the checks above
+            raise ProtocolError(f"{what}: {exc}") from None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: f.metadata["spec"].dump(getattr(self, f.name)) for f in self.wire_fields()}
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bytes: "bytes",
+        list: "a list",
+        tuple: "a list",
+        dict: "a map",
+    }.get(type(value), type(value).__name__)

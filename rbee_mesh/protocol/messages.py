@@ -1,0 +1,246 @@
+"""The message kinds exchanged between actors, as frozen, validated dataclasses.
+
+Every message has a `job_id` (empty for messages about a connection rather than a job); it travels
+in its own frame so that a relay can route without unpacking the body. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, ClassVar
+
+from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
+from rbee_mesh.protocol.fields import (
+    Float,
+    Int,
+    OneOf,
+    Optional,
+    Spec,
+    Text,
+    Validated,
+    Value,
+    ident,
+    spec,
+)
+from rbee_mesh.protocol.operations import Actor, Operation, operation_from_body
+
+JOB_ID_MAX = 64
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+class Kind(IntEnum):
+    """The message kind: one byte on the wire."""
+
+    SUBMIT = 1
+    ACCEPTED = 2
+    NARRATION = 3
+    DATA = 4
+    TOKEN = 5
+    DONE = 6
+    ERROR = 7
+    CANCEL = 8
+    CANCELLED = 9
+    HEARTBEAT = 10
+    READY = 11
+    DISCONNECT = 12
+
+
+class Level(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+class _OperationSpec(Spec):
+    """The `op` of a SUBMIT: an Operation instance in memory, {name, args} on the wire."""
+
+    def load(self, name: str, value: Any) -> Operation:
+        if isinstance(value, Operation):
+            return value
+        return operation_from_body(value)
+
+    def dump(self, value: Any) -> Any:
+        assert isinstance(value, Operation)
+        return value.to_body()
+
+
+@dataclass(frozen=True)
+class Message(Validated):
+    """Base of all message kinds."""
+
+    KIND: ClassVar[Kind]
+    #: Whether the job id frame must be set (True) or may be empty (False).
+    NEEDS_JOB: ClassVar[bool] = True
+    WIRE_EXCLUDE = frozenset({"job_id"})
+
+    job_id: str
+
+    def __post_init__(self) -> None:
+        check_job_id(self.job_id, required=self.NEEDS_JOB, what=self.KIND.name)
+        super().__post_init__()
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.KIND in TERMINAL_KINDS
+
+
+def check_job_id(job_id: Any, *, required: bool, what: str) -> str:
+    if not isinstance(job_id, str):
+        raise ProtocolError(f"{what}: job id must be a string")
+    if not job_id:
+        if required:
+            raise ProtocolError(f"{what} must carry a job id")
+        return job_id
+    if not _JOB_ID.fullmatch(job_id):
+        raise ProtocolError(f"{what}: job id {job_id[:80]!r} is not valid")
+    return job_id
+
+
+@dataclass(frozen=True)
+class Submit(Message):
+    """Start a job. `ref` is the submitter's own tag, echoed in ACCEPTED so it can match them.
+
+    A keeper leaves `job_id` empty and the queen assigns one; the queen forwarding a job to a hive
+    sets it, so that narration from the hive is routed under the same id.
+    """
+
+    KIND = Kind.SUBMIT
+    NEEDS_JOB = False
+    ref: str = spec(ident())
+    op: Operation = spec(_OperationSpec())
+    timeout_s: float | None = spec(Optional(Float(0.0, 7 * 86_400.0, open_lo=True)), None)
+
+
+@dataclass(frozen=True)
+class Accepted(Message):
+    """The job exists: it will get exactly one terminal frame, by `deadline_s` at the latest."""
+
+    KIND = Kind.ACCEPTED
+    ref: str = spec(ident())
+    op: str = spec(ident(32))
+    deadline_s: float = spec(Float(0.0, 7 * 86_400.0, open_lo=True))
+
+
+@dataclass(frozen=True)
+class Narration(Message):
+    """One human-readable progress event of a job, from whichever actor is working on it."""
+
+    KIND = Kind.NARRATION
+    actor: str = spec(Text(max_len=32, min_len=1))
+    action: str = spec(Text(max_len=32, min_len=1))
+    human: str = spec(Text(max_len=8_192))
+    level: Level = spec(OneOf(Level), Level.INFO)
+    ts: float = spec(Float(0.0, 1e11), 0.0)
+    target: str = spec(Text(max_len=256), "")
+    hive_id: str = spec(Text(max_len=64), "")
+    worker_id: str = spec(Text(max_len=64), "")
+
+
+@dataclass(frozen=True)
+class Data(Message):
+    """A structured record produced while a job runs (for example: download progress)."""
+
+    KIND = Kind.DATA
+    record: dict[str, Any] = spec(Value(mapping=True))
+
+
+@dataclass(frozen=True)
+class Token(Message):
+    """Generated text. `seq` is the index of the first token in `text`; `count` how many it holds.
+
+    Tokens that arrive faster than about one per millisecond are coalesced into one frame.
+    """
+
+    KIND = Kind.TOKEN
+    seq: int = spec(Int(0, 2**31))
+    text: str = spec(Text(max_len=1_000_000))
+    count: int = spec(Int(1, 1_000_000), 1)
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    """The job succeeded. `result` is the operation's answer (a map, a list, or nothing)."""
+
+    KIND = Kind.DONE
+    result: Any = spec(Value(), None)
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """The job failed, or (with an empty job id) a frame was rejected before it became a job."""
+
+    KIND = Kind.ERROR
+    NEEDS_JOB = False
+    code: ErrorCode = spec(OneOf(ErrorCode))
+    message: str = spec(Text(max_len=8_192))
+    ref: str = spec(Text(max_len=64), "")
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    KIND = Kind.CANCEL
+    reason: str = spec(Text(max_len=1_024), "")
+
+
+@dataclass(frozen=True)
+class Cancelled(Message):
+    KIND = Kind.CANCELLED
+    reason: str = spec(Text(max_len=1_024), "")
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """`sender` is alive and will say so again within `interval_s`. `state` is actor-specific."""
+
+    KIND = Kind.HEARTBEAT
+    NEEDS_JOB = False
+    sender: str = spec(ident())
+    seq: int = spec(Int(0, 2**63 - 1))
+    interval_s: float = spec(Float(0.01, 3_600.0))
+    ts: float = spec(Float(0.0, 1e11), 0.0)
+    state: dict[str, Any] = spec(Value(mapping=True), factory=dict)
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """An actor announces itself to the one it connected to (a worker to its hive)."""
+
+    KIND = Kind.READY
+    NEEDS_JOB = False
+    sender: str = spec(ident())
+    role: Actor = spec(OneOf(Actor))
+    info: dict[str, Any] = spec(Value(mapping=True), factory=dict)
+
+
+@dataclass(frozen=True)
+class Disconnect(Message):
+    """`sender` is leaving on purpose: forget it now instead of waiting for missed heartbeats."""
+
+    KIND = Kind.DISCONNECT
+    NEEDS_JOB = False
+    sender: str = spec(ident())
+    reason: str = spec(Text(max_len=1_024), "")
+
+
+MESSAGE_TYPES: dict[Kind, type[Message]] = {
+    cls.KIND: cls
+    for cls in (
+        Submit,
+        Accepted,
+        Narration,
+        Data,
+        Token,
+        Done,
+        Error,
+        Cancel,
+        Cancelled,
+        Heartbeat,
+        Ready,
+        Disconnect,
+    )
+}
+
+TERMINAL_KINDS = frozenset({Kind.DONE, Kind.ERROR, Kind.CANCELLED})

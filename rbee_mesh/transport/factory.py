@@ -1,0 +1,74 @@
+"""The one place where ZeroMQ sockets are made, so every socket gets the same safety options.
+
+CURVE keys (server key on listeners, client keys and the server's public key on connections)
+will be applied here too, so that no socket can be created without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+
+DEFAULT_HWM = 10_000
+"""Messages queued per pipe and direction before senders wait (or get PeerBusy)."""
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Per-socket options; the defaults suit a LAN mesh."""
+
+    linger_ms: int = 0
+    """Unsent messages are dropped at close: a closing actor must never hang on a dead peer."""
+    sndhwm: int = DEFAULT_HWM
+    rcvhwm: int = DEFAULT_HWM
+    max_msg_size: int = 16 * 1024 * 1024
+    """A peer sending a larger frame is disconnected (tcp/ipc only: libzmq does not check
+    inproc)."""
+    handshake_ivl_ms: int = 10_000
+    """A peer that connects but never completes the ZMTP handshake is dropped after this."""
+    tcp_keepalive: bool = True
+    tcp_keepalive_idle_s: int = 30
+    tcp_keepalive_intvl_s: int = 10
+    tcp_keepalive_cnt: int = 3
+
+
+def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
+    """Return the process-wide context (pyzmq's singleton).
+
+    inproc:// endpoints only connect sockets of one context, and pyzmq helpers such as
+    zmq.auth default to this same instance.
+    """
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    return ctx
+
+
+def make_socket(
+    kind: int,
+    *,
+    ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+    options: SocketOptions | None = None,
+) -> zmq.Socket[bytes]:
+    """Create a socket of ``kind`` (zmq.ROUTER, zmq.DEALER, ...) with ``options`` applied.
+
+    ROUTER sockets always get ROUTER_MANDATORY, because a ROUTER otherwise drops frames for an
+    unknown peer silently; with it, sending to such a peer fails with EHOSTUNREACH.
+    """
+    opts = options if options is not None else SocketOptions()
+    sock = (ctx if ctx is not None else shared_context()).socket(kind)
+    try:
+        sock.setsockopt(zmq.LINGER, opts.linger_ms)
+        sock.setsockopt(zmq.SNDHWM, opts.sndhwm)
+        sock.setsockopt(zmq.RCVHWM, opts.rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_size)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, opts.handshake_ivl_ms)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1 if opts.tcp_keepalive else 0)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, opts.tcp_keepalive_idle_s)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, opts.tcp_keepalive_intvl_s)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, opts.tcp_keepalive_cnt)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock

@@ -1,0 +1,52 @@
+"""Shared fixtures: a queen on each transport, and keepers that talk to it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from rbee_mesh.actors.keeper import Keeper, KeeperConfig, open_keeper
+from rbee_mesh.actors.queen import Queen, QueenConfig
+from rbee_mesh.mesh import running_queen
+from rbee_mesh.transport import local_endpoint_for
+
+#: Short intervals so that liveness tests finish quickly; real time, generous fail_after bounds.
+FAST_QUEEN = QueenConfig(heartbeat_s=0.1, peer_stall_s=2.0, shutdown_grace_s=1.0)
+FAST_KEEPER = KeeperConfig(heartbeat_s=0.1, accept_timeout_s=2.0)
+
+TRANSPORTS = ["mem", "ipc", "tcp"]
+_names = itertools.count()
+
+
+def bind_endpoint(transport: str, tmp_path: Path) -> str:
+    """A fresh endpoint of `transport` that a test may bind."""
+    if transport == "mem":
+        return f"mem://test-{os.getpid()}-{next(_names)}"
+    if transport == "ipc":
+        return f"ipc://{tmp_path}/queen-{next(_names)}.sock"
+    return "tcp://127.0.0.1:0"
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def queen(transport: str, tmp_path: Path) -> AsyncIterator[Queen]:
+    async with running_queen(bind_endpoint(transport, tmp_path), FAST_QUEEN) as q:
+        yield q
+
+
+def queen_address(queen: Queen) -> str:
+    return local_endpoint_for(queen.listener.endpoint)
+
+
+@pytest.fixture
+async def keeper(queen: Queen) -> AsyncIterator[Keeper]:
+    async with open_keeper(queen_address(queen), FAST_KEEPER) as k:
+        yield k
