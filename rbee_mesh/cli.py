@@ -35,7 +35,7 @@ from rbee_mesh.protocol import (
     ProtocolError,
     Status,
 )
-from rbee_mesh.render import HumanRenderer, JsonRenderer, Renderer, format_table, format_value
+from rbee_mesh.render import HumanRenderer, JsonRenderer, Renderer, format_table
 from rbee_mesh.transport import EndpointError, local_endpoint_for
 
 EXIT_OK = 0
@@ -85,16 +85,21 @@ class Cli:
     def renderer(self, formatter: Callable[[Any], str] | None = None) -> Renderer:
         return JsonRenderer() if self.as_json else HumanRenderer(formatter)
 
-    def run_job(self, op: Operation, formatter: Callable[[Any], str] | None = None,
-                timeout_s: float | None = None) -> NoReturn:
+    def run_job(
+        self,
+        op: Operation,
+        formatter: Callable[[Any], str] | None = None,
+        timeout_s: float | None = None,
+    ) -> NoReturn:
         """Submit `op` to the queen, render its events live, exit with its outcome."""
         renderer = self.renderer(formatter)
         code = trio.run(_run_job, self.endpoint, op, renderer, timeout_s)
         sys.exit(code)
 
 
-async def _run_job(endpoint: str, op: Operation, renderer: Renderer,
-                   timeout_s: float | None) -> int:
+async def _run_job(
+    endpoint: str, op: Operation, renderer: Renderer, timeout_s: float | None
+) -> int:
     try:
         async with open_keeper(endpoint) as keeper:
             return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
@@ -103,8 +108,9 @@ async def _run_job(endpoint: str, op: Operation, renderer: Renderer,
         return EXIT_UNAVAILABLE
 
 
-async def stream_job(keeper: Keeper, op: Operation, renderer: Renderer, *,
-                     timeout_s: float | None = None) -> int:
+async def stream_job(
+    keeper: Keeper, op: Operation, renderer: Renderer, *, timeout_s: float | None = None
+) -> int:
     """Run one job to its end, rendering every event. Ctrl-C cancels it; a second one quits."""
     job = await keeper.submit(op, timeout_s=timeout_s)
     async with trio.open_nursery() as nursery:
@@ -117,8 +123,7 @@ async def stream_job(keeper: Keeper, op: Operation, renderer: Renderer, *,
     return exit_code_for(job.terminal)
 
 
-async def _cancel_on_interrupt(job: JobHandle, renderer: Renderer,
-                               scope: trio.CancelScope) -> None:
+async def _cancel_on_interrupt(job: JobHandle, renderer: Renderer, scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT) as signals:
         await signals.__anext__()
         renderer.note(f"cancelling job {job.job_id} (Ctrl-C again to stop waiting)")
@@ -139,11 +144,19 @@ def _make(op_cls: type[Operation], **kwargs: Any) -> Operation:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--queen", envvar="RBEE_MESH_QUEEN", metavar="ENDPOINT",
-              help="Queen to talk to, e.g. tcp://10.0.0.5:7833 (env RBEE_MESH_QUEEN). "
-              "Default: the queen started on this machine, else " + DEFAULT_QUEEN_BIND + ".")
-@click.option("--json", "as_json", is_flag=True,
-              help="Machine output: one JSON object per event per line on stdout.")
+@click.option(
+    "--queen",
+    envvar="RBEE_MESH_QUEEN",
+    metavar="ENDPOINT",
+    help="Queen to talk to, e.g. tcp://10.0.0.5:7833 (env RBEE_MESH_QUEEN). "
+    "Default: the queen started on this machine, else " + DEFAULT_QUEEN_BIND + ".",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Machine output: one JSON object per event per line on stdout.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv: debug).")
 @click.version_option(__version__, prog_name="rbee-mesh")
 @click.pass_context
@@ -176,8 +189,12 @@ async def _demo(renderer: Renderer) -> int:
     steps: list[tuple[str, Operation, float | None, type[Message]]] = [
         ("the state of the mesh", Status(), None, Done),
         ("narration streamed live from the queen", Ping(count=5, interval_s=0.2), None, Done),
-        ("a job cancelled midway (as Ctrl-C does)", Ping(count=50, interval_s=0.1), None,
-         Cancelled),
+        (
+            "a job cancelled midway (as Ctrl-C does)",
+            Ping(count=50, interval_s=0.1),
+            None,
+            Cancelled,
+        ),
         ("a job that overruns its 0.5 s deadline", Ping(count=50, interval_s=0.1), 0.5, Error),
         ("every job so far, each ended by exactly one terminal frame", JobList(), None, Done),
     ]
@@ -195,15 +212,17 @@ async def _demo(renderer: Renderer) -> int:
                 renderer.event(message)
                 if expected is Cancelled and frames == 3:
                     await job.cancel("cancelled by the demo after 3 frames")
-            rows.append({
-                "job": job.job_id,
-                "op": op.NAME,
-                "ended": job.terminal.KIND.name if job.terminal else "?",
-                "as_expected": isinstance(job.terminal, expected),
-                "frames": frames,
-                "accepted_us": round((accepted - start) * 1e6),
-                "total_ms": round((trio.current_time() - start) * 1e3, 1),
-            })
+            rows.append(
+                {
+                    "job": job.job_id,
+                    "op": op.NAME,
+                    "ended": job.terminal.KIND.name if job.terminal else "?",
+                    "as_expected": isinstance(job.terminal, expected),
+                    "frames": frames,
+                    "accepted_us": round((accepted - start) * 1e6),
+                    "total_ms": round((trio.current_time() - start) * 1e3, 1),
+                }
+            )
     renderer.note("\n" + format_table(rows))
     return EXIT_OK if all(r["as_expected"] for r in rows) else EXIT_FAILED
 
@@ -228,14 +247,17 @@ def _format_status(result: dict[str, Any]) -> str:
 
 @main.command()
 @click.option("-n", "--count", default=1, show_default=True, help="How many pongs to narrate.")
-@click.option("-i", "--interval", default=0.0, show_default=True, type=float,
-              help="Seconds between pongs.")
+@click.option(
+    "-i", "--interval", default=0.0, show_default=True, type=float, help="Seconds between pongs."
+)
 @click.option("--hive", metavar="HIVE", help="Ask this hive instead of the queen.")
 @pass_cli
 def ping(cli: Cli, count: int, interval: float, hive: str | None) -> None:
     """Check the path to the queen: it narrates COUNT pongs back."""
-    cli.run_job(_make(Ping, count=count, interval_s=interval, hive=hive),
-                lambda r: f"{r['count']} pong(s) in {r['elapsed_s'] * 1e3:.1f} ms")
+    cli.run_job(
+        _make(Ping, count=count, interval_s=interval, hive=hive),
+        lambda r: f"{r['count']} pong(s) in {r['elapsed_s'] * 1e3:.1f} ms",
+    )
 
 
 @main.group()
@@ -272,8 +294,13 @@ def queen() -> None:
 
 
 @queen.command("start")
-@click.option("--bind", default=DEFAULT_QUEEN_BIND, show_default=True, metavar="ENDPOINT",
-              help="Where keepers reach the queen. tcp://0.0.0.0:7833 admits other machines.")
+@click.option(
+    "--bind",
+    default=DEFAULT_QUEEN_BIND,
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where keepers reach the queen. tcp://0.0.0.0:7833 admits other machines.",
+)
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
 def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
@@ -289,9 +316,17 @@ def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
         return
     running = daemon.read_info("queen")
     if running is not None:
-        _say(cli, f"queen already running (pid {running.pid}) on {running.endpoint}",
-             {"event": "queen", "state": "running", "pid": running.pid,
-              "endpoint": running.endpoint, "started": False})
+        _say(
+            cli,
+            f"queen already running (pid {running.pid}) on {running.endpoint}",
+            {
+                "event": "queen",
+                "state": "running",
+                "pid": running.pid,
+                "endpoint": running.endpoint,
+                "started": False,
+            },
+        )
         return
     proc = daemon.spawn_detached("queen", ["queen", "start", "--foreground", "--bind", bind])
     info = trio.run(_wait_until_serving, proc.pid, proc.poll)
@@ -300,16 +335,29 @@ def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
         if code is None:
             daemon.stop_process(proc.pid, grace_s=2)
         why = f"exited with code {code}" if code is not None else "did not answer within 15s"
-        _fail(cli, ErrorCode.UNAVAILABLE,
-              f"the queen {why}. Its log ({daemon.log_path('queen')}) ends with:\n"
-              f"{daemon.log_tail('queen')}", EXIT_UNAVAILABLE)
-    _say(cli, f"queen started (pid {info.pid}) on {info.endpoint}; log: {daemon.log_path('queen')}",
-         {"event": "queen", "state": "running", "pid": info.pid, "endpoint": info.endpoint,
-          "started": True})
+        _fail(
+            cli,
+            ErrorCode.UNAVAILABLE,
+            f"the queen {why}. Its log ({daemon.log_path('queen')}) ends with:\n"
+            f"{daemon.log_tail('queen')}",
+            EXIT_UNAVAILABLE,
+        )
+    _say(
+        cli,
+        f"queen started (pid {info.pid}) on {info.endpoint}; log: {daemon.log_path('queen')}",
+        {
+            "event": "queen",
+            "state": "running",
+            "pid": info.pid,
+            "endpoint": info.endpoint,
+            "started": True,
+        },
+    )
 
 
-async def _wait_until_serving(pid: int, poll: Callable[[], int | None],
-                              timeout_s: float = 15.0) -> daemon.DaemonInfo | None:
+async def _wait_until_serving(
+    pid: int, poll: Callable[[], int | None], timeout_s: float = 15.0
+) -> daemon.DaemonInfo | None:
     """Wait for the daemon `pid` to record its endpoint and answer a status job there."""
     quick = KeeperConfig(accept_timeout_s=1.0)
     with trio.move_on_after(timeout_s):
@@ -335,14 +383,20 @@ def queen_stop(cli: Cli) -> None:
     """Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."""
     info = daemon.read_info("queen")
     if info is None:
-        _say(cli, "no queen is running on this machine", {"event": "queen", "state": "stopped",
-                                                         "pid": None})
+        _say(
+            cli,
+            "no queen is running on this machine",
+            {"event": "queen", "state": "stopped", "pid": None},
+        )
         return
     killed = daemon.stop_process(info.pid)
     daemon.remove_info("queen", info.pid)
     how = "killed after it ignored SIGTERM" if killed else "stopped"
-    _say(cli, f"queen {how} (pid {info.pid})", {"event": "queen", "state": "stopped",
-                                                "pid": info.pid, "killed": killed})
+    _say(
+        cli,
+        f"queen {how} (pid {info.pid})",
+        {"event": "queen", "state": "stopped", "pid": info.pid, "killed": killed},
+    )
 
 
 @queen.command("status")
@@ -351,9 +405,12 @@ def queen_status(cli: Cli) -> None:
     """Whether the queen on this machine runs and answers."""
     info = daemon.read_info("queen")
     if info is None:
-        _fail(cli, ErrorCode.UNAVAILABLE,
-              f"no queen is running on this machine (state directory {daemon.state_dir()})",
-              EXIT_UNAVAILABLE)
+        _fail(
+            cli,
+            ErrorCode.UNAVAILABLE,
+            f"no queen is running on this machine (state directory {daemon.state_dir()})",
+            EXIT_UNAVAILABLE,
+        )
     cli.queen = cli.queen or local_endpoint_for(info.endpoint)
     cli.run_job(Status(), _format_status)
 

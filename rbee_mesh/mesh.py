@@ -31,9 +31,7 @@ _integrated_names = itertools.count(1)
 
 
 @asynccontextmanager
-async def running_queen(
-    endpoint: str, config: QueenConfig | None = None
-) -> AsyncIterator[Queen]:
+async def running_queen(endpoint: str, config: QueenConfig | None = None) -> AsyncIterator[Queen]:
     """A queen serving on `endpoint` for the duration of the block, stopped gracefully after."""
     with single_errors():
         async with await open_listener(endpoint) as listener, trio.open_nursery() as nursery:
@@ -54,17 +52,22 @@ async def integrated_mesh(config: QueenConfig | None = None) -> AsyncIterator[Qu
         yield queen
 
 
-async def serve_queen_forever(bind: str, *, record: bool) -> None:
+async def serve_queen_forever(bind: str, record: bool) -> None:
     """`queen start --foreground`: serve on `bind` until SIGTERM or SIGINT, then stop gracefully.
 
     With `record`, the daemon info file says where this queen listens while it does.
     """
     async with running_queen(bind) as queen:
         if record:
-            daemon.write_info(daemon.DaemonInfo(
-                name="queen", pid=os.getpid(), endpoint=queen.listener.endpoint,
-                version=__version__, started=time.time(),
-            ))
+            daemon.write_info(
+                daemon.DaemonInfo(
+                    name="queen",
+                    pid=os.getpid(),
+                    endpoint=queen.listener.endpoint,
+                    version=__version__,
+                    started=time.time(),
+                )
+            )
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:

@@ -45,7 +45,10 @@ async def test_submit_is_accepted_narrated_then_done_exactly_once(keeper: Keeper
     assert isinstance(job.accepted, Accepted) and job.job_id.startswith("job-")
     assert [type(e) for e in events] == [Accepted, Narration, Narration, Narration, Done]
     assert [e.human for e in events if isinstance(e, Narration)] == [
-        "pong 1/3", "pong 2/3", "pong 3/3"]
+        "pong 1/3",
+        "pong 2/3",
+        "pong 3/3",
+    ]
     assert all(e.job_id == job.job_id for e in events)
     assert job.terminal is events[-1]
 
@@ -327,5 +330,14 @@ async def test_unreachable_queen_is_reported_within_the_accept_timeout(
 def test_message_kinds_the_queen_sends_are_only_job_frames() -> None:
     """Guard for the doc: the queen never emits SUBMIT, CANCEL, READY or DISCONNECT."""
     assert {Kind.SUBMIT, Kind.CANCEL, Kind.READY, Kind.DISCONNECT}.isdisjoint(
-        {Kind.ACCEPTED, Kind.NARRATION, Kind.DATA, Kind.TOKEN, Kind.DONE, Kind.ERROR,
-         Kind.CANCELLED, Kind.HEARTBEAT})
+        {
+            Kind.ACCEPTED,
+            Kind.NARRATION,
+            Kind.DATA,
+            Kind.TOKEN,
+            Kind.DONE,
+            Kind.ERROR,
+            Kind.CANCELLED,
+            Kind.HEARTBEAT,
+        }
+    )

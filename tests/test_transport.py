@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -87,9 +88,10 @@ async def introduce(listener: Listener, connection: Connection) -> bytes:
     return peer
 
 
-async def send_until(predicate_send: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``predicate_send`` until it returns True (for conditions libzmq holds internally)."""
-    while not await predicate_send():
+async def poll_until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Retry ``condition`` until it holds, for state that only libzmq's I/O thread knows (a
+    peer's disconnect, a drained pipe): there is no event to wait on, so this polls."""
+    while not await condition():  # noqa: ASYNC110 -- no event exists; callers bound it in time
         await trio.sleep(0.001)
 
 
@@ -159,7 +161,7 @@ async def test_sending_to_a_closed_connection_raises_peer_unreachable(
                 return True
             return False
 
-        await send_until(unreachable)
+        await poll_until(unreachable)
 
 
 async def test_peer_that_never_reads_makes_send_raise_peer_busy_until_it_catches_up(
@@ -191,7 +193,7 @@ async def test_peer_that_never_reads_makes_send_raise_peer_busy_until_it_catches
                         return False
                     return True
 
-                await send_until(sent_after)
+                await poll_until(sent_after)
                 assert await connection.receive() == [b"after"]
 
 
@@ -263,9 +265,7 @@ async def test_a_message_without_frames_is_refused(mesh: tuple[Listener, Connect
         ("mem://queen", Endpoint("mem", "queen")),
     ],
 )
-def test_parse_endpoint_accepts_every_scheme_and_round_trips(
-    text: str, expected: Endpoint
-) -> None:
+def test_parse_endpoint_accepts_every_scheme_and_round_trips(text: str, expected: Endpoint) -> None:
     assert parse_endpoint(text) == expected
     assert str(parse_endpoint(text)) == text
 
@@ -379,11 +379,13 @@ async def test_stale_ipc_socket_file_from_a_crashed_process_does_not_prevent_bin
         crashed.bind(str(path))
     assert path.is_socket()
     with trio.fail_after(10):
-        async with await open_listener(f"ipc://{path}") as listener:
-            async with await open_connection(listener.endpoint) as connection:
-                peer = await introduce(listener, connection)
-                await listener.send(peer, [b"welcome"])
-                assert await connection.receive() == [b"welcome"]
+        async with (
+            await open_listener(f"ipc://{path}") as listener,
+            await open_connection(listener.endpoint) as connection,
+        ):
+            peer = await introduce(listener, connection)
+            await listener.send(peer, [b"welcome"])
+            assert await connection.receive() == [b"welcome"]
     assert not path.exists(), "a cleanly closed listener removes its socket file"
 
 
@@ -432,21 +434,23 @@ async def test_zmq_peer_sending_an_oversized_message_is_cut_off_without_deliveri
     # libzmq enforces MAXMSGSIZE only on stream transports, not on inproc.
     strict = SocketOptions(max_msg_size=1024)
     with trio.fail_after(10):
-        async with await open_listener(fresh_endpoint(transport, tmp_path), options=strict) as lst:
-            async with await open_connection(local_endpoint_for(lst.endpoint)) as connection:
-                await connection.send([b"big", bytes(4096)])
-                async with trio.open_nursery() as nursery:
+        async with (
+            await open_listener(fresh_endpoint(transport, tmp_path), options=strict) as listener,
+            await open_connection(local_endpoint_for(listener.endpoint)) as connection,
+        ):
+            await connection.send([b"big", bytes(4096)])
+            async with trio.open_nursery() as nursery:
 
-                    async def probe() -> None:
-                        # The DEALER reconnects after the cut; probes get through after that.
-                        for index in range(10_000):
-                            await connection.send([b"probe", b"%d" % index])
-                            await trio.sleep(0.01)
+                async def probe() -> None:
+                    # The DEALER reconnects after the cut; probes get through after that.
+                    for index in range(10_000):
+                        await connection.send([b"probe", b"%d" % index])
+                        await trio.sleep(0.01)
 
-                    nursery.start_soon(probe)
-                    _, frames = await lst.receive()
-                    assert frames[0] == b"probe"
-                    nursery.cancel_scope.cancel()
+                nursery.start_soon(probe)
+                _, frames = await listener.receive()
+                assert frames[0] == b"probe"
+                nursery.cancel_scope.cancel()
 
 
 def test_make_socket_applies_the_safe_defaults_on_the_shared_context() -> None:
@@ -516,18 +520,21 @@ async def test_mem_listener_closing_makes_its_connections_raise_peer_unreachable
 async def test_mem_transport_copies_frames_so_sender_and_receiver_share_nothing() -> None:
     endpoint = "mem://copies-" + uuid.uuid4().hex
     with trio.fail_after(10):
-        async with await open_listener(endpoint) as listener:
-            async with await open_connection(endpoint) as connection:
-                frame = bytearray(b"original")
-                frames: list[bytes] = [b"kind", frame]
-                await connection.send(frames)
-                frame[:] = b"mutated!"
-                frames.append(b"appended")
-                peer, received = await listener.receive()
-                assert received == [b"kind", b"original"]
-                assert all(type(f) is bytes for f in received)
+        async with (
+            await open_listener(endpoint) as listener,
+            await open_connection(endpoint) as connection,
+        ):
+            frame = bytearray(b"original")
+            # Typed as bytes, but nothing stops a caller from passing a mutable buffer.
+            frames = [b"kind", cast(bytes, frame)]
+            await connection.send(frames)
+            frame[:] = b"mutated!"
+            frames.append(b"appended")
+            peer, received = await listener.receive()
+            assert received == [b"kind", b"original"]
+            assert all(type(f) is bytes for f in received)
 
-                reply: list[bytes] = [b"reply"]
-                await listener.send(peer, reply)
-                reply.append(b"appended")
-                assert await connection.receive() == [b"reply"]
+            reply = [b"reply"]
+            await listener.send(peer, reply)
+            reply.append(b"appended")
+            assert await connection.receive() == [b"reply"]

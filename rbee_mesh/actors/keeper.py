@@ -12,11 +12,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import trio
 
+from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.protocol import (
     Accepted,
     Cancel,
@@ -35,7 +36,6 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.protocol.liveness import Liveness
-from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.transport import Connection, TransportError, open_connection
 
 log = logging.getLogger("rbee_mesh.keeper")
@@ -132,7 +132,9 @@ class Keeper:
                 await self.send(Submit(job_id="", ref=ref, op=op, timeout_s=timeout_s))
             except TransportError as exc:
                 self._pending.pop(ref, None)
-                raise QueenUnreachable(f"cannot reach the queen at {self.endpoint}: {exc}") from None
+                raise QueenUnreachable(
+                    f"cannot reach the queen at {self.endpoint}: {exc}"
+                ) from None
             await job._answered.wait()
             return job
         self._pending.pop(ref, None)
@@ -179,11 +181,17 @@ class Keeper:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            try:
-                await self.send(Heartbeat(job_id="", sender=self.name, seq=next(self._heartbeats),
-                                          interval_s=self.config.heartbeat_s, ts=time.time()))
-            except TransportError:
-                pass  # the queen is not there; the liveness check below decides what that means
+            # If the queen is not there, the liveness check below decides what that means.
+            with suppress(TransportError):
+                await self.send(
+                    Heartbeat(
+                        job_id="",
+                        sender=self.name,
+                        seq=next(self._heartbeats),
+                        interval_s=self.config.heartbeat_s,
+                        ts=time.time(),
+                    )
+                )
             now = trio.current_time()
             if self._jobs:
                 self._queen.check(now)
@@ -196,18 +204,18 @@ class Keeper:
     async def _lose_queen(self, missed: int) -> None:
         jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
-            await job._deliver(Error(
-                job_id=job.job_id,
-                code=ErrorCode.UNAVAILABLE,
-                message=f"lost contact with the queen at {self.endpoint}: "
-                f"nothing heard for {missed} heartbeat intervals",
-            ))
+            await job._deliver(
+                Error(
+                    job_id=job.job_id,
+                    code=ErrorCode.UNAVAILABLE,
+                    message=f"lost contact with the queen at {self.endpoint}: "
+                    f"nothing heard for {missed} heartbeat intervals",
+                )
+            )
 
 
 @asynccontextmanager
-async def open_keeper(
-    endpoint: str, config: KeeperConfig | None = None
-) -> AsyncIterator[Keeper]:
+async def open_keeper(endpoint: str, config: KeeperConfig | None = None) -> AsyncIterator[Keeper]:
     """Connect to the queen at `endpoint` for the duration of the block."""
     config = config or KeeperConfig()
     try:
@@ -225,11 +233,12 @@ async def open_keeper(
                 finally:
                     # A courtesy, also on Ctrl-C: the queen cancels this keeper's jobs at once
                     # instead of after three silent heartbeat intervals.
-                    with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                        try:
-                            await keeper.send(Disconnect(job_id="", sender=keeper.name, reason="done"))
-                        except TransportError:
-                            pass
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(0.5),
+                        suppress(TransportError),
+                    ):
+                        await keeper.send(Disconnect(job_id="", sender=keeper.name, reason="done"))
                     nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

@@ -197,8 +197,12 @@ class Queen:
                 message = decode(frames)
             except ProtocolError as exc:
                 log.warning("rejected a frame from %s: %s", peer.label, exc)
-                self._send(peer, Error(job_id="", code=exc.code, message=f"rejected: {exc.message}",
-                                       ref=exc.ref))
+                self._send(
+                    peer,
+                    Error(
+                        job_id="", code=exc.code, message=f"rejected: {exc.message}", ref=exc.ref
+                    ),
+                )
                 continue
             self._dispatch(peer, message)
 
@@ -212,8 +216,11 @@ class Queen:
                     # Either it raced with the job's end (whose terminal frame is on its way), or
                     # it names another keeper's job, which only `job_cancel` may cancel. An ERROR
                     # here would be a second terminal frame for that job id.
-                    log.info("ignored CANCEL of %s from %s: not a running job of theirs",
-                             message.job_id, peer.label)
+                    log.info(
+                        "ignored CANCEL of %s from %s: not a running job of theirs",
+                        message.job_id,
+                        peer.label,
+                    )
                     return
                 reason = message.reason or "cancelled by its submitter"
                 self._abort(job, Cancelled(job_id=job.id, reason=reason))
@@ -222,9 +229,14 @@ class Queen:
             case Disconnect():
                 self._drop_peer(peer, f"it disconnected ({message.reason or 'no reason given'})")
             case _:
-                self._send(peer, Error(job_id=message.job_id, code=ErrorCode.INVALID_REQUEST,
-                                       message=f"the queen does not take {message.KIND.name} "
-                                       "frames from keepers"))
+                self._send(
+                    peer,
+                    Error(
+                        job_id=message.job_id,
+                        code=ErrorCode.INVALID_REQUEST,
+                        message=f"the queen does not take {message.KIND.name} frames from keepers",
+                    ),
+                )
 
     # ---- peers ---------------------------------------------------------------------------------
 
@@ -280,8 +292,9 @@ class Queen:
         self._peers.pop(peer.id, None)
         peer.outbox.close()
         if peer.jobs:
-            log.warning("dropping %s because %s; cancelling its %d job(s)", peer.label, why,
-                        len(peer.jobs))
+            log.warning(
+                "dropping %s because %s; cancelling its %d job(s)", peer.label, why, len(peer.jobs)
+            )
         for job in list(peer.jobs):
             self._abort(job, Cancelled(job_id=job.id, reason=f"{peer.label} is gone: {why}"))
 
@@ -303,19 +316,41 @@ class Queen:
         if due == peer.heartbeat_seq:
             return
         peer.heartbeat_seq = due
-        self._send(peer, Heartbeat(job_id="", sender=self.name, seq=due,
-                                   interval_s=self.config.heartbeat_s, ts=time.time()))
+        self._send(
+            peer,
+            Heartbeat(
+                job_id="",
+                sender=self.name,
+                seq=due,
+                interval_s=self.config.heartbeat_s,
+                ts=time.time(),
+            ),
+        )
 
     # ---- jobs ------------------------------------------------------------------------------------
 
     def _submit(self, peer: Peer, submit: Submit) -> None:
         if self._stopping:
-            self._send(peer, Error(job_id="", code=ErrorCode.UNAVAILABLE, ref=submit.ref,
-                                   message="the queen is shutting down"))
+            self._send(
+                peer,
+                Error(
+                    job_id="",
+                    code=ErrorCode.UNAVAILABLE,
+                    ref=submit.ref,
+                    message="the queen is shutting down",
+                ),
+            )
             return
         if len(self._jobs) >= self.config.max_running_jobs:
-            self._send(peer, Error(job_id="", code=ErrorCode.BUSY, ref=submit.ref,
-                                   message=f"the queen runs {len(self._jobs)} jobs, its limit"))
+            self._send(
+                peer,
+                Error(
+                    job_id="",
+                    code=ErrorCode.BUSY,
+                    ref=submit.ref,
+                    message=f"the queen runs {len(self._jobs)} jobs, its limit",
+                ),
+            )
             return
         deadline = submit.timeout_s or submit.op.default_deadline_s
         job = Job(id=new_job_id(), op=submit.op, peer=peer, deadline_s=deadline)
@@ -323,8 +358,9 @@ class Queen:
         self._jobs[job.id] = job
         self.job_count.value = len(self._jobs)
         peer.jobs.add(job)
-        self._send(peer, Accepted(job_id=job.id, ref=submit.ref, op=job.op.NAME,
-                                  deadline_s=deadline))
+        self._send(
+            peer, Accepted(job_id=job.id, ref=submit.ref, op=job.op.NAME, deadline_s=deadline)
+        )
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job, name=f"job {job.id} {job.op.NAME}")
 
@@ -344,19 +380,26 @@ class Queen:
                 terminal = Error(job_id=job.id, code=exc.code, message=exc.message)
             except Exception as exc:
                 log.exception("job %s (%s) failed", job.id, job.op.NAME)
-                terminal = Error(job_id=job.id, code=ErrorCode.INTERNAL,
-                                 message=f"{job.op.NAME} failed: {type(exc).__name__}: {exc}")
+                terminal = Error(
+                    job_id=job.id,
+                    code=ErrorCode.INTERNAL,
+                    message=f"{job.op.NAME} failed: {type(exc).__name__}: {exc}",
+                )
         if job.abort is not None and (terminal is None or job.scope.cancelled_caught):
             terminal = job.abort
         elif terminal is None:
-            terminal = Error(job_id=job.id, code=ErrorCode.TIMEOUT,
-                             message=f"{job.op.NAME} did not finish within {job.deadline_s:g}s")
+            terminal = Error(
+                job_id=job.id,
+                code=ErrorCode.TIMEOUT,
+                message=f"{job.op.NAME} did not finish within {job.deadline_s:g}s",
+            )
         self._finish(job, terminal)
 
     def _emitter(self, job: Job) -> Callable[[Message], None]:
         def emit(message: Message) -> None:
             if job.state is JobState.RUNNING:
                 self._send(job.peer, message)
+
         return emit
 
     def _finish(self, job: Job, terminal: Message) -> None:
@@ -374,8 +417,14 @@ class Queen:
         self.job_count.value = len(self._jobs)
         job.peer.jobs.discard(job)
         self._history.append(job)
-        log.info("job %s %s %s in %.3fs%s", job.id, job.op.NAME, job.state,
-                 job.ended - job.created, f" ({job.error})" if job.error else "")
+        log.info(
+            "job %s %s %s in %.3fs%s",
+            job.id,
+            job.op.NAME,
+            job.state,
+            job.ended - job.created,
+            f" ({job.error})" if job.error else "",
+        )
 
     async def _execute(self, job: Job) -> Any:
         handler = self._handlers.get(type(job.op))
@@ -389,8 +438,10 @@ class Queen:
     # ---- operations the queen answers itself -------------------------------------------------
 
     async def _op_status(self, job: Job, op: Status) -> dict[str, Any]:
-        narrate("status", f"{len(self._jobs)} job(s) running, {len(self._peers)} keeper(s), "
-                "no hives connected")
+        narrate(
+            "status",
+            f"{len(self._jobs)} job(s) running, {len(self._peers)} keeper(s), no hives connected",
+        )
         return {
             "queen": {
                 "name": self.name,
@@ -437,8 +488,11 @@ class Queen:
             raise MeshError(ErrorCode.NOT_FOUND, f"no job {op.job}")
         if target is job:
             raise MeshError(ErrorCode.CONFLICT, "a job cannot cancel itself")
-        narrate("job_cancel", f"cancelling job {target.id} ({target.op.NAME}) of {target.peer.label}",
-                level=Level.WARN)
+        narrate(
+            "job_cancel",
+            f"cancelling job {target.id} ({target.op.NAME}) of {target.peer.label}",
+            level=Level.WARN,
+        )
         self._abort(target, Cancelled(job_id=target.id, reason=f"cancelled by {job.peer.label}"))
         return {"job": target.id, "state": str(JobState.CANCELLED)}
 

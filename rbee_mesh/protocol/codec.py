@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
-from rbee_mesh.protocol.messages import MESSAGE_TYPES, JOB_ID_MAX, Kind, Message, check_job_id
+from rbee_mesh.protocol.messages import JOB_ID_MAX, MESSAGE_TYPES, Kind, Message, check_job_id
 
 MAGIC = b"RBEE"
 PROTOCOL_VERSION = 1
@@ -54,7 +54,9 @@ def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
     except ValueError:
         raise ProtocolError(f"unknown message kind {kind_frame[0]}") from None
     if len(job_frame) > JOB_ID_MAX:
-        raise ProtocolError(f"the job id frame is {len(job_frame)} bytes; the limit is {JOB_ID_MAX}")
+        raise ProtocolError(
+            f"the job id frame is {len(job_frame)} bytes; the limit is {JOB_ID_MAX}"
+        )
     try:
         job_id = bytes(job_frame).decode("ascii")
     except UnicodeDecodeError:

@@ -103,7 +103,9 @@ class Float(Spec):
         below = number <= self.lo if self.open_lo else number < self.lo
         if below or number > self.hi:
             low = "above" if self.open_lo else "at least"
-            raise ProtocolError(f"{name} must be {low} {self.lo} and at most {self.hi}, got {value}")
+            raise ProtocolError(
+                f"{name} must be {low} {self.lo} and at most {self.hi}, got {value}"
+            )
         return number
 
 

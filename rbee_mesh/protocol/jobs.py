@@ -49,6 +49,8 @@ class JobTracker:
         """Advance on a frame of `kind`; ProtocolError if the table does not allow it."""
         nxt = TRANSITIONS.get((self.state, kind))
         if nxt is None:
-            raise ProtocolError(f"a {kind.name} frame is not allowed for a job that is {self.state}")
+            raise ProtocolError(
+                f"a {kind.name} frame is not allowed for a job that is {self.state}"
+            )
         self.state = nxt
         return nxt

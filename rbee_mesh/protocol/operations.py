@@ -275,4 +275,3 @@ def operation_from_body(body: Any) -> Operation:
     if cls is None:
         raise ProtocolError(f"unknown operation {_brief(name)}")
     return cls.from_wire(body["args"], f"operation {name}")
-

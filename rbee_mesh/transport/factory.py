@@ -21,13 +21,16 @@ class SocketOptions:
     linger_ms: int = 0
     """Unsent messages are dropped at close: a closing actor must never hang on a dead peer."""
     sndhwm: int = DEFAULT_HWM
+    """Outbound messages queued per peer before a send waits or raises PeerBusy (0: no limit)."""
     rcvhwm: int = DEFAULT_HWM
+    """Inbound messages queued per peer before that peer's sends stall (0: no limit)."""
     max_msg_size: int = 16 * 1024 * 1024
     """A peer sending a larger frame is disconnected (tcp/ipc only: libzmq does not check
     inproc)."""
     handshake_ivl_ms: int = 10_000
     """A peer that connects but never completes the ZMTP handshake is dropped after this."""
     tcp_keepalive: bool = True
+    """Let the kernel notice a vanished host (idle 30 s, then 3 probes 10 s apart)."""
     tcp_keepalive_idle_s: int = 30
     tcp_keepalive_intvl_s: int = 10
     tcp_keepalive_cnt: int = 3

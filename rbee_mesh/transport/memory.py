@@ -17,6 +17,7 @@ Differences from ZeroMQ, all in the direction of failing sooner:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import trio
@@ -36,7 +37,7 @@ class MemoryListener(Listener):
     def __init__(self, name: str, capacity: int) -> None:
         self.endpoint = f"mem://{name}"
         self._name = name
-        self._to_self, self._inbound = trio.open_memory_channel[_Inbound](capacity)
+        self._to_self, self._inbound = trio.open_memory_channel[_Inbound](_bound(capacity))
         self._peers: dict[bytes, trio.MemorySendChannel[list[bytes]]] = {}
         # Five bytes like libzmq's generated routing ids; never reused, so a reconnecting
         # peer gets a new id exactly as over ZeroMQ.
@@ -45,7 +46,8 @@ class MemoryListener(Listener):
 
     @classmethod
     def bind(cls, name: str, *, capacity: int) -> MemoryListener:
-        """Register a listener as ``mem://name``; ``capacity`` bounds its inbound channel."""
+        """Register a listener as ``mem://name``; ``capacity`` bounds its inbound channel
+        (0: unbounded, as a high-water mark of 0 means in libzmq)."""
         if name in _listeners:
             raise EndpointError(f"cannot bind mem://{name}: already bound in this process")
         listener = cls(name, capacity)
@@ -88,7 +90,7 @@ class MemoryListener(Listener):
     def _accept(self, capacity: int) -> tuple[bytes, trio.MemoryReceiveChannel[list[bytes]]]:
         """Register a new peer; return its id and the channel it receives on."""
         peer = next(self._peer_ids)
-        self._peers[peer], inbound = trio.open_memory_channel[list[bytes]](capacity)
+        self._peers[peer], inbound = trio.open_memory_channel[list[bytes]](_bound(capacity))
         return peer, inbound
 
     def _forget(self, peer: bytes) -> None:
@@ -150,3 +152,8 @@ def _copy_frames(frames: Sequence[bytes]) -> list[bytes]:
     if not frames:
         raise ValueError("a message needs at least one frame")
     return [bytes(frame) for frame in frames]
+
+
+def _bound(capacity: int) -> float:
+    """A channel size from a high-water mark, where 0 means no limit as in libzmq."""
+    return capacity if capacity > 0 else math.inf

@@ -64,7 +64,7 @@ class ZmqConnection(Connection):
             raise TransportError(f"receive on {self.endpoint} failed: {exc.strerror}") from exc
 
     async def aclose(self) -> None:
-        """Close the socket, dropping unsent messages (LINGER 0)."""
+        """Close the socket; unsent messages are dropped (LINGER is 0 by default)."""
         await self._sock.aclose()
 
 
@@ -172,4 +172,3 @@ def _remove_own_ipc_file(path: str, bound: os.stat_result) -> None:
         now = os.stat(path)
         if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
             os.unlink(path)
-

@@ -1,0 +1,229 @@
+"""The `rbee-mesh` command as a person uses it: real processes, a real daemon, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+NARRATION_LINE = re.compile(r"^\[(?P<actor>.{10})\] (?P<action>.{15}) : (?P<human>.*)$")
+
+
+class Mesh:
+    """Runs `rbee-mesh` in subprocesses that share one state directory."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "RBEE_MESH_HOME": str(home)}
+        self.env.pop("RBEE_MESH_QUEEN", None)
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "rbee_mesh", *args]
+
+    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.argv(*args),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Mesh:
+    return Mesh(tmp_path / "state")
+
+
+@pytest.fixture
+def daemon_queen(mesh: Mesh) -> Iterator[Mesh]:
+    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield mesh
+    finally:
+        mesh.run("queen", "stop")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def json_events(stdout: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.mark.slow
+def test_queen_daemon_starts_answers_and_stops(mesh: Mesh) -> None:
+    started = mesh.run("--json", "queen", "start", "--bind", "tcp://127.0.0.1:0")
+    assert started.returncode == 0, started.stderr
+    record = json.loads(started.stdout)
+    assert record["started"] is True
+    info = json.loads((mesh.home / "queen.json").read_text())
+    assert info["pid"] == record["pid"] and info["endpoint"] == record["endpoint"]
+    assert (mesh.home / "queen.log").exists()
+
+    status = mesh.run("queen", "status")
+    assert status.returncode == 0, status.stderr
+    assert info["endpoint"] in status.stdout
+
+    again = mesh.run("queen", "start")
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    stopped = mesh.run("queen", "stop")
+    assert stopped.returncode == 0 and f"pid {info['pid']}" in stopped.stdout
+    assert not (mesh.home / "queen.json").exists()
+    after = mesh.run("queen", "status")
+    assert after.returncode == 3 and "no queen is running" in after.stderr
+
+
+@pytest.mark.slow
+def test_narration_renders_as_actor_action_message_lines(daemon_queen: Mesh) -> None:
+    result = daemon_queen.run("ping", "-n", "3")
+    assert result.returncode == 0, result.stderr
+    lines = [NARRATION_LINE.match(line) for line in result.stderr.splitlines()]
+    assert all(lines), result.stderr
+    assert [(m["actor"].strip(), m["action"].strip(), m["human"]) for m in lines if m] == [
+        ("queen", "pong", f"pong {i}/3") for i in (1, 2, 3)
+    ]
+    assert "3 pong(s)" in result.stdout
+
+
+@pytest.mark.slow
+def test_json_output_is_one_object_per_event(daemon_queen: Mesh) -> None:
+    result = daemon_queen.run("--json", "ping", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    events = json_events(result.stdout)
+    assert [e["event"] for e in events] == ["accepted", "narration", "narration", "done"]
+    assert len({e["job_id"] for e in events}) == 1
+
+
+@pytest.mark.slow
+def test_status_and_jobs_list_show_the_mesh(daemon_queen: Mesh) -> None:
+    status = daemon_queen.run("status")
+    assert status.returncode == 0 and "queen" in status.stdout and "hives" in status.stdout
+    listing = daemon_queen.run("--json", "jobs", "list")
+    assert listing.returncode == 0
+    done = json_events(listing.stdout)[-1]
+    assert done["event"] == "done"
+    assert {"status", "job_list"} <= {row["op"] for row in done["result"]}  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_job_it_started(daemon_queen: Mesh) -> None:
+    proc = daemon_queen.popen("ping", "-n", "10000", "-i", "0.01")
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the first pong: the job is running
+    assert NARRATION_LINE.match(first.rstrip("\n")), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    assert "cancelled" in err
+    listing = daemon_queen.run("--json", "jobs", "list")
+    rows = json_events(listing.stdout)[-1]["result"]
+    assert [r["state"] for r in rows if r["op"] == "ping"] == ["cancelled"]  # type: ignore[union-attr,index]
+
+
+@pytest.mark.slow
+def test_jobs_cancel_ends_another_keepers_job(daemon_queen: Mesh) -> None:
+    proc = daemon_queen.popen("--json", "ping", "-n", "10000", "-i", "0.01")
+    assert proc.stdout is not None
+    accepted = json.loads(proc.stdout.readline())
+    cancel = daemon_queen.run("jobs", "cancel", str(accepted["job_id"]))
+    assert cancel.returncode == 0, cancel.stderr
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 130
+    assert json_events(out)[-1]["event"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_unreachable_queen_is_reported_within_seconds(mesh: Mesh) -> None:
+    start = time.monotonic()
+    result = mesh.run("--queen", f"tcp://127.0.0.1:{free_port()}", "status")
+    assert time.monotonic() - start < 10
+    assert result.returncode == 3
+    assert "no answer from the queen" in result.stderr
+
+
+def test_queen_env_variable_names_the_queen(mesh: Mesh) -> None:
+    env = {**mesh.env, "RBEE_MESH_QUEEN": "mem://nobody"}
+    result = subprocess.run(
+        mesh.argv("status"), env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 3 and "mem://nobody" in result.stderr
+
+
+def test_invalid_parameter_is_a_usage_error(mesh: Mesh) -> None:
+    result = mesh.run("ping", "-n", "0")
+    assert result.returncode == 2
+    assert "count must be between 1 and 100000" in result.stderr
+
+
+def test_malformed_queen_endpoint_is_a_clear_error(mesh: Mesh) -> None:
+    result = mesh.run("--queen", "http://example", "status")
+    assert result.returncode == 3
+    assert "http://example" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_queen_start_on_a_busy_port_fails_clearly(mesh: Mesh) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = mesh.run("queen", "start", "--bind", f"tcp://127.0.0.1:{port}")
+    assert result.returncode == 3
+    assert "exited with code" in result.stderr and str(port) in result.stderr
+    assert not (mesh.home / "queen.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_an_integrated_mesh_offline(mesh: Mesh) -> None:
+    result = mesh.run("demo", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "integrated mesh" in result.stderr
+    assert sum(bool(NARRATION_LINE.match(line)) for line in result.stderr.splitlines()) >= 10
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["demo"],
+        ["status"],
+        ["ping"],
+        ["jobs"],
+        ["jobs", "list"],
+        ["jobs", "cancel"],
+        ["queen"],
+        ["queen", "start"],
+        ["queen", "stop"],
+        ["queen", "status"],
+    ],
+)
+def test_every_command_has_help(mesh: Mesh, command: list[str]) -> None:
+    result = mesh.run(*command, "--help")
+    assert result.returncode == 0
+    assert "Usage: rbee-mesh" in result.stdout
