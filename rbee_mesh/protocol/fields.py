@@ -255,6 +255,36 @@ def spec(s: Spec, default: Any = dataclasses.MISSING, *, factory: Any = dataclas
     return dataclasses.field(default=default, default_factory=factory, metadata={"spec": s})
 
 
+@dataclass(frozen=True)
+class _FieldSpec:
+    name: str
+    spec: Spec
+    required: bool
+    on_wire: bool
+
+
+_FIELD_SPECS: dict[type, tuple[_FieldSpec, ...]] = {}
+
+
+def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
+    """The spec'd fields of a Validated dataclass, computed once per class (a hot path)."""
+    cached = _FIELD_SPECS.get(cls)
+    if cached is not None:
+        return cached
+    exclude: frozenset[str] = getattr(cls, "WIRE_EXCLUDE", frozenset())
+    specs = _FIELD_SPECS[cls] = tuple(
+        _FieldSpec(
+            name=f.name,
+            spec=f.metadata["spec"],
+            required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            on_wire=f.name not in exclude,
+        )
+        for f in dataclasses.fields(cls)
+        if "spec" in f.metadata
+    )
+    return specs
+
+
 class Validated:
     """Mixin for frozen dataclasses whose fields are declared with `spec()`.
 
@@ -265,37 +295,20 @@ class Validated:
     WIRE_EXCLUDE: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            field_spec: Spec | None = f.metadata.get("spec")
-            if field_spec is not None:
-                loaded = field_spec.load(f.name, getattr(self, f.name))
-                object.__setattr__(self, f.name, loaded)
-
-    @classmethod
-    def wire_fields(cls) -> list[dataclasses.Field[Any]]:
-        return [
-            f
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            if f.name not in cls.WIRE_EXCLUDE and "spec" in f.metadata
-        ]
+        for f in _field_specs(type(self)):
+            object.__setattr__(self, f.name, f.spec.load(f.name, getattr(self, f.name)))
 
     @classmethod
     def from_wire(cls, body: Any, what: str, **extra: Any) -> Self:
         """Build from a decoded msgpack map; `extra` supplies fields that travel outside it."""
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{what} body must be a map, got {_type_name(body)}")
-        fields = cls.wire_fields()
+        fields = [f for f in _field_specs(cls) if f.on_wire]
         names = {f.name for f in fields}
         unknown = [str(k) for k in body if k not in names]
         if unknown:
             raise ProtocolError(f"{what} has unknown field(s): {', '.join(sorted(unknown))[:200]}")
-        missing = [
-            f.name
-            for f in fields
-            if f.name not in body
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ]
+        missing = [f.name for f in fields if f.required and f.name not in body]
         if missing:
             raise ProtocolError(f"{what} is missing field(s): {', '.join(missing)}")
         try:
@@ -304,7 +317,11 @@ class Validated:
             raise ProtocolError(f"{what}: {exc}") from None
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: f.metadata["spec"].dump(getattr(self, f.name)) for f in self.wire_fields()}
+        return {
+            f.name: f.spec.dump(getattr(self, f.name))
+            for f in _field_specs(type(self))
+            if f.on_wire
+        }
 
 
 def _type_name(value: Any) -> str:
