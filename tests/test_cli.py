@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -205,6 +206,38 @@ def test_demo_runs_an_integrated_mesh_offline(mesh: Mesh) -> None:
     assert result.returncode == 0, result.stderr
     assert "integrated mesh" in result.stderr
     assert sum(bool(NARRATION_LINE.match(line)) for line in result.stderr.splitlines()) >= 10
+
+
+@pytest.mark.slow
+def test_levels_are_coloured_on_a_terminal_and_plain_in_a_pipe(mesh: Mesh) -> None:
+    piped = mesh.run("demo", timeout=60)
+    assert "\x1b[" not in piped.stderr
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            mesh.argv("demo"),
+            env=mesh.env,
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(terminal)  # read until the demo closes its end, so the pty buffer never fills
+        output = b""
+        while chunk := _read_pty(controller):
+            output += chunk
+        proc.wait(timeout=60)
+    finally:
+        os.close(controller)
+    assert proc.returncode == 0
+    assert b"\x1b[31m\x1b[1merror: ping did not finish" in output  # the TIMEOUT step, red
+    assert b"\x1b[33mcancelled:" in output  # the cancelled step, yellow
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the other side is closed and everything was read
+        return b""
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from rbee_mesh.protocol import (
     Heartbeat,
     JobCancel,
     JobList,
-    Kind,
     Message,
     Narration,
     Ping,
@@ -325,19 +324,3 @@ async def test_unreachable_queen_is_reported_within_the_accept_timeout(
     with trio.fail_after(FAST_KEEPER.accept_timeout_s + 3), pytest.raises(QueenUnreachable):
         async with open_keeper(address, FAST_KEEPER) as k:
             await k.submit(Status())
-
-
-def test_message_kinds_the_queen_sends_are_only_job_frames() -> None:
-    """Guard for the doc: the queen never emits SUBMIT, CANCEL, READY or DISCONNECT."""
-    assert {Kind.SUBMIT, Kind.CANCEL, Kind.READY, Kind.DISCONNECT}.isdisjoint(
-        {
-            Kind.ACCEPTED,
-            Kind.NARRATION,
-            Kind.DATA,
-            Kind.TOKEN,
-            Kind.DONE,
-            Kind.ERROR,
-            Kind.CANCELLED,
-            Kind.HEARTBEAT,
-        }
-    )
