@@ -82,17 +82,16 @@ class Cli:
         info = daemon.read_info("queen")
         return local_endpoint_for(info.endpoint if info else DEFAULT_QUEEN_BIND)
 
-    def renderer(self, formatter: Callable[[Any], str] | None = None) -> Renderer:
-        return JsonRenderer() if self.as_json else HumanRenderer(formatter)
+    def renderer(self) -> Renderer:
+        return JsonRenderer() if self.as_json else HumanRenderer()
 
     def run_job(
         self,
         op: Operation,
-        formatter: Callable[[Any], str] | None = None,
         timeout_s: float | None = None,
     ) -> NoReturn:
         """Submit `op` to the queen, render its events live, exit with its outcome."""
-        renderer = self.renderer(formatter)
+        renderer = self.renderer()
         code = trio.run(_run_job, self.endpoint, op, renderer, timeout_s)
         sys.exit(code)
 
@@ -231,18 +230,7 @@ async def _demo(renderer: Renderer) -> int:
 @pass_cli
 def status(cli: Cli) -> None:
     """The whole mesh at a glance: queen, hives, jobs."""
-    cli.run_job(Status(), _format_status)
-
-
-def _format_status(result: dict[str, Any]) -> str:
-    q = result["queen"]
-    lines = [
-        f"queen   {q['name']} {q['endpoint']} (pid {q['pid']}, v{q['version']}, "
-        f"protocol {q['protocol']}, up {q['uptime_s']:.0f}s)",
-        f"jobs    {q['jobs_running']} running; {q['keepers']} keeper(s) connected",
-        f"hives   {len(result['hives']) or 'none connected'}",
-    ]
-    return "\n".join(lines)
+    cli.run_job(Status())
 
 
 @main.command()
@@ -254,10 +242,7 @@ def _format_status(result: dict[str, Any]) -> str:
 @pass_cli
 def ping(cli: Cli, count: int, interval: float, hive: str | None) -> None:
     """Check the path to the queen: it narrates COUNT pongs back."""
-    cli.run_job(
-        _make(Ping, count=count, interval_s=interval, hive=hive),
-        lambda r: f"{r['count']} pong(s) in {r['elapsed_s'] * 1e3:.1f} ms",
-    )
+    cli.run_job(_make(Ping, count=count, interval_s=interval, hive=hive))
 
 
 @main.group()
@@ -270,14 +255,7 @@ def jobs() -> None:
 @pass_cli
 def jobs_list(cli: Cli, running: bool) -> None:
     """Running jobs and the most recent finished ones."""
-    cli.run_job(JobList(include_finished=not running), _format_jobs)
-
-
-def _format_jobs(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "no jobs"
-    cols = ["id", "op", "state", "keeper", "duration_s", "error"]
-    return format_table([{**r, "error": r["error"][:60]} for r in rows], cols)
+    cli.run_job(JobList(include_finished=not running))
 
 
 @jobs.command("cancel")
@@ -285,7 +263,7 @@ def _format_jobs(rows: list[dict[str, Any]]) -> str:
 @pass_cli
 def jobs_cancel(cli: Cli, job_id: str) -> None:
     """Cancel the running job JOB_ID (any keeper's)."""
-    cli.run_job(_make(JobCancel, job=job_id), lambda r: f"cancelled {r['job']}")
+    cli.run_job(_make(JobCancel, job=job_id))
 
 
 @main.group()
@@ -412,7 +390,7 @@ def queen_status(cli: Cli) -> None:
             EXIT_UNAVAILABLE,
         )
     cli.queen = cli.queen or local_endpoint_for(info.endpoint)
-    cli.run_job(Status(), _format_status)
+    cli.run_job(Status())
 
 
 def _say(cli: Cli, text: str, record: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import click
@@ -51,10 +52,10 @@ def narration_line(n: Narration) -> str:
 
 
 class HumanRenderer:
-    """Narration to stderr, results to stdout. `formatter` turns a DONE result into text."""
+    """Narration to stderr, results to stdout, formatted for the job's operation."""
 
-    def __init__(self, formatter: Any = None) -> None:
-        self.formatter = formatter or format_value
+    def __init__(self) -> None:
+        self._op = ""
         self._open_tokens = False
 
     def event(self, message: Message) -> None:
@@ -70,7 +71,7 @@ class HumanRenderer:
                 click.echo(json.dumps(message.record), err=True)
             case Done():
                 self._end_tokens()
-                text = self.formatter(message.result)
+                text = RESULT_FORMATTERS.get(self._op, format_value)(message.result)
                 if text:
                     click.echo(text)
             case Error():
@@ -80,7 +81,7 @@ class HumanRenderer:
                 self._end_tokens()
                 click.secho(f"cancelled: {message.reason}", err=True, fg="yellow")
             case Accepted():
-                pass
+                self._op = message.op
 
     def problem(self, code: str, message: str) -> None:
         click.secho(f"error: {message} [{code}]", err=True, fg="red", bold=True)
@@ -112,6 +113,34 @@ class JsonRenderer:
         record.setdefault("ts", time.time())
         sys.stdout.write(json.dumps(record, default=str) + "\n")
         sys.stdout.flush()
+
+
+def _format_status(result: dict[str, Any]) -> str:
+    q = result["queen"]
+    return "\n".join(
+        [
+            f"queen   {q['name']} {q['endpoint']} (pid {q['pid']}, v{q['version']}, "
+            f"protocol {q['protocol']}, up {q['uptime_s']:.0f}s)",
+            f"jobs    {q['jobs_running']} running; {q['keepers']} keeper(s) connected",
+            f"hives   {len(result['hives']) or 'none connected'}",
+        ]
+    )
+
+
+def _format_jobs(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no jobs"
+    cols = ["id", "op", "state", "keeper", "duration_s", "error"]
+    return format_table([{**r, "error": r["error"][:60]} for r in rows], cols)
+
+
+#: How a person sees the result of each operation; anything else gets `format_value`.
+RESULT_FORMATTERS: dict[str, Callable[[Any], str]] = {
+    "status": _format_status,
+    "ping": lambda r: f"{r['count']} pong(s) in {r['elapsed_s'] * 1e3:.1f} ms",
+    "job_list": _format_jobs,
+    "job_cancel": lambda r: f"cancelled {r['job']}",
+}
 
 
 def format_value(value: Any) -> str:
