@@ -10,30 +10,55 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import trio
 
 from rbee_mesh import __version__, daemon
+from rbee_mesh.actors.hive import (
+    DEFAULT_HEARTBEAT_PORT,
+    DEFAULT_HIVE_PORT,
+    HiveConfig,
+    default_hive_id,
+)
+from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import JobHandle, Keeper, KeeperConfig, QueenUnreachable, open_keeper
-from rbee_mesh.mesh import DEFAULT_QUEEN_BIND, integrated_mesh, serve_queen_forever
+from rbee_mesh.mesh import (
+    DEFAULT_QUEEN_BIND,
+    integrated_mesh,
+    serve_hive_forever,
+    serve_queen_forever,
+)
 from rbee_mesh.protocol import (
     Cancelled,
     Done,
     Error,
     ErrorCode,
+    HiveGet,
+    HiveList,
+    HiveStatus,
     JobCancel,
     JobList,
     MeshError,
     Message,
+    ModelDelete,
+    ModelDownload,
+    ModelGet,
+    ModelList,
     Operation,
     Ping,
     ProtocolError,
     Status,
+    WorkerDelete,
+    WorkerGet,
+    WorkerList,
+    WorkerSpawn,
 )
 from rbee_mesh.render import HumanRenderer, JsonRenderer, Renderer, format_table
 from rbee_mesh.transport import EndpointError, local_endpoint_for
@@ -185,8 +210,20 @@ def demo(cli: Cli) -> None:
 
 
 async def _demo(renderer: Renderer) -> int:
+    with tempfile.TemporaryDirectory(prefix="rbee-mesh-demo-") as state:
+        return await _demo_steps(renderer, Path(state))
+
+
+async def _demo_steps(renderer: Renderer, state_dir: Path) -> int:
     steps: list[tuple[str, Operation, float | None, type[Message]]] = [
         ("the state of the mesh", Status(), None, Done),
+        ("the hives the queen knows", HiveList(), None, Done),
+        (
+            "the local hive's devices, asked through the queen",
+            HiveStatus(hive=default_hive_id()),
+            None,
+            Done,
+        ),
         ("narration streamed live from the queen", Ping(count=5, interval_s=0.2), None, Done),
         (
             "a job cancelled midway (as Ctrl-C does)",
@@ -198,8 +235,14 @@ async def _demo(renderer: Renderer) -> int:
         ("every job so far, each ended by exactly one terminal frame", JobList(), None, Done),
     ]
     rows: list[dict[str, Any]] = []
-    async with integrated_mesh() as queen, open_keeper(queen.listener.endpoint) as keeper:
-        renderer.note(f"integrated mesh: queen on {queen.listener.endpoint} (in-process)")
+    async with (
+        integrated_mesh(state_dir) as queen,
+        open_keeper(queen.listener.endpoint) as keeper,
+    ):
+        renderer.note(
+            f"integrated mesh: queen on {queen.listener.endpoint} and hive "
+            f"{queen.hives.links[0].name}, in this process"
+        )
         for title, op, timeout_s, expected in steps:
             renderer.note(f"\n== {title}: {op.NAME}")
             start = trio.current_time()
@@ -279,26 +322,266 @@ def queen() -> None:
     metavar="ENDPOINT",
     help="Where keepers reach the queen. tcp://0.0.0.0:7833 admits other machines.",
 )
+@click.option(
+    "--hive",
+    "hives",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="A hive to manage, by its control endpoint, e.g. tcp://10.0.0.7:7835. Repeatable.",
+)
+@click.option(
+    "--local-hive",
+    is_flag=True,
+    help="Also run a hive for this machine inside the queen's process (the integrated mode).",
+)
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
-def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
+def queen_start(
+    cli: Cli, bind: str, hives: tuple[str, ...], local_hive: bool, foreground: bool
+) -> None:
     """Start the queen (a daemon, unless --foreground) and return once it answers."""
     if foreground:
-        logging.getLogger("rbee_mesh").setLevel(min(logging.INFO, logging.root.level))
-        try:
-            trio.run(serve_queen_forever, bind, True)
-        except EndpointError as exc:
-            _fail(cli, ErrorCode.UNAVAILABLE, f"cannot serve on {bind}: {exc}", EXIT_UNAVAILABLE)
-        except KeyboardInterrupt:
-            pass
+        _serve_foreground(cli, bind, serve_queen_forever, bind, True, list(hives), local_hive)
         return
-    running = daemon.read_info("queen")
+    argv = ["queen", "start", "--foreground", "--bind", bind]
+    argv += [arg for hive in hives for arg in ("--hive", hive)]
+    argv += ["--local-hive"] if local_hive else []
+    _start_daemon(cli, "queen", argv)
+
+
+@queen.command("stop")
+@pass_cli
+def queen_stop(cli: Cli) -> None:
+    """Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."""
+    _stop_daemon(cli, "queen")
+
+
+@queen.command("status")
+@pass_cli
+def queen_status(cli: Cli) -> None:
+    """Whether the queen on this machine runs, and what it sees."""
+    info = _local_daemon(cli, "queen")
+    cli.queen = cli.queen or local_endpoint_for(info.endpoint)
+    cli.run_job(Status())
+
+
+@main.group()
+def hive() -> None:
+    """Hives: start, stop and inspect this machine's; list and inspect the mesh's."""
+
+
+@hive.command("start")
+@click.option(
+    "--bind",
+    default=f"tcp://127.0.0.1:{DEFAULT_HIVE_PORT}",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Control endpoint the queen connects to. tcp://0.0.0.0:7835 admits other machines.",
+)
+@click.option(
+    "--heartbeat-bind",
+    default=f"tcp://127.0.0.1:{DEFAULT_HEARTBEAT_PORT}",
+    show_default=True,
+    metavar="ENDPOINT",
+    help="Where the hive publishes its heartbeats.",
+)
+@click.option(
+    "--id",
+    "hive_id",
+    default=default_hive_id,
+    show_default="this machine's name",
+    help="The hive's name in the mesh.",
+)
+@click.option(
+    "--heartbeat",
+    "heartbeat_s",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Seconds between heartbeats.",
+)
+@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
+@pass_cli
+def hive_start(
+    cli: Cli, bind: str, heartbeat_bind: str, hive_id: str, heartbeat_s: float, foreground: bool
+) -> None:
+    """Start this machine's hive (a daemon, unless --foreground); return once it answers.
+
+    Then tell a queen about it: rbee-mesh queen start --hive tcp://THIS-HOST:7835
+    """
+    if foreground:
+        config = HiveConfig(
+            state_dir=daemon.state_dir(),
+            hive_id=_valid_id(hive_id),
+            control=bind,
+            heartbeats=heartbeat_bind,
+            server=ServerConfig(heartbeat_s=heartbeat_s),
+        )
+        _serve_foreground(cli, bind, serve_hive_forever, config, True)
+        return
+    argv = [
+        "hive",
+        "start",
+        "--foreground",
+        "--bind",
+        bind,
+        "--heartbeat-bind",
+        heartbeat_bind,
+        "--id",
+        _valid_id(hive_id),
+        "--heartbeat",
+        str(heartbeat_s),
+    ]
+    _start_daemon(cli, "hive", argv)
+
+
+@hive.command("stop")
+@pass_cli
+def hive_stop(cli: Cli) -> None:
+    """Stop this machine's hive: its jobs end, its workers stop, then it exits."""
+    _stop_daemon(cli, "hive")
+
+
+@hive.command("status")
+@pass_cli
+def hive_status(cli: Cli) -> None:
+    """This machine's hive, asked directly: devices, workers, models."""
+    info = _local_daemon(cli, "hive")
+    cli.queen = local_endpoint_for(info.endpoint)
+    cli.run_job(HiveStatus(hive=info.ident))
+
+
+@hive.command("list")
+@pass_cli
+def hive_list(cli: Cli) -> None:
+    """Every hive the queen knows: liveness, heartbeat age, devices, workers."""
+    cli.run_job(HiveList())
+
+
+@hive.command("get")
+@click.argument("hive_id", metavar="HIVE")
+@pass_cli
+def hive_get(cli: Cli, hive_id: str) -> None:
+    """One hive in detail, as its last heartbeat told the queen."""
+    cli.run_job(_make(HiveGet, hive=hive_id))
+
+
+_HIVE_PIN = click.option("--hive", metavar="HIVE", help="Run it on this hive.")
+
+
+@main.group()
+def worker() -> None:
+    """Worker processes: one per loaded model."""
+
+
+@worker.command("spawn")
+@click.option("-m", "--model", required=True, metavar="MODEL", help="A model in the catalog.")
+@_HIVE_PIN
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda:N.")
+@pass_cli
+def worker_spawn(cli: Cli, model: str, hive: str | None, device: str) -> None:
+    """Start a worker that loads MODEL; returns once it has registered with its hive."""
+    cli.run_job(_make(WorkerSpawn, model=model, hive=hive, device=device))
+
+
+@worker.command("list")
+@_HIVE_PIN
+@pass_cli
+def worker_list(cli: Cli, hive: str | None) -> None:
+    """Workers on every hive (or one)."""
+    cli.run_job(_make(WorkerList, hive=hive))
+
+
+@worker.command("get")
+@click.argument("worker_id", metavar="WORKER")
+@_HIVE_PIN
+@pass_cli
+def worker_get(cli: Cli, worker_id: str, hive: str | None) -> None:
+    """One worker in detail."""
+    cli.run_job(_make(WorkerGet, worker=worker_id, hive=hive))
+
+
+@worker.command("delete")
+@click.argument("worker_id", metavar="WORKER")
+@_HIVE_PIN
+@pass_cli
+def worker_delete(cli: Cli, worker_id: str, hive: str | None) -> None:
+    """Stop a worker: gracefully, then by force after a grace period."""
+    cli.run_job(_make(WorkerDelete, worker=worker_id, hive=hive))
+
+
+@main.group()
+def model() -> None:
+    """Models in the hives' catalogs."""
+
+
+@model.command("download")
+@click.argument("ref", metavar="REPO[:FILE]")
+@_HIVE_PIN
+@pass_cli
+def model_download(cli: Cli, ref: str, hive: str | None) -> None:
+    """Download a GGUF model from the hub (HF_ENDPOINT honoured) into a hive's catalog.
+
+    Without :FILE, a quantization is chosen in this order: Q4_K_M, Q5_K_M, Q4_0, Q8_0, F16.
+    An interrupted download resumes on the next request; Ctrl-C cancels and cleans up.
+    """
+    cli.run_job(_make(ModelDownload, model=ref, hive=hive))
+
+
+@model.command("list")
+@_HIVE_PIN
+@pass_cli
+def model_list(cli: Cli, hive: str | None) -> None:
+    """Models on every hive (or one)."""
+    cli.run_job(_make(ModelList, hive=hive))
+
+
+@model.command("get")
+@click.argument("ref", metavar="MODEL")
+@_HIVE_PIN
+@pass_cli
+def model_get(cli: Cli, ref: str, hive: str | None) -> None:
+    """One model's catalog entry."""
+    cli.run_job(_make(ModelGet, model=ref, hive=hive))
+
+
+@model.command("delete")
+@click.argument("ref", metavar="MODEL")
+@_HIVE_PIN
+@pass_cli
+def model_delete(cli: Cli, ref: str, hive: str | None) -> None:
+    """Delete a model from a hive's catalog (refused while a worker uses it)."""
+    cli.run_job(_make(ModelDelete, model=ref, hive=hive))
+
+
+# ---- daemons -----------------------------------------------------------------------------------
+
+
+def _valid_id(hive_id: str) -> str:
+    try:
+        return HiveGet(hive=hive_id).hive
+    except ProtocolError as exc:
+        raise click.BadParameter(exc.message, param_hint="--id") from None
+
+
+def _serve_foreground(cli: Cli, bind: str, serve: Callable[..., Any], *args: Any) -> None:
+    logging.getLogger("rbee_mesh").setLevel(min(logging.INFO, logging.root.level))
+    try:
+        trio.run(serve, *args)
+    except (EndpointError, OSError) as exc:
+        _fail(cli, ErrorCode.UNAVAILABLE, f"cannot serve on {bind}: {exc}", EXIT_UNAVAILABLE)
+    except KeyboardInterrupt:
+        pass
+
+
+def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
+    running = daemon.read_info(name)
     if running is not None:
         _say(
             cli,
-            f"queen already running (pid {running.pid}) on {running.endpoint}",
+            f"{name} already running (pid {running.pid}) on {running.endpoint}",
             {
-                "event": "queen",
+                "event": name,
                 "state": "running",
                 "pid": running.pid,
                 "endpoint": running.endpoint,
@@ -306,8 +589,8 @@ def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
             },
         )
         return
-    proc = daemon.spawn_detached("queen", ["queen", "start", "--foreground", "--bind", bind])
-    info = trio.run(_wait_until_serving, proc.pid, proc.poll)
+    proc = daemon.spawn_detached(name, argv)
+    info = trio.run(_wait_until_serving, name, proc.pid, proc.poll)
     if info is None:
         code = proc.poll()
         if code is None:
@@ -316,15 +599,15 @@ def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
         _fail(
             cli,
             ErrorCode.UNAVAILABLE,
-            f"the queen {why}. Its log ({daemon.log_path('queen')}) ends with:\n"
-            f"{daemon.log_tail('queen')}",
+            f"the {name} {why}. Its log ({daemon.log_path(name)}) ends with:\n"
+            f"{daemon.log_tail(name)}",
             EXIT_UNAVAILABLE,
         )
     _say(
         cli,
-        f"queen started (pid {info.pid}) on {info.endpoint}; log: {daemon.log_path('queen')}",
+        f"{name} started (pid {info.pid}) on {info.endpoint}; log: {daemon.log_path(name)}",
         {
-            "event": "queen",
+            "event": name,
             "state": "running",
             "pid": info.pid,
             "endpoint": info.endpoint,
@@ -334,17 +617,17 @@ def queen_start(cli: Cli, bind: str, foreground: bool) -> None:
 
 
 async def _wait_until_serving(
-    pid: int, poll: Callable[[], int | None], timeout_s: float = 15.0
+    name: str, pid: int, poll: Callable[[], int | None], timeout_s: float = 15.0
 ) -> daemon.DaemonInfo | None:
-    """Wait for the daemon `pid` to record its endpoint and answer a status job there."""
+    """Wait for the daemon `pid` to record its endpoint and answer a ping there."""
     quick = KeeperConfig(accept_timeout_s=1.0)
     with trio.move_on_after(timeout_s):
         while poll() is None:
-            info = daemon.read_info("queen")
+            info = daemon.read_info(name)
             if info is not None and info.pid == pid:
                 try:
                     async with open_keeper(local_endpoint_for(info.endpoint), quick) as keeper:
-                        job = await keeper.submit(Status())
+                        job = await keeper.submit(Ping())
                         async for _ in job:
                             pass
                         if isinstance(job.terminal, Done):
@@ -355,42 +638,35 @@ async def _wait_until_serving(
     return None
 
 
-@queen.command("stop")
-@pass_cli
-def queen_stop(cli: Cli) -> None:
-    """Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."""
-    info = daemon.read_info("queen")
+def _stop_daemon(cli: Cli, name: str) -> None:
+    info = daemon.read_info(name)
     if info is None:
         _say(
             cli,
-            "no queen is running on this machine",
-            {"event": "queen", "state": "stopped", "pid": None},
+            f"no {name} is running on this machine",
+            {"event": name, "state": "stopped", "pid": None},
         )
         return
     killed = daemon.stop_process(info.pid)
-    daemon.remove_info("queen", info.pid)
+    daemon.remove_info(name, info.pid)
     how = "killed after it ignored SIGTERM" if killed else "stopped"
     _say(
         cli,
-        f"queen {how} (pid {info.pid})",
-        {"event": "queen", "state": "stopped", "pid": info.pid, "killed": killed},
+        f"{name} {how} (pid {info.pid})",
+        {"event": name, "state": "stopped", "pid": info.pid, "killed": killed},
     )
 
 
-@queen.command("status")
-@pass_cli
-def queen_status(cli: Cli) -> None:
-    """Whether the queen on this machine runs and answers."""
-    info = daemon.read_info("queen")
+def _local_daemon(cli: Cli, name: str) -> daemon.DaemonInfo:
+    info = daemon.read_info(name)
     if info is None:
         _fail(
             cli,
             ErrorCode.UNAVAILABLE,
-            f"no queen is running on this machine (state directory {daemon.state_dir()})",
+            f"no {name} is running on this machine (state directory {daemon.state_dir()})",
             EXIT_UNAVAILABLE,
         )
-    cli.queen = cli.queen or local_endpoint_for(info.endpoint)
-    cli.run_job(Status())
+    return info
 
 
 def _say(cli: Cli, text: str, record: dict[str, Any]) -> None:

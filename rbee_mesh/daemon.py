@@ -14,8 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rbee_mesh import __version__
 
 
 def state_dir() -> Path:
@@ -37,6 +41,8 @@ class DaemonInfo:
     endpoint: str
     version: str
     started: float
+    #: The actor's own name in the mesh (a hive's id), where it has one.
+    ident: str = ""
 
 
 def info_path(name: str) -> Path:
@@ -53,6 +59,28 @@ def write_info(info: DaemonInfo) -> None:
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(info)))
     os.replace(tmp, path)
+
+
+@contextmanager
+def recorded(name: str, endpoint: str, *, ident: str = "", enabled: bool = True) -> Iterator[None]:
+    """While the block runs, the info file says this process serves `endpoint` as `name`."""
+    if not enabled:
+        yield
+        return
+    write_info(
+        DaemonInfo(
+            name=name,
+            pid=os.getpid(),
+            endpoint=endpoint,
+            version=__version__,
+            started=time.time(),
+            ident=ident,
+        )
+    )
+    try:
+        yield
+    finally:
+        remove_info(name, os.getpid())
 
 
 def remove_info(name: str, pid: int) -> None:

@@ -1,8 +1,9 @@
-"""Running a queen: as a foreground server on any endpoint, or integrated in this process.
+"""Running actors: a queen (with static hives, or an integrated local hive) and a hive.
 
-The same `Queen` runs in every transport mode; only the listener differs. The integrated mode binds
-an in-memory endpoint (``mem://``), so a keeper in the same process talks to the queen with no
-sockets at all, through the same frames and the same code paths.
+The same `Queen` and `Hive` run in every transport mode; only the endpoints differ. The integrated
+mode binds in-memory endpoints (``mem://``), so a keeper, a queen and a hive in one process talk
+with no sockets at all, through the same frames and the same code paths. Workers are always
+processes of their own.
 """
 
 from __future__ import annotations
@@ -11,68 +12,115 @@ import itertools
 import logging
 import os
 import signal
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import trio
 
-from rbee_mesh import __version__, daemon
-from rbee_mesh.actors.queen import Queen, QueenConfig
+from rbee_mesh import daemon
+from rbee_mesh.actors.hive import Hive, HiveConfig, running_hive
+from rbee_mesh.actors.jobserver import ServerConfig
+from rbee_mesh.actors.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
-from rbee_mesh.transport import open_listener
+from rbee_mesh.transport import open_listener, open_subscriber
 
 log = logging.getLogger("rbee_mesh.mesh")
 
 DEFAULT_QUEEN_PORT = 7833
 DEFAULT_QUEEN_BIND = f"tcp://127.0.0.1:{DEFAULT_QUEEN_PORT}"
 
-_integrated_names = itertools.count(1)
+_names = itertools.count(1)
+
+
+def memory_endpoint(role: str) -> str:
+    """A fresh in-memory endpoint name for `role` in this process."""
+    return f"mem://{role}-{os.getpid()}-{next(_names)}"
 
 
 @asynccontextmanager
-async def running_queen(endpoint: str, config: QueenConfig | None = None) -> AsyncIterator[Queen]:
-    """A queen serving on `endpoint` for the duration of the block, stopped gracefully after."""
+async def running_queen(
+    endpoint: str,
+    config: ServerConfig | None = None,
+    *,
+    hives: Sequence[str] = (),
+    local_hive: HiveConfig | None = None,
+) -> AsyncIterator[Queen]:
+    """A queen serving on `endpoint` for the duration of the block, stopped gracefully after.
+
+    `hives`: control endpoints of hives to manage. `local_hive`: also run this hive in the same
+    process, linked over the in-memory transport (the integrated mode).
+    """
     with single_errors():
-        async with await open_listener(endpoint) as listener, trio.open_nursery() as nursery:
-            queen = Queen(listener, config)
+        async with AsyncExitStack() as stack:
+            listener = await stack.enter_async_context(await open_listener(endpoint))
+            subscriber = await stack.enter_async_context(await open_subscriber())
+            local: Hive | None = None
+            if local_hive is not None:
+                local = await stack.enter_async_context(running_hive(local_hive))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            queen = Queen(listener, subscriber, config)
             await nursery.start(queen.run)
-            try:
-                yield queen
-            finally:
-                with trio.CancelScope(shield=True):
-                    await queen.stop()
+            stack.push_async_callback(_stop_shielded, queen)
+            if local is not None:
+                link = await queen.add_hive(local.server.listener.endpoint, source="local")
+                # In-process, the first answer takes milliseconds: start with the hive live.
+                with trio.move_on_after(5):
+                    await link.heard.wait()
+            for hive in hives:
+                await queen.add_hive(hive, source="static")
+            yield queen
+
+
+async def _stop_shielded(queen: Queen) -> None:
+    with trio.CancelScope(shield=True):
+        await queen.stop()
+
+
+def local_hive_config(state_dir: Path, config: ServerConfig | None = None) -> HiveConfig:
+    """The hive of the integrated mode: in-memory control and heartbeats."""
+    return HiveConfig(
+        state_dir=state_dir,
+        control=memory_endpoint("local-hive"),
+        heartbeats=memory_endpoint("local-hive-heartbeats"),
+        server=config or ServerConfig(),
+    )
 
 
 @asynccontextmanager
-async def integrated_mesh(config: QueenConfig | None = None) -> AsyncIterator[Queen]:
-    """A whole mesh inside this process, over the in-memory transport."""
-    name = f"mem://integrated-{os.getpid()}-{next(_integrated_names)}"
-    async with running_queen(name, config) as queen:
+async def integrated_mesh(
+    state_dir: Path, config: ServerConfig | None = None
+) -> AsyncIterator[Queen]:
+    """A whole mesh inside this process: a queen and a local hive over the in-memory transport."""
+    hive = local_hive_config(state_dir, config)
+    async with running_queen(memory_endpoint("queen"), config, local_hive=hive) as queen:
         yield queen
 
 
-async def serve_queen_forever(bind: str, record: bool) -> None:
+async def until_signalled() -> None:
+    """Return on SIGTERM or SIGINT: how a foreground daemon waits to be stopped."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            return
+
+
+async def serve_queen_forever(
+    bind: str, record: bool, hives: Sequence[str] = (), local_hive: bool = False
+) -> None:
     """`queen start --foreground`: serve on `bind` until SIGTERM or SIGINT, then stop gracefully.
 
     With `record`, the daemon info file says where this queen listens while it does.
     """
-    async with running_queen(bind) as queen:
-        if record:
-            daemon.write_info(
-                daemon.DaemonInfo(
-                    name="queen",
-                    pid=os.getpid(),
-                    endpoint=queen.listener.endpoint,
-                    version=__version__,
-                    started=time.time(),
-                )
-            )
-        try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s; stopping", signal.Signals(signum).name)
-                    break
-        finally:
-            if record:
-                daemon.remove_info("queen", os.getpid())
+    hive = local_hive_config(daemon.state_dir()) if local_hive else None
+    async with running_queen(bind, hives=hives, local_hive=hive) as queen:
+        with daemon.recorded("queen", queen.listener.endpoint, enabled=record):
+            await until_signalled()
+
+
+async def serve_hive_forever(config: HiveConfig, record: bool) -> None:
+    """`hive start --foreground`: serve until SIGTERM or SIGINT; workers are stopped on the way."""
+    async with running_hive(config) as hive:
+        endpoint = hive.server.listener.endpoint
+        with daemon.recorded("hive", endpoint, ident=hive.id, enabled=record):
+            await until_signalled()

@@ -57,6 +57,7 @@ class HumanRenderer:
     def __init__(self) -> None:
         self._op = ""
         self._open_tokens = False
+        self._bar = ProgressBar() if sys.stderr.isatty() else None
 
     def event(self, message: Message) -> None:
         match message:
@@ -68,7 +69,11 @@ class HumanRenderer:
                 self._open_tokens = True
             case Data():
                 self._end_tokens()
-                click.echo(json.dumps(message.record), err=True)
+                if message.record.get("kind") == "progress":
+                    if self._bar is not None:
+                        self._bar.draw(message.record)
+                else:
+                    click.echo(json.dumps(message.record), err=True)
             case Done():
                 self._end_tokens()
                 text = RESULT_FORMATTERS.get(self._op, format_value)(message.result)
@@ -93,6 +98,43 @@ class HumanRenderer:
         if self._open_tokens:
             click.echo()
             self._open_tokens = False
+        if self._bar is not None:
+            self._bar.clear()
+
+
+class ProgressBar:
+    """One line on a terminal's stderr, redrawn in place: bar, percent, bytes, rate, ETA."""
+
+    WIDTH = 30
+
+    def __init__(self) -> None:
+        self._drawn = False
+
+    def draw(self, p: dict[str, Any]) -> None:
+        done, total = int(p.get("bytes", 0)), int(p.get("total") or 0)
+        fraction = done / total if total else 0.0
+        filled = int(self.WIDTH * fraction)
+        eta = p.get("eta_s")
+        line = (
+            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:6.1%} "
+            f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(p.get('rate_bps', 0))}/s"
+            + (f" ETA {eta:.0f}s" if isinstance(eta, int | float) else "")
+        )
+        click.echo(f"\r{line}\x1b[K", nl=False, err=True)
+        self._drawn = True
+
+    def clear(self) -> None:
+        if self._drawn:
+            click.echo("\r\x1b[K", nl=False, err=True)
+            self._drawn = False
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
 
 
 class JsonRenderer:
@@ -117,14 +159,48 @@ class JsonRenderer:
 
 def _format_status(result: dict[str, Any]) -> str:
     q = result["queen"]
-    return "\n".join(
-        [
-            f"queen   {q['name']} {q['endpoint']} (pid {q['pid']}, v{q['version']}, "
-            f"protocol {q['protocol']}, up {q['uptime_s']:.0f}s)",
-            f"jobs    {q['jobs_running']} running; {q['keepers']} keeper(s) connected",
-            f"hives   {len(result['hives']) or 'none connected'}",
-        ]
-    )
+    lines = [
+        f"queen   {q['name']} {q['endpoint']} (pid {q['pid']}, v{q['version']}, "
+        f"protocol {q['protocol']}, up {q['uptime_s']:.0f}s)",
+        f"jobs    {q['jobs_running']} running; {q['keepers']} keeper(s) connected",
+    ]
+    if not result["hives"]:
+        return "\n".join([*lines, "hives   none connected"])
+    return "\n".join([*lines, "", _format_hives(result["hives"])])
+
+
+def _format_hives(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no hives"
+    cols = ["hive", "source", "liveness", "heartbeat_age_s", "devices", "workers", "models"]
+    return format_table([{**r, "devices": ",".join(r["devices"])} for r in rows], cols)
+
+
+def _format_hive_status(r: dict[str, Any]) -> str:
+    parts = [f"hive {r['hive']} (up {r['uptime_s']:.0f}s, {r['jobs_running']} job(s) running)"]
+    for title, rows, cols in (
+        ("devices", r["devices"], ["id", "name", "memory_total", "memory_free"]),
+        ("workers", r["workers"], _WORKER_COLUMNS),
+        ("models", r["models"], ["id", "status", "size"]),
+    ):
+        parts.append(f"\n{title}:\n" + (format_table(rows, cols) if rows else "(none)"))
+    return "\n".join(parts)
+
+
+_WORKER_COLUMNS = ["id", "model", "device", "pid", "state"]
+
+
+def _format_workers(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no workers"
+    return format_table(rows, (["hive"] if "hive" in rows[0] else []) + _WORKER_COLUMNS)
+
+
+def _format_models(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no models"
+    cols = ["id", "status", "size", "error"]
+    return format_table(rows, (["hive"] if "hive" in rows[0] else []) + cols)
 
 
 def _format_jobs(rows: list[dict[str, Any]]) -> str:
@@ -140,6 +216,20 @@ RESULT_FORMATTERS: dict[str, Callable[[Any], str]] = {
     "ping": lambda r: f"{r['count']} pong(s) in {r['elapsed_s'] * 1e3:.1f} ms",
     "job_list": _format_jobs,
     "job_cancel": lambda r: f"cancelled {r['job']}",
+    "hive_list": _format_hives,
+    "hive_status": _format_hive_status,
+    "hive_refresh": _format_hive_status,
+    "worker_list": _format_workers,
+    "worker_spawn": lambda r: (
+        f"worker {r['id']} is {r['state']} on {r['device']} (pid {r['pid']}), model {r['model']}"
+    ),
+    "worker_delete": lambda r: f"worker {r['id']} {r['state']}",
+    "model_list": _format_models,
+    "model_download": lambda r: (
+        f"{r['id']}: {r['status']}, {human_bytes(r['size'])}"
+        + (f", sha256 {r['sha256'][:16]}..." if r.get("sha256") else "")
+    ),
+    "model_delete": lambda r: f"deleted {r['model']}",
 }
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import Keeper, KeeperConfig, open_keeper
-from rbee_mesh.actors.queen import Queen, QueenConfig
+from rbee_mesh.actors.queen import Queen
 from rbee_mesh.mesh import running_queen
 from rbee_mesh.transport import local_endpoint_for
 
 #: Short intervals so that liveness tests finish quickly; real time, generous fail_after bounds.
-FAST_QUEEN = QueenConfig(heartbeat_s=0.1, peer_stall_s=2.0, shutdown_grace_s=1.0)
+FAST_QUEEN = ServerConfig(heartbeat_s=0.1, peer_stall_s=2.0, shutdown_grace_s=1.0)
 FAST_KEEPER = KeeperConfig(heartbeat_s=0.1, accept_timeout_s=2.0)
 
 TRANSPORTS = ["mem", "ipc", "tcp"]

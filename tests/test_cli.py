@@ -134,17 +134,19 @@ def test_status_and_jobs_list_show_the_mesh(daemon_queen: Mesh) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_job_it_started(daemon_queen: Mesh) -> None:
-    proc = daemon_queen.popen("ping", "-n", "10000", "-i", "0.01")
-    assert proc.stderr is not None
-    first = proc.stderr.readline()  # the first pong: the job is running
-    assert NARRATION_LINE.match(first.rstrip("\n")), first
+    proc = daemon_queen.popen("--json", "ping", "-n", "10000", "-i", "0.01")
+    assert proc.stdout is not None
+    accepted = json.loads(proc.stdout.readline())
+    first_pong = json.loads(proc.stdout.readline())  # the job is running
+    assert (accepted["event"], first_pong["event"]) == ("accepted", "narration")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=15)
-    assert proc.returncode == 130, err
-    assert "cancelled" in err
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 130
+    assert json_events(out)[-1]["event"] == "cancelled"
     listing = daemon_queen.run("--json", "jobs", "list")
     rows = json_events(listing.stdout)[-1]["result"]
-    assert [r["state"] for r in rows if r["op"] == "ping"] == ["cancelled"]  # type: ignore[union-attr,index]
+    states = {r["id"]: r["state"] for r in rows}  # type: ignore[union-attr]
+    assert states[accepted["job_id"]] == "cancelled"
 
 
 @pytest.mark.slow

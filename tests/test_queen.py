@@ -67,7 +67,7 @@ async def test_submitter_cancel_ends_job_cancelled(queen: Queen, keeper: Keeper)
         async for message in job:
             if isinstance(message, Narration):
                 await job.cancel("test says stop")
-        await queen.job_count.wait_value(0)
+        await queen.server.job_count.wait_value(0)
     assert isinstance(job.terminal, Cancelled)
     assert job.terminal.reason == "test says stop"
 
@@ -131,7 +131,7 @@ async def test_hive_operation_without_hives_is_unavailable(keeper: Keeper) -> No
         await collect(job)
     assert isinstance(job.terminal, Error)
     assert job.terminal.code is ErrorCode.UNAVAILABLE
-    assert "no hive is connected" in job.terminal.message
+    assert "no hive is live" in job.terminal.message
 
 
 async def test_several_keepers_each_get_their_own_stream(queen: Queen) -> None:
@@ -250,8 +250,8 @@ async def test_keeper_that_disconnects_mid_job_leaves_no_job_behind(queen: Queen
             async for message in job:
                 if isinstance(message, Narration):
                     break
-        await queen.job_count.wait_value(0)
-    assert queen.running_jobs == []
+        await queen.server.job_count.wait_value(0)
+    assert queen.server.running_jobs == []
 
 
 async def test_keeper_that_vanishes_silently_has_its_jobs_cancelled(queen: Queen) -> None:
@@ -263,8 +263,8 @@ async def test_keeper_that_vanishes_silently_has_its_jobs_cancelled(queen: Queen
         accepted = decode(await conn.receive())
         assert isinstance(accepted, Accepted)
         await conn.aclose()
-        await queen.job_count.wait_value(0)
-    assert queen.running_jobs == []
+        await queen.server.job_count.wait_value(0)
+    assert queen.server.running_jobs == []
 
 
 async def test_slow_keeper_neither_stalls_others_nor_leaks_its_job(queen: Queen) -> None:
@@ -278,9 +278,9 @@ async def test_slow_keeper_neither_stalls_others_nor_leaks_its_job(queen: Queen)
                 job = await other.submit(Ping(count=10))
                 await collect(job)
                 assert isinstance(job.terminal, Done)
-            await queen.job_count.wait_value(0)
+            await queen.server.job_count.wait_value(0)
     await conn.aclose()
-    assert queen.running_jobs == []
+    assert queen.server.running_jobs == []
 
 
 async def test_keeper_notices_a_queen_that_dies_mid_job(transport: str, tmp_path) -> None:

@@ -85,13 +85,16 @@ class JobHandle:
         if message.is_terminal:
             self._send.close()
 
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._events()
+    def __aiter__(self) -> JobHandle:
+        return self
 
-    async def _events(self) -> AsyncIterator[Message]:
-        async with self._receive:
-            async for message in self._receive:
-                yield message
+    async def __anext__(self) -> Message:
+        """The job's next frame; iteration ends after its terminal frame. Leaving a loop over a
+        job early and iterating again later resumes where it stopped."""
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
     async def cancel(self, reason: str = "cancelled by the user") -> None:
         """Ask the queen to cancel; the CANCELLED (or a racing terminal) frame follows."""

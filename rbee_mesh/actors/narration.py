@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
-from rbee_mesh.protocol import Level, Message, Narration
+from rbee_mesh.protocol import Data, Level, Message, Narration
 
 log = logging.getLogger("rbee_mesh.narration")
 
@@ -66,3 +67,15 @@ def narrate(
             worker_id=ctx.worker_id,
         )
     )
+
+
+def emit_record(record: dict[str, Any]) -> None:
+    """Emit a structured record (a DATA frame, e.g. download progress) into the current job.
+
+    Outside a job there is nobody to read it, so it goes to the log at debug level.
+    """
+    ctx = current_job.get()
+    if ctx is None:
+        log.debug("record outside a job: %s", record)
+        return
+    ctx.emit(Data(job_id=ctx.job_id, record=record))

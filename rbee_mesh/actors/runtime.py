@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from rbee_mesh.actors.narration import narrate
+from rbee_mesh.protocol import Ping
+
+#: The cancel reason of jobs ended because their actor is stopping (not because a person asked).
+SHUTDOWN_REASON = "shutdown"
 
 
 @contextmanager
@@ -23,3 +32,13 @@ def single_errors() -> Iterator[None]:
         if exc is group:
             raise
         raise exc from None
+
+
+async def run_ping(op: Ping) -> dict[str, Any]:
+    """The `ping` operation, wherever it runs: narrate `count` pongs, `interval_s` apart."""
+    start = trio.current_time()
+    for i in range(1, op.count + 1):
+        narrate("pong", f"pong {i}/{op.count}")
+        # Always a checkpoint: a long burst must not block the actor's other work.
+        await trio.sleep(op.interval_s if i < op.count else 0)
+    return {"count": op.count, "elapsed_s": round(trio.current_time() - start, 6)}

@@ -1,7 +1,9 @@
-"""The two shapes every transport provides: a Connection (DEALER side) and a Listener (ROUTER side).
+"""The shapes every transport provides: a Connection (DEALER side) and a Listener (ROUTER side)
+for request and reply, and a Publisher (PUB) and a Subscriber (SUB) for broadcasts such as
+heartbeats.
 
 Frames are the application frames only, as ``bytes``; the ROUTER identity envelope never reaches
-actor code. Both are async context managers that close on exit, used the trio way::
+actor code. All are async context managers that close on exit, used the trio way::
 
     async with await open_listener("tcp://0.0.0.0:7833") as listener:
         peer, frames = await listener.receive()
@@ -71,6 +73,85 @@ class Listener(Protocol):
 
     async def aclose(self) -> None:
         """Stop listening; pending and later calls raise TransportClosed. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Publisher(Protocol):
+    """The PUB side: broadcasts each message to whoever is subscribed right now, or to nobody.
+
+    PUB/SUB promises no delivery. A subscriber that connects misses what was published before
+    its subscription reached the publisher (the "slow joiner"), and a subscriber that does not
+    keep up loses messages once its queue is full. Nothing may depend on one message arriving:
+    a heartbeat's receiver counts misses instead.
+    """
+
+    endpoint: str
+    """The endpoint actually bound (a tcp port 0 is resolved to the real port)."""
+
+    async def publish(self, frames: Sequence[bytes]) -> None:
+        """Hand one multipart message to every current subscriber, never waiting for any.
+
+        A subscriber whose queue is full (at its high-water mark) silently misses this message:
+        that is PUB semantics, not an error. Raises TransportClosed after aclose.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Unbind and close; once this returns the endpoint may be bound again. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Subscriber(Protocol):
+    """The SUB side: one inbox for the messages of any number of publishers.
+
+    A subscription outlives its publisher: connecting before anything is bound at the endpoint
+    works, and when a publisher goes away and another binds the same endpoint, messages flow
+    again without a new connect (after libzmq's reconnect interval, 100 ms, over tcp and ipc).
+    """
+
+    async def connect(self, endpoint: str) -> None:
+        """Subscribe to the publisher at ``endpoint`` too; connecting twice is a no-op.
+
+        Raises EndpointError for a malformed endpoint or one naming no particular host:port.
+        """
+        ...
+
+    async def disconnect(self, endpoint: str) -> None:
+        """Stop receiving from ``endpoint``'s publisher (a no-op if not connected to it).
+
+        Messages it published after this call are never delivered; some published before may
+        still be.
+        """
+        ...
+
+    async def receive(self) -> list[bytes]:
+        """Wait for the next message from any connected publisher, taking publishers in turn."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close; pending and later calls raise TransportClosed. Idempotent."""
         ...
 
     async def __aenter__(self) -> Self:

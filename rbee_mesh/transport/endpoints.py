@@ -1,4 +1,5 @@
-"""Endpoint strings, and the only constructors actors use: open_listener and open_connection.
+"""Endpoint strings, and the constructors actors use: open_listener and open_connection (and,
+in pubsub.py, open_publisher and open_subscriber).
 
 Endpoints:
 
@@ -97,6 +98,15 @@ def _parse_host_port(endpoint: str, address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def parse_connect_endpoint(endpoint: str) -> Endpoint:
+    """Parse an endpoint to connect to: like parse_endpoint, but refuse a tcp endpoint that
+    names no particular host:port (port 0 or host ``*``, which only make sense for binding)."""
+    parsed = parse_endpoint(endpoint)
+    if parsed.scheme == "tcp" and (parsed.port == 0 or parsed.host == "*"):
+        raise EndpointError(f"cannot connect to {endpoint!r}: it names no particular host:port")
+    return parsed
+
+
 def local_endpoint_for(bound: str) -> str:
     """Turn a bound endpoint into one a client on this machine can connect to.
 
@@ -133,9 +143,7 @@ async def open_connection(endpoint: str, *, options: SocketOptions | None = None
     channel). Raises EndpointError for a malformed endpoint, and PeerUnreachable for a mem://
     name nobody has bound; a ZeroMQ connection instead queues until its listener appears.
     """
-    parsed = parse_endpoint(endpoint)
-    if parsed.scheme == "tcp" and (parsed.port == 0 or parsed.host == "*"):
-        raise EndpointError(f"cannot connect to {endpoint!r}: it names no particular host:port")
+    parsed = parse_connect_endpoint(endpoint)
     opts = options if options is not None else SocketOptions()
     await trio.lowlevel.checkpoint()
     if parsed.scheme == "mem":

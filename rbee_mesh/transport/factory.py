@@ -13,6 +13,15 @@ import zmq
 DEFAULT_HWM = 10_000
 """Messages queued per pipe and direction before senders wait (or get PeerBusy)."""
 
+PUBSUB_HWM = 100
+"""Messages queued per publisher-subscriber pipe, on each side, before a PUB drops.
+
+Heartbeats are worth something only while fresh, and a queen subscribes to every hive: a
+deep queue would only hold stale heartbeats, up to DEFAULT_HWM per hive, in the queen's
+memory. 100 is 100 s of heartbeats at 1 Hz; beyond that a PUB drops, which PUB/SUB users
+must tolerate anyway (slow joiners, reconnects).
+"""
+
 
 @dataclass(frozen=True)
 class SocketOptions:
@@ -36,6 +45,12 @@ class SocketOptions:
     tcp_keepalive_cnt: int = 3
 
 
+PUBSUB_OPTIONS = SocketOptions(sndhwm=PUBSUB_HWM, rcvhwm=PUBSUB_HWM)
+"""The options PUB and SUB sockets get when none are given (see PUBSUB_HWM)."""
+
+_PUBSUB_KINDS = frozenset({zmq.PUB, zmq.SUB, zmq.XPUB, zmq.XSUB})
+
+
 def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
     """Return the process-wide context (pyzmq's singleton).
 
@@ -56,8 +71,16 @@ def make_socket(
 
     ROUTER sockets always get ROUTER_MANDATORY, because a ROUTER otherwise drops frames for an
     unknown peer silently; with it, sending to such a peer fails with EHOSTUNREACH.
+
+    PUB and SUB sockets default to PUBSUB_OPTIONS (shallow queues) instead of SocketOptions().
+    SUB sockets subscribe to every message: our frames start with the protocol magic, not a
+    topic, so filtering by prefix would mean nothing. CONFLATE is deliberately not used: it
+    keeps only the last *frame*, which breaks multipart messages.
     """
-    opts = options if options is not None else SocketOptions()
+    if options is not None:
+        opts = options
+    else:
+        opts = PUBSUB_OPTIONS if kind in _PUBSUB_KINDS else SocketOptions()
     sock = (ctx if ctx is not None else shared_context()).socket(kind)
     try:
         sock.setsockopt(zmq.LINGER, opts.linger_ms)
@@ -71,6 +94,8 @@ def make_socket(
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, opts.tcp_keepalive_cnt)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if kind == zmq.SUB:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
     except BaseException:
         sock.close(linger=0)
         raise

@@ -1,6 +1,8 @@
-"""Connection (DEALER) and Listener (ROUTER) over ZeroMQ, for tcp://, ipc:// and inproc://.
+"""Connection (DEALER), Listener (ROUTER), Publisher (PUB) and the SUB half of a Subscriber over
+ZeroMQ, for tcp://, ipc:// and inproc://.
 
-Use open_connection/open_listener from rbee_mesh.transport.endpoints rather than these classes.
+Use open_connection/open_listener (rbee_mesh.transport.endpoints) and open_publisher/
+open_subscriber (rbee_mesh.transport.pubsub) rather than these classes.
 """
 
 from __future__ import annotations
@@ -10,18 +12,25 @@ import errno
 import os
 import socket
 import stat
+import threading
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from .base import Connection, Listener
-from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportError
+from .base import Connection, Listener, Publisher
+from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportClosed, TransportError
 from .factory import SocketOptions, make_socket
 from .zmq_trio import TrioSocket
 
 if TYPE_CHECKING:
     from .endpoints import Endpoint
+
+_UNBIND_TIMEOUT_S = 1.0
+"""How long a publisher's aclose waits for libzmq to release a tcp port before giving up."""
 
 
 class ZmqConnection(Connection):
@@ -82,26 +91,7 @@ class ZmqListener(Listener):
 
         A tcp port 0 binds an ephemeral port; ``self.endpoint`` then names the real one.
         """
-        if endpoint.scheme == "ipc":
-            _check_ipc_path_is_free(endpoint)
-        # libzmq spells "any free port" as "*".
-        address = str(endpoint) if endpoint.port != 0 else f"tcp://{endpoint.host}:*"
-        sock = make_socket(zmq.ROUTER, options=options)
-        try:
-            if endpoint.is_ipv6:
-                sock.setsockopt(zmq.IPV6, 1)
-            sock.bind(address)
-        except zmq.ZMQError as exc:
-            sock.close()
-            in_use = exc.errno == errno.EADDRINUSE
-            hint = " (another process or listener holds it)" if in_use else ""
-            raise EndpointError(f"cannot bind {endpoint}: {exc.strerror}{hint}") from exc
-        bound = sock.get_string(zmq.LAST_ENDPOINT)
-        ipc_file = None
-        if endpoint.scheme == "ipc":
-            # None for a Linux abstract address ("ipc://@name"), which has no file.
-            with contextlib.suppress(FileNotFoundError):
-                ipc_file = os.stat(bound.removeprefix("ipc://"))
+        sock, bound, ipc_file = _bind_socket(zmq.ROUTER, endpoint, options, "listener")
         return cls(TrioSocket(sock), bound, ipc_file)
 
     async def send(self, peer: bytes, frames: Sequence[bytes]) -> None:
@@ -132,12 +122,249 @@ class ZmqListener(Listener):
         await self._sock.aclose()
 
 
+class ZmqPublisher(Publisher):
+    """A PUB socket bound to one endpoint.
+
+    libzmq's PUB never blocks and never reports a full pipe: at a subscriber's high-water mark
+    it drops the message for that subscriber, silently.
+    """
+
+    def __init__(self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None) -> None:
+        self._sock = sock
+        self.endpoint = endpoint
+        self._ipc_file = ipc_file
+        self._closed = False
+
+    @classmethod
+    def bind(cls, endpoint: Endpoint, options: SocketOptions | None = None) -> ZmqPublisher:
+        """Create a PUB and bind it to ``endpoint`` (tcp port 0: see ``self.endpoint``)."""
+        sock, bound, ipc_file = _bind_socket(zmq.PUB, endpoint, options, "publisher or listener")
+        publisher = cls(TrioSocket(sock), bound, ipc_file)
+        if endpoint.scheme == "inproc":
+            _rejoin_inproc_subscribers(bound)
+        return publisher
+
+    async def publish(self, frames: Sequence[bytes]) -> None:
+        """Send to every subscriber that has room; the others miss this message."""
+        _check_frames(frames)
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise TransportClosed(f"publisher {self.endpoint} is closed")
+        try:
+            await self._sock.send_multipart(frames, block=False)
+        except zmq.Again:
+            pass  # A PUB drops at the high-water mark rather than raising; this is for safety.
+        except zmq.ZMQError as exc:
+            raise TransportError(f"publish on {self.endpoint} failed: {exc.strerror}") from exc
+
+    async def aclose(self) -> None:
+        """Unbind, wait until the endpoint can be bound again, and close the socket."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._ipc_file is not None:
+                _remove_own_ipc_file(self.endpoint.removeprefix("ipc://"), self._ipc_file)
+            await _unbind(self._sock, self.endpoint)
+        finally:
+            await self._sock.aclose()
+
+
+class ZmqSubscription:
+    """A SUB socket connected to any number of publishers: the ZeroMQ half of a Subscriber.
+
+    libzmq reconnects a tcp or ipc SUB to a publisher that restarts, but not an inproc one
+    (inproc has no reconnection); this class makes up for that: binding an inproc publisher
+    reconnects this process's subscriptions to its name.
+    """
+
+    def __init__(self, sock: TrioSocket) -> None:
+        self._sock = sock
+        self._endpoints: set[str] = set()
+        self._token = trio.lowlevel.current_trio_token()
+
+    @classmethod
+    def open(cls, options: SocketOptions | None = None) -> ZmqSubscription:
+        """Create a SUB socket (subscribed to everything by make_socket), connected to nothing."""
+        return cls(TrioSocket(make_socket(zmq.SUB, options=options)))
+
+    def connect(self, endpoint: Endpoint) -> None:
+        """Connect to ``endpoint``, bound or not yet; a no-op if already connected to it."""
+        address = str(endpoint)
+        if address in self._endpoints:
+            return
+
+        def connect(sock: zmq.Socket[bytes]) -> None:
+            # Read at connect time, per connection: only bracketed addresses want IPv6.
+            sock.setsockopt(zmq.IPV6, 1 if endpoint.is_ipv6 else 0)
+            sock.connect(address)
+
+        try:
+            self._sock.call_sync(connect)
+        except zmq.ZMQError as exc:
+            raise EndpointError(f"cannot connect to {endpoint}: {exc.strerror}") from exc
+        self._endpoints.add(address)
+        if endpoint.scheme == "inproc":
+            with _inproc_lock:
+                _inproc_subscriptions.setdefault(address, set()).add(self)
+
+    def disconnect(self, endpoint: Endpoint) -> None:
+        """Disconnect from ``endpoint``; a no-op if not connected to it."""
+        address = str(endpoint)
+        if address not in self._endpoints:
+            return
+        self._endpoints.discard(address)
+        self._forget_inproc(address)
+        # ENOENT if libzmq already dropped the connection (an inproc publisher that closed).
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.call_sync(lambda sock: sock.disconnect(address))
+
+    async def receive(self) -> list[bytes]:
+        """Wait for the next message from any connected publisher (libzmq takes them in turn)."""
+        try:
+            return await self._sock.recv_multipart()
+        except zmq.ZMQError as exc:
+            raise TransportError(f"receive on a subscriber failed: {exc.strerror}") from exc
+
+    async def receive_nowait(self) -> list[bytes] | None:
+        """The next message if one is waiting, else None (still a checkpoint)."""
+        try:
+            return await self._sock.recv_multipart(block=False)
+        except zmq.Again:
+            return None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"receive on a subscriber failed: {exc.strerror}") from exc
+
+    async def aclose(self) -> None:
+        """Close the socket; tasks waiting in receive get TransportClosed."""
+        for address in self._endpoints:
+            self._forget_inproc(address)
+        self._endpoints.clear()
+        await self._sock.aclose()
+
+    def _rejoin(self, address: str) -> None:
+        """Reconnect to an inproc publisher that has just bound ``address``."""
+        if self._sock.closed or address not in self._endpoints:
+            return
+
+        def rejoin(sock: zmq.Socket[bytes]) -> None:
+            # ENOENT when libzmq has already dropped the pipe to the publisher that closed.
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(address)
+            sock.connect(address)
+
+        with contextlib.suppress(zmq.ZMQError, TransportClosed):
+            self._sock.call_sync(rejoin)
+
+    def _forget_inproc(self, address: str) -> None:
+        with _inproc_lock:
+            subscriptions = _inproc_subscriptions.get(address)
+            if subscriptions is not None:
+                subscriptions.discard(self)
+                if not subscriptions:
+                    del _inproc_subscriptions[address]
+
+
+_inproc_subscriptions: dict[str, set[ZmqSubscription]] = {}
+"""The SUB sockets of this process connected to each inproc endpoint, whatever their thread."""
+_inproc_lock = threading.Lock()
+
+
+def _rejoin_inproc_subscribers(address: str) -> None:
+    """Reconnect every subscription to ``address`` to the publisher that has just bound it.
+
+    An inproc SUB that connected before any publisher bound is attached by libzmq itself, but
+    one whose publisher closed stays dead forever; reconnecting fixes both alike. A subscription
+    of another trio run (thread) is reconnected in its own thread, as pyzmq sockets require.
+    """
+    with _inproc_lock:
+        subscriptions = list(_inproc_subscriptions.get(address, ()))
+    try:
+        current: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        current = None
+    for subscription in subscriptions:
+        if subscription._token is current:
+            subscription._rejoin(address)
+        else:
+            with contextlib.suppress(trio.RunFinishedError):
+                subscription._token.run_sync_soon(subscription._rejoin, address)
+
+
+def _bind_socket(
+    kind: int, endpoint: Endpoint, options: SocketOptions | None, holder: str
+) -> tuple[zmq.Socket[bytes], str, os.stat_result | None]:
+    """Make a socket of ``kind`` and bind it: (socket, bound endpoint, our ipc file's stat).
+
+    ``holder`` names what may already hold an ipc path, for the error message.
+    """
+    if endpoint.scheme == "ipc":
+        _check_ipc_path_is_free(endpoint, holder)
+    # libzmq spells "any free port" as "*".
+    address = str(endpoint) if endpoint.port != 0 else f"tcp://{endpoint.host}:*"
+    sock = make_socket(kind, options=options)
+    try:
+        if endpoint.is_ipv6:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close()
+        in_use = exc.errno == errno.EADDRINUSE
+        hint = " (another process or socket holds it)" if in_use else ""
+        raise EndpointError(f"cannot bind {endpoint}: {exc.strerror}{hint}") from exc
+    bound = sock.get_string(zmq.LAST_ENDPOINT)
+    ipc_file = None
+    if endpoint.scheme == "ipc":
+        # None for a Linux abstract address ("ipc://@name"), which has no file.
+        with contextlib.suppress(FileNotFoundError):
+            ipc_file = os.stat(bound.removeprefix("ipc://"))
+    return sock, bound, ipc_file
+
+
+async def _unbind(sock: TrioSocket, bound: str) -> None:
+    """Unbind ``bound`` so that it can be bound again as soon as this returns.
+
+    Closing a socket releases its endpoints asynchronously, on libzmq's I/O and reaper threads:
+    binding the same tcp port or inproc name right after close() failed with EADDRINUSE about
+    half the time here. unbind() releases an inproc name at once; a tcp port is free once the
+    socket monitor reports the listening socket CLOSED. ipc needs nothing: a new bind replaces
+    the path.
+    """
+    scheme = bound.partition("://")[0]
+    if scheme != "tcp":
+        with contextlib.suppress(zmq.ZMQError, TransportClosed):
+            sock.call_sync(lambda s: s.unbind(bound))
+        return
+    monitor_address = f"inproc://rbee-unbind-{uuid.uuid4().hex}"
+    try:
+        sock.call_sync(lambda s: s.monitor(monitor_address, zmq.EVENT_CLOSED))
+    except (zmq.ZMQError, TransportClosed):
+        return
+    events = TrioSocket(make_socket(zmq.PAIR))
+    try:
+        events.socket.connect(monitor_address)
+        try:
+            sock.call_sync(lambda s: s.unbind(bound))
+        except (zmq.ZMQError, TransportClosed):
+            return
+        with trio.move_on_after(_UNBIND_TIMEOUT_S):
+            while True:
+                event = parse_monitor_message(await events.recv_multipart())
+                if event["event"] == zmq.EVENT_CLOSED:
+                    break
+    finally:
+        with contextlib.suppress(zmq.ZMQError, TransportClosed):
+            sock.call_sync(lambda s: s.disable_monitor())
+        await events.aclose()
+
+
 def _check_frames(frames: Sequence[bytes]) -> None:
     if not frames:
         raise ValueError("a message needs at least one frame")
 
 
-def _check_ipc_path_is_free(endpoint: Endpoint) -> None:
+def _check_ipc_path_is_free(endpoint: Endpoint, holder: str = "listener") -> None:
     """Refuse to bind over a live listener's ipc socket file; let a stale one be replaced.
 
     libzmq unlinks whatever is at the path before binding. That is what we want for a file a
@@ -163,7 +390,7 @@ def _check_ipc_path_is_free(endpoint: Endpoint) -> None:
             pass  # Its accept backlog is full: very much alive.
         except OSError as exc:
             raise EndpointError(f"cannot bind {endpoint}: {exc.strerror}") from exc
-    raise EndpointError(f"cannot bind {endpoint}: another listener is running on it")
+    raise EndpointError(f"cannot bind {endpoint}: another {holder} is running on it")
 
 
 def _remove_own_ipc_file(path: str, bound: os.stat_result) -> None:

@@ -83,13 +83,31 @@ class TrioSocket:
 
         await self._perform(send, zmq.POLLOUT, block=block)
 
-    async def recv_multipart(self) -> list[bytes]:
-        """Wait for and return the next multipart message."""
+    async def recv_multipart(self, *, block: bool = True) -> list[bytes]:
+        """Wait for and return the next multipart message.
+
+        With ``block=False`` raise zmq.Again at once if no message is waiting.
+        """
 
         def recv() -> list[bytes]:
             return self._sock.recv_multipart(zmq.NOBLOCK)
 
-        return await self._perform(recv, zmq.POLLIN, block=True)
+        return await self._perform(recv, zmq.POLLIN, block=block)
+
+    def call_sync(self, op: Callable[[zmq.Socket[bytes]], _T]) -> _T:
+        """Run ``op(socket)`` (connect, disconnect, unbind, an option...) while tasks may wait.
+
+        Any libzmq call may process the socket's pending commands and so consume the FD signal
+        a waiting task needs; this re-reads EVENTS afterwards and wakes whoever is ready, as
+        send and receive do. Raises TransportClosed if the socket is closed; errors of ``op``
+        propagate.
+        """
+        self._check_open()
+        try:
+            return op(self._sock)
+        finally:
+            if not self._closed:
+                self._after_call()
 
     async def aclose(self) -> None:
         """Close the socket; every task waiting in it gets TransportClosed. Idempotent."""

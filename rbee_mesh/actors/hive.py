@@ -1,0 +1,300 @@
+"""The hive: one per machine. Its devices, its model catalog and downloads, its worker processes.
+
+A hive serves jobs on its control ROUTER exactly as the queen does (`JobServer`), adopting the
+queen's job ids so its narration needs no translation on the way back. Every `heartbeat_s` it
+publishes a HEARTBEAT on its PUB socket carrying its devices (with free memory), its workers and
+their states, and its models. It answers READY with its id and where its heartbeats are.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_util import periodic
+
+from rbee_mesh import __version__
+from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
+from rbee_mesh.actors.narration import narrate
+from rbee_mesh.actors.runtime import run_ping, single_errors
+from rbee_mesh.actors.worker_pool import WorkerPool, open_worker_pool
+from rbee_mesh.catalog import Catalog, ModelStatus
+from rbee_mesh.devices import DeviceReport, detect_devices
+from rbee_mesh.download import download_model
+from rbee_mesh.protocol import (
+    PROTOCOL_VERSION,
+    Actor,
+    ErrorCode,
+    Heartbeat,
+    HiveRefresh,
+    HiveStatus,
+    Level,
+    MeshError,
+    ModelDelete,
+    ModelDownload,
+    ModelGet,
+    ModelList,
+    Operation,
+    Ping,
+    WorkerDelete,
+    WorkerGet,
+    WorkerList,
+    WorkerSpawn,
+    encode,
+)
+from rbee_mesh.transport import Listener, Publisher, open_listener, open_publisher
+
+log = logging.getLogger("rbee_mesh.hive")
+
+DEFAULT_HIVE_PORT = 7835
+DEFAULT_HEARTBEAT_PORT = 7836
+
+
+def default_hive_id() -> str:
+    """This machine's name, made a valid identifier."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "hive"
+    return name[:64]
+
+
+@dataclass(frozen=True)
+class HiveConfig:
+    state_dir: Path
+    hive_id: str = field(default_factory=default_hive_id)
+    control: str = f"tcp://127.0.0.1:{DEFAULT_HIVE_PORT}"
+    heartbeats: str = f"tcp://127.0.0.1:{DEFAULT_HEARTBEAT_PORT}"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    #: The model hub (None: huggingface-hub's default, which honours HF_ENDPOINT).
+    hub_endpoint: str | None = None
+
+    @property
+    def workers_endpoint(self) -> str:
+        # Linux abstract socket: no file to go stale, no path-length trouble in deep state dirs.
+        return f"ipc://@rbee-mesh/{self.hive_id}/{self.state_dir.resolve()}"[:100]
+
+
+class Hive:
+    """One per machine. Build with `running_hive`."""
+
+    def __init__(
+        self,
+        config: HiveConfig,
+        control: Listener,
+        publisher: Publisher,
+        pool: WorkerPool,
+        catalog: Catalog,
+    ) -> None:
+        self.config = config
+        self.id = config.hive_id
+        self.publisher = publisher
+        self.pool = pool
+        self.catalog = catalog
+        self.started = time.time()
+        self.devices: DeviceReport = detect_devices()
+        handlers: dict[type[Operation], Handler] = {
+            Ping: self._op_ping,
+            HiveStatus: self._op_hive_status,
+            HiveRefresh: self._op_hive_refresh,
+            ModelDownload: self._op_model_download,
+            ModelList: self._op_model_list,
+            ModelGet: self._op_model_get,
+            ModelDelete: self._op_model_delete,
+            WorkerSpawn: self._op_worker_spawn,
+            WorkerList: self._op_worker_list,
+            WorkerGet: self._op_worker_get,
+            WorkerDelete: self._op_worker_delete,
+        }
+        self.server = JobServer(
+            control,
+            name=self.id,
+            actor=Actor.HIVE,
+            handlers=handlers,
+            config=config.server,
+            assigns_job_ids=False,
+            ready_info=self._ready_info,
+            peer_label="client",
+            hive_id=self.id,
+        )
+        self._beats = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve and publish heartbeats until `stop()` or cancellation."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat_loop)
+            await self.server.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+    async def stop(self, reason: str = "the hive is shutting down") -> None:
+        await self.server.stop(reason)
+
+    # ---- what the hive tells the queen ---------------------------------------------------------
+
+    def _ready_info(self) -> dict[str, Any]:
+        return {
+            "hive_id": self.id,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "control": self.server.listener.endpoint,
+            "heartbeat": self.publisher.endpoint,
+            "state": self.state(),
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Devices, workers and models: what every heartbeat carries."""
+        entries, _ = self.catalog.entries()
+        return {
+            "version": __version__,
+            "devices": [d.to_record() for d in self.devices.devices],
+            "workers": [w.to_record() for w in self.pool.list()],
+            "models": [{"id": e.id, "status": str(e.status), "size": e.size} for e in entries],
+        }
+
+    async def _heartbeat_loop(self) -> None:
+        async for _ in periodic(self.config.server.heartbeat_s):
+            self.devices = self.devices.refreshed()
+            self._beats += 1
+            beat = Heartbeat(
+                job_id="",
+                sender=self.id,
+                seq=self._beats,
+                interval_s=self.config.server.heartbeat_s,
+                ts=time.time(),
+                state=self.state(),
+            )
+            await self.publisher.publish(encode(beat))
+
+    # ---- operations --------------------------------------------------------------------------
+
+    async def _op_ping(self, job: Job, op: Ping) -> dict[str, Any]:
+        return await run_ping(op)
+
+    async def _op_hive_status(self, job: Job, op: HiveStatus) -> dict[str, Any]:
+        narrate("hive_status", self._summary())
+        return {
+            "hive": self.id,
+            "uptime_s": round(time.time() - self.started, 3),
+            "endpoints": {
+                "control": self.server.listener.endpoint,
+                "heartbeat": self.publisher.endpoint,
+            },
+            "jobs_running": len(self.server.running_jobs),
+            **self.state(),
+        }
+
+    async def _op_hive_refresh(self, job: Job, op: HiveRefresh) -> dict[str, Any]:
+        before = {d.id for d in self.devices.devices}
+        self.devices = detect_devices()
+        after = {d.id for d in self.devices.devices}
+        for added in sorted(after - before):
+            narrate("hive_refresh", f"new device {added}")
+        for gone in sorted(before - after):
+            narrate("hive_refresh", f"device {gone} is gone", level=Level.WARN)
+        _, problems = self.catalog.entries()
+        for problem in problems:
+            narrate("hive_refresh", f"skipped a catalog entry: {problem}", level=Level.WARN)
+        narrate("hive_refresh", self._summary())
+        return await self._op_hive_status(job, HiveStatus(hive=self.id))
+
+    def _summary(self) -> str:
+        entries, _ = self.catalog.entries()
+        devices = ", ".join(d.id for d in self.devices.devices)
+        return f"{devices}; {len(self.pool.list())} worker(s); {len(entries)} model(s)"
+
+    async def _op_model_download(self, job: Job, op: ModelDownload) -> dict[str, Any]:
+        entry = await download_model(self.catalog, op.model, endpoint=self.config.hub_endpoint)
+        return entry.to_record()
+
+    async def _op_model_list(self, job: Job, op: ModelList) -> list[dict[str, Any]]:
+        entries, problems = self.catalog.entries()
+        for problem in problems:
+            narrate("model_list", f"skipped a catalog entry: {problem}", level=Level.WARN)
+        narrate("model_list", f"{len(entries)} model(s) on hive {self.id}")
+        return [e.to_record() for e in entries]
+
+    async def _op_model_get(self, job: Job, op: ModelGet) -> dict[str, Any]:
+        return self.catalog.get(op.model).to_record()
+
+    async def _op_model_delete(self, job: Job, op: ModelDelete) -> dict[str, Any]:
+        entry = self.catalog.get(op.model)
+        users = self.pool.workers_using(entry.id)
+        if users:
+            raise MeshError(
+                ErrorCode.CONFLICT,
+                f"model {entry.id} is in use by worker(s) {', '.join(users)}; "
+                "delete them first (rbee-mesh worker delete ID)",
+            )
+        self.catalog.delete(entry.id, in_use=lambda model: bool(self.pool.workers_using(model)))
+        narrate("model_delete", f"deleted {entry.id} ({entry.size} bytes freed)")
+        return {"model": entry.id, "deleted": True}
+
+    async def _op_worker_spawn(self, job: Job, op: WorkerSpawn) -> dict[str, Any]:
+        entry = self.catalog.get(op.model)
+        if entry.status is not ModelStatus.AVAILABLE:
+            raise MeshError(
+                ErrorCode.CONFLICT,
+                f"model {entry.id} is {entry.status}{': ' + entry.error if entry.error else ''}; "
+                "only an available model can be loaded",
+            )
+        device = self._device_for(op.device)
+        self.catalog.touch(entry.id)
+        record = await self.pool.spawn(model_id=entry.id, model_path=entry.path, device=device)
+        return record.to_record()
+
+    def _device_for(self, wanted: str) -> str:
+        ids = [d.id for d in self.devices.devices]
+        if wanted == "auto":
+            return "cpu"
+        if wanted not in ids:
+            raise MeshError(
+                ErrorCode.NOT_FOUND,
+                f"hive {self.id} has no device {wanted} (it has {', '.join(ids)})",
+            )
+        return wanted
+
+    async def _op_worker_list(self, job: Job, op: WorkerList) -> list[dict[str, Any]]:
+        workers = [w.to_record() for w in self.pool.list()]
+        narrate("worker_list", f"{len(workers)} worker(s) on hive {self.id}")
+        return workers
+
+    async def _op_worker_get(self, job: Job, op: WorkerGet) -> dict[str, Any]:
+        return self.pool.get(op.worker).to_record()
+
+    async def _op_worker_delete(self, job: Job, op: WorkerDelete) -> dict[str, Any]:
+        record = await self.pool.delete(op.worker)
+        return record.to_record()
+
+
+@asynccontextmanager
+async def running_hive(config: HiveConfig) -> AsyncIterator[Hive]:
+    """A hive serving for the duration of the block; on exit its jobs end, its workers stop."""
+    hive_dir = config.state_dir / "hive"
+    catalog = Catalog(hive_dir / "models")
+    for entry in catalog.mark_interrupted():
+        log.warning("model %s: its download was interrupted; download it again to resume", entry.id)
+    with single_errors():
+        async with (
+            await open_listener(config.control) as control,
+            await open_publisher(config.heartbeats) as publisher,
+            open_worker_pool(
+                config.workers_endpoint,
+                heartbeat_s=config.server.heartbeat_s,
+                log_dir=hive_dir / "logs",
+                name=config.hive_id,
+            ) as pool,
+            trio.open_nursery() as nursery,
+        ):
+            hive = Hive(config, control, publisher, pool, catalog)
+            await nursery.start(hive.run)
+            log.info("hive %s: %s", hive.id, hive.devices.note or hive._summary())
+            try:
+                yield hive
+            finally:
+                with trio.CancelScope(shield=True):
+                    await hive.stop()

@@ -1,0 +1,674 @@
+"""The hive's worker processes: start them, watch them, stop them, and never leave one behind.
+
+    async with open_worker_pool("ipc:///state/hive/workers.sock", log_dir=logs) as pool:
+        record = await pool.spawn(model_id="tiny", model_path=path, device="cpu")
+        ...
+        await pool.delete(record.id)
+
+The pool owns one Listener (ROUTER) that its workers connect to, and three kinds of task:
+
+- a **watcher per process** awaits its exit through a pidfd and reaps it (so there is never a
+  zombie), then records how it ended: stopped (the pool asked) or dead (exit code or signal,
+  with the last line the worker wrote on stderr). Its wait is shielded from cancellation, so the
+  pool cannot finish before every child it started has been reaped;
+- a **receive loop** takes READY (a worker is up) and HEARTBEAT (its state) from the workers;
+- a **heartbeat loop** sends each worker a HEARTBEAT every interval (a worker exits by itself
+  after three silent intervals) and kills a worker that has sent nothing for three intervals.
+
+No worker outlives its hive:
+
+- on exit of the context manager every worker gets DISCONNECT and SIGTERM, SIGKILL after a
+  grace period, and is reaped;
+- if the hive is killed outright (kill -9, OOM killer), the kernel SIGKILLs each worker:
+  workers are started with PR_SET_PDEATHSIG. The kernel sends that signal when the *thread*
+  that forked the child exits, not the process, and trio.lowlevel.open_process forks in a
+  worker thread that trio retires after 10 s idle, which SIGKILLs the child 10 s after it
+  started (measured). So the pool forks from the thread running trio, which lives as long as
+  the pool, and awaits the exit itself through a pidfd;
+- if the hive hangs instead, the workers stop hearing from it and exit (code 3).
+
+Workers run in their own session (start_new_session), so a Ctrl-C at the hive's terminal reaches
+the hive only, and the hive stops them in order. Each worker's stdout and stderr go to
+`<log_dir>/<worker id>.log`: a file, not a pipe that could fill up and stall the worker.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_util import AsyncValue, periodic
+
+from rbee_mesh.actors.narration import current_job, narrate
+from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.actors.worker import DEVICE_PATTERN, WorkerExit
+from rbee_mesh.protocol import (
+    Actor,
+    Disconnect,
+    ErrorCode,
+    Heartbeat,
+    Level,
+    MeshError,
+    Message,
+    PeerLiveness,
+    ProtocolError,
+    Ready,
+    decode,
+    encode,
+)
+from rbee_mesh.protocol.liveness import Liveness
+from rbee_mesh.transport import (
+    EndpointError,
+    Listener,
+    PeerBusy,
+    PeerUnreachable,
+    TransportClosed,
+    local_endpoint_for,
+    open_listener,
+    parse_endpoint,
+)
+
+log = logging.getLogger("rbee_mesh.worker_pool")
+
+
+class WorkerState(StrEnum):
+    """Where a worker is in its life. STOPPED and DEAD are final: the process has been reaped."""
+
+    #: The process runs and loads its model; no READY yet.
+    STARTING = "starting"
+    #: READY received; idle.
+    READY = "ready"
+    #: Working on a job (from its heartbeats).
+    BUSY = "busy"
+    #: The pool asked it to stop and waits for it to exit.
+    STOPPING = "stopping"
+    #: It exited after the pool asked it to.
+    STOPPED = "stopped"
+    #: It exited without being asked, or was killed for falling silent.
+    DEAD = "dead"
+
+
+_ALIVE_FOR_JOBS = (WorkerState.READY, WorkerState.BUSY)
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as the pool saw it at one moment (a snapshot: it does not change afterwards)."""
+
+    id: str
+    #: The catalog id of its model.
+    model: str
+    model_path: str
+    device: str
+    pid: int
+    state: WorkerState
+    #: Wall-clock time the process was started, and it reported READY.
+    started: float
+    ready_at: float | None
+    #: How the process ended, once it has: an exit code, or the name of the signal that killed it.
+    exit_code: int | None
+    signal: str | None
+    #: Why it stopped or died, for a person.
+    reason: str
+    #: Seconds since the last frame from it (None before READY).
+    last_heartbeat_age_s: float | None
+    #: Where its stdout and stderr go.
+    log_path: str
+    #: What it said about itself in READY: pid, backend, load_s, arch, params, ...
+    info: dict[str, Any]
+
+    def to_record(self) -> dict[str, Any]:
+        """A msgpack-able dict of every field."""
+        record = asdict(self)
+        record["state"] = str(self.state)
+        return record
+
+
+class _Process:
+    """A child process forked from the calling thread, whose exit is awaited through a pidfd."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except OSError:
+            # Without a pidfd there is no way to await this child; do not leave it running.
+            popen.kill()
+            popen.wait()
+            raise
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Signal the process unless it has been reaped (then its pid may belong to another)."""
+        # Popen.send_signal checks for that; only this pool reaps its children.
+        self.popen.send_signal(signum)
+
+    async def wait(self) -> int:
+        """Wait for the exit, reap the process, and return its Popen-style return code."""
+        await trio.lowlevel.wait_readable(self._pidfd)
+        code = self.popen.wait()  # at once: the pidfd is readable once the child has exited
+        trio.lowlevel.notify_closing(self._pidfd)
+        os.close(self._pidfd)
+        return code
+
+
+# Resolved before any fork: the child between fork and exec should only make system calls.
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_this_thread(parent_pid: int) -> Callable[[], None]:
+    """A preexec_fn that makes the kernel SIGKILL the child when its forking thread exits."""
+
+    def preexec() -> None:
+        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        # If the parent died between fork and prctl, no signal will ever come: die now.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _start_process(argv: list[str], log_path: Path) -> _Process:
+    """Fork and exec `argv` from this thread, its output appended to `log_path`.
+
+    Blocking (a fork and an exec, milliseconds) on purpose: PR_SET_PDEATHSIG is tied to the
+    forking thread, and this one (trio's) lives as long as the pool. See the module docstring.
+    """
+    with log_path.open("ab") as log_file:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            preexec_fn=_die_with_this_thread(os.getpid()),
+        )
+    return _Process(popen)
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a (small, local) log file: a worker's reason for exiting."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 4096))
+            tail = file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _describe_exit(code: int) -> tuple[int | None, str | None, str]:
+    """(exit code, signal name, description) of a Popen return code."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return None, name, f"killed by {name}"
+    return code, None, f"exited with code {code}"
+
+
+@dataclass(eq=False)
+class _Worker:
+    """The pool's own, changing view of one worker process."""
+
+    id: str
+    model: str
+    model_path: Path
+    device: str
+    process: _Process
+    log_path: Path
+    started: float = field(default_factory=time.time)
+    started_clock: float = field(default_factory=trio.current_time)
+    state: WorkerState = WorkerState.STARTING
+    peer: bytes | None = None
+    liveness: PeerLiveness | None = None
+    ready_at: float | None = None
+    ready_clock: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str = ""
+    #: Why the pool is ending it (set before it signals the process), so that the exit is
+    #: explained by its cause rather than by the signal alone.
+    cause: str = ""
+    #: Set once the process has been reaped.
+    exited: trio.Event = field(default_factory=trio.Event)
+    #: Set on READY or exit: what spawn() waits for.
+    settled: trio.Event = field(default_factory=trio.Event)
+
+    def snapshot(self) -> WorkerRecord:
+        age = None
+        if self.liveness is not None and not self.exited.is_set():
+            age = round(trio.current_time() - self.liveness.last_seen, 3)
+        return WorkerRecord(
+            id=self.id,
+            model=self.model,
+            model_path=str(self.model_path),
+            device=self.device,
+            pid=self.process.pid,
+            state=self.state,
+            started=self.started,
+            ready_at=self.ready_at,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            reason=self.reason,
+            last_heartbeat_age_s=age,
+            log_path=str(self.log_path),
+            info=dict(self.info),
+        )
+
+
+class WorkerPool:
+    """The hive's workers. Made by `open_worker_pool`, which runs its tasks."""
+
+    def __init__(
+        self,
+        listener: Listener,
+        nursery: trio.Nursery,
+        *,
+        heartbeat_s: float,
+        log_dir: Path,
+        name: str,
+    ) -> None:
+        self.listener = listener
+        self.heartbeat_s = heartbeat_s
+        self.log_dir = log_dir
+        self.name = name
+        #: Bumped on every change of a worker's state; `await pool.revision.wait_value(pred)`
+        #: waits for a condition on the pool without polling.
+        self.revision = AsyncValue(0)
+        self._nursery = nursery
+        self._workers: dict[str, _Worker] = {}
+        self._peers: dict[bytes, _Worker] = {}
+        self._closing = False
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint workers connect to (a wildcard bind resolved to loopback)."""
+        return local_endpoint_for(self.listener.endpoint)
+
+    # ---- the API the hive uses ------------------------------------------------------------------
+
+    async def spawn(
+        self, *, model_id: str, model_path: Path, device: str, ready_timeout_s: float = 120
+    ) -> WorkerRecord:
+        """Start a worker process for `model_path` on `device`; return once it is READY.
+
+        Raises MeshError: INVALID_REQUEST for a bad device or a model the worker cannot load
+        (with the worker's reason), WORKER_LOST if it exits otherwise, TIMEOUT (after killing
+        it) if it is not ready within `ready_timeout_s`, UNAVAILABLE if the pool is closing or
+        the process cannot be started. A worker that did not become ready is not kept.
+        """
+        if self._closing:
+            raise MeshError(ErrorCode.UNAVAILABLE, "the hive is stopping; it starts no workers")
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise MeshError(ErrorCode.INVALID_REQUEST, f"{device!r} is not cpu or cuda:N")
+        worker_id = f"w-{secrets.token_hex(4)}"
+        log_path = self.log_dir / f"{worker_id}.log"
+        narrate("worker_spawn", f"starting worker {worker_id}: model {model_id} on {device}")
+        argv = [
+            sys.executable,
+            "-m",
+            "rbee_mesh.actors.worker",
+            "--hive",
+            self.endpoint,
+            "--worker-id",
+            worker_id,
+            "--model",
+            str(model_path),
+            "--device",
+            device,
+            "--heartbeat-s",
+            repr(self.heartbeat_s),
+        ]
+        try:
+            process = _start_process(argv, log_path)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise MeshError(
+                ErrorCode.UNAVAILABLE, f"cannot start a worker process: {exc}"
+            ) from None
+        worker = _Worker(
+            id=worker_id,
+            model=model_id,
+            model_path=model_path,
+            device=device,
+            process=process,
+            log_path=log_path,
+        )
+        self._workers[worker_id] = worker
+        self._nursery.start_soon(self._watch_process, worker, name=f"worker {worker_id}")
+        self._changed()
+        narrate(
+            "worker_spawn",
+            f"worker {worker_id} started as pid {process.pid}; loading model {model_path.name}",
+        )
+        try:
+            with trio.move_on_after(ready_timeout_s):
+                await worker.settled.wait()
+        except BaseException:
+            # Cancelled (the job's deadline, its keeper gone): a worker nobody waits for must not
+            # stay behind.
+            with trio.CancelScope(shield=True):
+                await self._kill(worker, "its spawn was cancelled")
+            self._workers.pop(worker_id, None)
+            raise
+        if worker.state in _ALIVE_FOR_JOBS:
+            assert worker.ready_clock is not None
+            load_s = worker.info.get("load_s")
+            loaded = f"model loaded in {load_s:.3f}s, " if isinstance(load_s, float) else ""
+            narrate(
+                "worker_spawn",
+                f"worker {worker_id} ready in {worker.ready_clock - worker.started_clock:.2f}s "
+                f"({loaded}pid {process.pid})",
+            )
+            return worker.snapshot()
+        timed_out = not worker.settled.is_set()
+        if timed_out:
+            with trio.CancelScope(shield=True):
+                await self._kill(worker, f"it was not ready within {ready_timeout_s:g}s")
+        self._workers.pop(worker_id, None)
+        raise self._spawn_error(worker, timed_out=timed_out)
+
+    async def delete(self, worker_id: str, *, grace_s: float = 5.0) -> WorkerRecord:
+        """Stop a worker and forget it: DISCONNECT, SIGTERM, SIGKILL after `grace_s`, reaped.
+
+        A worker that is already dead is just forgotten. Returns its final record; raises
+        MeshError(NOT_FOUND) for an unknown id. Runs to the end even if cancelled (a stop half
+        done would leave a process without an owner), which takes at most `grace_s` and a kill.
+        """
+        worker = self._find(worker_id)
+        with trio.CancelScope(shield=True):
+            if worker.state is WorkerState.STOPPING:
+                await worker.exited.wait()
+            elif not worker.exited.is_set():
+                await self._stop(worker, grace_s=grace_s, cause="deleted", action="worker_delete")
+        self._workers.pop(worker_id, None)
+        self._changed()
+        return worker.snapshot()
+
+    def list(self) -> list[WorkerRecord]:
+        """Every worker the pool knows (including dead ones, until deleted), oldest first."""
+        return [worker.snapshot() for worker in self._workers.values()]
+
+    def get(self, worker_id: str) -> WorkerRecord:
+        """One worker's record; MeshError(NOT_FOUND) if there is no such worker."""
+        return self._find(worker_id).snapshot()
+
+    def workers_using(self, model_id: str) -> builtins.list[str]:
+        """Ids of the workers whose process runs (so has the file open) for model `model_id`."""
+        return [
+            worker.id
+            for worker in self._workers.values()
+            if worker.model == model_id and not worker.exited.is_set()
+        ]
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _find(self, worker_id: str) -> _Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise MeshError(ErrorCode.NOT_FOUND, f"no worker {worker_id} on this hive")
+        return worker
+
+    def _changed(self) -> None:
+        self.revision.value += 1
+
+    def _spawn_error(self, worker: _Worker, *, timed_out: bool) -> MeshError:
+        where = f"worker {worker.id} (pid {worker.process.pid})"
+        if timed_out:
+            tail = _last_line(worker.log_path)
+            return MeshError(
+                ErrorCode.TIMEOUT,
+                f"{where} was killed: {worker.cause}"
+                + (f"; the last line of its log: {tail}" if tail else ""),
+            )
+        if worker.state is WorkerState.STOPPED:
+            return MeshError(
+                ErrorCode.UNAVAILABLE, f"{where} was stopped before it was ready: {worker.reason}"
+            )
+        # The worker's documented "cannot load this model": the request named an unusable file.
+        code = (
+            ErrorCode.INVALID_REQUEST
+            if worker.exit_code == WorkerExit.LOAD_FAILED
+            else ErrorCode.WORKER_LOST
+        )
+        return MeshError(code, f"{where} failed to start: {worker.reason}")
+
+    async def _watch_process(self, worker: _Worker) -> None:
+        # This task outlives the job that spawned the worker: its narration goes to the log.
+        current_job.set(None)
+        # Shielded: the process is reaped whatever happens, and the pool's nursery cannot end
+        # while a child it started is still running.
+        with trio.CancelScope(shield=True):
+            code = await worker.process.wait()
+        worker.exit_code, worker.signal, how = _describe_exit(code)
+        if worker.state is WorkerState.STOPPING:
+            worker.state = WorkerState.STOPPED
+            worker.reason = f"{worker.cause} ({how})"
+        else:
+            worker.state = WorkerState.DEAD
+            if worker.cause:
+                worker.reason = f"{worker.cause} ({how})"
+            else:
+                last_words = _last_line(worker.log_path) if code > 0 else ""
+                worker.reason = f"{how}: {last_words}" if last_words else how
+            if worker.ready_at is not None:
+                log.warning(
+                    "worker %s (pid %d, model %s) died: %s",
+                    worker.id,
+                    worker.process.pid,
+                    worker.model,
+                    worker.reason,
+                )
+        if worker.peer is not None:
+            self._peers.pop(worker.peer, None)
+        worker.exited.set()
+        worker.settled.set()
+        self._changed()
+
+    async def _kill(self, worker: _Worker, cause: str) -> None:
+        """SIGKILL a worker and wait until it is reaped."""
+        if not worker.exited.is_set():
+            worker.cause = worker.cause or cause
+            worker.process.send_signal(signal.SIGKILL)
+            await worker.exited.wait()
+
+    async def _stop(self, worker: _Worker, *, grace_s: float, cause: str, action: str) -> None:
+        """DISCONNECT and SIGTERM, then SIGKILL after `grace_s`; returns once it is reaped."""
+        worker.state = WorkerState.STOPPING
+        worker.cause = cause
+        self._changed()
+        pid = worker.process.pid
+        if worker.peer is not None:
+            await self._send(worker, Disconnect(job_id="", sender=self.name, reason=cause))
+        worker.process.send_signal(signal.SIGTERM)
+        narrate(action, f"stopping worker {worker.id} (pid {pid}): sent DISCONNECT and SIGTERM")
+        with trio.move_on_after(grace_s):
+            await worker.exited.wait()
+        if not worker.exited.is_set():
+            narrate(
+                action,
+                f"worker {worker.id} did not stop within {grace_s:g}s; sending SIGKILL",
+                level=Level.WARN,
+            )
+            worker.process.send_signal(signal.SIGKILL)
+            await worker.exited.wait()
+        narrate(action, f"worker {worker.id} stopped: {worker.reason}")
+
+    async def _send(self, worker: _Worker, message: Message) -> None:
+        assert worker.peer is not None
+        try:
+            await self.listener.send(worker.peer, encode(message))
+        except (PeerBusy, PeerUnreachable, TransportClosed) as exc:
+            # Heartbeats and goodbyes only: a worker that misses them is handled by liveness
+            # (or has already gone).
+            log.debug("could not send %s to worker %s: %r", message.KIND.name, worker.id, exc)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                peer, frames = await self.listener.receive()
+            except TransportClosed:
+                return
+            now = trio.current_time()
+            try:
+                message = decode(frames)
+            except ProtocolError as exc:
+                log.warning("ignored a malformed frame on the worker socket: %s", exc)
+                continue
+            if isinstance(message, Ready):
+                self._on_ready(peer, message, now)
+                continue
+            worker = self._peers.get(peer)
+            if worker is None or worker.liveness is None:
+                log.warning("ignored %s from a peer that sent no READY", message.KIND.name)
+                continue
+            worker.liveness.seen(now)
+            match message:
+                case Heartbeat():
+                    worker.liveness.interval_s = message.interval_s
+                    self._on_heartbeat(worker, message)
+                case Disconnect():
+                    log.info("worker %s is leaving: %s", worker.id, message.reason or "no reason")
+                case _:
+                    log.warning("ignored %s from worker %s", message.KIND.name, worker.id)
+
+    def _on_ready(self, peer: bytes, message: Ready, now: float) -> None:
+        worker = self._workers.get(message.sender)
+        if (
+            worker is None
+            or worker.state is not WorkerState.STARTING
+            or message.role is not Actor.WORKER
+            or message.info.get("pid") != worker.process.pid
+        ):
+            # Only the process this pool started under that id, and only once.
+            log.warning("refused READY from %r: not a worker this pool is starting", message.sender)
+            return
+        worker.peer = peer
+        self._peers[peer] = worker
+        worker.liveness = PeerLiveness(self.heartbeat_s, now)
+        worker.info = dict(message.info)
+        worker.ready_at = time.time()
+        worker.ready_clock = now
+        worker.state = WorkerState.READY
+        worker.settled.set()
+        self._changed()
+
+    def _on_heartbeat(self, worker: _Worker, message: Heartbeat) -> None:
+        if worker.state not in _ALIVE_FOR_JOBS:
+            return
+        state = WorkerState.BUSY if message.state.get("state") == "busy" else WorkerState.READY
+        if state is not worker.state:
+            worker.state = state
+            self._changed()
+
+    async def _heartbeat_loop(self) -> None:
+        seq = 0
+        async for _ in periodic(self.heartbeat_s):
+            now = trio.current_time()
+            for worker in list(self._workers.values()):
+                if worker.liveness is None or worker.state not in _ALIVE_FOR_JOBS or worker.cause:
+                    continue
+                worker.liveness.check(now)
+                if worker.liveness.state is Liveness.LOST:
+                    missed = worker.liveness.missed(now)
+                    worker.cause = f"lost: it sent nothing for {missed} heartbeat intervals"
+                    log.warning("worker %s %s; killing it", worker.id, worker.cause)
+                    worker.process.send_signal(signal.SIGKILL)
+                    continue
+                await self._send(
+                    worker,
+                    Heartbeat(
+                        job_id="",
+                        sender=self.name,
+                        seq=seq,
+                        interval_s=self.heartbeat_s,
+                        ts=time.time(),
+                    ),
+                )
+            seq += 1
+
+    async def _shutdown(self, grace_s: float) -> None:
+        """Stop every worker at once (each: DISCONNECT, SIGTERM, grace, SIGKILL) and reap it."""
+        self._closing = True
+        async with trio.open_nursery() as nursery:
+            for worker in self._workers.values():
+                if worker.state is WorkerState.STOPPING:
+                    nursery.start_soon(worker.exited.wait)
+                elif not worker.exited.is_set():
+                    stop = partial(
+                        self._stop,
+                        worker,
+                        grace_s=grace_s,
+                        cause="the hive is stopping",
+                        action="worker_stop",
+                    )
+                    nursery.start_soon(stop)
+
+
+@asynccontextmanager
+async def open_worker_pool(
+    endpoint: str,
+    *,
+    heartbeat_s: float = 1.0,
+    log_dir: Path | None = None,
+    grace_s: float = 5.0,
+    name: str = "hive",
+) -> AsyncIterator[WorkerPool]:
+    """A worker pool listening on `endpoint` (ipc:// or tcp://) for the duration of the block.
+
+    `log_dir` receives one log file per worker; without it the pool uses a temporary directory
+    and removes it on exit. `name` is the sender id of the pool's frames (the hive's id). On
+    exit every worker is stopped (SIGKILL after `grace_s`) and reaped, even when the block is
+    cancelled.
+    """
+    scheme = parse_endpoint(endpoint).scheme
+    if scheme not in ("ipc", "tcp"):
+        raise EndpointError(
+            f"workers are separate processes and cannot reach {endpoint}: use ipc:// or tcp://"
+        )
+    own_log_dir = log_dir is None
+    logs = Path(tempfile.mkdtemp(prefix="rbee-mesh-workers-")) if log_dir is None else log_dir
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        with single_errors():
+            async with await open_listener(endpoint) as listener, trio.open_nursery() as nursery:
+                pool = WorkerPool(
+                    listener, nursery, heartbeat_s=heartbeat_s, log_dir=logs, name=name
+                )
+                nursery.start_soon(pool._receive_loop)
+                nursery.start_soon(pool._heartbeat_loop)
+                try:
+                    yield pool
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await pool._shutdown(grace_s)
+                    nursery.cancel_scope.cancel()
+    finally:
+        if own_log_dir:
+            shutil.rmtree(logs, ignore_errors=True)

@@ -1,0 +1,806 @@
+"""Model downloads from a Hugging Face hub (or a compatible mirror) into a hive's catalog.
+
+huggingface-hub does what is specific to the hub: the file listing of a repo with sizes and LFS
+digests (`HfApi.model_info`), a file's metadata (`get_hf_file_metadata`: commit, size, ETag /
+X-Linked-Etag), URLs (`hf_hub_url`, honouring the endpoint) and auth headers (`build_hf_headers`).
+Those calls are synchronous, so they run in a thread under a deadline of our own.
+
+The byte stream is ours, read with huggingface-hub's async client (httpx2, which runs natively on
+trio), because `hf_hub_download` is synchronous (a thread trio cannot cancel), retries on its own
+schedule (a silent hub holds it for minutes), writes into its own cache layout and reports
+through tqdm. Here:
+
+- a download resumes from its ``.partial`` file with an HTTP Range request, also after the hive
+  was killed; the partial belongs to the entry's revision, size and sha256 (the URL is pinned to
+  the commit, so the bytes at that URL never change);
+- cancellation (the job cancelled) removes the partial and the entry; a crash leaves both for
+  the next request to resume; a dropped connection, a silent hub or the job's deadline marks the
+  entry failed and keeps the partial;
+- the file is checked (size, and sha256 where the hub gives one) before it becomes available;
+- progress is narrated, and emitted as DATA records, every `progress_interval_s`, stalls included.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
+
+import trio
+
+# rbee-mesh sends no telemetry: without this, huggingface-hub's first request in a process also
+# calls its home server to build a user agent. Read when huggingface-hub is imported (lazily).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from rbee_mesh.actors.narration import emit_record, narrate
+from rbee_mesh.actors.runtime import SHUTDOWN_REASON
+from rbee_mesh.catalog import Catalog, ModelEntry, ModelStatus, fsync_dir, model_id, parse_ref
+from rbee_mesh.protocol import Level
+from rbee_mesh.protocol.errors import ErrorCode, MeshError
+
+if TYPE_CHECKING:
+    import httpx2
+
+log = logging.getLogger("rbee_mesh.download")
+
+T = TypeVar("T")
+
+#: GGUF quantizations in the order a bare OWNER/REPO picks them: Q4_K_M is the usual balance of
+#: size and quality, then better (Q5_K_M), older/simpler (Q4_0), near-lossless (Q8_0), unquantized.
+QUANT_ORDER = ("Q4_K_M", "Q5_K_M", "Q4_0", "Q8_0", "F16")
+_QUANT_PATTERNS = {
+    # Bounded so that Q4_0 is not Q4_0_4_4, F16 is not BF16, Q4_K_M is not IQ4_K_M.
+    quant: re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
+    for quant in QUANT_ORDER
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Bytes gathered before a write (in a worker thread): few thread hops, little lost on a crash.
+_FLUSH_BYTES = 1 << 20
+_HASH_CHUNK = 1 << 20
+#: Progress rate is measured over this much recent history: responsive, yet not jumpy.
+_RATE_WINDOW_S = 5.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+async def download_model(
+    catalog: Catalog,
+    ref: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    progress_interval_s: float = 1.0,
+    connect_timeout_s: float = 10.0,
+    idle_timeout_s: float = 30.0,
+) -> ModelEntry:
+    """Download `ref` (``OWNER/REPO[:FILE]``) into `catalog` and return its available entry.
+
+    Without FILE, a GGUF file is chosen in the order of `QUANT_ORDER`. `endpoint` defaults to
+    ``$HF_ENDPOINT``, read at each call, else huggingface.co; `token` defaults to the one
+    huggingface-hub finds (``$HF_TOKEN`` or a saved login). The hub may not stay silent longer
+    than `idle_timeout_s`; connecting for the transfer may take `connect_timeout_s`, and each
+    metadata request at most `connect_timeout_s + idle_timeout_s` in all.
+
+    Raises MeshError: INVALID_REQUEST for a malformed ref; NOT_FOUND when the hub has no such
+    repo or file, or refuses access; UNAVAILABLE when the hub fails, the connection drops, the
+    file does not verify, or the disk is full; TIMEOUT when the hub is silent; CONFLICT when
+    another job is downloading the same model.
+    """
+    repo, file = parse_ref(ref)
+    if file is not None and (ready := _already_here(catalog, model_id(repo, file))) is not None:
+        return ready
+    hub = _Hub(
+        endpoint=_hub_endpoint(endpoint),
+        token=token,
+        connect_timeout_s=connect_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+    )
+    narrate("download", f"asking {hub.endpoint} about {repo}", target=ref)
+    remote = await hub.locate(repo, file)
+    with catalog.download_lock(remote.id):
+        # Checked again under the lock: another job may have just finished the same model.
+        if (ready := _already_here(catalog, remote.id)) is not None:
+            return ready
+        return await _download(catalog, hub, remote, progress_interval_s)
+
+
+def choose_gguf(files: Iterable[str]) -> tuple[str, str] | None:
+    """Pick the GGUF file a bare OWNER/REPO means: (file, why), or None if there is none.
+
+    The first quantization of `QUANT_ORDER` present wins (alphabetically first among its files),
+    else the alphabetically first .gguf. Vision projectors (mmproj-*) are never picked: they
+    accompany a model, they are not one.
+    """
+    ggufs = sorted(
+        f
+        for f in files
+        if f.lower().endswith(".gguf") and not PurePosixPath(f).name.lower().startswith("mmproj")
+    )
+    if not ggufs:
+        return None
+    order = ", ".join(QUANT_ORDER)
+    for quant, pattern in _QUANT_PATTERNS.items():
+        matches = [f for f in ggufs if pattern.search(f)]
+        if matches:
+            why = f"{quant} is the first of {order} that the repo has"
+            if len(matches) > 1:
+                why += f"; first of {len(matches)} {quant} files"
+            return matches[0], why
+    return ggufs[0], f"none of {order} is there; first of {len(ggufs)} GGUF files alphabetically"
+
+
+# ---- the hub -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RemoteFile:
+    """A file on the hub, pinned to a commit: the bytes at `url` never change."""
+
+    repo: str
+    file: str
+    revision: str
+    size: int
+    sha256: str | None
+    url: str
+
+    @property
+    def id(self) -> str:
+        return model_id(self.repo, self.file)
+
+
+def _hub_endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    # huggingface-hub reads HF_ENDPOINT once, when it is imported; read it at each call instead,
+    # so that the environment of the moment counts (and tests can point at a local hub).
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+@dataclass(frozen=True)
+class _Hub:
+    endpoint: str
+    token: str | None
+    connect_timeout_s: float
+    idle_timeout_s: float
+
+    async def locate(self, repo: str, file: str | None) -> _RemoteFile:
+        """Resolve (repo, file) to one file at the current commit, with its size and digest."""
+        from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+
+        subject = f"model repo {repo}"
+        # One call lists every file with its size and LFS sha256, and names the commit.
+        info = await self._call(
+            subject,
+            partial(
+                HfApi(endpoint=self.endpoint).model_info,
+                repo,
+                files_metadata=True,
+                token=self.token,
+                timeout=self.idle_timeout_s,
+            ),
+        )
+        if not info.sha:
+            raise MeshError(
+                ErrorCode.UNAVAILABLE, f"{subject}: {self._name} did not say which commit it is at"
+            )
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        if file is None:
+            choice = choose_gguf(siblings)
+            if choice is None:
+                raise MeshError(
+                    ErrorCode.NOT_FOUND,
+                    f"{repo} has no GGUF file at {info.sha[:12]}; it has: {_listing(siblings)}",
+                )
+            file, why = choice
+            narrate("download", f"{repo}: chose {file} ({why})", target=model_id(repo, file))
+        sibling = siblings.get(file)
+        if sibling is None:
+            raise MeshError(
+                ErrorCode.NOT_FOUND,
+                f"{repo} has no file {file} at {info.sha[:12]}; it has: {_listing(siblings)}",
+            )
+        url = hf_hub_url(repo, file, revision=info.sha, endpoint=self.endpoint)
+        meta = await self._call(
+            f"file {file} of {repo}",
+            partial(
+                get_hf_file_metadata,
+                url,
+                token=self.token,
+                timeout=self.idle_timeout_s,
+                endpoint=self.endpoint,
+            ),
+        )
+        # For an LFS file the listing's LFS record is authoritative; the HEAD answer's ETag is
+        # the same sha256 (X-Linked-Etag), and for a plain git file it is a git sha1 instead.
+        if sibling.lfs is not None:
+            size: int | None = sibling.lfs.size
+            sha256: str | None = sibling.lfs.sha256
+        else:
+            size = meta.size if meta.size is not None else sibling.size
+            sha256 = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
+        if size is None:
+            raise MeshError(
+                ErrorCode.UNAVAILABLE, f"{self._name} did not say how large {file} of {repo} is"
+            )
+        return _RemoteFile(repo, file, meta.commit_hash or info.sha, size, sha256, url)
+
+    @property
+    def _name(self) -> str:
+        return f"the hub at {self.endpoint}"
+
+    async def _call(self, subject: str, call: Callable[[], T]) -> T:
+        """Run a blocking huggingface-hub call in a thread, under our own deadline.
+
+        huggingface-hub takes one `timeout` (the idle timeout here) for each connect and each
+        read, and does not retry these calls; a hub that trickles bytes could still hold one,
+        so the whole call is bounded too. On cancellation or deadline the thread is abandoned;
+        its own socket timeout ends it soon after.
+        """
+        budget = self.connect_timeout_s + self.idle_timeout_s
+        with trio.move_on_after(budget):
+            try:
+                return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+            except Exception as exc:
+                raise self.error(subject, exc) from exc
+        raise MeshError(
+            ErrorCode.TIMEOUT, f"{subject}: {self._name} did not answer within {budget:g}s"
+        )
+
+    @asynccontextmanager
+    async def open_stream(self, url: str, offset: int) -> AsyncIterator[httpx2.Response]:
+        """GET `url` from byte `offset` on, as a stream (status not checked)."""
+        import httpx2
+        from huggingface_hub.utils import build_hf_headers, get_async_session
+
+        # In a thread: it reads the saved token, and the first call in a process may fetch
+        # huggingface-hub's "agent harness" registry for its user agent (3 s timeout).
+        headers = await trio.to_thread.run_sync(partial(build_hf_headers, token=self.token))
+        # A compressed body has no byte offsets to resume at (and some CDNs ignore Range then).
+        headers["Accept-Encoding"] = "identity"
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        timeout = httpx2.Timeout(self.idle_timeout_s, connect=self.connect_timeout_s)
+        # The client follows redirects (to a CDN) and drops the auth header when leaving the hub.
+        async with (
+            get_async_session() as client,
+            client.stream("GET", url, headers=headers, timeout=timeout) as response,
+        ):
+            yield response
+
+    def check_status(self, subject: str, response: httpx2.Response) -> None:
+        """Raise the MeshError that an error status of the hub means."""
+        from huggingface_hub import hf_raise_for_status
+
+        try:
+            hf_raise_for_status(response)
+        except Exception as exc:
+            raise self.error(subject, exc) from exc
+
+    def error(self, subject: str, exc: BaseException, done: str = "") -> MeshError:
+        """Translate a failure of huggingface-hub or httpx2 into a MeshError for a person.
+
+        `done` says how far a transfer got, for errors in the middle of one.
+        """
+        import httpx2
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled
+
+        if isinstance(exc, MeshError):
+            return exc
+        status: int | None = None
+        if isinstance(exc, HfHubHTTPError | httpx2.HTTPStatusError):
+            status = exc.response.status_code
+        if status is not None:
+            if status in (401, 403) or isinstance(exc, GatedRepoError):
+                return MeshError(
+                    ErrorCode.NOT_FOUND,
+                    f"{subject}: {self._name} refused access (HTTP {status}); the repo does not "
+                    "exist, or it is private or gated and needs a token with access (HF_TOKEN)",
+                )
+            if status == 404:
+                return MeshError(ErrorCode.NOT_FOUND, f"{subject}: not found at {self._name}")
+            return MeshError(
+                ErrorCode.UNAVAILABLE,
+                f"{subject}: {self._name} answered HTTP {status}; try again later",
+            )
+        if isinstance(exc, httpx2.UnsupportedProtocol | httpx2.InvalidURL):
+            return MeshError(
+                ErrorCode.UNAVAILABLE,
+                f"{subject}: the hub endpoint {self.endpoint!r} is not "
+                "an http(s) URL (check HF_ENDPOINT or the hive's hub endpoint)",
+            )
+        resume = f" after {done}; those bytes are kept, download again to resume" if done else ""
+        if isinstance(exc, httpx2.ConnectTimeout):
+            return MeshError(
+                ErrorCode.TIMEOUT,
+                f"{subject}: could not connect to {self._name} in time{resume}",
+            )
+        if isinstance(exc, httpx2.TimeoutException):
+            return MeshError(
+                ErrorCode.TIMEOUT,
+                f"{subject}: {self._name} sent nothing for {self.idle_timeout_s:g}s{resume}",
+            )
+        if isinstance(exc, httpx2.ConnectError):
+            return MeshError(
+                ErrorCode.UNAVAILABLE, f"{subject}: cannot connect to {self._name}: {exc}"
+            )
+        if isinstance(exc, httpx2.TransportError):
+            return MeshError(
+                ErrorCode.UNAVAILABLE,
+                f"{subject}: the connection to {self._name} dropped{resume} ({exc})",
+            )
+        if isinstance(exc, OfflineModeIsEnabled):
+            return MeshError(
+                ErrorCode.UNAVAILABLE,
+                f"{subject}: HF_HUB_OFFLINE is set on this hive, so nothing can be downloaded",
+            )
+        if isinstance(exc, ValueError | KeyError | TypeError):
+            # A server that is not a hub (a captive portal, a wrong HF_ENDPOINT) lands here.
+            return MeshError(
+                ErrorCode.UNAVAILABLE,
+                f"{subject}: {self._name} did not answer like a Hugging Face hub "
+                f"({type(exc).__name__}: {exc})",
+            )
+        return MeshError(
+            ErrorCode.INTERNAL, f"{subject}: unexpected {type(exc).__name__} from the hub: {exc}"
+        )
+
+
+def _listing(siblings: Iterable[str]) -> str:
+    names = sorted(siblings)
+    if not names:
+        return "no files"
+    return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+
+
+# ---- one download ------------------------------------------------------------------------------
+
+
+def _already_here(catalog: Catalog, id_: str) -> ModelEntry | None:
+    entry = catalog.lookup(id_)
+    if entry is None or entry.status is not ModelStatus.AVAILABLE:
+        return None
+    try:
+        on_disk = entry.path.stat().st_size
+    except OSError:
+        return None
+    if on_disk != entry.size:
+        return None
+    narrate(
+        "download",
+        f"{entry.id} is already here ({_bytes(entry.size)}, revision {entry.revision[:12]})",
+        target=entry.id,
+    )
+    return entry
+
+
+class _BadFile(Exception):
+    """The downloaded bytes are not the file the hub announced; they must not be resumed from."""
+
+
+async def _download(
+    catalog: Catalog, hub: _Hub, remote: _RemoteFile, interval_s: float
+) -> ModelEntry:
+    previous = catalog.lookup(remote.id)
+    now = time.time()
+    entry = ModelEntry(
+        id=remote.id,
+        repo=remote.repo,
+        file=remote.file,
+        revision=remote.revision,
+        size=remote.size,
+        sha256=remote.sha256,
+        status=ModelStatus.DOWNLOADING,
+        error=None,
+        added=previous.added if previous else now,
+        last_used=previous.last_used if previous else now,
+        path=catalog.model_path(remote.repo, remote.file),
+    )
+    partial_path = catalog.partial_path(remote.repo, remote.file)
+    sink = _PartialFile(partial_path, hash_it=remote.sha256 is not None)
+    # Catalog writes fsync, which can wait for a busy disk: they run in threads, not in the loop.
+    try:
+        same = previous is not None and (previous.revision, previous.size, previous.sha256) == (
+            remote.revision,
+            remote.size,
+            remote.sha256,
+        )
+        if not same and partial_path.exists():
+            narrate(
+                "download",
+                f"{remote.id}: the partial download is not of the hub's current file "
+                f"(revision {remote.revision[:12]}); starting over",
+            )
+            await trio.to_thread.run_sync(_remove, partial_path)
+        await trio.to_thread.run_sync(catalog.put, entry)
+        await _fetch(hub, remote, sink, _Progress(remote.id, remote.size, interval_s))
+        await trio.to_thread.run_sync(_publish, partial_path, entry.path)
+        done = replace(entry, status=ModelStatus.AVAILABLE)
+        await trio.to_thread.run_sync(catalog.put, done)
+    except trio.Cancelled as exc:
+        sink.close()
+        with trio.CancelScope(shield=True):
+            if exc.source == "deadline" or exc.reason == SHUTDOWN_REASON:
+                # The job ran out of time, or the hive is stopping: not a person changing their
+                # mind. Like a dropped connection, it keeps the bytes for the next request.
+                got = f"{_bytes(sink.size)} of {_bytes(remote.size)}"
+                timed_out = exc.source == "deadline"
+                why = "the job's deadline passed" if timed_out else "the hive stopped"
+                await _record_failure(
+                    catalog, entry, f"{why} after {got}; download again to resume"
+                )
+            else:
+                # Cancelled: leave nothing behind. (A crash never gets here: it leaves the
+                # partial for the next request to resume from.)
+                await trio.to_thread.run_sync(catalog.discard, remote.id)
+                narrate(
+                    "download",
+                    f"{remote.id}: cancelled; removed its partial download",
+                    level=Level.WARN,
+                )
+        raise
+    except _BadFile as exc:
+        sink.close()
+        await trio.to_thread.run_sync(_remove, partial_path)
+        message = f"{exc}; removed the bad file, download again to retry"
+        await _record_failure(catalog, entry, message)
+        raise MeshError(ErrorCode.UNAVAILABLE, message) from None
+    except OSError as exc:
+        sink.close()
+        if exc.errno in _NO_SPACE:
+            kept = await trio.to_thread.run_sync(_remove, partial_path)
+            message = (
+                f"no space left on device at {partial_path.parent}: {remote.file} needs "
+                f"{_bytes(remote.size)}, {_bytes(_free(partial_path.parent))} is free; removed "
+                f"the partial download ({_bytes(kept)}) to give the space back"
+            )
+        else:
+            message = f"cannot write {exc.filename or partial_path}: {exc.strerror or exc}"
+        await _record_failure(catalog, entry, message)
+        raise MeshError(ErrorCode.UNAVAILABLE, message) from None
+    except MeshError as exc:
+        sink.close()
+        await _record_failure(catalog, entry, exc.message)
+        raise
+    except Exception as exc:
+        sink.close()
+        await _record_failure(catalog, entry, f"{type(exc).__name__}: {exc}")
+        raise
+    narrate("download", f"{done.id} is available ({_bytes(done.size)})", target=done.id)
+    return done
+
+
+async def _fetch(hub: _Hub, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
+    """Bring the partial file to the full, verified file (not yet published)."""
+    offset = await trio.to_thread.run_sync(sink.open, remote.size)
+    if offset and sink.hasher is not None:
+        narrate("download", f"{remote.id}: checking the {_bytes(offset)} already downloaded")
+        await trio.to_thread.run_sync(sink.hash_existing)
+    needed = remote.size - offset
+    if needed > _free(sink.path.parent):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sink.path.parent))
+    verb = f"resuming at {_bytes(offset)} of" if offset else "downloading"
+    narrate("download", f"{remote.id}: {verb} {_bytes(remote.size)} from {hub.endpoint}")
+    progress.start(offset)
+    if needed:
+        await _with_progress(progress, partial(_stream, hub, remote, sink, progress))
+    progress.report()
+    if sink.size != remote.size:
+        raise _BadFile(
+            f"{remote.file}: received {sink.size} bytes, the hub announced {remote.size}"
+        )
+    if sink.hasher is not None and sink.hasher.hexdigest() != remote.sha256:
+        raise _BadFile(
+            f"{remote.file}: sha256 is {sink.hasher.hexdigest()}, the hub announced {remote.sha256}"
+        )
+    await trio.to_thread.run_sync(sink.finish)
+    checked = "size and sha256" if remote.sha256 else "size (the hub gave no sha256)"
+    narrate("download", f"{remote.id}: verified {checked}")
+
+
+async def _stream(hub: _Hub, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
+    import httpx2
+
+    subject = f"file {remote.file} of {remote.repo}"
+    offset = sink.size
+    try:
+        async with hub.open_stream(remote.url, offset) as response:
+            if offset and response.status_code == 416:
+                # The hub's metadata and its bytes disagree; resuming cannot be trusted.
+                raise _BadFile(f"{subject}: the hub cannot serve bytes {offset}- of it")
+            hub.check_status(subject, response)
+            if offset and response.status_code != 206:
+                # The hub (or a proxy) ignored Range and sends the whole file: take it.
+                narrate("download", f"{remote.id}: the hub ignored the resume; starting over")
+                await _restart(sink, progress)
+            elif offset:
+                _check_range(subject, response, offset, remote.size)
+            _check_length(response, sink.size, remote)
+            await _copy(response, sink, progress)
+    except httpx2.HTTPError as exc:
+        done = f"{_bytes(sink.size)} of {_bytes(remote.size)}" if sink.size else ""
+        raise hub.error(subject, exc, done=done) from exc
+
+
+def _check_range(subject: str, response: httpx2.Response, offset: int, size: int) -> None:
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", ""))
+    if match is None or int(match[1]) != offset or match[3] not in ("*", str(size)):
+        raise _BadFile(
+            f"{subject}: asked the hub for bytes {offset}- of {size} and got "
+            f"{response.headers.get('Content-Range')!r}"
+        )
+
+
+def _check_length(response: httpx2.Response, offset: int, remote: _RemoteFile) -> None:
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if encoding != "identity":
+        raise MeshError(
+            ErrorCode.UNAVAILABLE,
+            f"{remote.file}: the hub sent it {encoding}-encoded although asked not to",
+        )
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit() and offset + int(length) != remote.size:
+        raise _BadFile(
+            f"{remote.file}: the hub serves {offset + int(length)} bytes, "
+            f"but announced {remote.size}"
+        )
+
+
+async def _restart(sink: _PartialFile, progress: _Progress) -> None:
+    await trio.to_thread.run_sync(sink.truncate)
+    progress.start(0)
+
+
+async def _copy(response: httpx2.Response, sink: _PartialFile, progress: _Progress) -> None:
+    """Append the body to the partial file, in batches written by a worker thread."""
+    import httpx2
+
+    buffer = bytearray()
+    last_write = trio.current_time()
+
+    async def write() -> None:
+        nonlocal last_write
+        data = bytes(buffer)
+        buffer.clear()
+        last_write = trio.current_time()
+        if data:
+            await trio.to_thread.run_sync(sink.write, data)
+            progress.update(sink.size)
+
+    try:
+        async for chunk in response.aiter_raw():
+            buffer += chunk
+            # By time too, so a slow hub's bytes reach the disk (and the progress) steadily.
+            if (
+                len(buffer) >= _FLUSH_BYTES
+                or trio.current_time() - last_write >= progress.interval_s
+            ):
+                await write()
+    except httpx2.HTTPError:
+        await write()  # what arrived is good: keep it for the resume
+        raise
+    await write()
+
+
+# ---- the partial file --------------------------------------------------------------------------
+
+
+class _PartialFile:
+    """The bytes downloaded so far, and their running sha256. Blocking: call from a thread."""
+
+    def __init__(self, path: Path, *, hash_it: bool) -> None:
+        self.path = path
+        self.hasher: hashlib._Hash | None = hashlib.sha256() if hash_it else None
+        self.size = 0
+        self._file: BinaryIO | None = None
+
+    def open(self, expected: int) -> int:
+        """Open for appending; returns how many bytes are already there (0 if unusable)."""
+        self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()/finish()
+        self.size = os.fstat(self._file.fileno()).st_size
+        if self.size > expected:
+            self.truncate()
+        return self.size
+
+    def hash_existing(self) -> None:
+        """Feed the bytes already on disk to the hasher (after a restart of the download)."""
+        if self.hasher is None:
+            return
+        with open(self.path, "rb") as f:
+            left = self.size
+            while left:
+                trio.from_thread.check_cancelled()
+                chunk = f.read(min(_HASH_CHUNK, left))
+                if not chunk:
+                    raise _BadFile(f"{self.path} shrank while being read")
+                self.hasher.update(chunk)
+                left -= len(chunk)
+
+    def truncate(self) -> None:
+        assert self._file is not None
+        self._file.truncate(0)
+        self.size = 0
+        if self.hasher is not None:
+            self.hasher = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        # Flushed at once: what the kernel has survives the hive being killed.
+        self._file.flush()
+        self.size += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+
+    def finish(self) -> None:
+        """Make the bytes durable before the file is published."""
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            with suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+def _publish(partial_path: Path, final: Path) -> None:
+    os.replace(partial_path, final)
+    fsync_dir(final.parent)
+
+
+def _remove(path: Path) -> int:
+    """Remove `path` if it exists; returns how many bytes it held."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def _free(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
+
+
+async def _record_failure(catalog: Catalog, entry: ModelEntry, message: str) -> None:
+    try:
+        failed = replace(entry, status=ModelStatus.FAILED, error=message)
+        await trio.to_thread.run_sync(catalog.put, failed)
+    except (OSError, MeshError) as exc:
+        # The disk may be full or gone; the entry then stays `downloading`, which the next
+        # download (or Catalog.mark_interrupted at start) handles the same way.
+        log.warning("could not record the failure of %s: %s", entry.id, exc)
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Narrates and emits the progress of one download, every interval, stalls included."""
+
+    def __init__(self, model: str, total: int, interval_s: float) -> None:
+        self.model = model
+        self.total = total
+        self.interval_s = interval_s
+        self.done = self._started_at = 0
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def start(self, done: int) -> None:
+        self.done = self._started_at = done
+        self._samples.clear()
+        self._samples.append((trio.current_time(), done))
+
+    def update(self, done: int) -> None:
+        self.done = done
+
+    def report(self) -> None:
+        now = trio.current_time()
+        while len(self._samples) > 1 and now - self._samples[1][0] >= _RATE_WINDOW_S:
+            self._samples.popleft()
+        then, done_then = self._samples[0] if self._samples else (now, self.done)
+        rate = (self.done - done_then) / (now - then) if now > then else 0.0
+        self._samples.append((now, self.done))
+        left = self.total - self.done
+        eta = 0.0 if left <= 0 else (left / rate if rate > 0 else None)
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        if left <= 0:
+            eta_text = "done"
+        elif eta is not None:
+            eta_text = f"ETA {_duration(eta)}"
+        else:
+            eta_text = "stalled" if self.done > self._started_at else "waiting for the first bytes"
+        narrate(
+            "download",
+            f"{self.model}: {_bytes(self.done)} of {_bytes(self.total)} ({percent:.1f}%), "
+            f"{_bytes(rate)}/s, {eta_text}",
+            target=self.model,
+        )
+        emit_record(
+            {
+                "kind": "progress",
+                "model": self.model,
+                "bytes": self.done,
+                "total": self.total,
+                "rate_bps": round(rate, 1),
+                "eta_s": None if eta is None else round(eta, 1),
+            }
+        )
+
+    async def run(self, stop: trio.Event) -> None:
+        """Report every interval until `stop` is set."""
+        while True:
+            with trio.move_on_after(self.interval_s):
+                await stop.wait()
+            if stop.is_set():
+                return
+            self.report()
+
+
+async def _with_progress(progress: _Progress, work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` while `progress` reports; its exception comes out as itself, not in a group."""
+    stop = trio.Event()
+    with _single_exception():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(progress.run, stop)
+            try:
+                await work()
+            finally:
+                stop.set()
+
+
+@contextmanager
+def _single_exception() -> Iterator[None]:
+    # The nursery wraps even one exception in a group (strict exception groups); the callers
+    # handle Cancelled, MeshError and OSError by type. Cancellation wins: if the job was
+    # cancelled, both tasks raise Cancelled and it must be handled as a cancellation.
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cancelled, rest = group.split(trio.Cancelled)
+        leaves = _leaves(cancelled) if cancelled is not None else _leaves(rest)
+        if len(leaves) == 1 or cancelled is not None:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc: BaseException | None) -> list[BaseException]:
+    if exc is None:
+        return []
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+# ---- formatting --------------------------------------------------------------------------------
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
