@@ -178,10 +178,13 @@ def _format_hives(rows: list[dict[str, Any]]) -> str:
 
 def _format_hive_status(r: dict[str, Any]) -> str:
     parts = [f"hive {r['hive']} (up {r['uptime_s']:.0f}s, {r['jobs_running']} job(s) running)"]
+    if r.get("devices_note"):
+        parts.append(str(r["devices_note"]))
+    devices = [_sized(d, "memory_total", "memory_free") for d in r["devices"]]
     for title, rows, cols in (
-        ("devices", r["devices"], ["id", "name", "memory_total", "memory_free"]),
+        ("devices", devices, ["id", "name", "memory_total", "memory_free"]),
         ("workers", r["workers"], _WORKER_COLUMNS),
-        ("models", r["models"], ["id", "status", "size"]),
+        ("models", [_sized(m, "size") for m in r["models"]], ["id", "status", "size"]),
     ):
         parts.append(f"\n{title}:\n" + (format_table(rows, cols) if rows else "(none)"))
     return "\n".join(parts)
@@ -200,7 +203,13 @@ def _format_models(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no models"
     cols = ["id", "status", "size", "error"]
+    rows = [_sized(r, "size") for r in rows]
     return format_table(rows, (["hive"] if "hive" in rows[0] else []) + cols)
+
+
+def _sized(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The row with byte counts made readable."""
+    return {**row, **{k: human_bytes(row[k]) for k in keys if isinstance(row.get(k), int)}}
 
 
 def _format_jobs(rows: list[dict[str, Any]]) -> str:

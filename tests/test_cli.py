@@ -5,50 +5,16 @@ from __future__ import annotations
 import json
 import os
 import pty
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-NARRATION_LINE = re.compile(r"^\[(?P<actor>.{10})\] (?P<action>.{15}) : (?P<human>.*)$")
-
-
-class Mesh:
-    """Runs `rbee-mesh` in subprocesses that share one state directory."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {**os.environ, "RBEE_MESH_HOME": str(home)}
-        self.env.pop("RBEE_MESH_QUEEN", None)
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "rbee_mesh", *args]
-
-    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args),
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.argv(*args),
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+from tests.clitools import NARRATION_LINE, Mesh, free_port, json_events
 
 
 @pytest.fixture
@@ -64,16 +30,6 @@ def daemon_queen(mesh: Mesh) -> Iterator[Mesh]:
         yield mesh
     finally:
         mesh.run("queen", "stop")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def json_events(stdout: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stdout.splitlines()]
 
 
 @pytest.mark.slow

@@ -185,6 +185,7 @@ class Hive:
                 "heartbeat": self.publisher.endpoint,
             },
             "jobs_running": len(self.server.running_jobs),
+            "devices_note": self.devices.note,
             **self.state(),
         }
 
@@ -205,7 +206,8 @@ class Hive:
     def _summary(self) -> str:
         entries, _ = self.catalog.entries()
         devices = ", ".join(d.id for d in self.devices.devices)
-        return f"{devices}; {len(self.pool.list())} worker(s); {len(entries)} model(s)"
+        note = f" ({self.devices.note})" if self.devices.note else ""
+        return f"{devices}{note}; {len(self.pool.list())} worker(s); {len(entries)} model(s)"
 
     async def _op_model_download(self, job: Job, op: ModelDownload) -> dict[str, Any]:
         entry = await download_model(self.catalog, op.model, endpoint=self.config.hub_endpoint)

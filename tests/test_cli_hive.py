@@ -1,0 +1,149 @@
+"""Hives from the command line: daemons, the integrated mode, models and workers, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+from tests import hub as fake_hub
+from tests.clitools import NARRATION_LINE, Mesh, json_events
+
+hub = fake_hub.hub
+
+pytestmark = pytest.mark.slow
+
+MODEL_REPO = "rbee-test/tiny-llama-GGUF"
+MODEL_ID = f"{MODEL_REPO}:tiny-llama.Q4_K_M.gguf"
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Mesh:
+    return Mesh(tmp_path / "state")
+
+
+@pytest.fixture
+def tiny_model(hub: fake_hub.FakeHub, tmp_path: Path) -> None:
+    data = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    hub.add_file(MODEL_REPO, "tiny-llama.Q4_K_M.gguf", data)
+
+
+@pytest.fixture
+def local_mesh(mesh: Mesh, tiny_model: None) -> Iterator[Mesh]:
+    """A queen daemon with its hive in the same process (the integrated mode), whose hive
+    downloads from the loopback hub (so the hub fixture must come first)."""
+    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--local-hive")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield mesh
+    finally:
+        mesh.run("queen", "stop")
+
+
+def result(mesh: Mesh, *args: str) -> object:
+    """Run a command with --json; return the DONE result (and fail on anything else)."""
+    done = mesh.run("--json", *args)
+    events = json_events(done.stdout)
+    assert done.returncode == 0 and events[-1]["event"] == "done", (done.stdout, done.stderr)
+    return events[-1]["result"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_hive_daemon_starts_answers_and_stops(mesh: Mesh) -> None:
+    started = mesh.run(
+        "hive", "start", "--id", "box-1", "--bind", "tcp://127.0.0.1:0",
+        "--heartbeat-bind", "tcp://127.0.0.1:0",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    info = json.loads((mesh.home / "hive.json").read_text())
+    assert info["ident"] == "box-1"
+
+    status = mesh.run("hive", "status")
+    assert status.returncode == 0, status.stderr
+    assert "hive box-1" in status.stdout and "cpu" in status.stdout
+
+    stopped = mesh.run("hive", "stop")
+    assert stopped.returncode == 0
+    assert not alive(info["pid"])
+    after = mesh.run("hive", "status")
+    assert after.returncode == 3 and "no hive is running" in after.stderr
+
+
+def test_queen_manages_a_hive_named_by_flag(mesh: Mesh) -> None:
+    assert (
+        mesh.run(
+            "hive",
+            "start",
+            "--id",
+            "box-2",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--heartbeat-bind",
+            "tcp://127.0.0.1:0",
+        ).returncode
+        == 0
+    )
+    endpoint = json.loads((mesh.home / "hive.json").read_text())["endpoint"]
+    try:
+        queen = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--hive", endpoint)
+        assert queen.returncode == 0, queen.stderr
+        rows = result(mesh, "hive", "list")
+        assert isinstance(rows, list)
+        assert [(r["hive"], r["source"], r["endpoint"]) for r in rows] == [
+            ("box-2", "static", endpoint)
+        ]
+        assert rows[0]["liveness"] in ("live", "connecting")
+    finally:
+        mesh.run("queen", "stop")
+        mesh.run("hive", "stop")
+
+
+def test_integrated_mode_downloads_spawns_and_stops_without_leftovers(local_mesh: Mesh) -> None:
+    rows = result(local_mesh, "hive", "list")
+    assert isinstance(rows, list) and [(r["source"], r["liveness"]) for r in rows] == [
+        ("local", "live")
+    ]
+
+    download = local_mesh.run("model", "download", MODEL_REPO)
+    assert download.returncode == 0, download.stderr
+    lines = [NARRATION_LINE.match(line) for line in download.stderr.splitlines()]
+    assert any(m and m["action"].strip() == "download" for m in lines), download.stderr
+    assert "available" in download.stdout
+
+    spawned = result(local_mesh, "worker", "spawn", "-m", MODEL_ID)
+    assert isinstance(spawned, dict) and spawned["state"] == "ready"
+    assert alive(spawned["pid"])
+    listed = local_mesh.run("worker", "list")
+    assert spawned["id"] in listed.stdout and "ready" in listed.stdout
+
+    refused = local_mesh.run("model", "delete", MODEL_ID)
+    assert refused.returncode == 1 and spawned["id"] in refused.stderr
+
+    local_mesh.run("queen", "stop")
+    assert not alive(spawned["pid"])  # stopping the mesh stopped and reaped its worker
+
+
+def test_hive_killed_takes_its_workers_with_it(local_mesh: Mesh) -> None:
+    queen_pid = json.loads((local_mesh.home / "queen.json").read_text())["pid"]
+    assert local_mesh.run("model", "download", MODEL_ID).returncode == 0
+    spawned = result(local_mesh, "worker", "spawn", "-m", MODEL_ID)
+    assert isinstance(spawned, dict)
+    pidfd = os.pidfd_open(spawned["pid"])  # not our child: a pidfd is how to wait for it
+    try:
+        os.kill(queen_pid, signal.SIGKILL)
+        ready, _, _ = select.select([pidfd], [], [], 10)
+    finally:
+        os.close(pidfd)
+    assert ready, "the worker outlived its killed hive by 10 s"
