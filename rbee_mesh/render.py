@@ -120,12 +120,12 @@ class ProgressBar:
             f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(p.get('rate_bps', 0))}/s"
             + (f" ETA {eta:.0f}s" if isinstance(eta, int | float) else "")
         )
-        click.echo(f"\r{line}\x1b[K", nl=False, err=True)
+        click.echo(f"\r{line}\x1b[K", nl=False, err=True, color=True)
         self._drawn = True
 
     def clear(self) -> None:
         if self._drawn:
-            click.echo("\r\x1b[K", nl=False, err=True)
+            click.echo("\r\x1b[K", nl=False, err=True, color=True)
             self._drawn = False
 
 

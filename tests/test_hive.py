@@ -200,6 +200,30 @@ async def test_worker_lifecycle_through_the_queen(mesh: HiveMesh, tiny_model: by
     assert removed["deleted"] is True
 
 
+@pytest.mark.slow
+async def test_worker_that_dies_is_shown_dead_in_list_and_narration(
+    mesh: HiveMesh, tiny_model: bytes
+) -> None:
+    with trio.fail_after(60):
+        await mesh.result(ModelDownload(model=MODEL_ID))
+        worker = await mesh.result(WorkerSpawn(model=MODEL_ID))
+        pidfd = os.pidfd_open(worker["pid"])
+        os.kill(worker["pid"], signal.SIGKILL)
+        await trio.lowlevel.wait_readable(pidfd)  # the worker has exited
+        os.close(pidfd)
+        while True:  # the hive reaps it on its own schedule: ask until it says so
+            job = await mesh.keeper.submit(WorkerList())
+            events = [m async for m in job]
+            assert isinstance(job.terminal, Done)
+            if job.terminal.result[0]["state"] == "dead":
+                break
+            await trio.sleep(0.05)
+    row = job.terminal.result[0]
+    assert row["signal"] == "SIGKILL" or "SIGKILL" in str(row["reason"])
+    warnings = [e.human for e in events if isinstance(e, Narration) and e.level == "warn"]
+    assert any(worker["id"] in w and "SIGKILL" in w for w in warnings), warnings
+
+
 async def test_worker_spawn_of_a_model_not_in_the_catalog_is_not_found(mesh: HiveMesh) -> None:
     with trio.fail_after(10):
         job = await mesh.run(WorkerSpawn(model="nobody/nothing:x.gguf"))

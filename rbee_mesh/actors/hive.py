@@ -25,7 +25,7 @@ from rbee_mesh import __version__
 from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping, single_errors
-from rbee_mesh.actors.worker_pool import WorkerPool, open_worker_pool
+from rbee_mesh.actors.worker_pool import WorkerPool, WorkerState, open_worker_pool
 from rbee_mesh.catalog import Catalog, ModelStatus
 from rbee_mesh.devices import DeviceReport, detect_devices
 from rbee_mesh.download import download_model
@@ -177,6 +177,7 @@ class Hive:
 
     async def _op_hive_status(self, job: Job, op: HiveStatus) -> dict[str, Any]:
         narrate("hive_status", self._summary())
+        self._narrate_dead("hive_status")
         return {
             "hive": self.id,
             "uptime_s": round(time.time() - self.started, 3),
@@ -261,9 +262,20 @@ class Hive:
         return wanted
 
     async def _op_worker_list(self, job: Job, op: WorkerList) -> list[dict[str, Any]]:
-        workers = [w.to_record() for w in self.pool.list()]
+        workers = self.pool.list()
         narrate("worker_list", f"{len(workers)} worker(s) on hive {self.id}")
-        return workers
+        self._narrate_dead("worker_list")
+        return [w.to_record() for w in workers]
+
+    def _narrate_dead(self, action: str) -> None:
+        """Say which workers died and why: a death outside any job is only seen this way."""
+        for w in self.pool.list():
+            if w.state is WorkerState.DEAD:
+                narrate(
+                    action,
+                    f"worker {w.id} ({w.model}) died: {w.reason}; `worker delete {w.id}` clears it",
+                    level=Level.WARN,
+                )
 
     async def _op_worker_get(self, job: Job, op: WorkerGet) -> dict[str, Any]:
         return self.pool.get(op.worker).to_record()
