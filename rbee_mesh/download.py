@@ -48,6 +48,7 @@ from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.catalog import Catalog, ModelEntry, ModelStatus, fsync_dir, model_id, parse_ref
 from rbee_mesh.protocol import Level
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
+from rbee_mesh.units import human_bytes, human_duration
 
 if TYPE_CHECKING:
     import httpx2
@@ -377,7 +378,7 @@ def _already_here(catalog: Catalog, id_: str) -> ModelEntry | None:
         return None
     narrate(
         "download",
-        f"{entry.id} is already here ({_bytes(entry.size)}, revision {entry.revision[:12]})",
+        f"{entry.id} is already here ({human_bytes(entry.size)}, revision {entry.revision[:12]})",
         target=entry.id,
     )
     return entry
@@ -432,7 +433,7 @@ async def _download(
             if exc.source == "deadline" or exc.reason == SHUTDOWN_REASON:
                 # The job ran out of time, or the hive is stopping: not a person changing their
                 # mind. Like a dropped connection, it keeps the bytes for the next request.
-                got = f"{_bytes(sink.size)} of {_bytes(remote.size)}"
+                got = f"{human_bytes(sink.size)} of {human_bytes(remote.size)}"
                 timed_out = exc.source == "deadline"
                 why = "the job's deadline passed" if timed_out else "the hive stopped"
                 await _record_failure(
@@ -460,8 +461,8 @@ async def _download(
             kept = await trio.to_thread.run_sync(_remove, partial_path)
             message = (
                 f"no space left on device at {partial_path.parent}: {remote.file} needs "
-                f"{_bytes(remote.size)}, {_bytes(_free(partial_path.parent))} is free; removed "
-                f"the partial download ({_bytes(kept)}) to give the space back"
+                f"{human_bytes(remote.size)}, {human_bytes(_free(partial_path.parent))} is free; "
+                f"removed the partial download ({human_bytes(kept)}) to give the space back"
             )
         else:
             message = f"cannot write {exc.filename or partial_path}: {exc.strerror or exc}"
@@ -475,7 +476,7 @@ async def _download(
         sink.close()
         await _record_failure(catalog, entry, f"{type(exc).__name__}: {exc}")
         raise
-    narrate("download", f"{done.id} is available ({_bytes(done.size)})", target=done.id)
+    narrate("download", f"{done.id} is available ({human_bytes(done.size)})", target=done.id)
     return done
 
 
@@ -483,13 +484,13 @@ async def _fetch(hub: _Hub, remote: _RemoteFile, sink: _PartialFile, progress: _
     """Bring the partial file to the full, verified file (not yet published)."""
     offset = await trio.to_thread.run_sync(sink.open, remote.size)
     if offset and sink.hasher is not None:
-        narrate("download", f"{remote.id}: checking the {_bytes(offset)} already downloaded")
+        narrate("download", f"{remote.id}: checking the {human_bytes(offset)} already downloaded")
         await trio.to_thread.run_sync(sink.hash_existing)
     needed = remote.size - offset
     if needed > _free(sink.path.parent):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sink.path.parent))
-    verb = f"resuming at {_bytes(offset)} of" if offset else "downloading"
-    narrate("download", f"{remote.id}: {verb} {_bytes(remote.size)} from {hub.endpoint}")
+    verb = f"resuming at {human_bytes(offset)} of" if offset else "downloading"
+    narrate("download", f"{remote.id}: {verb} {human_bytes(remote.size)} from {hub.endpoint}")
     progress.start(offset)
     if needed:
         await _with_progress(progress, partial(_stream, hub, remote, sink, progress))
@@ -527,7 +528,7 @@ async def _stream(hub: _Hub, remote: _RemoteFile, sink: _PartialFile, progress: 
             _check_length(response, sink.size, remote)
             await _copy(response, sink, progress)
     except httpx2.HTTPError as exc:
-        done = f"{_bytes(sink.size)} of {_bytes(remote.size)}" if sink.size else ""
+        done = f"{human_bytes(sink.size)} of {human_bytes(remote.size)}" if sink.size else ""
         raise hub.error(subject, exc, done=done) from exc
 
 
@@ -721,13 +722,13 @@ class _Progress:
         if left <= 0:
             eta_text = "done"
         elif eta is not None:
-            eta_text = f"ETA {_duration(eta)}"
+            eta_text = f"ETA {human_duration(eta)}"
         else:
             eta_text = "stalled" if self.done > self._started_at else "waiting for the first bytes"
         narrate(
             "download",
-            f"{self.model}: {_bytes(self.done)} of {_bytes(self.total)} ({percent:.1f}%), "
-            f"{_bytes(rate)}/s, {eta_text}",
+            f"{self.model}: {human_bytes(self.done)} of {human_bytes(self.total)} "
+            f"({percent:.1f}%), {human_bytes(rate)}/s, {eta_text}",
             target=self.model,
         )
         emit_record(
@@ -784,23 +785,3 @@ def _leaves(exc: BaseException | None) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
-
-
-# ---- formatting --------------------------------------------------------------------------------
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"

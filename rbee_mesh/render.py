@@ -26,6 +26,7 @@ from rbee_mesh.protocol import (
     Narration,
     Token,
 )
+from rbee_mesh.units import human_bytes
 
 _LEVEL_STYLE: dict[Level, dict[str, Any]] = {
     Level.DEBUG: {"dim": True},
@@ -127,14 +128,6 @@ class ProgressBar:
         if self._drawn:
             click.echo("\r\x1b[K", nl=False, err=True, color=True)
             self._drawn = False
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
 
 
 class JsonRenderer:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rbee_mesh.render import ProgressBar, human_bytes
+from rbee_mesh.render import ProgressBar
+from rbee_mesh.units import human_bytes
 
 
 def test_progress_bar_draws_in_place_with_percent_bytes_rate_and_eta(
@@ -16,12 +17,12 @@ def test_progress_bar_draws_in_place_with_percent_bytes_rate_and_eta(
     err = capsys.readouterr().err
     drawn, cleared = err.split("\x1b[K")[:2]
     assert drawn.startswith("\r[" + "#" * 15 + "." * 15 + "]")
-    assert " 50.0% 512.0 KB/1.0 MB 2.0 KB/s ETA 256s" in drawn
+    assert " 50.0% 512.0 KiB/1.0 MiB 2.0 KiB/s ETA 256s" in drawn
     assert cleared == "\r"
 
 
 @pytest.mark.parametrize(
-    ("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KB"), (5 * 2**30, "5.0 GB")]
+    ("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 2**30, "5.0 GiB")]
 )
 def test_human_bytes(n: int, text: str) -> None:
     assert human_bytes(n) == text
