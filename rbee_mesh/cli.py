@@ -10,11 +10,9 @@ import json
 import logging
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -29,9 +27,10 @@ from rbee_mesh.actors.hive import (
 )
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import JobHandle, Keeper, KeeperConfig, QueenUnreachable, open_keeper
+from rbee_mesh.demo import run_demo
 from rbee_mesh.mesh import (
     DEFAULT_QUEEN_BIND,
-    integrated_mesh,
+    embedded_mesh,
     serve_hive_forever,
     serve_queen_forever,
 )
@@ -43,6 +42,7 @@ from rbee_mesh.protocol import (
     HiveGet,
     HiveList,
     HiveStatus,
+    Infer,
     JobCancel,
     JobList,
     MeshError,
@@ -60,7 +60,7 @@ from rbee_mesh.protocol import (
     WorkerList,
     WorkerSpawn,
 )
-from rbee_mesh.render import HumanRenderer, JsonRenderer, Renderer, format_table
+from rbee_mesh.render import HumanRenderer, JsonRenderer, Renderer
 from rbee_mesh.transport import EndpointError, local_endpoint_for
 
 EXIT_OK = 0
@@ -196,6 +196,7 @@ def main(ctx: click.Context, queen: str | None, as_json: bool, verbose: int) -> 
 
 
 pass_cli = click.make_pass_decorator(Cli)
+_HIVE_PIN = click.option("--hive", metavar="HIVE", help="Run it on this hive.")
 
 
 @main.command()
@@ -203,70 +204,13 @@ pass_cli = click.make_pass_decorator(Cli)
 def demo(cli: Cli) -> None:
     """Run a whole mesh in this process and a few jobs through it, narrated live.
 
-    Needs nothing running and no network: the queen and this keeper share the process and talk
-    over the in-memory transport, with the same frames as over tcp.
+    Writes a tiny demo model (random weights) into a throwaway catalog, then: status, hives,
+    models, two inference jobs (the first spawns a worker, the second reuses it), a cancelled
+    job, a job past its deadline, and the job list, with a timing summary. Needs nothing running
+    and no network; your own state directory is not touched.
     """
-    sys.exit(trio.run(_demo, cli.renderer()))
-
-
-async def _demo(renderer: Renderer) -> int:
-    with tempfile.TemporaryDirectory(prefix="rbee-mesh-demo-") as state:
-        return await _demo_steps(renderer, Path(state))
-
-
-async def _demo_steps(renderer: Renderer, state_dir: Path) -> int:
-    steps: list[tuple[str, Operation, float | None, type[Message]]] = [
-        ("the state of the mesh", Status(), None, Done),
-        ("the hives the queen knows", HiveList(), None, Done),
-        (
-            "the local hive's devices, asked through the queen",
-            HiveStatus(hive=default_hive_id()),
-            None,
-            Done,
-        ),
-        ("narration streamed live from the queen", Ping(count=5, interval_s=0.2), None, Done),
-        (
-            "a job cancelled midway (as Ctrl-C does)",
-            Ping(count=50, interval_s=0.1),
-            None,
-            Cancelled,
-        ),
-        ("a job that overruns its 0.5 s deadline", Ping(count=50, interval_s=0.1), 0.5, Error),
-        ("every job so far, each ended by exactly one terminal frame", JobList(), None, Done),
-    ]
-    rows: list[dict[str, Any]] = []
-    async with (
-        integrated_mesh(state_dir) as queen,
-        open_keeper(queen.listener.endpoint) as keeper,
-    ):
-        renderer.note(
-            f"integrated mesh: queen on {queen.listener.endpoint} and hive "
-            f"{queen.hives.links[0].name}, in this process"
-        )
-        for title, op, timeout_s, expected in steps:
-            renderer.note(f"\n== {title}: {op.NAME}")
-            start = trio.current_time()
-            job = await keeper.submit(op, timeout_s=timeout_s)
-            accepted = trio.current_time()
-            frames = 0
-            async for message in job:
-                frames += 1
-                renderer.event(message)
-                if expected is Cancelled and frames == 3:
-                    await job.cancel("cancelled by the demo after 3 frames")
-            rows.append(
-                {
-                    "job": job.job_id,
-                    "op": op.NAME,
-                    "ended": job.terminal.KIND.name if job.terminal else "?",
-                    "as_expected": isinstance(job.terminal, expected),
-                    "frames": frames,
-                    "accepted_us": round((accepted - start) * 1e6),
-                    "total_ms": round((trio.current_time() - start) * 1e3, 1),
-                }
-            )
-    renderer.note("\n" + format_table(rows))
-    return EXIT_OK if all(r["as_expected"] for r in rows) else EXIT_FAILED
+    ok = trio.run(run_demo, cli.renderer())
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)
 
 
 @main.command()
@@ -286,6 +230,66 @@ def status(cli: Cli) -> None:
 def ping(cli: Cli, count: int, interval: float, hive: str | None) -> None:
     """Check the path to the queen: it narrates COUNT pongs back."""
     cli.run_job(_make(Ping, count=count, interval_s=interval, hive=hive))
+
+
+@main.command()
+@click.argument("prompt")
+@click.option(
+    "-m",
+    "--model",
+    metavar="MODEL",
+    help="A model id, repo or file name; OWNER/REPO[:FILE] is downloaded if no hive "
+    "has it. Default: any model a worker holds.",
+)
+@_HIVE_PIN
+@click.option("--worker", metavar="WORKER", help="Run it on this worker.")
+@click.option("-n", "--max-tokens", default=256, show_default=True, help="Tokens to generate.")
+@click.option(
+    "-t",
+    "--temperature",
+    default=0.8,
+    show_default=True,
+    type=float,
+    help="0 is greedy; higher is more varied.",
+)
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--top-k", default=40, show_default=True, help="0 disables it.")
+@click.option("--seed", type=int, help="Same seed and parameters give the same text.")
+@click.option("--stop", multiple=True, metavar="TEXT", help="Stop before this text. Repeatable.")
+@click.option("--repeat-penalty", default=1.1, show_default=True, type=float)
+@click.option("--timeout", "timeout_s", type=float, help="Seconds the job may take (default 600).")
+@pass_cli
+def infer(
+    cli: Cli, prompt: str, model: str | None, hive: str | None, worker: str | None,
+    max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+    stop: tuple[str, ...], repeat_penalty: float, timeout_s: float | None,
+) -> None:  # fmt: skip
+    """Generate text from PROMPT on a worker of the mesh: text to stdout as it comes,
+    narration to stderr. Ctrl-C stops the generation.
+
+    With no queen running (and no --queen), a mesh starts inside this command for the job: a
+    queen, and this machine's hive (or the hive daemon running here), then stops again.
+    """
+    op = _make(
+        Infer, prompt=prompt, model=model, hive=hive, worker=worker, max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+        repeat_penalty=repeat_penalty,
+    )  # fmt: skip
+    if cli.queen is None and daemon.read_info("queen") is None:
+        sys.exit(trio.run(_run_embedded, op, cli.renderer(), timeout_s))
+    cli.run_job(op, timeout_s=timeout_s)
+
+
+async def _run_embedded(op: Operation, renderer: Renderer, timeout_s: float | None) -> int:
+    """Run one job on a mesh that lives only as long as this command (the embedded default)."""
+    hive = daemon.read_info("hive")
+    where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, in-process"
+    renderer.note(f"no queen is running: starting one in this process, with {where}")
+    async with (
+        embedded_mesh(daemon.state_dir(), hive.endpoint if hive else None) as queen,
+        open_keeper(queen.listener.endpoint) as keeper,
+    ):
+        return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
 
 
 @main.group()
@@ -464,9 +468,6 @@ def hive_list(cli: Cli) -> None:
 def hive_get(cli: Cli, hive_id: str) -> None:
     """One hive in detail, as its last heartbeat told the queen."""
     cli.run_job(_make(HiveGet, hive=hive_id))
-
-
-_HIVE_PIN = click.option("--hive", metavar="HIVE", help="Run it on this hive.")
 
 
 @main.group()

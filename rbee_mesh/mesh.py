@@ -23,7 +23,7 @@ from rbee_mesh.actors.hive import Hive, HiveConfig, running_hive
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
-from rbee_mesh.transport import open_listener, open_subscriber
+from rbee_mesh.transport import local_endpoint_for, open_listener, open_subscriber
 
 log = logging.getLogger("rbee_mesh.mesh")
 
@@ -94,6 +94,21 @@ async def integrated_mesh(
     """A whole mesh inside this process: a queen and a local hive over the in-memory transport."""
     hive = local_hive_config(state_dir, config)
     async with running_queen(memory_endpoint("queen"), config, local_hive=hive) as queen:
+        yield queen
+
+
+@asynccontextmanager
+async def embedded_mesh(state_dir: Path, hive_endpoint: str | None) -> AsyncIterator[Queen]:
+    """A queen for one command: with the hive daemon at `hive_endpoint` if one runs on this
+    machine, else with this machine's hive in-process (over the user's own catalog)."""
+    if hive_endpoint is None:
+        async with integrated_mesh(state_dir) as queen:
+            yield queen
+        return
+    endpoint = local_endpoint_for(hive_endpoint)
+    async with running_queen(memory_endpoint("queen"), hives=[endpoint]) as queen:
+        with trio.move_on_after(5):  # a hive that does not answer shows up as such in the job
+            await queen.hives.links[0].heard.wait()
         yield queen
 
 

@@ -75,6 +75,10 @@ class HumanRenderer:
                         self._bar.draw(message.record)
                 else:
                     click.echo(json.dumps(message.record), err=True)
+            case Done() if self._op == "infer":
+                # The text has streamed to stdout already; how it went goes to stderr.
+                self._end_tokens()
+                click.secho(_infer_summary(message.result), err=True, dim=True)
             case Done():
                 self._end_tokens()
                 text = RESULT_FORMATTERS.get(self._op, format_value)(message.result)
@@ -210,6 +214,17 @@ def _format_jobs(rows: list[dict[str, Any]]) -> str:
         return "no jobs"
     cols = ["id", "op", "state", "keeper", "duration_s", "error"]
     return format_table([{**r, "error": r["error"][:60]} for r in rows], cols)
+
+
+def _infer_summary(r: dict[str, Any]) -> str:
+    u = r.get("usage", {})
+    return (
+        f"{u.get('generated_tokens', '?')} tokens in {u.get('duration_s', 0):.2f}s "
+        f"({u.get('tokens_per_s', 0):.1f} tok/s), first token after "
+        f"{u.get('ttft_s', 0) * 1e3:.0f} ms; prompt {u.get('prompt_tokens', '?')} tokens; "
+        f"worker {r.get('worker', '?')} ({r.get('backend', '?')}), "
+        f"finished: {r.get('finish_reason', '?')}"
+    )
 
 
 #: How a person sees the result of each operation; anything else gets `format_value`.

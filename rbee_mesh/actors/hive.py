@@ -25,7 +25,7 @@ from rbee_mesh import __version__
 from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping, single_errors
-from rbee_mesh.actors.worker_pool import WorkerPool, WorkerState, open_worker_pool
+from rbee_mesh.actors.worker_pool import WorkerPool, WorkerRecord, WorkerState, open_worker_pool
 from rbee_mesh.catalog import Catalog, ModelStatus
 from rbee_mesh.devices import DeviceReport, detect_devices
 from rbee_mesh.download import download_model
@@ -36,6 +36,7 @@ from rbee_mesh.protocol import (
     Heartbeat,
     HiveRefresh,
     HiveStatus,
+    Infer,
     Level,
     MeshError,
     ModelDelete,
@@ -51,6 +52,7 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.transport import Listener, Publisher, open_listener, open_publisher
+from rbee_mesh.units import human_bytes
 
 log = logging.getLogger("rbee_mesh.hive")
 
@@ -110,6 +112,7 @@ class Hive:
             WorkerList: self._op_worker_list,
             WorkerGet: self._op_worker_get,
             WorkerDelete: self._op_worker_delete,
+            Infer: self._op_infer,
         }
         self.server = JobServer(
             control,
@@ -245,21 +248,60 @@ class Hive:
                 f"model {entry.id} is {entry.status}{': ' + entry.error if entry.error else ''}; "
                 "only an available model can be loaded",
             )
-        device = self._device_for(op.device)
+        device = self._device_for(op.device, entry.size)
         self.catalog.touch(entry.id)
         record = await self.pool.spawn(model_id=entry.id, model_path=entry.path, device=device)
         return record.to_record()
 
-    def _device_for(self, wanted: str) -> str:
-        ids = [d.id for d in self.devices.devices]
+    def _device_for(self, wanted: str, size: int) -> str:
+        """The device a model of `size` bytes goes on: `auto` is the GPU with the most free
+        memory that fits it, else the CPU; a device too small is a clear out-of-memory error."""
+        # A loaded model takes about its file size, plus room for the context and buffers.
+        need = int(size * 1.2) + 256 * 2**20
         if wanted == "auto":
-            return "cpu"
-        if wanted not in ids:
+            fitting = [g for g in self.devices.gpus if g.memory_free >= need]
+            if fitting:
+                return max(fitting, key=lambda g: g.memory_free).id
+            wanted = "cpu"
+        device = self.devices.get(wanted)
+        if device is None:
+            ids = ", ".join(d.id for d in self.devices.devices)
+            raise MeshError(ErrorCode.NOT_FOUND, f"hive {self.id} has no device {wanted} ({ids})")
+        if device.memory_free < need:
             raise MeshError(
-                ErrorCode.NOT_FOUND,
-                f"hive {self.id} has no device {wanted} (it has {', '.join(ids)})",
+                ErrorCode.UNAVAILABLE,
+                f"out of memory: the model needs about {human_bytes(need)} and {device.id} on "
+                f"hive {self.id} has {human_bytes(device.memory_free)} free",
             )
-        return wanted
+        return device.id
+
+    async def _op_infer(self, job: Job, op: Infer) -> Any:
+        worker = self._worker_for(op)
+        narrate("infer", f"worker {worker.id} ({worker.model}) takes the job")
+        return await self.pool.run_job(
+            worker.id,
+            job.id,
+            op,
+            relay=lambda frames: self.server.relay(job, frames),
+            timeout_s=max(job.deadline_s - (time.time() - job.created), 0.001),
+        )
+
+    def _worker_for(self, op: Infer) -> WorkerRecord:
+        """The pinned worker, or an idle one holding the model (any model if none is named)."""
+        if op.worker is not None:
+            return self.pool.get(op.worker)
+        model = self.catalog.get(op.model).id if op.model is not None else None
+        idle = [w for w in self.pool.idle_workers(model)]
+        if idle:
+            return idle[0]
+        held = [w for w in self.pool.list() if model is None or w.model == model]
+        raise MeshError(
+            ErrorCode.BUSY if held else ErrorCode.NOT_FOUND,
+            f"every worker of hive {self.id} with {model or 'a model'} is busy"
+            if held
+            else f"hive {self.id} has no worker with {model or 'a model'}; "
+            "spawn one (rbee-mesh worker spawn -m MODEL)",
+        )
 
     async def _op_worker_list(self, job: Job, op: WorkerList) -> list[dict[str, Any]]:
         workers = self.pool.list()

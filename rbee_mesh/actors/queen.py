@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Any
 
 import trio
+from trio_util import AsyncValue
 
 from rbee_mesh import __version__
 from rbee_mesh.actors.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping
+from rbee_mesh.actors.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -27,11 +31,13 @@ from rbee_mesh.protocol import (
     ErrorCode,
     HiveGet,
     HiveList,
+    Infer,
     JobCancel,
     JobList,
     Level,
     MeshError,
     ModelDelete,
+    ModelDownload,
     ModelGet,
     ModelList,
     Operation,
@@ -40,6 +46,7 @@ from rbee_mesh.protocol import (
     WorkerDelete,
     WorkerGet,
     WorkerList,
+    WorkerSpawn,
 )
 from rbee_mesh.transport import Listener, Subscriber
 
@@ -50,7 +57,12 @@ class Queen:
     """One per mesh. Create with a bound Listener and a Subscriber, then `await run()`."""
 
     def __init__(
-        self, listener: Listener, subscriber: Subscriber, config: ServerConfig | None = None
+        self,
+        listener: Listener,
+        subscriber: Subscriber,
+        config: ServerConfig | None = None,
+        *,
+        max_queued: int = 64,
     ) -> None:
         self.name = f"queen-{os.uname().nodename}"
         self.started = time.time()
@@ -65,6 +77,7 @@ class Queen:
                 HiveGet: self._op_hive_get,
                 JobList: self._op_job_list,
                 JobCancel: self._op_job_cancel,
+                Infer: self._op_infer,
             }
         )
         self.server = JobServer(
@@ -73,6 +86,15 @@ class Queen:
         self.hives = HiveRegistry(
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s, subscriber=subscriber
         )
+        self.max_queued = max_queued
+        #: Inference jobs this queen has running on each worker (by worker id).
+        self._inflight: Counter[str] = Counter()
+        #: Jobs waiting for a worker, in arrival order.
+        self._queue: list[Job] = []
+        #: Bumped whenever a worker slot frees up: waiting jobs look again.
+        self._released = AsyncValue(0)
+        self._placing = trio.Lock()
+        self._spawning: defaultdict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
 
     @property
     def listener(self) -> Listener:
@@ -139,6 +161,83 @@ class Queen:
             for link in links:
                 nursery.start_soon(one, link)
         return [{"hive": name, **row} for name, rows in results.items() for row in rows]
+
+    # ---- inference ---------------------------------------------------------------------------
+
+    async def _op_infer(self, job: Job, op: Infer) -> Any:
+        """Schedule `op` (docs/architecture.md, "Scheduling"), then run it on its worker."""
+        link, worker, model = await self._reserve_worker(job, op)
+        try:
+            pinned = replace(op, hive=link.name, worker=worker, model=model)
+            return await self.hives.forward(self.server, job, pinned, link)
+        finally:
+            self._inflight[worker] -= 1
+            if self._inflight[worker] <= 0:
+                del self._inflight[worker]
+            self._released.value += 1
+
+    async def _reserve_worker(self, job: Job, op: Infer) -> tuple[HiveLink, str, str]:
+        """Find (or make) a worker with a free slot for `op` and take the slot."""
+        queued = False
+        try:
+            while True:
+                async with self._placing:
+                    decision = place(op, self._hive_views(op), self._inflight)
+                    if decision.action is Action.USE:
+                        assert decision.worker is not None and decision.model is not None
+                        self._inflight[decision.worker] += 1
+                        narrate("schedule", decision.reason)
+                        return self.hives.get(decision.hive), decision.worker, decision.model
+                if decision.action is Action.WAIT:
+                    if not queued:
+                        if len(self._queue) >= self.max_queued:
+                            raise MeshError(
+                                ErrorCode.BUSY,
+                                f"{decision.reason}, and {len(self._queue)} jobs already wait "
+                                "(the queue is full); try again later",
+                            )
+                        self._queue.append(job)
+                        queued = True
+                    position = self._queue.index(job) + 1
+                    narrate(
+                        "queued",
+                        f"{decision.reason}: position {position} of "
+                        f"{len(self._queue)} in the queue",
+                    )
+                    # A slot freed by this queen wakes the job at once; a heartbeat (a worker
+                    # spawned elsewhere, a hive back) is seen at the next look.
+                    with trio.move_on_after(self.server.config.heartbeat_s):
+                        await self._released.wait_transition()
+                    continue
+                await self._provide(job, decision)
+        finally:
+            if queued:
+                self._queue.remove(job)
+
+    async def _provide(self, job: Job, decision: Decision) -> None:
+        """Download the model or spawn a worker, as decided; the next look then uses it."""
+        assert decision.model is not None
+        link = self.hives.get(decision.hive)
+        async with self._spawning[(link.name, decision.model)]:
+            narrate("schedule", decision.reason)
+            if decision.action is Action.DOWNLOAD:
+                op: Operation = ModelDownload(model=decision.model, hive=link.name)
+                entry = await self.hives.forward(self.server, job, op, link)
+                # Seen at once, not at the next heartbeat, so the next look spawns a worker.
+                link.state.setdefault("models", []).append(
+                    {"id": entry["id"], "status": entry["status"], "size": entry["size"]}
+                )
+            else:
+                op = WorkerSpawn(model=decision.model, hive=link.name)
+                record = await self.hives.forward(self.server, job, op, link)
+                link.state.setdefault("workers", []).append(record)
+
+    def _hive_views(self, op: Infer) -> list[HiveView]:
+        links = [self.hives.get(op.hive)] if op.hive is not None else self.hives.live()
+        for link in links:
+            if not link.is_live:
+                raise MeshError(ErrorCode.HIVE_LOST, f"hive {link.name} is {link.liveness_state}")
+        return [HiveView(link.name, link.state) for link in links]
 
     # ---- the queen's own answers --------------------------------------------------------------
 

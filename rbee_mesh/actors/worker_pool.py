@@ -1,8 +1,8 @@
 """The hive's worker processes: start them, watch them, stop them, and never leave one behind.
 
     async with open_worker_pool("ipc:///state/hive/workers.sock", log_dir=logs) as pool:
-        record = await pool.spawn(model_id="tiny", model_path=path, device="cpu")
-        ...
+        record = await pool.spawn(model_id="tiny", model_path=path, device="cpu", slots=2)
+        result = await pool.run_job(record.id, job.id, infer_op, relay=forward, timeout_s=60)
         await pool.delete(record.id)
 
 The pool owns one Listener (ROUTER) that its workers connect to, and three kinds of task:
@@ -11,9 +11,19 @@ The pool owns one Listener (ROUTER) that its workers connect to, and three kinds
   zombie), then records how it ended: stopped (the pool asked) or dead (exit code or signal,
   with the last line the worker wrote on stderr). Its wait is shielded from cancellation, so the
   pool cannot finish before every child it started has been reaped;
-- a **receive loop** takes READY (a worker is up) and HEARTBEAT (its state) from the workers;
+- a **receive loop** takes READY (a worker is up) and HEARTBEAT from the workers, and routes
+  each job's frames to the `run_job` waiting for them, by job id, without unpacking them;
 - a **heartbeat loop** sends each worker a HEARTBEAT every interval (a worker exits by itself
   after three silent intervals) and kills a worker that has sent nothing for three intervals.
+
+Jobs. `run_job` sends SUBMIT under the hive's job id to one worker and relays the worker's
+NARRATION, DATA and TOKEN frames unopened (`peek_route`), as the queen relays a hive's; only the
+terminal frame is decoded, into the result or a MeshError. The pool counts each worker's jobs
+itself (it is the only one that submits to its workers, and heartbeats lag): a worker with every
+slot taken is BUSY, and `idle_workers` lists those with a free slot. A slot is taken from SUBMIT
+until the worker's terminal frame, also when `run_job` is cancelled first (it sends CANCEL, and
+the worker frees the slot within one token). A worker that dies or falls silent ends its jobs
+with WORKER_LOST: at once when its exit is seen, at the latest when it is declared lost.
 
 No worker outlives its hive:
 
@@ -45,8 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -58,20 +68,29 @@ from trio_util import AsyncValue, periodic
 
 from rbee_mesh.actors.narration import current_job, narrate
 from rbee_mesh.actors.runtime import single_errors
-from rbee_mesh.actors.worker import DEVICE_PATTERN, WorkerExit
+from rbee_mesh.actors.worker import BACKENDS, DEVICE_PATTERN, MAX_SLOTS, WorkerExit
 from rbee_mesh.protocol import (
+    TERMINAL_KINDS,
     Actor,
+    Cancel,
+    Cancelled,
     Disconnect,
+    Done,
+    Error,
     ErrorCode,
     Heartbeat,
+    Infer,
+    Kind,
     Level,
     MeshError,
     Message,
     PeerLiveness,
     ProtocolError,
     Ready,
+    Submit,
     decode,
     encode,
+    peek_route,
 )
 from rbee_mesh.protocol.liveness import Liveness
 from rbee_mesh.transport import (
@@ -87,15 +106,24 @@ from rbee_mesh.transport import (
 
 log = logging.getLogger("rbee_mesh.worker_pool")
 
+#: A job's frames passed on to its submitter unopened.
+_RELAYED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
+#: Frames of one job buffered for its `run_job`; when full, the receive loop waits for it.
+JOB_BACKLOG = 1_000
+#: How long a job's SUBMIT or CANCEL may wait for a worker whose pipe is full.
+SEND_PATIENCE_S = 1.0
+#: Heartbeat intervals after which a silent worker has certainly been declared lost (3.5).
+LOST_AFTER = 4
+
 
 class WorkerState(StrEnum):
     """Where a worker is in its life. STOPPED and DEAD are final: the process has been reaped."""
 
     #: The process runs and loads its model; no READY yet.
     STARTING = "starting"
-    #: READY received; idle.
+    #: READY received, with a free slot.
     READY = "ready"
-    #: Working on a job (from its heartbeats).
+    #: Every slot runs a job.
     BUSY = "busy"
     #: The pool asked it to stop and waits for it to exit.
     STOPPING = "stopping"
@@ -131,8 +159,11 @@ class WorkerRecord:
     last_heartbeat_age_s: float | None
     #: Where its stdout and stderr go.
     log_path: str
-    #: What it said about itself in READY: pid, backend, load_s, arch, params, ...
+    #: What it said about itself in READY: pid, backend, load_s, slots, arch, params, ...
     info: dict[str, Any]
+    #: Jobs it can run at once, and jobs it runs now.
+    slots: int
+    busy: int
 
     def to_record(self) -> dict[str, Any]:
         """A msgpack-able dict of every field."""
@@ -233,6 +264,17 @@ def _describe_exit(code: int) -> tuple[int | None, str | None, str]:
 
 
 @dataclass(eq=False)
+class _PoolJob:
+    """A job sent to a worker: from SUBMIT until the worker's terminal frame or its end."""
+
+    id: str
+    #: Where the receive loop puts the job's frames; None once its `run_job` stopped reading.
+    frames: trio.MemorySendChannel[Sequence[bytes]] | None
+    #: Why the job ended without a terminal frame: the worker died or fell silent.
+    lost: MeshError | None = None
+
+
+@dataclass(eq=False)
 class _Worker:
     """The pool's own, changing view of one worker process."""
 
@@ -260,6 +302,9 @@ class _Worker:
     exited: trio.Event = field(default_factory=trio.Event)
     #: Set on READY or exit: what spawn() waits for.
     settled: trio.Event = field(default_factory=trio.Event)
+    slots: int = 1
+    #: Jobs sent to it and not ended, by job id: each holds one slot.
+    jobs: dict[str, _PoolJob] = field(default_factory=dict)
 
     def snapshot(self) -> WorkerRecord:
         age = None
@@ -280,6 +325,8 @@ class _Worker:
             last_heartbeat_age_s=age,
             log_path=str(self.log_path),
             info=dict(self.info),
+            slots=self.slots,
+            busy=len(self.jobs),
         )
 
 
@@ -315,19 +362,35 @@ class WorkerPool:
     # ---- the API the hive uses ------------------------------------------------------------------
 
     async def spawn(
-        self, *, model_id: str, model_path: Path, device: str, ready_timeout_s: float = 120
+        self,
+        *,
+        model_id: str,
+        model_path: Path,
+        device: str,
+        backend: str = "auto",
+        slots: int = 1,
+        ready_timeout_s: float = 120,
     ) -> WorkerRecord:
         """Start a worker process for `model_path` on `device`; return once it is READY.
 
-        Raises MeshError: INVALID_REQUEST for a bad device or a model the worker cannot load
-        (with the worker's reason), WORKER_LOST if it exits otherwise, TIMEOUT (after killing
-        it) if it is not ready within `ready_timeout_s`, UNAVAILABLE if the pool is closing or
-        the process cannot be started. A worker that did not become ready is not kept.
+        `backend` is auto, llama-cpp or ctransformers; `slots` how many jobs it runs at once
+        (each slot loads its own context). Raises MeshError: INVALID_REQUEST for a bad device,
+        backend or slot count or a model the worker cannot load (with the worker's reason),
+        WORKER_LOST if it exits otherwise, TIMEOUT (after killing it) if it is not ready within
+        `ready_timeout_s`, UNAVAILABLE if the pool is closing or the process cannot be started.
+        A worker that did not become ready is not kept.
         """
         if self._closing:
             raise MeshError(ErrorCode.UNAVAILABLE, "the hive is stopping; it starts no workers")
         if not DEVICE_PATTERN.fullmatch(device):
             raise MeshError(ErrorCode.INVALID_REQUEST, f"{device!r} is not cpu or cuda:N")
+        if backend not in BACKENDS:
+            raise MeshError(
+                ErrorCode.INVALID_REQUEST,
+                f"{backend!r} is not a backend (expected {', '.join(BACKENDS)})",
+            )
+        if not 1 <= slots <= MAX_SLOTS:
+            raise MeshError(ErrorCode.INVALID_REQUEST, f"slots must be 1 to {MAX_SLOTS}")
         worker_id = f"w-{secrets.token_hex(4)}"
         log_path = self.log_dir / f"{worker_id}.log"
         narrate("worker_spawn", f"starting worker {worker_id}: model {model_id} on {device}")
@@ -343,6 +406,12 @@ class WorkerPool:
             str(model_path),
             "--device",
             device,
+            "--backend",
+            backend,
+            "--slots",
+            str(slots),
+            "--hive-id",
+            self.name,
             "--heartbeat-s",
             repr(self.heartbeat_s),
         ]
@@ -380,7 +449,11 @@ class WorkerPool:
         if worker.state in _ALIVE_FOR_JOBS:
             assert worker.ready_clock is not None
             load_s = worker.info.get("load_s")
-            loaded = f"model loaded in {load_s:.3f}s, " if isinstance(load_s, float) else ""
+            loaded = (
+                f"model loaded in {load_s:.3f}s with {worker.info.get('backend', '?')}, "
+                if isinstance(load_s, float)
+                else ""
+            )
             narrate(
                 "worker_spawn",
                 f"worker {worker_id} ready in {worker.ready_clock - worker.started_clock:.2f}s "
@@ -427,6 +500,79 @@ class WorkerPool:
             if worker.model == model_id and not worker.exited.is_set()
         ]
 
+    def idle_workers(self, model_id: str | None = None) -> builtins.list[WorkerRecord]:
+        """Ready workers with a free slot, for model `model_id` (any model if None), the least
+        loaded first."""
+        idle = [
+            worker
+            for worker in self._workers.values()
+            if worker.state is WorkerState.READY
+            and not worker.cause
+            and len(worker.jobs) < worker.slots
+            and (model_id is None or worker.model == model_id)
+        ]
+        idle.sort(key=lambda worker: len(worker.jobs) / worker.slots)
+        return [worker.snapshot() for worker in idle]
+
+    async def run_job(
+        self,
+        worker_id: str,
+        job_id: str,
+        op: Infer,
+        relay: Callable[[Sequence[bytes]], None],
+        timeout_s: float,
+    ) -> Any:
+        """Run `op` as job `job_id` on worker `worker_id`; return its result.
+
+        The worker's NARRATION, DATA and TOKEN frames go to `relay` as they arrive, unopened.
+        Raises MeshError: the worker's ERROR as it is; CANCELLED when the worker cancelled the
+        job; WORKER_LOST when the worker dies (at once) or falls silent (within the liveness
+        window) during the job; NOT_FOUND, UNAVAILABLE (not ready, stopping, dead), BUSY (every
+        slot taken) or CONFLICT (the job id runs already) before anything is sent; TIMEOUT if
+        the worker, which enforces `timeout_s` itself, has not ended the job a liveness window
+        after it. Cancelled (trio), it sends CANCEL to the worker before re-raising.
+        """
+        worker = self._find(worker_id)
+        self._check_can_take(worker, job_id)
+        send, receive = trio.open_memory_channel[Sequence[bytes]](JOB_BACKLOG)
+        job = _PoolJob(id=job_id, frames=send)
+        worker.jobs[job_id] = job
+        self._load_changed(worker)
+        submitted = ended = False
+        try:
+            with receive:
+                submit = Submit(job_id=job_id, ref=job_id, op=op, timeout_s=timeout_s)
+                await self._send_job_frame(worker, submit)
+                submitted = True
+                # The worker ends the job at its deadline; this only bounds a wait on a worker
+                # that, alive and heartbeating, would not.
+                with trio.move_on_after(timeout_s + LOST_AFTER * self.heartbeat_s):
+                    async for frames in receive:
+                        kind, _ = peek_route(frames)
+                        if kind in _RELAYED:
+                            relay(frames)
+                        elif kind in TERMINAL_KINDS:
+                            ended = True
+                            return self._outcome(worker, frames)
+                    ended = True
+                    raise job.lost or MeshError(
+                        ErrorCode.WORKER_LOST, f"worker {worker.id} went away during the job"
+                    )
+                raise MeshError(
+                    ErrorCode.TIMEOUT,
+                    f"worker {worker.id} did not end job {job_id} after its {timeout_s:g}s",
+                )
+        finally:
+            job.frames = None
+            if not submitted:
+                self._release(worker, job)
+            elif not ended:
+                # Cancelled here (the job's deadline, its submitter gone): the worker must stop
+                # too. Its slot stays taken until the worker says the job has ended.
+                with trio.CancelScope(shield=True), suppress(MeshError):
+                    cancel = Cancel(job_id=job_id, reason="cancelled at the hive")
+                    await self._send_job_frame(worker, cancel)
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _find(self, worker_id: str) -> _Worker:
@@ -434,6 +580,91 @@ class WorkerPool:
         if worker is None:
             raise MeshError(ErrorCode.NOT_FOUND, f"no worker {worker_id} on this hive")
         return worker
+
+    def _check_can_take(self, worker: _Worker, job_id: str) -> None:
+        if worker.state not in _ALIVE_FOR_JOBS or worker.cause or worker.peer is None:
+            why = f": {worker.reason or worker.cause}" if worker.reason or worker.cause else ""
+            raise MeshError(
+                ErrorCode.UNAVAILABLE, f"worker {worker.id} is {worker.state}{why}; it runs no jobs"
+            )
+        if job_id in worker.jobs:
+            raise MeshError(
+                ErrorCode.CONFLICT, f"job {job_id} is already running on worker {worker.id}"
+            )
+        if len(worker.jobs) >= worker.slots:
+            raise MeshError(
+                ErrorCode.BUSY,
+                f"worker {worker.id} is busy: {len(worker.jobs)} of {worker.slots} slot(s) taken",
+            )
+
+    def _load_changed(self, worker: _Worker) -> None:
+        """A job was added to or removed from `worker`: BUSY when every slot is taken."""
+        if worker.state in _ALIVE_FOR_JOBS:
+            full = len(worker.jobs) >= worker.slots
+            worker.state = WorkerState.BUSY if full else WorkerState.READY
+        self._changed()
+
+    def _release(self, worker: _Worker, job: _PoolJob) -> None:
+        """The job no longer holds a slot of `worker`."""
+        if worker.jobs.get(job.id) is job:
+            del worker.jobs[job.id]
+            self._load_changed(worker)
+
+    def _end_jobs(self, worker: _Worker, error: MeshError) -> None:
+        """End every job of `worker` with `error`: it will send no terminal frame for them."""
+        for job in worker.jobs.values():
+            job.lost = error
+            if job.frames is not None:
+                job.frames.close()  # its run_job reads what came before, then raises `error`
+        worker.jobs.clear()
+        self._load_changed(worker)
+
+    @staticmethod
+    def _outcome(worker: _Worker, frames: Sequence[bytes]) -> Any:
+        """The result of a job from its terminal frame, or its MeshError."""
+        try:
+            terminal = decode(frames)
+        except ProtocolError as exc:
+            raise MeshError(
+                ErrorCode.INTERNAL,
+                f"worker {worker.id} ended a job with a malformed frame: {exc.message}",
+            ) from None
+        match terminal:
+            case Done():
+                return terminal.result
+            case Error():
+                raise MeshError(terminal.code, terminal.message)
+            case Cancelled():
+                raise MeshError(ErrorCode.CANCELLED, f"worker {worker.id}: {terminal.reason}")
+        raise MeshError(
+            ErrorCode.INTERNAL, f"worker {worker.id} ended a job with {terminal.KIND.name}"
+        )
+
+    async def _send_job_frame(self, worker: _Worker, message: Message) -> None:
+        """Send a job's frame, waiting up to SEND_PATIENCE_S while the worker's pipe is full.
+
+        Raises MeshError: WORKER_LOST if the worker is gone, UNAVAILABLE if it reads nothing.
+        """
+        if worker.peer is None or worker.exited.is_set():
+            raise MeshError(ErrorCode.WORKER_LOST, f"worker {worker.id} is gone")
+        frames = encode(message)
+        backoff = 0.001
+        with trio.move_on_after(SEND_PATIENCE_S):
+            while True:
+                try:
+                    await self.listener.send(worker.peer, frames)
+                    return
+                except PeerBusy:
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 0.05)
+                except (PeerUnreachable, TransportClosed) as exc:
+                    raise MeshError(
+                        ErrorCode.WORKER_LOST, f"cannot reach worker {worker.id}: {exc}"
+                    ) from None
+        raise MeshError(
+            ErrorCode.UNAVAILABLE,
+            f"worker {worker.id} has read nothing for {SEND_PATIENCE_S:g}s",
+        )
 
     def _changed(self) -> None:
         self.revision.value += 1
@@ -487,6 +718,14 @@ class WorkerPool:
                 )
         if worker.peer is not None:
             self._peers.pop(worker.peer, None)
+        if worker.jobs:
+            how_it_ended = "was stopped" if worker.state is WorkerState.STOPPED else "died"
+            self._end_jobs(
+                worker,
+                MeshError(
+                    ErrorCode.WORKER_LOST, f"worker {worker.id} {how_it_ended}: {worker.reason}"
+                ),
+            )
         worker.exited.set()
         worker.settled.set()
         self._changed()
@@ -537,6 +776,21 @@ class WorkerPool:
                 return
             now = trio.current_time()
             try:
+                kind, job_id = peek_route(frames)
+            except ProtocolError as exc:
+                log.warning("ignored a malformed frame on the worker socket: %s", exc)
+                continue
+            worker = self._peers.get(peer)
+            if worker is not None and worker.liveness is not None:
+                worker.liveness.seen(now)
+            if job_id:
+                # A job's frames pass unopened: only the job's own run_job decodes its end.
+                if worker is None:
+                    log.warning("ignored %s from a peer that sent no READY", kind.name)
+                else:
+                    await self._route(worker, kind, job_id, frames)
+                continue
+            try:
                 message = decode(frames)
             except ProtocolError as exc:
                 log.warning("ignored a malformed frame on the worker socket: %s", exc)
@@ -544,19 +798,39 @@ class WorkerPool:
             if isinstance(message, Ready):
                 self._on_ready(peer, message, now)
                 continue
-            worker = self._peers.get(peer)
             if worker is None or worker.liveness is None:
                 log.warning("ignored %s from a peer that sent no READY", message.KIND.name)
                 continue
-            worker.liveness.seen(now)
             match message:
                 case Heartbeat():
                     worker.liveness.interval_s = message.interval_s
-                    self._on_heartbeat(worker, message)
+                case Error() if message.ref in worker.jobs:
+                    # The worker refused a SUBMIT (BUSY, ...): that ends the job.
+                    await self._route(worker, Kind.ERROR, message.ref, frames)
+                case Error():
+                    log.warning("worker %s refused a frame: %s", worker.id, message.message)
                 case Disconnect():
                     log.info("worker %s is leaving: %s", worker.id, message.reason or "no reason")
                 case _:
                     log.warning("ignored %s from worker %s", message.KIND.name, worker.id)
+
+    async def _route(
+        self, worker: _Worker, kind: Kind, job_id: str, frames: Sequence[bytes]
+    ) -> None:
+        """Hand a job's frame to its run_job; a terminal frame frees the job's slot."""
+        job = worker.jobs.get(job_id)
+        if job is None:
+            log.debug(
+                "ignored %s for job %s: not running on worker %s", kind.name, job_id, worker.id
+            )
+            return
+        if kind in TERMINAL_KINDS:
+            self._release(worker, job)
+        if job.frames is None:  # its run_job has left: only the slot mattered
+            return
+        # Its run_job may leave, or the worker be declared lost, while this waits for room.
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await job.frames.send(frames)
 
     def _on_ready(self, peer: bytes, message: Ready, now: float) -> None:
         worker = self._workers.get(message.sender)
@@ -573,19 +847,13 @@ class WorkerPool:
         self._peers[peer] = worker
         worker.liveness = PeerLiveness(self.heartbeat_s, now)
         worker.info = dict(message.info)
+        slots = message.info.get("slots", 1)
+        worker.slots = slots if isinstance(slots, int) and 1 <= slots <= MAX_SLOTS else 1
         worker.ready_at = time.time()
         worker.ready_clock = now
         worker.state = WorkerState.READY
         worker.settled.set()
         self._changed()
-
-    def _on_heartbeat(self, worker: _Worker, message: Heartbeat) -> None:
-        if worker.state not in _ALIVE_FOR_JOBS:
-            return
-        state = WorkerState.BUSY if message.state.get("state") == "busy" else WorkerState.READY
-        if state is not worker.state:
-            worker.state = state
-            self._changed()
 
     async def _heartbeat_loop(self) -> None:
         seq = 0
@@ -599,6 +867,14 @@ class WorkerPool:
                     missed = worker.liveness.missed(now)
                     worker.cause = f"lost: it sent nothing for {missed} heartbeat intervals"
                     log.warning("worker %s %s; killing it", worker.id, worker.cause)
+                    self._end_jobs(
+                        worker,
+                        MeshError(
+                            ErrorCode.WORKER_LOST,
+                            f"worker {worker.id} stopped answering: nothing heard for {missed} "
+                            "heartbeat intervals",
+                        ),
+                    )
                     worker.process.send_signal(signal.SIGKILL)
                     continue
                 await self._send(

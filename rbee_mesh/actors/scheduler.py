@@ -1,0 +1,170 @@
+"""Where an inference job runs: a pure decision over what the hives last said.
+
+Input: the job's Infer operation, each candidate hive's state as its last heartbeat carried it
+(devices with free memory, workers with their slots, models), and how many jobs this queen has
+in flight on each worker (the queen's own count is exact; a heartbeat may be a second old).
+
+The rules, in order:
+
+1. an idle worker that holds the model (a free slot) runs it: `use`;
+2. a pinned worker that is busy, or a worker with the model that is busy, means waiting: `wait`
+   (unless a hive could spawn another worker for it, see 3);
+3. a hive that holds the model, with enough free memory on some device, spawns a worker for it:
+   `spawn`, on the hive with the most free memory;
+4. a model no hive holds, named as a hub reference (OWNER/REPO[:FILE]), is downloaded by the hive
+   with the most free memory: `download` (then the rules run again);
+5. otherwise the job fails, saying why: no such model, or not enough memory anywhere.
+
+Every decision carries a sentence saying why, which the queen narrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Any
+
+from rbee_mesh.protocol import ErrorCode, Infer, MeshError
+from rbee_mesh.units import human_bytes
+
+#: A worker in one of these states can take jobs (when it has a free slot).
+_SERVING = frozenset({"ready", "busy"})
+
+
+class Action(StrEnum):
+    USE = "use"
+    SPAWN = "spawn"
+    DOWNLOAD = "download"
+    WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class HiveView:
+    """One hive as the queen knows it: its name and the state its last heartbeat carried."""
+
+    name: str
+    state: Mapping[str, Any]
+
+    @property
+    def workers(self) -> list[Mapping[str, Any]]:
+        return list(self.state.get("workers", []))
+
+    @property
+    def models(self) -> list[Mapping[str, Any]]:
+        return list(self.state.get("models", []))
+
+    @property
+    def most_free_memory(self) -> int:
+        return max((int(d.get("memory_free", 0)) for d in self.state.get("devices", [])), default=0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    hive: str
+    model: str | None
+    reason: str
+    worker: str | None = None
+
+
+def memory_needed(size: int) -> int:
+    """What loading a model file of `size` bytes takes: its size, plus context and buffers."""
+    return int(size * 1.2) + 256 * 2**20
+
+
+def matches(model_id: str, ref: str) -> bool:
+    """Whether a catalog id (OWNER/REPO:FILE) is what `ref` names: the id, its file, or repo."""
+    repo, _, file = model_id.partition(":")
+    return ref in (model_id, repo, file, PurePosixPath(file).name)
+
+
+def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> Decision:
+    """Decide where `op` runs. `inflight` counts this queen's jobs per worker id."""
+    if not hives:
+        raise MeshError(ErrorCode.UNAVAILABLE, "no hive is live to run the job")
+
+    def wanted(model: str) -> bool:
+        return op.model is None or matches(model, op.model)
+
+    serving = [
+        (hive, w)
+        for hive in hives
+        for w in hive.workers
+        if w.get("state") in _SERVING
+        and wanted(str(w.get("model", "")))
+        and (op.worker is None or w.get("id") == op.worker)
+    ]
+    free = [
+        (hive, w)
+        for hive, w in serving
+        if int(w.get("slots", 1)) - inflight.get(str(w["id"]), 0) > 0
+    ]
+    if free:
+        hive, w = min(free, key=lambda hw: inflight.get(str(hw[1]["id"]), 0))
+        return Decision(
+            Action.USE,
+            hive.name,
+            str(w["model"]),
+            f"worker {w['id']} on hive {hive.name} is idle and holds {w['model']}",
+            worker=str(w["id"]),
+        )
+    if op.worker is not None:
+        if serving:
+            return Decision(
+                Action.WAIT, serving[0][0].name, str(serving[0][1]["model"]),
+                f"worker {op.worker} is busy",
+            )  # fmt: skip
+        raise MeshError(ErrorCode.NOT_FOUND, f"no worker {op.worker} is serving on a live hive")
+
+    holders = [
+        (hive, m)
+        for hive in hives
+        for m in hive.models
+        if m.get("status") == "available" and wanted(str(m.get("id", "")))
+    ]
+    fitting = [
+        (hive, m) for hive, m in holders if hive.most_free_memory >= memory_needed(int(m["size"]))
+    ]
+    if fitting:
+        hive, m = max(fitting, key=lambda hm: hm[0].most_free_memory)
+        why = "no worker holds it" if not serving else "every worker holding it is busy"
+        return Decision(
+            Action.SPAWN,
+            hive.name,
+            str(m["id"]),
+            f"{why}; hive {hive.name} has {m['id']} and {human_bytes(hive.most_free_memory)} "
+            "free: spawning a worker there",
+        )
+    if serving:
+        hive, w = serving[0]
+        return Decision(
+            Action.WAIT,
+            hive.name,
+            str(w["model"]),
+            f"every worker holding {w['model']} is busy and no hive has room for another",
+        )
+    if holders:
+        hive, m = max(holders, key=lambda hm: hm[0].most_free_memory)
+        raise MeshError(
+            ErrorCode.UNAVAILABLE,
+            f"out of memory: {m['id']} needs about {human_bytes(memory_needed(int(m['size'])))}"
+            f"; the most free on any hive is {human_bytes(hive.most_free_memory)} on {hive.name}",
+        )
+    if op.model is None:
+        raise MeshError(
+            ErrorCode.NOT_FOUND, "no hive holds any model; name one with -m OWNER/REPO[:FILE]"
+        )
+    if "/" in op.model:
+        hive = max(hives, key=lambda h: h.most_free_memory)
+        return Decision(
+            Action.DOWNLOAD,
+            hive.name,
+            op.model,
+            f"no hive holds {op.model}; hive {hive.name} downloads it",
+        )
+    raise MeshError(
+        ErrorCode.NOT_FOUND,
+        f"no hive holds a model named {op.model!r}; name it as OWNER/REPO[:FILE] to download it",
+    )

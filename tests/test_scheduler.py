@@ -1,0 +1,129 @@
+"""Where an inference job runs, decided from what the hives last said (pure: plain data in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rbee_mesh.actors.scheduler import Action, HiveView, matches, memory_needed, place
+from rbee_mesh.protocol import ErrorCode, Infer, MeshError
+
+MODEL = "owner/tiny-GGUF:tiny.Q4_K_M.gguf"
+GIB = 2**30
+
+
+def hive(
+    name: str,
+    *,
+    workers: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    models: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    free: int = 8 * GIB,
+) -> HiveView:
+    return HiveView(
+        name,
+        {
+            "devices": [{"id": "cpu", "memory_free": free}],
+            "workers": list(workers),
+            "models": list(models),
+        },
+    )
+
+
+def worker(wid: str, *, model: str = MODEL, state: str = "ready", slots: int = 1) -> dict[str, Any]:
+    return {"id": wid, "model": model, "state": state, "slots": slots}
+
+
+def model(mid: str = MODEL, size: int = GIB, status: str = "available") -> dict[str, Any]:
+    return {"id": mid, "size": size, "status": status}
+
+
+def infer(**kwargs: Any) -> Infer:
+    return Infer(prompt="hi", **kwargs)
+
+
+def test_an_idle_worker_with_the_model_is_used() -> None:
+    d = place(infer(model=MODEL), [hive("a", workers=[worker("w1")], models=[model()])], {})
+    assert (d.action, d.hive, d.worker, d.model) == (Action.USE, "a", "w1", MODEL)
+    assert "w1" in d.reason and "idle" in d.reason
+
+
+def test_the_model_may_be_named_by_repo_or_file() -> None:
+    hives = [hive("a", workers=[worker("w1")])]
+    assert place(infer(model="owner/tiny-GGUF"), hives, {}).worker == "w1"
+    assert place(infer(model="tiny.Q4_K_M.gguf"), hives, {}).worker == "w1"
+    assert matches(MODEL, MODEL) and not matches(MODEL, "owner/other")
+
+
+def test_the_least_loaded_worker_with_a_free_slot_is_used() -> None:
+    hives = [hive("a", workers=[worker("w1", slots=2), worker("w2", slots=2)])]
+    assert place(infer(model=MODEL), hives, {"w1": 1}).worker == "w2"
+
+
+def test_a_worker_whose_slots_are_taken_by_this_queen_is_not_idle() -> None:
+    hives = [hive("a", workers=[worker("w1")], models=[model()], free=0)]
+    d = place(infer(model=MODEL), hives, {"w1": 1})
+    assert d.action is Action.WAIT and "busy" in d.reason
+
+
+def test_with_every_worker_busy_a_hive_with_room_spawns_another() -> None:
+    hives = [hive("a", workers=[worker("w1")], models=[model()])]
+    d = place(infer(model=MODEL), hives, {"w1": 1})
+    assert (d.action, d.hive, d.model) == (Action.SPAWN, "a", MODEL)
+    assert "busy" in d.reason
+
+
+def test_a_hive_with_the_model_and_no_worker_spawns_on_the_roomiest_hive() -> None:
+    hives = [hive("a", models=[model()], free=2 * GIB), hive("b", models=[model()], free=6 * GIB)]
+    d = place(infer(model=MODEL), hives, {})
+    assert (d.action, d.hive) == (Action.SPAWN, "b")
+
+
+def test_not_enough_memory_anywhere_is_a_clear_error() -> None:
+    hives = [hive("a", models=[model(size=10 * GIB)], free=4 * GIB)]
+    with pytest.raises(MeshError) as err:
+        place(infer(model=MODEL), hives, {})
+    assert err.value.code is ErrorCode.UNAVAILABLE
+    assert "out of memory" in err.value.message and "4.0 GiB" in err.value.message
+    assert memory_needed(10 * GIB) > 10 * GIB
+
+
+def test_a_model_no_hive_holds_is_downloaded_when_named_as_a_hub_reference() -> None:
+    hives = [hive("a", free=2 * GIB), hive("b", free=6 * GIB)]
+    d = place(infer(model="owner/new-GGUF"), hives, {})
+    assert (d.action, d.hive, d.model) == (Action.DOWNLOAD, "b", "owner/new-GGUF")
+
+
+def test_a_bare_name_no_hive_holds_is_not_found() -> None:
+    with pytest.raises(MeshError) as err:
+        place(infer(model="nothing.gguf"), [hive("a")], {})
+    assert err.value.code is ErrorCode.NOT_FOUND
+
+
+def test_a_pinned_busy_worker_means_waiting_and_an_unknown_one_not_found() -> None:
+    hives = [hive("a", workers=[worker("w1"), worker("w2")], models=[model()])]
+    d = place(infer(model=MODEL, worker="w1"), hives, {"w1": 1})
+    assert d.action is Action.WAIT and "w1" in d.reason
+    with pytest.raises(MeshError) as err:
+        place(infer(worker="w9"), hives, {})
+    assert err.value.code is ErrorCode.NOT_FOUND
+
+
+def test_dead_and_stopping_workers_are_never_used() -> None:
+    hives = [
+        hive("a", workers=[worker("w1", state="dead"), worker("w2", state="stopping")],
+             models=[model()])
+    ]  # fmt: skip
+    d = place(infer(model=MODEL), hives, {})
+    assert d.action is Action.SPAWN and d.worker is None
+
+
+def test_without_a_model_any_idle_worker_serves() -> None:
+    d = place(infer(), [hive("a", workers=[worker("w1", model="x/y:z.gguf")])], {})
+    assert d.worker == "w1"
+
+
+def test_no_live_hive_is_unavailable() -> None:
+    with pytest.raises(MeshError) as err:
+        place(infer(), [], {})
+    assert err.value.code is ErrorCode.UNAVAILABLE
