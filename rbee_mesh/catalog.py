@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -270,6 +271,49 @@ class Catalog:
         directory.mkdir(parents=True, exist_ok=True)
         data = json.dumps(entry._to_json(), indent=2, sort_keys=True).encode() + b"\n"
         write_atomic(directory / METADATA_NAME, data)
+
+    def add_file(
+        self, repo: str, file: str, source: Path, *, revision: str = "local"
+    ) -> ModelEntry:
+        """Take a model file already on this machine into the catalog, available at once.
+
+        The file is copied (and hashed on the way) to a temporary name beside its final place,
+        fsynced and renamed, so a crash leaves no half-copied model behind an available entry.
+        """
+        id_ = model_id(repo, file)
+        path = self.model_path(repo, file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(path.parent)
+        now = time.time()
+        entry = ModelEntry(
+            id=id_,
+            repo=repo,
+            file=file,
+            revision=revision,
+            size=path.stat().st_size,
+            sha256=digest.hexdigest(),
+            status=ModelStatus.AVAILABLE,
+            error=None,
+            added=now,
+            last_used=now,
+            path=path,
+        )
+        self.put(entry)
+        return entry
 
     def touch(self, id_: str) -> ModelEntry:
         """Record that the model was just used (for example: loaded by a worker)."""

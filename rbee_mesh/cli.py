@@ -479,10 +479,21 @@ def worker() -> None:
 @click.option("-m", "--model", required=True, metavar="MODEL", help="A model in the catalog.")
 @_HIVE_PIN
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda:N.")
+@click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "llama-cpp", "ctransformers"]),
+    help="The library that loads the model; auto takes the first that can, and says which.",
+)
+@click.option("--slots", default=1, show_default=True, help="Jobs the worker runs at once.")
 @pass_cli
-def worker_spawn(cli: Cli, model: str, hive: str | None, device: str) -> None:
+def worker_spawn(
+    cli: Cli, model: str, hive: str | None, device: str, backend: str, slots: int
+) -> None:
     """Start a worker that loads MODEL; returns once it has registered with its hive."""
-    cli.run_job(_make(WorkerSpawn, model=model, hive=hive, device=device))
+    op = _make(WorkerSpawn, model=model, hive=hive, device=device, backend=backend, slots=slots)
+    cli.run_job(op)
 
 
 @worker.command("list")

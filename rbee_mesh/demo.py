@@ -9,9 +9,7 @@ user's own catalog is not touched.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import trio
 
 from rbee_mesh.actors.hive import default_hive_id
 from rbee_mesh.actors.keeper import open_keeper
-from rbee_mesh.catalog import Catalog, ModelEntry, ModelStatus, model_id
+from rbee_mesh.catalog import Catalog, ModelEntry, model_id
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.mesh import integrated_mesh
 from rbee_mesh.protocol import (
@@ -47,26 +45,9 @@ DEMO_MODEL = model_id(DEMO_REPO, DEMO_FILE)
 
 def install_demo_model(catalog: Catalog) -> ModelEntry:
     """Write the demo model into `catalog` as an available entry."""
-    path = catalog.model_path(DEMO_REPO, DEMO_FILE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tiny_gguf(path, seed=7)
-    data = path.read_bytes()
-    now = time.time()
-    entry = ModelEntry(
-        id=DEMO_MODEL,
-        repo=DEMO_REPO,
-        file=DEMO_FILE,
-        revision="local",
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        status=ModelStatus.AVAILABLE,
-        error=None,
-        added=now,
-        last_used=now,
-        path=path,
-    )
-    catalog.put(entry)
-    return entry
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_tiny_gguf(Path(tmp) / DEMO_FILE, seed=7)
+        return catalog.add_file(DEMO_REPO, DEMO_FILE, source)
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,13 @@ async def running_queen(
     *,
     hives: Sequence[str] = (),
     local_hive: HiveConfig | None = None,
+    max_queued: int = 64,
 ) -> AsyncIterator[Queen]:
     """A queen serving on `endpoint` for the duration of the block, stopped gracefully after.
 
     `hives`: control endpoints of hives to manage. `local_hive`: also run this hive in the same
-    process, linked over the in-memory transport (the integrated mode).
+    process, linked over the in-memory transport (the integrated mode). `max_queued`: inference
+    jobs that may wait for a worker at once.
     """
     with single_errors():
         async with AsyncExitStack() as stack:
@@ -59,7 +61,7 @@ async def running_queen(
             if local_hive is not None:
                 local = await stack.enter_async_context(running_hive(local_hive))
             nursery = await stack.enter_async_context(trio.open_nursery())
-            queen = Queen(listener, subscriber, config)
+            queen = Queen(listener, subscriber, config, max_queued=max_queued)
             await nursery.start(queen.run)
             stack.push_async_callback(_stop_shielded, queen)
             if local is not None:

@@ -250,7 +250,13 @@ class Hive:
             )
         device = self._device_for(op.device, entry.size)
         self.catalog.touch(entry.id)
-        record = await self.pool.spawn(model_id=entry.id, model_path=entry.path, device=device)
+        record = await self.pool.spawn(
+            model_id=entry.id,
+            model_path=entry.path,
+            device=device,
+            backend=op.backend,
+            slots=op.slots,
+        )
         return record.to_record()
 
     def _device_for(self, wanted: str, size: int) -> str:

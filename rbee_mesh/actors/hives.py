@@ -23,7 +23,9 @@ import trio
 from trio_util import AsyncValue, periodic
 
 from rbee_mesh.actors.jobserver import Job, JobServer
+from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S
 from rbee_mesh.protocol import (
+    TERMINAL_KINDS,
     Actor,
     Cancel,
     Cancelled,
@@ -189,10 +191,19 @@ class HiveRegistry:
             ended = True
             raise MeshError(ErrorCode.HIVE_LOST, f"hive {link.name} went away during {op.NAME}")
         finally:
-            link.jobs.pop(job.id, None)
-            if not ended:  # cancelled here (deadline, keeper): the hive must stop too
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            if not ended:
+                # Cancelled here (deadline, keeper): the hive must stop too, and the job ends
+                # when the hive says so, so that what it used (a worker's slot) is free by then.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(CANCEL_CONFIRM_S),
+                    contextlib.suppress(MeshError),
+                ):
                     await self._send(link, Cancel(job_id=job.id, reason="cancelled at the queen"))
+                    async for frames in receive:
+                        if peek_route(frames)[0] in TERMINAL_KINDS:
+                            break
+            link.jobs.pop(job.id, None)
 
     @staticmethod
     def _outcome(link: HiveLink, terminal: Any) -> Any:

@@ -67,7 +67,7 @@ import trio
 from trio_util import AsyncValue, periodic
 
 from rbee_mesh.actors.narration import current_job, narrate
-from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S, single_errors
 from rbee_mesh.actors.worker import BACKENDS, DEVICE_PATTERN, MAX_SLOTS, WorkerExit
 from rbee_mesh.protocol import (
     TERMINAL_KINDS,
@@ -539,8 +539,8 @@ class WorkerPool:
         worker.jobs[job_id] = job
         self._load_changed(worker)
         submitted = ended = False
-        try:
-            with receive:
+        with receive:
+            try:
                 submit = Submit(job_id=job_id, ref=job_id, op=op, timeout_s=timeout_s)
                 await self._send_job_frame(worker, submit)
                 submitted = True
@@ -562,16 +562,21 @@ class WorkerPool:
                     ErrorCode.TIMEOUT,
                     f"worker {worker.id} did not end job {job_id} after its {timeout_s:g}s",
                 )
-        finally:
-            job.frames = None
-            if not submitted:
-                self._release(worker, job)
-            elif not ended:
-                # Cancelled here (the job's deadline, its submitter gone): the worker must stop
-                # too. Its slot stays taken until the worker says the job has ended.
-                with trio.CancelScope(shield=True), suppress(MeshError):
-                    cancel = Cancel(job_id=job_id, reason="cancelled at the hive")
-                    await self._send_job_frame(worker, cancel)
+            finally:
+                if not submitted:
+                    self._release(worker, job)
+                elif not ended:
+                    # Cancelled here (the job's deadline, its submitter gone): the worker must
+                    # stop too, and this job ends when the worker says so (its slot is free
+                    # then), so that whoever is told "ended" may use the worker at once.
+                    with trio.CancelScope(shield=True), suppress(MeshError):
+                        cancel = Cancel(job_id=job_id, reason="cancelled at the hive")
+                        await self._send_job_frame(worker, cancel)
+                        with trio.move_on_after(CANCEL_CONFIRM_S):
+                            async for frames in receive:
+                                if peek_route(frames)[0] in TERMINAL_KINDS:
+                                    break
+                job.frames = None
 
     # ---- internals ----------------------------------------------------------------------------
 

@@ -50,6 +50,12 @@ DEVICE = Text(
     hint=" (expected auto, cpu or cuda:N)",
 )
 HIVE_PIN = Optional(ident())
+BACKEND = Text(
+    max_len=16,
+    min_len=1,
+    pattern=re.compile(r"auto|llama-cpp|ctransformers"),
+    hint=" (expected auto, llama-cpp or ctransformers)",
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,10 @@ class WorkerSpawn(Operation):
     model: str = spec(MODEL_REF)
     hive: str | None = spec(HIVE_PIN, None)
     device: str = spec(DEVICE, "auto")
+    #: Which library loads the model; `auto` takes the first that can and says which.
+    backend: str = spec(BACKEND, "auto")
+    #: How many jobs the worker runs at once.
+    slots: int = spec(Int(1, 64), 1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,216 @@
+"""Inference end to end: keeper -> queen (scheduling) -> hive -> worker process, and back.
+
+The model is a tiny llama GGUF with random weights that the tests write; the workers are real
+processes running a real backend. Every test runs in the integrated mode (one process, in-memory
+transport) and with the hive over tcp.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from rbee_mesh.actors.hive import HiveConfig, running_hive
+from rbee_mesh.actors.keeper import JobHandle, Keeper, open_keeper
+from rbee_mesh.actors.queen import Queen
+from rbee_mesh.catalog import Catalog
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+from rbee_mesh.mesh import local_hive_config, memory_endpoint, running_queen
+from rbee_mesh.protocol import (
+    Done,
+    Error,
+    ErrorCode,
+    Infer,
+    Message,
+    Narration,
+    Submit,
+    Token,
+    WorkerList,
+    decode,
+    encode,
+)
+from rbee_mesh.transport import open_connection
+from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint, queen_address
+
+REPO = "rbee-test/tiny-GGUF"
+FILE = "tiny.gguf"
+MODEL = f"{REPO}:{FILE}"
+ODD_REPO = "rbee-test/odd-GGUF"
+#: Greedy on these weights, a generation runs to max_tokens: long enough to cancel mid-stream.
+LONG = {"max_tokens": 1800, "temperature": 0.0}
+
+
+@pytest.fixture(params=["integrated", "tcp"])
+async def mesh(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Queen, Keeper]]:
+    state = tmp_path / "state"
+    catalog = Catalog(state / "hive" / "models")
+    catalog.add_file(REPO, FILE, write_tiny_gguf(tmp_path / FILE, context_length=2048))
+    # A file both backends refuse (the llama layout labelled gptj).
+    catalog.add_file(ODD_REPO, "odd.gguf", write_tiny_gguf(tmp_path / "odd.gguf", arch="gptj"))
+    with trio.fail_after(30):
+        if request.param == "integrated":
+            local = local_hive_config(state, FAST_QUEEN)
+            async with (
+                running_queen(memory_endpoint("queen"), FAST_QUEEN, local_hive=local, max_queued=1)
+                as queen,
+                open_keeper(queen_address(queen), FAST_KEEPER) as keeper,
+            ):  # fmt: skip
+                yield queen, keeper
+            return
+        config = HiveConfig(
+            state_dir=state,
+            hive_id="hive-t",
+            control=bind_endpoint("tcp", tmp_path),
+            heartbeats=bind_endpoint("tcp", tmp_path),
+            server=FAST_QUEEN,
+        )
+        async with (
+            running_hive(config) as hive,
+            running_queen(
+                bind_endpoint("tcp", tmp_path), FAST_QUEEN,
+                hives=[hive.server.listener.endpoint], max_queued=1,
+            ) as queen,
+            open_keeper(queen_address(queen), FAST_KEEPER) as keeper,
+        ):  # fmt: skip
+            await queen.hives.links[0].heard.wait()
+            yield queen, keeper
+
+
+async def run(keeper: Keeper, op: Infer) -> tuple[JobHandle, list[Message]]:
+    job = await keeper.submit(op)
+    return job, [m async for m in job]
+
+
+def text_of(events: list[Message]) -> str:
+    return "".join(e.text for e in events if isinstance(e, Token))
+
+
+async def test_first_job_spawns_a_worker_and_streams_tokens_in_order(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    _, keeper = mesh
+    with trio.fail_after(60):
+        job, events = await run(keeper, Infer(prompt="Hello", model=MODEL, max_tokens=40, seed=3))
+    assert isinstance(job.terminal, Done), job.terminal
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [t.seq for t in tokens] == [
+        sum(t.count for t in tokens[:i]) for i in range(len(tokens))
+    ]  # contiguous: none lost, none duplicated
+    result = job.terminal.result
+    assert text_of(events) == result["text"]
+    assert result["usage"]["generated_tokens"] == 40 and result["finish_reason"] == "length"
+    assert result["usage"]["prompt_tokens"] > 0 and result["usage"]["ttft_s"] > 0
+    said = [e.human for e in events if isinstance(e, Narration) and e.action == "schedule"]
+    assert any("spawning a worker" in s for s in said)
+    assert any("is idle" in s for s in said)
+
+
+async def test_the_next_job_reuses_the_idle_worker_and_same_seed_gives_same_text(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    _, keeper = mesh
+    op = Infer(prompt="Hello", model=MODEL, max_tokens=30, seed=11)
+    with trio.fail_after(60):
+        first, first_events = await run(keeper, op)
+        second, second_events = await run(keeper, op)
+        workers = await run(keeper, WorkerList())  # type: ignore[arg-type]
+    assert isinstance(first.terminal, Done) and isinstance(second.terminal, Done)
+    assert text_of(first_events) == text_of(second_events)
+    assert first.terminal.result["worker"] == second.terminal.result["worker"]
+    assert isinstance(workers[0].terminal, Done) and len(workers[0].terminal.result) == 1
+
+
+async def test_a_parameter_out_of_range_is_refused_before_any_work(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    queen, keeper = mesh
+    frames = encode(Submit(job_id="", ref="r-1", op=Infer(prompt="x", model=MODEL)))
+    frames[3] = frames[3].replace(b"\xcb?\xe9\x99\x99\x99\x99\x99\x9a", b"\xcb@\x14" + bytes(6))
+    with trio.fail_after(10):
+        async with await open_connection(queen_address(queen)) as conn:
+            await conn.send(frames)  # temperature 0.8 -> 5.0
+            reply = decode(await conn.receive())
+        workers = await run(keeper, WorkerList())  # type: ignore[arg-type]
+    assert isinstance(reply, Error) and reply.code is ErrorCode.INVALID_REQUEST
+    assert "temperature" in reply.message
+    assert isinstance(workers[0].terminal, Done) and workers[0].terminal.result == []
+
+
+async def test_cancel_stops_the_generation_and_the_worker_takes_the_next_job(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    _, keeper = mesh
+    with trio.fail_after(60):
+        job = await keeper.submit(Infer(prompt="Hello", model=MODEL, **LONG))
+        async for message in job:
+            if isinstance(message, Token):
+                await job.cancel("enough")
+        after, _ = await run(keeper, Infer(prompt="Hello", model=MODEL, max_tokens=5))
+    assert job.terminal is not None and job.terminal.KIND.name == "CANCELLED"
+    assert isinstance(after.terminal, Done)
+
+
+async def test_jobs_for_a_busy_worker_queue_with_their_position_and_a_full_queue_is_busy(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    _, keeper = mesh
+    with trio.fail_after(60):
+        first, _ = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=2))
+        assert isinstance(first.terminal, Done)
+        worker = first.terminal.result["worker"]
+        pinned = {"prompt": "Hello", "model": MODEL, "worker": worker}
+        busy = await keeper.submit(Infer(**pinned, **LONG))  # type: ignore[arg-type]
+        async for message in busy:
+            if isinstance(message, Token):
+                break  # the worker is now generating
+        queued = await keeper.submit(Infer(**pinned, max_tokens=3))  # type: ignore[arg-type]
+        async for message in queued:
+            if isinstance(message, Narration) and message.action == "queued":
+                break
+        refused, _ = await run(keeper, Infer(**pinned, max_tokens=3))  # type: ignore[arg-type]
+        await busy.cancel("make room")
+        queued_events = [m async for m in queued]
+    assert isinstance(message, Narration) and "position 1 of 1" in message.human
+    assert isinstance(refused.terminal, Error) and refused.terminal.code is ErrorCode.BUSY
+    assert "queue is full" in refused.terminal.message
+    assert isinstance(queued.terminal, Done), queued.terminal
+    assert text_of(queued_events)
+
+
+async def test_a_worker_killed_mid_stream_ends_the_job_with_worker_lost(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    _, keeper = mesh
+    with trio.fail_after(60):
+        warm, _ = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=2))
+        assert isinstance(warm.terminal, Done)
+        listing, _ = await run(keeper, WorkerList())  # type: ignore[arg-type]
+        assert isinstance(listing.terminal, Done)
+        pid = listing.terminal.result[0]["pid"]
+        job = await keeper.submit(Infer(prompt="Hello", model=MODEL, **LONG))
+        async for message in job:
+            if isinstance(message, Token):
+                os.kill(pid, signal.SIGKILL)
+                break
+        async for _ in job:
+            pass
+    assert isinstance(job.terminal, Error), job.terminal
+    assert job.terminal.code is ErrorCode.WORKER_LOST
+    assert "SIGKILL" in job.terminal.message
+
+
+async def test_a_model_no_backend_can_load_fails_with_the_backends_reasons(
+    mesh: tuple[Queen, Keeper],
+) -> None:
+    _, keeper = mesh
+    with trio.fail_after(60):
+        job, _ = await run(keeper, Infer(prompt="Hi", model=ODD_REPO, max_tokens=2))
+    assert isinstance(job.terminal, Error)
+    assert "llama-cpp" in job.terminal.message and "ctransformers" in job.terminal.message
