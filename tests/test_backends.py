@@ -283,8 +283,9 @@ def stream(pieces: list[bytes], stop: tuple[str, ...] = ()) -> list[str]:
 
 
 def test_text_that_may_start_a_stop_sequence_is_held_until_it_cannot() -> None:
-    assert stream([b"ab", b"c", b"d", b"e"], ("cx",)) == ["ab", "cd", "e"]
-    assert stream([b"ab", b"c", b"x", b"e"], ("cx",)) == ["ab"]
+    # One item per token: "" for a token whose text is held back.
+    assert stream([b"ab", b"c", b"d", b"e"], ("cx",)) == ["ab", "", "cd", "e"]
+    assert stream([b"ab", b"c", b"x", b"e"], ("cx",)) == ["ab", ""]
     # The earliest of several stop sequences wins, even one that ends later.
     assert stream([b"one two three"], ("three", "wo t")) == ["one t"]
     assert stream([b"held ", b"at the e"], ("end",)) == ["held ", "at the ", "e"]
@@ -292,7 +293,7 @@ def test_text_that_may_start_a_stop_sequence_is_held_until_it_cannot() -> None:
 
 def test_a_character_split_across_tokens_is_yielded_whole() -> None:
     cut = "日".encode()
-    assert stream([b"a", cut[:1], cut[1:2], cut[2:], b"b"]) == ["a", "日", "b"]
+    assert stream([b"a", cut[:1], cut[1:2], cut[2:], b"b"]) == ["a", "", "", "日", "b"]
     # Bytes that can never become a character come out as U+FFFD, not an error.
     assert "".join(stream([b"\xff", b"z", cut[:2]])) == "\ufffdz\ufffd"
 

@@ -235,10 +235,9 @@ class _Job:
 def generate_in_thread(job: _Job, params: GenerationParams) -> None:
     """Iterate the backend's generator and hand each token to trio; stop when `job.stop` is set.
 
-    Runs in a thread. The flag is checked after each piece the backend yields, so a stop costs
-    the token being computed when it was requested, and any the backend computes before it
-    yields again (while it holds back an incomplete UTF-8 character, or the possible start of a
-    stop sequence).
+    Runs in a thread. The backend yields once per sampled token (text it holds back comes as
+    ""), and the flag is checked after each, so a stop costs at most the token being computed
+    when it was requested.
     """
     if job.stop.is_set():
         return
@@ -246,12 +245,13 @@ def generate_in_thread(job: _Job, params: GenerationParams) -> None:
     job.generating = True
     try:
         for text in tokens:
-            now = time.perf_counter()
-            if job.first_token is None:
-                job.first_token = now
-            job.last_token = now
-            job.pieces += 1
-            job.stream.put(text)
+            if text:
+                now = time.perf_counter()
+                if job.first_token is None:
+                    job.first_token = now
+                job.last_token = now
+                job.pieces += 1
+                job.stream.put(text)
             if job.stop.is_set():
                 return
     finally:

@@ -153,7 +153,8 @@ class LoadedModel(Protocol):
         ...
 
     def generate(self, prompt: str, params: GenerationParams) -> Generator[str, None, None]:
-        """The generated text, piece by piece as tokens are sampled.
+        """The generated text, one item per sampled token: its text, or "" while the text is
+        held back (part of a UTF-8 character, or what may begin a stop sequence).
 
         Ends at max_tokens, end of sequence, a full context, or a stop sequence (which is not
         yielded, nor anything after it). Closing the iterator early frees the model at once; a
@@ -375,6 +376,10 @@ def _stream_text(
             if ready > 0:
                 yield held[:ready]
                 held = held[ready:]
+            else:
+                # One item per sampled token, even when its text is held back: the consumer can
+                # stop between any two tokens.
+                yield ""
         held += decoder.decode(b"", final=True)
         cut = _stop_index(held, stop)
         if cut is not None:
