@@ -27,6 +27,7 @@ from rbee_mesh.actors.hive import (
 )
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import JobHandle, Keeper, KeeperConfig, QueenUnreachable, open_keeper
+from rbee_mesh.config import load_config, peer_endpoint
 from rbee_mesh.demo import run_demo
 from rbee_mesh.mesh import (
     DEFAULT_QUEEN_BIND,
@@ -327,11 +328,13 @@ def queen() -> None:
     help="Where keepers reach the queen. tcp://0.0.0.0:7833 admits other machines.",
 )
 @click.option(
+    "--peer",
     "--hive",
     "hives",
     multiple=True,
-    metavar="ENDPOINT",
-    help="A hive to manage, by its control endpoint, e.g. tcp://10.0.0.7:7835. Repeatable.",
+    metavar="HOST[:PORT]",
+    help="A hive to manage without discovery: HOST, HOST:PORT (port 7835 by default) or "
+    "tcp://HOST:PORT. Repeatable; also read from [queen] peers in <state>/config.toml.",
 )
 @click.option(
     "--local-hive",
@@ -347,8 +350,11 @@ def queen_start(
     if foreground:
         _serve_foreground(cli, bind, serve_queen_forever, bind, True, list(hives), local_hive)
         return
+    for hive in hives:  # refused here, not in the daemon's log
+        peer_endpoint(hive)
+    load_config(daemon.state_dir())
     argv = ["queen", "start", "--foreground", "--bind", bind]
-    argv += [arg for hive in hives for arg in ("--hive", hive)]
+    argv += [arg for hive in hives for arg in ("--peer", hive)]
     argv += ["--local-hive"] if local_hive else []
     _start_daemon(cli, "queen", argv)
 

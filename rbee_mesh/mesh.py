@@ -23,6 +23,7 @@ from rbee_mesh.actors.hive import Hive, HiveConfig, running_hive
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.config import load_config, peer_endpoint
 from rbee_mesh.transport import local_endpoint_for, open_listener, open_subscriber
 
 log = logging.getLogger("rbee_mesh.mesh")
@@ -130,7 +131,11 @@ async def serve_queen_forever(
     With `record`, the daemon info file says where this queen listens while it does.
     """
     hive = local_hive_config(daemon.state_dir()) if local_hive else None
-    async with running_queen(bind, hives=hives, local_hive=hive) as queen:
+    peers = [peer_endpoint(h) for h in hives]
+    async with running_queen(bind, hives=peers, local_hive=hive) as queen:
+        for endpoint in load_config(daemon.state_dir()).peers:
+            if endpoint not in peers:
+                await queen.add_hive(endpoint, source="config")
         with daemon.recorded("queen", queen.listener.endpoint, enabled=record):
             await until_signalled()
 

@@ -81,7 +81,8 @@ def test_hive_daemon_starts_answers_and_stops(mesh: Mesh) -> None:
     assert after.returncode == 3 and "no hive is running" in after.stderr
 
 
-def test_queen_manages_a_hive_named_by_flag(mesh: Mesh) -> None:
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_queen_manages_a_hive_named_by_flag_or_config(mesh: Mesh, how: str) -> None:
     assert (
         mesh.run(
             "hive",
@@ -96,18 +97,30 @@ def test_queen_manages_a_hive_named_by_flag(mesh: Mesh) -> None:
         == 0
     )
     endpoint = json.loads((mesh.home / "hive.json").read_text())["endpoint"]
+    peer = endpoint.removeprefix("tcp://")  # HOST:PORT
     try:
-        queen = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--hive", endpoint)
+        if how == "config":
+            (mesh.home / "config.toml").write_text(f'[queen]\npeers = ["{peer}"]\n')
+            queen = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0")
+        else:
+            queen = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--peer", peer)
         assert queen.returncode == 0, queen.stderr
         rows = result(mesh, "hive", "list")
         assert isinstance(rows, list)
+        source = "static" if how == "flag" else "config"
         assert [(r["hive"], r["source"], r["endpoint"]) for r in rows] == [
-            ("box-2", "static", endpoint)
+            ("box-2", source, endpoint)
         ]
         assert rows[0]["liveness"] in ("live", "connecting")
     finally:
         mesh.run("queen", "stop")
         mesh.run("hive", "stop")
+
+
+def test_a_malformed_peer_is_refused_before_the_queen_starts(mesh: Mesh) -> None:
+    refused = mesh.run("queen", "start", "--peer", "box:99999")
+    assert refused.returncode == 2 and "'box:99999'" in refused.stderr
+    assert not (mesh.home / "queen.json").exists()
 
 
 def test_integrated_mode_downloads_spawns_and_stops_without_leftovers(local_mesh: Mesh) -> None:

@@ -1,0 +1,50 @@
+"""The config file and peer addresses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rbee_mesh.config import Config, load_config, peer_endpoint
+from rbee_mesh.protocol import MeshError
+
+
+@pytest.mark.parametrize(
+    ("peer", "endpoint"),
+    [
+        ("10.0.0.7", "tcp://10.0.0.7:7835"),
+        ("gpu-box:7900", "tcp://gpu-box:7900"),
+        ("tcp://gpu-box:7835", "tcp://gpu-box:7835"),
+        ("[fd00::7]:7835", "tcp://[fd00::7]:7835"),
+    ],
+)
+def test_a_peer_is_host_host_port_or_an_endpoint(peer: str, endpoint: str) -> None:
+    assert peer_endpoint(peer) == endpoint
+
+
+@pytest.mark.parametrize("peer", ["box:0", "box:99999", "box:http", ":7835"])
+def test_a_malformed_peer_is_refused_naming_it(peer: str) -> None:
+    with pytest.raises(MeshError) as err:
+        peer_endpoint(peer)
+    assert repr(peer) in err.value.message
+
+
+def test_no_config_file_is_an_empty_config(tmp_path: Path) -> None:
+    assert load_config(tmp_path) == Config()
+
+
+def test_peers_are_read_from_the_queen_section(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[queen]\npeers = ["10.0.0.7", "b:7900"]\n')
+    assert load_config(tmp_path).peers == ("tcp://10.0.0.7:7835", "tcp://b:7900")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("[queen\n", "cannot read"), ('[queen]\npeers = "x"\n', "must be a list of strings")],
+)
+def test_a_malformed_config_is_a_clear_error(tmp_path: Path, text: str, words: str) -> None:
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(MeshError) as err:
+        load_config(tmp_path)
+    assert words in err.value.message and "config.toml" in err.value.message
