@@ -73,6 +73,8 @@ class HiveLink:
     #: The state carried by the hive's last heartbeat: devices, workers, models.
     state: dict[str, Any] = field(default_factory=dict)
     last_heard: float | None = None  # wall clock, for "heartbeat age"
+    #: This machine's clock minus the hive's, from its last heartbeat (plus the network delay).
+    clock_skew_s: float | None = None
     #: Set once the hive has said anything at all.
     heard: trio.Event = field(default_factory=trio.Event)
     #: The liveness as it changes, to wait on: `await link.watch.wait_value(Liveness.LOST)`.
@@ -117,7 +119,9 @@ class HiveLink:
                 workers=workers,
                 models=self.state.get("models", []),
                 version=self.info.get("version", ""),
+                protocol=self.info.get("protocol"),
                 heartbeat_endpoint=self.heartbeat_endpoint,
+                clock_skew_s=self.clock_skew_s,
             )
         return rec
 
@@ -293,6 +297,8 @@ class HiveRegistry:
                 if link.hive_id == beat.sender:
                     link.state = beat.state
                     link.liveness.interval_s = beat.interval_s
+                    if beat.ts:
+                        link.clock_skew_s = round(time.time() - beat.ts, 3)
                     self._heard(link)
 
     def _heard(self, link: HiveLink) -> None:
