@@ -341,14 +341,32 @@ def queen() -> None:
     is_flag=True,
     help="Also run a hive for this machine inside the queen's process (the integrated mode).",
 )
+@click.option(
+    "--discovery/--no-discovery",
+    default=True,
+    envvar="RBEE_MESH_DISCOVERY",
+    show_default=True,
+    help="Find hives announced on the LAN (mDNS); env RBEE_MESH_DISCOVERY=0 turns it off.",
+)
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
 def queen_start(
-    cli: Cli, bind: str, hives: tuple[str, ...], local_hive: bool, foreground: bool
+    cli: Cli,
+    bind: str,
+    hives: tuple[str, ...],
+    local_hive: bool,
+    discovery: bool,
+    foreground: bool,
 ) -> None:
-    """Start the queen (a daemon, unless --foreground) and return once it answers."""
+    """Start the queen (a daemon, unless --foreground) and return once it answers.
+
+    It manages the hives it finds on the LAN, those named with --peer or in the config file,
+    and (with --local-hive) this machine's own, in its process.
+    """
     if foreground:
-        _serve_foreground(cli, bind, serve_queen_forever, bind, True, list(hives), local_hive)
+        _serve_foreground(
+            cli, bind, serve_queen_forever, bind, True, list(hives), local_hive, discovery
+        )
         return
     for hive in hives:  # refused here, not in the daemon's log
         peer_endpoint(hive)
@@ -356,6 +374,7 @@ def queen_start(
     argv = ["queen", "start", "--foreground", "--bind", bind]
     argv += [arg for hive in hives for arg in ("--peer", hive)]
     argv += ["--local-hive"] if local_hive else []
+    argv += [] if discovery else ["--no-discovery"]
     _start_daemon(cli, "queen", argv)
 
 

@@ -47,6 +47,7 @@ async def running_queen(
     hives: Sequence[str] = (),
     local_hive: HiveConfig | None = None,
     max_queued: int = 64,
+    discover: bool = False,
 ) -> AsyncIterator[Queen]:
     """A queen serving on `endpoint` for the duration of the block, stopped gracefully after.
 
@@ -62,7 +63,7 @@ async def running_queen(
             if local_hive is not None:
                 local = await stack.enter_async_context(running_hive(local_hive))
             nursery = await stack.enter_async_context(trio.open_nursery())
-            queen = Queen(listener, subscriber, config, max_queued=max_queued)
+            queen = Queen(listener, subscriber, config, max_queued=max_queued, discover=discover)
             await nursery.start(queen.run)
             stack.push_async_callback(_stop_shielded, queen)
             if local is not None:
@@ -124,7 +125,11 @@ async def until_signalled() -> None:
 
 
 async def serve_queen_forever(
-    bind: str, record: bool, hives: Sequence[str] = (), local_hive: bool = False
+    bind: str,
+    record: bool,
+    hives: Sequence[str] = (),
+    local_hive: bool = False,
+    discover: bool = True,
 ) -> None:
     """`queen start --foreground`: serve on `bind` until SIGTERM or SIGINT, then stop gracefully.
 
@@ -132,7 +137,7 @@ async def serve_queen_forever(
     """
     hive = local_hive_config(daemon.state_dir()) if local_hive else None
     peers = [peer_endpoint(h) for h in hives]
-    async with running_queen(bind, hives=peers, local_hive=hive) as queen:
+    async with running_queen(bind, hives=peers, local_hive=hive, discover=discover) as queen:
         for endpoint in load_config(daemon.state_dir()).peers:
             if endpoint not in peers:
                 await queen.add_hive(endpoint, source="config")

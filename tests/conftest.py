@@ -17,9 +17,12 @@ from rbee_mesh.transport import local_endpoint_for
 
 # Tests never leave this machine: a test that reaches for the model hub without the loopback hub
 # fixture gets "connection refused" from a closed local port, not the internet. Subprocesses
-# inherit both settings.
+# inherit these settings.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Nor do queens started by tests look for hives on this machine's LAN (mDNS on every interface):
+# the multi-host tests turn discovery on inside the network namespaces they make.
+os.environ["RBEE_MESH_DISCOVERY"] = "0"
 
 #: Short intervals so that liveness tests finish quickly; real time, generous fail_after bounds.
 FAST_QUEEN = ServerConfig(heartbeat_s=0.1, peer_stall_s=2.0, shutdown_grace_s=1.0)

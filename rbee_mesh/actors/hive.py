@@ -28,6 +28,7 @@ from rbee_mesh.actors.runtime import run_ping, single_errors
 from rbee_mesh.actors.worker_pool import WorkerPool, WorkerRecord, WorkerState, open_worker_pool
 from rbee_mesh.catalog import Catalog, ModelStatus
 from rbee_mesh.devices import DeviceReport, detect_devices
+from rbee_mesh.discovery import SERVICE_TYPE, HiveAnnouncement, announcing
 from rbee_mesh.download import download_model
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
@@ -51,7 +52,13 @@ from rbee_mesh.protocol import (
     WorkerSpawn,
     encode,
 )
-from rbee_mesh.transport import Listener, Publisher, open_listener, open_publisher
+from rbee_mesh.transport import (
+    Listener,
+    Publisher,
+    open_listener,
+    open_publisher,
+    parse_endpoint,
+)
 from rbee_mesh.units import human_bytes
 
 log = logging.getLogger("rbee_mesh.hive")
@@ -75,6 +82,8 @@ class HiveConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     #: The model hub (None: huggingface-hub's default, which honours HF_ENDPOINT).
     hub_endpoint: str | None = None
+    #: Announce the hive on the LAN (mDNS) when its control endpoint is reachable from there.
+    announce: bool = True
 
     @property
     def workers_endpoint(self) -> str:
@@ -131,8 +140,45 @@ class Hive:
         """Serve and publish heartbeats until `stop()` or cancellation."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat_loop)
+            announcement = self.announcement()
+            if announcement is not None:
+                nursery.start_soon(self._announce, announcement)
             await self.server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
+
+    def announcement(self) -> HiveAnnouncement | None:
+        """What to announce on the LAN, or None when no other machine could reach this hive
+        (announcing is off, or it listens on loopback or in memory)."""
+        control = parse_endpoint(self.server.listener.endpoint)
+        beats = parse_endpoint(self.publisher.endpoint)
+        if not self.config.announce or control.scheme != "tcp" or beats.scheme != "tcp":
+            return None
+        assert control.host is not None and control.port is not None and beats.port is not None
+        host = control.host.strip("[]")
+        if host in ("*", "::"):
+            host = "0.0.0.0"
+        if host == "localhost" or host.startswith("127.") or host == "::1":
+            return None
+        return HiveAnnouncement(
+            hive_id=self.id,
+            protocol=PROTOCOL_VERSION,
+            host=host,
+            control_port=control.port,
+            heartbeat_port=beats.port,
+            key_fingerprint="",
+            version=__version__,
+        )
+
+    async def _announce(self, announcement: HiveAnnouncement) -> None:
+        """Stay announced while the hive serves; a goodbye goes out when it stops."""
+        interfaces = None if announcement.host == "0.0.0.0" else [announcement.host]
+        try:
+            async with announcing(announcement, interfaces=interfaces):
+                log.info("hive %s announced on the LAN as %s", self.id, SERVICE_TYPE)
+                await trio.sleep_forever()
+        except (MeshError, OSError) as exc:
+            # No multicast here, or the name is taken: the hive still serves static peers.
+            log.warning("hive %s could not announce itself on the LAN: %s", self.id, exc)
 
     async def stop(self, reason: str = "the hive is shutting down") -> None:
         await self.server.stop(reason)

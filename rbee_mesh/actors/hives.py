@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from trio_util import AsyncValue, periodic
+from trio_util import AsyncValue
 
 from rbee_mesh.actors.jobserver import Job, JobServer
 from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S
@@ -158,6 +158,18 @@ class HiveRegistry:
         self._nursery.start_soon(self._link_receive_loop, link)
         await self._send(link, Ready(job_id="", sender=self.queen_name, role=Actor.QUEEN))
         return link
+
+    async def remove(self, link: HiveLink, why: str) -> None:
+        """Forget a hive (it said goodbye): its forwarded jobs end, its sockets close."""
+        if link not in self.links:
+            return
+        self.links.remove(link)
+        log.info("hive %s removed: %s", link.name, why)
+        self._fail_jobs(link, ErrorCode.HIVE_LOST, f"hive {link.name} left the mesh ({why})")
+        if link.heartbeat_endpoint:
+            with contextlib.suppress(TransportError):
+                await self.subscriber.disconnect(link.heartbeat_endpoint)
+        await link.conn.aclose()
 
     def get(self, hive_id: str) -> HiveLink:
         for link in self.links:
@@ -311,17 +323,23 @@ class HiveRegistry:
             log.warning("hive %s is live again", link.name)
 
     async def _liveness_loop(self) -> None:
-        """Checks every hive each half interval; says READY to unknown or lost hives."""
-        async for _ in periodic(self.heartbeat_s / 2):
-            self._beats += 1
+        """Checks every hive at least twice per its heartbeat interval (so that no state is
+        skipped: suspect lasts two intervals), and greets each once per the queen's interval."""
+        next_greeting = trio.current_time()
+        while True:
             now = trio.current_time()
             for link in self.links:
                 if link.ever_seen:
                     was = link.liveness.check(now)
                     if was is not None:
                         self._changed(link, was, link.liveness.state)
-                if self._beats % 2 == 0:
+            if now >= next_greeting:
+                self._beats += 1
+                next_greeting = now + self.heartbeat_s
+                for link in list(self.links):
                     await self._greet(link)
+            fastest = min([self.heartbeat_s, *(link.liveness.interval_s for link in self.links)])
+            await trio.sleep(fastest / 2)
 
     async def _greet(self, link: HiveLink) -> None:
         """Heartbeat to every hive (a hive drops a silent queen); READY until it answers."""
@@ -344,13 +362,15 @@ class HiveRegistry:
             return
         missed = link.liveness.missed(trio.current_time())
         why = f"hive {link.name} stopped answering: nothing heard for {missed} heartbeat intervals"
+        self._fail_jobs(link, ErrorCode.HIVE_LOST, why)
+
+    @staticmethod
+    def _fail_jobs(link: HiveLink, code: ErrorCode, why: str) -> None:
         for job_id, channel in list(link.jobs.items()):
             # The job's own task turns this into its terminal frame; its channel may be full of
             # frames the hive sent before it fell silent, and those are worth relaying first.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                channel.send_nowait(
-                    encode(Error(job_id=job_id, code=ErrorCode.HIVE_LOST, message=why))
-                )
+                channel.send_nowait(encode(Error(job_id=job_id, code=code, message=why)))
             channel.close()
 
 

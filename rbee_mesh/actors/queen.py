@@ -24,6 +24,14 @@ from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping
 from rbee_mesh.actors.scheduler import Action, Decision, HiveView, place
+from rbee_mesh.discovery import (
+    SERVICE_TYPE,
+    Found,
+    Gone,
+    HiveAnnouncement,
+    browsing,
+    protocol_compatible,
+)
 from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -63,7 +71,9 @@ class Queen:
         config: ServerConfig | None = None,
         *,
         max_queued: int = 64,
+        discover: bool = False,
     ) -> None:
+        """`discover`: link hives announced on the LAN (mDNS), and drop them on goodbye."""
         self.name = f"queen-{os.uname().nodename}"
         self.started = time.time()
         handlers: dict[type[Operation], Handler] = {
@@ -87,6 +97,9 @@ class Queen:
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s, subscriber=subscriber
         )
         self.max_queued = max_queued
+        self.discover = discover
+        #: Hives announced on the LAN that speak another protocol version (for `doctor`).
+        self.incompatible: dict[str, HiveAnnouncement] = {}
         #: Inference jobs this queen has running on each worker (by worker id).
         self._inflight: Counter[str] = Counter()
         #: Jobs waiting for a worker, in arrival order.
@@ -104,8 +117,46 @@ class Queen:
         """Serve until `stop()`, which returns from the server's run, or until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hives.run)
+            if self.discover:
+                nursery.start_soon(self._discover)
             await self.server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
+
+    async def _discover(self) -> None:
+        """Link the hives announced on the LAN; forget those that say goodbye."""
+        try:
+            async with browsing() as events:
+                log.info("looking for hives on the LAN (%s)", SERVICE_TYPE)
+                async for event in events:
+                    match event:
+                        case Found():
+                            await self._found(event.announcement)
+                        case Gone():
+                            for link in list(self.hives.links):
+                                if link.hive_id == event.hive_id and link.source == "mdns":
+                                    await self.hives.remove(link, "it said goodbye")
+        except OSError as exc:
+            log.warning("not looking for hives on the LAN: %s", exc)
+
+    async def _found(self, ann: HiveAnnouncement) -> None:
+        if not protocol_compatible(ann):
+            self.incompatible[ann.hive_id] = ann
+            log.warning(
+                "hive %s at %s speaks protocol %d, this queen %d: not linked",
+                ann.hive_id,
+                ann.control_endpoint,
+                ann.protocol,
+                PROTOCOL_VERSION,
+            )
+            return
+        self.incompatible.pop(ann.hive_id, None)
+        for link in list(self.hives.links):
+            if ann.control_endpoint == link.endpoint:
+                return  # known already (a static peer, or this announcement again)
+            if link.hive_id == ann.hive_id and link.source == "mdns":
+                await self.hives.remove(link, f"it moved to {ann.control_endpoint}")
+        log.info("found hive %s at %s", ann.hive_id, ann.control_endpoint)
+        await self.add_hive(ann.control_endpoint, source="mdns")
 
     async def stop(self, reason: str = "the queen is shutting down") -> None:
         """End every running job with ERROR UNAVAILABLE, then stop."""

@@ -1,0 +1,379 @@
+"""A mesh across machines: a queen and two hives, each in a network namespace of its own.
+
+Real processes, real TCP between real network stacks, started as a person would: only the start
+commands, with the hives named by `--hive` (static). The LAN comes from tests/netns.py; its
+`cut` makes a host's switch port silent, so liveness is tested against silence, not resets.
+
+Times are measured and printed (`pytest -s` shows them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rbee_mesh.catalog import Catalog
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+from tests import netns
+from tests.clitools import json_events
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUEEN = "tcp://127.0.0.1:7833"  # the queen's default bind, on the loopback of its namespace
+HEARTBEAT_S = 0.2  # the hives': suspect after 0.3 s of silence, lost after 0.7 s
+
+#: In every hive's catalog before it starts.
+SEEDED_REPO = "rbee-test/tiny-GGUF"
+SEEDED = f"{SEEDED_REPO}:tiny.gguf"
+#: Only on h1's hub, to download.
+HUB_REPO = "rbee-test/tiny-llama-GGUF"
+HUB_FILE = "tiny-llama.Q4_K_M.gguf"
+
+#: A fake hub inside a hive's namespace (its loopback): prints its endpoint, serves until stdin
+#: closes. argv: repo, file name, path of the file's bytes.
+HUB_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.hub import FakeHub
+hub = FakeHub()
+hub.add_file(sys.argv[1], sys.argv[2], Path(sys.argv[3]).read_bytes())
+hub.start()
+print(hub.endpoint, flush=True)
+sys.stdin.read()
+hub.close()
+"""
+
+#: Asks the queen for `hive list` every 20 ms for argv[2] seconds, one JSON line per answer.
+#: The CLI would do, but each `rbee-mesh hive list` is a Python start (~0.4 s of CPU, on a
+#: two-core box), longer than the 0.4 s suspect window being measured, and a burst of them would
+#: starve the very daemons under test. So one keeper process asks the same operation in a loop.
+POLLER_SCRIPT = """
+import json, sys, time
+import trio
+from rbee_mesh.actors.keeper import open_keeper
+from rbee_mesh.protocol import Done, HiveList
+
+async def main(endpoint: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    async with open_keeper(endpoint) as keeper:
+        while time.monotonic() < deadline:
+            asked = time.time()
+            job = await keeper.submit(HiveList())
+            rows = [m.result async for m in job if isinstance(m, Done)]
+            line = {"asked": asked, "answered": time.time(), "rows": rows[0] if rows else None}
+            print(json.dumps(line), flush=True)
+            await trio.sleep(0.02)
+
+trio.run(main, sys.argv[1], float(sys.argv[2]))
+"""
+
+
+class Poller:
+    """POLLER_SCRIPT running on the queen's host."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def answers(self, timeout: float) -> Iterator[tuple[float, dict[str, dict[str, Any]]]]:
+        """(when answered, {hive: row}) per answer, for at most `timeout` seconds."""
+        deadline = time.time() + timeout
+        while (left := deadline - time.time()) > 0:
+            line = read_line(self.proc, left)
+            assert line, f"the poller ended: {self.proc.stderr.read() if self.proc.stderr else ''}"
+            answer = json.loads(line)
+            yield answer["answered"], {r["hive"]: r for r in answer["rows"] or []}
+        raise AssertionError(f"polling for {timeout} s did not see what the test waits for")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The process's next stdout line, or fail after `timeout` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output for {timeout} s"
+    return proc.stdout.readline()
+
+
+@dataclass
+class MultiHost:
+    """A queen on host q, hives h1 and h2; the keeper CLI runs on q."""
+
+    lan: netns.Lan
+    root: Path
+    hub_endpoint: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def home(self, host: str) -> Path:
+        return self.root / host
+
+    def env(self, host: str, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "RBEE_MESH_HOME": str(self.home(host)), **extra}
+        env.pop("RBEE_MESH_QUEEN", None)
+        return env
+
+    def rbee(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`rbee-mesh ARGS` on a host, with that host's state directory."""
+        return self.lan[host].run(
+            [sys.executable, "-m", "rbee_mesh", *args],
+            env=self.env(host),
+            cwd=REPO_ROOT,
+            timeout=timeout,
+        )
+
+    def keeper(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.rbee("q", "--queen", QUEEN, *args, timeout=timeout)
+
+    def keeper_popen(self, *args: str) -> subprocess.Popen[str]:
+        return self.lan["q"].popen(
+            [sys.executable, "-m", "rbee_mesh", "--queen", QUEEN, *args],
+            env=self.env("q"),
+            cwd=REPO_ROOT,
+        )
+
+    def result(self, *args: str, timeout: float = 60) -> Any:
+        """`--json ARGS`: the DONE event's result (fails on anything else)."""
+        done = self.keeper("--json", *args, timeout=timeout)
+        events = json_events(done.stdout)
+        assert done.returncode == 0 and events and events[-1]["event"] == "done", (
+            done.stdout,
+            done.stderr,
+        )
+        return events[-1]["result"]
+
+    def liveness(self) -> dict[str, str]:
+        """Each hive's liveness as `rbee-mesh --json hive list` shows it now."""
+        return {row["hive"]: row["liveness"] for row in self.result("hive", "list", timeout=20)}
+
+    def wait_liveness(self, hive: str, wanted: str, timeout: float) -> float:
+        """Poll `hive list` until `hive` is `wanted`; returns when (time.monotonic())."""
+        # No event crosses processes: ask the queen again, a bounded number of times.
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            seen = self.liveness().get(hive)
+            if seen == wanted:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError(f"hive {hive} still {seen!r}, not {wanted!r}, after {timeout} s")
+
+    def poll_hives(self, seconds: float) -> Poller:
+        return Poller(
+            self.lan["q"].popen(
+                [sys.executable, "-c", POLLER_SCRIPT, QUEEN, str(seconds)],
+                env=self.env("q"),
+                cwd=REPO_ROOT,
+            )
+        )
+
+    def start_hive(self, host: str, **env: str) -> subprocess.Popen[str]:
+        return self.lan[host].popen(
+            [sys.executable, "-m", "rbee_mesh", "hive", "start", "--id", host,
+             "--bind", "tcp://0.0.0.0:7835", "--heartbeat-bind", "tcp://0.0.0.0:7836",
+             "--heartbeat", str(HEARTBEAT_S)],
+            env=self.env(host, **env),
+            cwd=REPO_ROOT,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHost]:
+    root = tmp_path_factory.mktemp("multihost")
+    gguf = write_tiny_gguf(root / "tiny.gguf", context_length=2048)
+    for host in ("h1", "h2"):
+        Catalog(root / host / "hive" / "models").add_file(SEEDED_REPO, "tiny.gguf", gguf)
+    with netns.lan_or_skip(["q", "h1", "h2"]) as lan:
+        m = MultiHost(lan, root)
+        try:
+            yield from _start(m, gguf)
+        finally:
+            for host, what in (("q", "queen"), ("h1", "hive"), ("h2", "hive")):
+                # Whatever does not stop in time, the LAN's cleanup kills.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    m.rbee(host, what, "stop", timeout=20)
+
+
+def _start(m: MultiHost, gguf: Path) -> Iterator[MultiHost]:
+    lan = m.lan
+    hub = lan["h1"].popen(
+        [sys.executable, "-c", HUB_SCRIPT, HUB_REPO, HUB_FILE, str(gguf)],
+        env=m.env("h1"),
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+    )
+    m.hub_endpoint = read_line(hub, 30).strip()
+    assert m.hub_endpoint.startswith("http://127.0.0.1:"), m.hub_endpoint
+
+    queen = m.rbee(
+        "q", "queen", "start",
+        "--hive", f"tcp://{lan['h1'].address}:7835", "--hive", f"tcp://{lan['h2'].address}:7835",
+    )  # fmt: skip
+    assert queen.returncode == 0, queen.stderr
+
+    # One keeper asking `hive list` every 20 ms, from before the hives start: when each is
+    # first listed live, to within a poll.
+    poller = m.poll_hives(seconds=60)
+    started = time.time()
+    hives = {
+        "h1": m.start_hive("h1", HF_ENDPOINT=m.hub_endpoint),
+        "h2": m.start_hive("h2"),
+    }
+    returned: dict[str, float] = {}
+    deadline = time.time() + 60
+    while len(returned) < len(hives) and time.time() < deadline:
+        for host, proc in hives.items():
+            if host not in returned and proc.poll() is not None:
+                returned[host] = time.time()
+        time.sleep(0.01)
+    for proc in hives.values():
+        _, err = proc.communicate(timeout=1)  # TimeoutExpired: it did not return in 60 s
+        assert proc.returncode == 0, err
+    live: dict[str, float] = {}
+    for answered, rows in poller.answers(timeout=30):
+        for host in hives:
+            if rows.get(host, {}).get("liveness") == "live":
+                live.setdefault(host, answered)
+        if len(live) == len(hives):
+            break
+    poller.stop()
+    assert live.keys() == hives.keys(), f"hives never listed live: {sorted(hives.keys() - live)}"
+    for host in hives:
+        m.timings[f"{host}: `hive start` issued to listed live"] = live[host] - started
+        m.timings[f"{host}: `hive start` returned to listed live"] = live[host] - returned[host]
+    yield m
+    assert hub.stdin is not None
+    hub.stdin.close()
+    hub.wait(timeout=10)
+
+
+def test_both_remote_hives_are_listed_live(mesh: MultiHost) -> None:
+    rows = mesh.result("hive", "list")
+    assert sorted((r["hive"], r["source"], r["endpoint"], r["liveness"]) for r in rows) == [
+        ("h1", "static", f"tcp://{mesh.lan['h1'].address}:7835", "live"),
+        ("h2", "static", f"tcp://{mesh.lan['h2'].address}:7835", "live"),
+    ]
+    for row in rows:
+        assert row["heartbeat_age_s"] is not None and row["heartbeat_age_s"] < 1.0, row
+    # Negative "returned" times: the queen listed the hive before `hive start` itself returned
+    # (the command's own status check comes after the hive has answered the queen).
+    for name, seconds in mesh.timings.items():
+        print(f"\n{name}: {seconds:+.3f} s", end="")
+    # A queen says READY to an unknown hive every second: live within ~1 s of the hive answering
+    # (plus slack for a loaded box).
+    for host in ("h1", "h2"):
+        assert mesh.timings[f"{host}: `hive start` returned to listed live"] < 5
+
+
+def test_a_remote_hive_downloads_from_a_hub_on_its_own_machine(mesh: MultiHost) -> None:
+    download = mesh.keeper("model", "download", HUB_REPO, "--hive", "h1", timeout=120)
+    assert download.returncode == 0, download.stderr
+    assert "available" in download.stdout
+
+    models = mesh.result("model", "list")
+    assert {"hive": "h1", "id": f"{HUB_REPO}:{HUB_FILE}", "status": "available"}.items() <= next(
+        r for r in models if r["id"] == f"{HUB_REPO}:{HUB_FILE}"
+    ).items(), models
+    assert not any(r["id"].startswith(HUB_REPO) and r["hive"] == "h2" for r in models)
+    # The hosts share one file system: the bytes landed in h1's catalog, checked and whole.
+    entry = next((mesh.home("h1") / "hive" / "models").glob("rbee-test--tiny-llama-GGUF--*"))
+    assert (entry / HUB_FILE).read_bytes() == (mesh.root / "tiny.gguf").read_bytes()
+
+
+def test_a_worker_spawns_and_infers_on_the_chosen_remote_hive(mesh: MultiHost) -> None:
+    spawned = mesh.result("worker", "spawn", "-m", SEEDED, "--hive", "h2", timeout=120)
+    assert spawned["state"] == "ready", spawned
+    # The worker process runs on h2's machine: the kernel says so.
+    assert spawned["pid"] in mesh.lan["h2"].pids()
+    assert spawned["pid"] not in mesh.lan["h1"].pids()
+
+    proc = mesh.keeper_popen("--json", "infer", "-m", SEEDED, "--hive", "h2", "-n", "400",
+                             "-t", "0", "Hello")  # fmt: skip
+    arrivals: list[tuple[float, dict[str, Any]]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = read_line(proc, deadline - time.monotonic())
+        if not line:
+            break
+        arrivals.append((time.monotonic(), json.loads(line)))
+    proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    kinds = [event["event"] for _, event in arrivals]
+    assert kinds[-1] == "done" and kinds.count("token") > 1, kinds
+    tokens = [(t, e) for t, e in arrivals if e["event"] == "token"]
+    first_token, done = tokens[0][0], arrivals[-1][0]
+    assert kinds.index("token") < kinds.index("done")
+    result = arrivals[-1][1]["result"]
+    assert result["worker"] == spawned["id"], result  # the worker on h2, not a new one
+    assert result["usage"]["generated_tokens"] == 400, result
+    assert result["text"] == "".join(str(e["text"]) for _, e in tokens)
+    print(
+        f"\n{result['usage']['generated_tokens']} tokens from h2 in {len(tokens)} token events; "
+        f"the first arrived {done - first_token:.3f} s before done",
+        end="",
+    )
+
+
+def test_a_cut_hive_goes_suspect_then_lost_ends_its_job_and_comes_back(mesh: MultiHost) -> None:
+    lan = mesh.lan
+    assert mesh.liveness() == {"h1": "live", "h2": "live"}
+    job = mesh.keeper_popen("--json", "ping", "--hive", "h1", "-n", "100000", "-i", "0.01")
+    # Running on h1 once its narration streams back.
+    for _ in range(100):
+        event = json.loads(read_line(job, 30))
+        if event["event"] == "narration":
+            break
+    poller = mesh.poll_hives(seconds=30)
+    _, first = next(poller.answers(timeout=30))  # polling has begun
+    assert first["h1"]["liveness"] == "live"
+
+    cut = time.time()
+    lan.cut(lan["h1"])
+    seen: list[tuple[float, str, float]] = []  # (answered - cut, liveness, heartbeat age)
+    for answered, rows in poller.answers(timeout=10):
+        assert rows["h2"]["liveness"] == "live", rows  # the other hive is untouched
+        h1 = rows["h1"]
+        if not seen or seen[-1][1] != h1["liveness"]:
+            seen.append((answered - cut, h1["liveness"], h1["heartbeat_age_s"]))
+        if h1["liveness"] == "lost":
+            break
+    poller.stop()
+
+    states = [s for _, s, _ in seen]
+    assert states[-1:] == ["lost"], seen
+    # Only forward, never back, and never skipping a state: the queen checks each hive twice
+    # per its heartbeat interval, and suspect lasts two intervals (0.3 to 0.7 s of silence).
+    assert states in (["suspect", "lost"], ["live", "suspect", "lost"]), seen
+    lost_after = next(t for t, s, _ in seen if s == "lost")
+    # Lost means silent for over 3.5 intervals (0.7 s): within ~0.8 s of the cut, 3 s allowed
+    # for a loaded box.
+    assert lost_after < 3.0, seen
+    for t, state, age in seen:
+        print(f"\n{state:8s} {t:.3f} s after the cut (heartbeat age {age} s)", end="")
+
+    out, err = job.communicate(timeout=15)
+    assert job.returncode == 1, (out, err)
+    last = json_events(out)[-1]
+    assert last["event"] == "error" and last["code"] == "HIVE_LOST", last
+    assert "hive h1 stopped answering" in str(last["message"])
+
+    restored = time.monotonic()
+    lan.restore(lan["h1"])
+    back = mesh.wait_liveness("h1", "live", timeout=30)
+    print(f"\nlive again {back - restored:.3f} s after the link was restored", end="")
+    # The same queen, not restarted, serves jobs on h1 again.
+    pong = mesh.keeper("ping", "--hive", "h1", "-n", "2", timeout=30)
+    assert pong.returncode == 0, pong.stderr
