@@ -374,7 +374,7 @@ def queen_start(
     argv = ["queen", "start", "--foreground", "--bind", bind]
     argv += [arg for hive in hives for arg in ("--peer", hive)]
     argv += ["--local-hive"] if local_hive else []
-    argv += [] if discovery else ["--no-discovery"]
+    argv += ["--discovery" if discovery else "--no-discovery"]  # explicit: not from its env
     _start_daemon(cli, "queen", argv)
 
 

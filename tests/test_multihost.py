@@ -377,3 +377,52 @@ def test_a_cut_hive_goes_suspect_then_lost_ends_its_job_and_comes_back(mesh: Mul
     # The same queen, not restarted, serves jobs on h1 again.
     pong = mesh.keeper("ping", "--hive", "h1", "-n", "2", timeout=30)
     assert pong.returncode == 0, pong.stderr
+
+
+# ---- discovery: nothing configured but the start commands -------------------------------------
+
+
+lan = netns.lan
+
+
+def test_hives_started_with_no_address_are_discovered_and_dropped_on_goodbye(
+    lan: netns.Lan, tmp_path: Path
+) -> None:
+    m = MultiHost(lan, tmp_path)
+    queen = lan["q"].run(
+        [sys.executable, "-m", "rbee_mesh", "queen", "start", "--discovery"],
+        env=m.env("q"),
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert queen.returncode == 0, queen.stderr
+    poller = m.poll_hives(seconds=60)
+    started = time.time()
+    for host in ("h1", "h2"):
+        proc = m.start_hive(host)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    found: dict[str, float] = {}
+    for answered, rows in poller.answers(timeout=30):
+        for host in ("h1", "h2"):
+            row = rows.get(host)
+            if row and row["liveness"] == "live":
+                assert row["source"] == "mdns", row
+                assert row["endpoint"] == f"tcp://{lan[host].address}:7835", row
+                found.setdefault(host, answered - started)
+        if len(found) == 2:
+            break
+    print(f"\ndiscovered and live after {found} s from the first hive start", end="")
+
+    stopping = time.time()
+    assert m.rbee("h2", "hive", "stop").returncode == 0  # a goodbye on the LAN
+    gone = 0.0
+    for answered, rows in poller.answers(timeout=30):
+        if "h2" not in rows:
+            gone = answered
+            break
+    poller.stop()
+    print(f"\ndropped {gone - stopping:.3f} s after `hive stop`", end="")
+    assert "h1" in rows and rows["h1"]["liveness"] == "live"
+    m.rbee("q", "queen", "stop")
+    m.rbee("h1", "hive", "stop")
