@@ -6,6 +6,7 @@ the actor a job needs) is unreachable; 4 not found; 5 timed out; 130 cancelled (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -29,6 +30,7 @@ from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import JobHandle, Keeper, KeeperConfig, QueenUnreachable, open_keeper
 from rbee_mesh.config import load_config, peer_endpoint
 from rbee_mesh.demo import run_demo
+from rbee_mesh.doctor import run_doctor
 from rbee_mesh.mesh import (
     DEFAULT_QUEEN_BIND,
     embedded_mesh,
@@ -291,6 +293,33 @@ async def _run_embedded(op: Operation, renderer: Renderer, timeout_s: float | No
         open_keeper(queen.listener.endpoint) as keeper,
     ):
         return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
+
+
+@main.command()
+@click.option(
+    "--discovery/--no-discovery",
+    default=True,
+    envvar="RBEE_MESH_DISCOVERY",
+    show_default=True,
+    help="Listen for hives announced on the LAN for a few seconds.",
+)
+@pass_cli
+def doctor(cli: Cli, discovery: bool) -> None:
+    """Explain why a hive is not visible: each check says ok, or the problem and what to do.
+
+    Checks the queen, multicast on this machine, what mDNS announces against what the queen has
+    linked, and for each hive: liveness, its port from here, its protocol, its clock.
+    """
+    checks = trio.run(functools.partial(run_doctor, cli.endpoint, discovery=discovery))
+    for check in checks:
+        if cli.as_json:
+            click.echo(json.dumps(check.to_record()))
+            continue
+        mark = click.style("ok     ", fg="green") if check.ok else click.style("PROBLEM", fg="red")
+        click.echo(f"{mark}  {check.name:<14} {check.message}")
+        if check.advice:
+            click.echo(f"         {'':<14} -> {check.advice}")
+    sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED)
 
 
 @main.group()

@@ -160,3 +160,22 @@ def test_hive_killed_takes_its_workers_with_it(local_mesh: Mesh) -> None:
     finally:
         os.close(pidfd)
     assert ready, "the worker outlived its killed hive by 10 s"
+
+
+def test_doctor_says_what_is_wrong_and_what_to_do(mesh: Mesh) -> None:
+    no_queen = mesh.run("--json", "doctor", "--no-discovery")
+    checks = {c["check"]: c for c in json_events(no_queen.stdout)}
+    assert no_queen.returncode == 1
+    assert not checks["queen"]["ok"] and "queen start" in str(checks["queen"]["advice"])
+
+    assert mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0").returncode == 0
+    try:
+        lonely = mesh.run("--json", "doctor", "--no-discovery")
+        checks = {c["check"]: c for c in json_events(lonely.stdout)}
+        assert lonely.returncode == 1 and checks["queen"]["ok"]
+        assert not checks["hives"]["ok"] and "--peer" in str(checks["hives"]["advice"])
+        assert checks["mdns"]["message"].startswith("skipped")  # type: ignore[union-attr]
+        human = mesh.run("doctor", "--no-discovery")
+        assert "PROBLEM  hives" in human.stdout and "->" in human.stdout
+    finally:
+        mesh.run("queen", "stop")

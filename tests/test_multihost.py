@@ -1,8 +1,8 @@
 """A mesh across machines: a queen and two hives, each in a network namespace of its own.
 
 Real processes, real TCP between real network stacks, started as a person would: only the start
-commands, with the hives named by `--hive` (static). The LAN comes from tests/netns.py; its
-`cut` makes a host's switch port silent, so liveness is tested against silence, not resets.
+commands; the queen finds the hives by mDNS. The LAN comes from tests/netns.py; its `cut` makes a
+host's switch port silent, so liveness is tested against silence, not resets.
 
 Times are measured and printed (`pytest -s` shows them).
 """
@@ -218,10 +218,8 @@ def _start(m: MultiHost, gguf: Path) -> Iterator[MultiHost]:
     m.hub_endpoint = read_line(hub, 30).strip()
     assert m.hub_endpoint.startswith("http://127.0.0.1:"), m.hub_endpoint
 
-    queen = m.rbee(
-        "q", "queen", "start",
-        "--hive", f"tcp://{lan['h1'].address}:7835", "--hive", f"tcp://{lan['h2'].address}:7835",
-    )  # fmt: skip
+    # Nothing configured but the start commands: the queen finds the hives on the LAN.
+    queen = m.rbee("q", "queen", "start", "--discovery")
     assert queen.returncode == 0, queen.stderr
 
     # One keeper asking `hive list` every 20 ms, from before the hives start: when each is
@@ -263,8 +261,8 @@ def _start(m: MultiHost, gguf: Path) -> Iterator[MultiHost]:
 def test_both_remote_hives_are_listed_live(mesh: MultiHost) -> None:
     rows = mesh.result("hive", "list")
     assert sorted((r["hive"], r["source"], r["endpoint"], r["liveness"]) for r in rows) == [
-        ("h1", "static", f"tcp://{mesh.lan['h1'].address}:7835", "live"),
-        ("h2", "static", f"tcp://{mesh.lan['h2'].address}:7835", "live"),
+        ("h1", "mdns", f"tcp://{mesh.lan['h1'].address}:7835", "live"),
+        ("h2", "mdns", f"tcp://{mesh.lan['h2'].address}:7835", "live"),
     ]
     for row in rows:
         assert row["heartbeat_age_s"] is not None and row["heartbeat_age_s"] < 1.0, row
@@ -413,6 +411,12 @@ def test_hives_started_with_no_address_are_discovered_and_dropped_on_goodbye(
         if len(found) == 2:
             break
     print(f"\ndiscovered and live after {found} s from the first hive start", end="")
+
+    doctor = m.rbee("q", "--json", "doctor", "--discovery")
+    checks = {c["check"]: c for c in json_events(doctor.stdout)}
+    assert doctor.returncode == 0, doctor.stdout
+    assert checks["mdns"]["ok"] and "h1, h2" in checks["mdns"]["message"], checks
+    assert checks["hive h1"]["ok"] and checks["hive h2"]["ok"], checks
 
     stopping = time.time()
     assert m.rbee("h2", "hive", "stop").returncode == 0  # a goodbye on the LAN
