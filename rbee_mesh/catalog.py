@@ -31,7 +31,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -284,20 +284,14 @@ class Catalog:
         path = self.model_path(repo, file)
         path.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+
+        def hashed() -> Iterator[bytes]:
+            with source.open("rb") as src:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(path.parent)
+                    yield chunk
+
+        write_atomic(path, hashed())
         now = time.time()
         entry = ModelEntry(
             id=id_,
@@ -523,8 +517,9 @@ def _field(data: dict[str, Any], key: str, kind: Any, *, optional: bool = False)
     return value
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old content or the new, never a mix.
+def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Replace `path` with `data` (bytes, or chunks of them) so that a crash leaves the old
+    content or the new, never a mix.
 
     Write a temporary file in the same directory, fsync it, rename it over `path`, fsync the
     directory (without that, the rename itself may not survive a power cut).
@@ -532,7 +527,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
