@@ -3,7 +3,9 @@
 A hive serves jobs on its control ROUTER exactly as the queen does (`JobServer`), adopting the
 queen's job ids so its narration needs no translation on the way back. Every `heartbeat_s` it
 publishes a HEARTBEAT on its PUB socket carrying its devices (with free memory), its workers and
-their states, and its models. It answers READY with its id and where its heartbeats are.
+their states, and its models. It answers READY with its id and where its heartbeats are. When
+it can be reached from other machines it announces itself on the LAN (mDNS). Infer jobs run on
+its workers, picked by the queen or idle.
 """
 
 from __future__ import annotations

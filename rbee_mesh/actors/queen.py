@@ -1,9 +1,11 @@
-"""The queen: one per mesh. Takes jobs from keepers, answers or routes them, streams them back.
+"""The queen: one per mesh. Takes jobs from keepers, answers, routes or schedules them, and
+streams them back.
 
 Serving jobs (accept at once, narrate, end exactly once, deadlines, cancel, slow and vanished
-keepers) is `JobServer`'s; knowing the hives (links, liveness, forwarding) is `HiveRegistry`'s.
-What is left here is the queen's own answers (status, hives, jobs) and the routing rule for
-everything a hive runs.
+keepers) is `JobServer`'s; knowing the hives (links, liveness, forwarding) is `HiveRegistry`'s;
+where an inference runs is `scheduler.place`'s. What is left here: the queen's own answers
+(status, hives, jobs), finding hives on the LAN, the routing rule for what a hive runs, and
+driving the scheduler (spawning, downloading, queueing).
 """
 
 from __future__ import annotations
@@ -122,6 +124,16 @@ class Queen:
             await self.server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
 
+    async def stop(self, reason: str = "the queen is shutting down") -> None:
+        """End every running job with ERROR UNAVAILABLE, then stop."""
+        await self.server.stop(reason)
+
+    async def add_hive(self, endpoint: str, *, source: str = "static") -> HiveLink:
+        """Manage the hive whose control socket is `endpoint` (`--hive`, or the local hive)."""
+        return await self.hives.add(endpoint, source=source)
+
+    # ---- discovery ----------------------------------------------------------------------------
+
     async def _discover(self) -> None:
         """Link the hives announced on the LAN; forget those that say goodbye."""
         try:
@@ -157,14 +169,6 @@ class Queen:
                 await self.hives.remove(link, f"it moved to {ann.control_endpoint}")
         log.info("found hive %s at %s", ann.hive_id, ann.control_endpoint)
         await self.add_hive(ann.control_endpoint, source="mdns")
-
-    async def stop(self, reason: str = "the queen is shutting down") -> None:
-        """End every running job with ERROR UNAVAILABLE, then stop."""
-        await self.server.stop(reason)
-
-    async def add_hive(self, endpoint: str, *, source: str = "static") -> HiveLink:
-        """Manage the hive whose control socket is `endpoint` (`--hive`, or the local hive)."""
-        return await self.hives.add(endpoint, source=source)
 
     # ---- routing to hives -----------------------------------------------------------------------
 
@@ -216,7 +220,7 @@ class Queen:
     # ---- inference ---------------------------------------------------------------------------
 
     async def _op_infer(self, job: Job, op: Infer) -> Any:
-        """Schedule `op` (docs/architecture.md, "Scheduling"), then run it on its worker."""
+        """Schedule `op` (docs/inference.md, "Scheduling"), then run it on its worker."""
         link, worker, model = await self._reserve_worker(job, op)
         try:
             pinned = replace(op, hive=link.name, worker=worker, model=model)
@@ -230,6 +234,7 @@ class Queen:
     async def _reserve_worker(self, job: Job, op: Infer) -> tuple[HiveLink, str, str]:
         """Find (or make) a worker with a free slot for `op` and take the slot."""
         queued = False
+        said = ""
         try:
             while True:
                 async with self._placing:
@@ -250,11 +255,10 @@ class Queen:
                         self._queue.append(job)
                         queued = True
                     position = self._queue.index(job) + 1
-                    narrate(
-                        "queued",
-                        f"{decision.reason}: position {position} of "
-                        f"{len(self._queue)} in the queue",
-                    )
+                    saying = f"{decision.reason}: position {position} of {len(self._queue)}"
+                    if saying != said:  # as the queue moves, not at every look
+                        narrate("queued", f"{saying} in the queue")
+                        said = saying
                     # A slot freed by this queen wakes the job at once; a heartbeat (a worker
                     # spawned elsewhere, a hive back) is seen at the next look.
                     with trio.move_on_after(self.server.config.heartbeat_s):
