@@ -201,19 +201,17 @@ def _read_pty(fd: int) -> bytes:
 @pytest.mark.parametrize(
     "command",
     [
-        [],
-        ["demo"],
-        ["status"],
-        ["ping"],
-        ["jobs"],
-        ["jobs", "list"],
-        ["jobs", "cancel"],
-        ["queen"],
-        ["queen", "start"],
-        ["queen", "stop"],
-        ["queen", "status"],
+        [], ["demo"], ["status"], ["ping"], ["infer"], ["doctor"],
+        ["jobs"], ["jobs", "list"], ["jobs", "cancel"],
+        ["queen"], ["queen", "start"], ["queen", "stop"], ["queen", "status"],
+        ["hive"], ["hive", "start"], ["hive", "stop"], ["hive", "status"], ["hive", "list"],
+        ["hive", "get"],
+        ["worker"], ["worker", "spawn"], ["worker", "list"], ["worker", "get"],
+        ["worker", "delete"],
+        ["model"], ["model", "download"], ["model", "list"], ["model", "get"],
+        ["model", "delete"],
     ],
-)
+)  # fmt: skip
 def test_every_command_has_help(mesh: Mesh, command: list[str]) -> None:
     result = mesh.run(*command, "--help")
     assert result.returncode == 0
