@@ -444,6 +444,13 @@ def hive() -> None:
     help="Where the hive publishes its heartbeats.",
 )
 @click.option(
+    "--lan",
+    is_flag=True,
+    help="Serve the LAN: bind both ports on all interfaces (0.0.0.0), so that queens on other "
+    "machines can reach the hive and find it (mDNS). Nodes do not authenticate each other yet: "
+    "use it on a network you trust.",
+)
+@click.option(
     "--id",
     "hive_id",
     default=default_hive_id,
@@ -461,12 +468,22 @@ def hive() -> None:
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
 def hive_start(
-    cli: Cli, bind: str, heartbeat_bind: str, hive_id: str, heartbeat_s: float, foreground: bool
+    cli: Cli,
+    bind: str,
+    heartbeat_bind: str,
+    lan: bool,
+    hive_id: str,
+    heartbeat_s: float,
+    foreground: bool,
 ) -> None:
     """Start this machine's hive (a daemon, unless --foreground); return once it answers.
 
-    Then tell a queen about it: rbee-mesh queen start --hive tcp://THIS-HOST:7835
+    With --lan, queens on the LAN find it by themselves; otherwise tell a queen where it is
+    (queen start --peer HOST).
     """
+    if lan:
+        bind = bind.replace("127.0.0.1", "0.0.0.0")
+        heartbeat_bind = heartbeat_bind.replace("127.0.0.1", "0.0.0.0")
     if foreground:
         config = HiveConfig(
             state_dir=daemon.state_dir(),

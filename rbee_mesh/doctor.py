@@ -78,8 +78,8 @@ async def run_doctor(endpoint: str, *, discovery: bool) -> list[Check]:
                 "hives",
                 False,
                 "the queen knows no hive",
-                "start one on each machine (rbee-mesh hive start --bind tcp://0.0.0.0:7835 "
-                "--heartbeat-bind tcp://0.0.0.0:7836), or name them: queen start --peer HOST",
+                "start one on each machine (rbee-mesh hive start --lan), or name them: "
+                "queen start --peer HOST",
             )
         )
     checks += [await hive_check(name, detail) for name, detail in hives.items()]
@@ -140,8 +140,8 @@ async def mdns_check(linked: dict[str, dict[str, Any]]) -> Check:
             "mdns",
             not linked or all(h["source"] != "mdns" for h in linked.values()),
             f"no hive announced itself in {LISTEN_S:g} s",
-            "hives bound to 127.0.0.1 are not announced: start them with --bind "
-            "tcp://0.0.0.0:7835; a firewall may drop mDNS (UDP 5353)",
+            "hives bound to 127.0.0.1 are not announced: start them with "
+            "rbee-mesh hive start --lan; a firewall may drop mDNS (UDP 5353)",
         )
     wrong = [a for a in seen.values() if not protocol_compatible(a)]
     if wrong:
@@ -172,7 +172,7 @@ async def hive_check(name: str, detail: dict[str, Any]) -> Check:
     reachable = await _port_reachable(detail["endpoint"])
     if reachable is not None:
         problems.append(f"control port not reachable from here: {reachable}")
-        advice.append("a firewall, or the hive bound to 127.0.0.1 (--bind tcp://0.0.0.0:7835)")
+        advice.append("a firewall, or the hive serves only its own machine (hive start --lan)")
     protocol = detail.get("protocol")
     if protocol is not None and protocol != PROTOCOL_VERSION:
         problems.append(f"speaks protocol {protocol}, this build {PROTOCOL_VERSION}")

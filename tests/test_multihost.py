@@ -182,8 +182,7 @@ class MultiHost:
 
     def start_hive(self, host: str, **env: str) -> subprocess.Popen[str]:
         return self.lan[host].popen(
-            [sys.executable, "-m", "rbee_mesh", "hive", "start", "--id", host,
-             "--bind", "tcp://0.0.0.0:7835", "--heartbeat-bind", "tcp://0.0.0.0:7836",
+            [sys.executable, "-m", "rbee_mesh", "hive", "start", "--lan", "--id", host,
              "--heartbeat", str(HEARTBEAT_S)],
             env=self.env(host, **env),
             cwd=REPO_ROOT,
