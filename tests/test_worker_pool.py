@@ -8,6 +8,7 @@ is not our child), all under trio.fail_after.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -219,7 +220,9 @@ async def test_worker_that_stops_heartbeating_is_declared_dead_and_killed(
     with trio.fail_after(10 * HEARTBEAT_S + 5):
         await wait_for_state(pool, record.id, WorkerState.DEAD)
     dead = pool.get(record.id)
-    assert dead.reason.startswith("lost: it sent nothing for 3 heartbeat intervals")
+    # Lost after three silent intervals, or a check later on a loaded machine.
+    lost = re.match(r"lost: it sent nothing for (\d+) heartbeat intervals", dead.reason)
+    assert lost is not None and int(lost.group(1)) >= 3, dead.reason
     assert dead.signal == "SIGKILL"
     assert reaped(record.pid)
 
@@ -261,7 +264,8 @@ async def test_worker_exits_by_itself_when_its_hive_is_silent(model: Path, short
         result = await trio.run_process(argv, capture_stderr=True, check=False)
     assert result.returncode == WorkerExit.HIVE_LOST
     last_line = result.stderr.decode().strip().splitlines()[-1]
-    assert "sent nothing for 3 heartbeat intervals" in last_line
+    silent = re.search(r"sent nothing for (\d+) heartbeat intervals", last_line)
+    assert silent is not None and int(silent.group(1)) >= 3, last_line
 
 
 ORPHAN_PARENT = """
