@@ -24,9 +24,10 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # the multi-host tests turn discovery on inside the network namespaces they make.
 os.environ["RBEE_MESH_DISCOVERY"] = "0"
 
-#: Short intervals so that liveness tests finish quickly; real time, generous fail_after bounds.
-FAST_QUEEN = ServerConfig(heartbeat_s=0.1, peer_stall_s=2.0, shutdown_grace_s=1.0)
-FAST_KEEPER = KeeperConfig(heartbeat_s=0.1, accept_timeout_s=2.0)
+#: Short intervals so that liveness tests finish quickly (lost after 0.7 s of silence), but long
+#: enough that a loaded two-core machine does not miss heartbeats; real time, generous bounds.
+FAST_QUEEN = ServerConfig(heartbeat_s=0.2, peer_stall_s=2.0, shutdown_grace_s=1.0)
+FAST_KEEPER = KeeperConfig(heartbeat_s=0.2, accept_timeout_s=2.0)
 
 TRANSPORTS = ["mem", "ipc", "tcp"]
 _names = itertools.count()

@@ -302,7 +302,7 @@ def start_hive_process(state: Path, control: str, heartbeats: str) -> subprocess
         "--heartbeat-bind",
         heartbeats,
         "--heartbeat",
-        "0.2",
+        "0.5",  # margin for a loaded machine: a worker starting competes for the CPU
     ]
     return subprocess.Popen(
         argv,

@@ -116,10 +116,17 @@ class ZmqListener(Listener):
         return peer, frames
 
     async def aclose(self) -> None:
-        """Close the socket and remove this listener's ipc socket file."""
-        if not self._sock.closed and self._ipc_file is not None:
-            _remove_own_ipc_file(self.endpoint.removeprefix("ipc://"), self._ipc_file)
-        await self._sock.aclose()
+        """Unbind (so the endpoint can be bound again at once), remove this listener's ipc
+        socket file, and close the socket."""
+        if self._sock.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._ipc_file is not None:
+                _remove_own_ipc_file(self.endpoint.removeprefix("ipc://"), self._ipc_file)
+            await _unbind(self._sock, self.endpoint)
+        finally:
+            await self._sock.aclose()
 
 
 class ZmqPublisher(Publisher):
