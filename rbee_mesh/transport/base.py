@@ -19,7 +19,24 @@ from types import TracebackType
 from typing import Protocol, Self
 
 
-class Connection(Protocol):
+class Closing(Protocol):
+    """Every transport object: closed by `aclose`, or by leaving its `async with` block."""
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Connection(Closing, Protocol):
     """The DEALER side: one connection to one listener."""
 
     endpoint: str
@@ -41,19 +58,8 @@ class Connection(Protocol):
         """Close this end; pending and later calls raise TransportClosed. Idempotent."""
         ...
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class Listener(Protocol):
+class Listener(Closing, Protocol):
     """The ROUTER side: many peers, each identified by opaque bytes."""
 
     endpoint: str
@@ -75,19 +81,8 @@ class Listener(Protocol):
         """Stop listening; pending and later calls raise TransportClosed. Idempotent."""
         ...
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class Publisher(Protocol):
+class Publisher(Closing, Protocol):
     """The PUB side: broadcasts each message to whoever is subscribed right now, or to nobody.
 
     PUB/SUB promises no delivery. A subscriber that connects misses what was published before
@@ -111,19 +106,8 @@ class Publisher(Protocol):
         """Unbind and close; once this returns the endpoint may be bound again. Idempotent."""
         ...
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class Subscriber(Protocol):
+class Subscriber(Closing, Protocol):
     """The SUB side: one inbox for the messages of any number of publishers.
 
     A subscription outlives its publisher: connecting before anything is bound at the endpoint
@@ -153,14 +137,3 @@ class Subscriber(Protocol):
     async def aclose(self) -> None:
         """Close; pending and later calls raise TransportClosed. Idempotent."""
         ...
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
