@@ -662,16 +662,11 @@ class Worker:
 
 
 def _sampled(job: _Job) -> int:
-    """Tokens the backend has sampled for `job` so far.
-
-    A backend's models count them (`generated_tokens`); the pieces of text it yields are fewer
-    when it holds text back (a character split over tokens, the possible start of a stop
-    sequence), and are the count of last resort.
-    """
+    """Tokens the backend has sampled for `job` so far (the pieces of text it yielded are fewer
+    when it held text back: a character split over tokens, the possible start of a stop)."""
     if not job.generating:
         return 0  # the model's count is still the previous job's
-    sampled = getattr(job.model, "generated_tokens", None)
-    return sampled if isinstance(sampled, int) else job.pieces
+    return job.model.generated_tokens
 
 
 def _finish_reason(job: _Job, generated: int, prompt_tokens: int) -> str:
@@ -681,10 +676,7 @@ def _finish_reason(job: _Job, generated: int, prompt_tokens: int) -> str:
     at a stop sequence, and yields only text. Without stop sequences a shorter generation met
     the end-of-sequence token ("eos"); with them it may have met either ("end").
     """
-    n_ctx = getattr(job.model, "n_ctx", None)
-    budget = job.op.max_tokens
-    if isinstance(n_ctx, int):
-        budget = min(budget, n_ctx - prompt_tokens)
+    budget = min(job.op.max_tokens, job.model.n_ctx - prompt_tokens)
     if generated >= budget:
         return "length"
     return "end" if job.op.stop else "eos"

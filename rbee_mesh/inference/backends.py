@@ -147,6 +147,10 @@ class LoadedModel(Protocol):
     #: "ctransformers" or "llama-cpp".
     backend: str
     info: GgufInfo
+    #: The context the model was loaded with (prompt plus generated tokens), in tokens.
+    n_ctx: int
+    #: Tokens sampled by the latest generate() call so far (its text may be held back).
+    generated_tokens: int
 
     def count_tokens(self, text: str) -> int:
         """The tokens `text` takes as a prompt, the BOS token included."""
