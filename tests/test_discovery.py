@@ -39,6 +39,7 @@ from rbee_mesh.discovery import (
     protocol_compatible,
 )
 from rbee_mesh.protocol import PROTOCOL_VERSION
+from tests.skips import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = ["127.0.0.1"]
@@ -70,7 +71,7 @@ def _child_command(scenario: str, *args: str) -> list[str]:
 def netns() -> Iterator[str]:
     """A fresh network namespace with its loopback up; removed after the test, pass or fail."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create a network namespace")
+        skip_or_fail("needs root and iproute2 to create a network namespace")
     name = f"rbee-discovery-{os.getpid()}-{next(_namespaces)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

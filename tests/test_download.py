@@ -27,6 +27,7 @@ from rbee_mesh.download import QUANT_ORDER, choose_gguf, download_model
 from rbee_mesh.protocol import Data, ErrorCode, MeshError, Message, Narration
 from tests import hub as fake_hub
 from tests.hub import FakeHub
+from tests.skips import skip_or_fail
 
 hub = fake_hub.hub  # the fixture, used by name
 
@@ -540,7 +541,7 @@ async def test_full_disk_fails_with_no_space_and_nothing_becomes_available(
     hub: FakeHub, tmp_path: Path
 ) -> None:
     if not _can_mount_a_small_tmpfs():
-        pytest.skip("needs unprivileged user+mount namespaces (unshare) to mount a tiny tmpfs")
+        skip_or_fail("needs unprivileged user+mount namespaces (unshare) to mount a tiny tmpfs")
     hub.add_random_file(REPO, "big.gguf", 2_000_000)
     hub.add_random_file(REPO, "filling.gguf", 300_000)
     hub.rate_bps = 500_000

@@ -36,6 +36,7 @@ from rbee_mesh.transport import (
     parse_endpoint,
     shared_context,
 )
+from tests.skips import skip_or_fail
 
 TRANSPORTS = ["mem", "inproc", "ipc", "tcp"]
 MESSAGE = [b"RBEE\x01", b"SUBMIT", b"job-1", b"\x81\xa2op\xa4ping"]
@@ -339,7 +340,7 @@ async def test_binding_tcp_ipv6_loopback_works() -> None:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
+        skip_or_fail("no IPv6 loopback on this machine")
     with trio.fail_after(10):
         async with await open_listener("tcp://[::1]:0") as listener:
             assert listener.endpoint.startswith("tcp://[::1]:")

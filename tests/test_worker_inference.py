@@ -57,6 +57,7 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.transport import Listener, open_listener
+from tests.skips import needs
 
 HEARTBEAT_S = 0.2
 PROMPT = "Once upon a time"
@@ -72,9 +73,7 @@ def backend_available(name: str) -> bool:
 BACKEND_PARAMS = [
     pytest.param(
         name,
-        marks=pytest.mark.skipif(
-            not backend_available(name), reason=f"{name} is not installed here"
-        ),
+        marks=needs(backend_available(name), f"{name} is not installed here"),
     )
     for name in ("llama-cpp", "ctransformers")
 ]
