@@ -19,7 +19,6 @@ import trio
 from rbee_mesh.actors.hive import default_hive_id
 from rbee_mesh.actors.keeper import open_keeper
 from rbee_mesh.catalog import Catalog, ModelEntry, model_id
-from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.mesh import integrated_mesh
 from rbee_mesh.protocol import (
     Cancelled,
@@ -45,6 +44,8 @@ DEMO_MODEL = model_id(DEMO_REPO, DEMO_FILE)
 
 def install_demo_model(catalog: Catalog) -> ModelEntry:
     """Write the demo model into `catalog` as an available entry."""
+    from rbee_mesh.inference.gguf_file import write_tiny_gguf  # numpy and gguf: only for this
+
     with tempfile.TemporaryDirectory() as tmp:
         source = write_tiny_gguf(Path(tmp) / DEMO_FILE, seed=7)
         return catalog.add_file(DEMO_REPO, DEMO_FILE, source)

@@ -77,13 +77,12 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_util import periodic
 
 from rbee_mesh.actors.narration import JobContext, current_job, narrate
-from rbee_mesh.inference.backends import GenerationParams, LoadedModel, load_model
 from rbee_mesh.protocol import (
     Accepted,
     Actor,
@@ -108,6 +107,11 @@ from rbee_mesh.protocol import (
 from rbee_mesh.protocol.fields import ident
 from rbee_mesh.protocol.liveness import Liveness
 from rbee_mesh.transport import Connection, TransportClosed, open_connection
+
+if TYPE_CHECKING:
+    # The hive imports this module for its constants; only a worker process needs the inference
+    # libraries (numpy, gguf, the backends), so they are imported where a worker uses them.
+    from rbee_mesh.inference.backends import GenerationParams, LoadedModel
 
 log = logging.getLogger("rbee_mesh.worker")
 
@@ -354,6 +358,8 @@ class Worker:
         return True
 
     def _load_models(self) -> tuple[list[LoadedModel], str]:
+        from rbee_mesh.inference.backends import load_model
+
         """One model per slot; every slot uses the backend the first load chose. In a thread."""
         config = self.config
         first, why = load_model(config.model, config.device, config.backend)
@@ -581,6 +587,8 @@ class Worker:
 
     async def _generate(self, job: _Job) -> dict[str, Any]:
         op, model = job.op, job.model
+        from rbee_mesh.inference.backends import GenerationParams
+
         params = GenerationParams.from_op(op)
         prompt_tokens = await trio.to_thread.run_sync(model.count_tokens, op.prompt)
         narrate("generate", f"generating with {model.backend}, prompt {prompt_tokens} tokens")
