@@ -134,6 +134,9 @@ class HiveRegistry:
         self.heartbeat_s = heartbeat_s
         self.subscriber = subscriber
         self.links: list[HiveLink] = []
+        #: Heartbeats taken from the hives' PUB sockets since start (for `status`).
+        self.heartbeats_received = 0
+        self._by_id: dict[str, HiveLink] = {}
         self._nursery: trio.Nursery | None = None
         self._beats = 0
 
@@ -164,6 +167,8 @@ class HiveRegistry:
         if link not in self.links:
             return
         self.links.remove(link)
+        if self._by_id.get(link.hive_id) is link:
+            del self._by_id[link.hive_id]
         log.info("hive %s removed: %s", link.name, why)
         self._fail_jobs(link, ErrorCode.HIVE_LOST, f"hive {link.name} left the mesh ({why})")
         if link.heartbeat_endpoint:
@@ -172,8 +177,11 @@ class HiveRegistry:
         await link.conn.aclose()
 
     def get(self, hive_id: str) -> HiveLink:
+        link = self._by_id.get(hive_id)
+        if link is not None:
+            return link
         for link in self.links:
-            if hive_id in (link.hive_id, link.endpoint):
+            if hive_id == link.endpoint:
                 return link
         known = ", ".join(link.name for link in self.links) or "none"
         raise MeshError(ErrorCode.NOT_FOUND, f"no hive {hive_id!r} is known (known: {known})")
@@ -271,7 +279,10 @@ class HiveRegistry:
         if not isinstance(ready, Ready):
             return
         first = not link.hive_id
+        if link.hive_id and self._by_id.get(link.hive_id) is link:
+            del self._by_id[link.hive_id]
         link.hive_id, link.info = ready.sender, ready.info
+        self._by_id[link.hive_id] = link
         state = ready.info.get("state")
         if isinstance(state, dict):
             link.state = state
@@ -303,15 +314,14 @@ class HiveRegistry:
             except ProtocolError as exc:
                 log.warning("ignored a malformed heartbeat: %s", exc)
                 continue
-            if not isinstance(beat, Heartbeat):
+            if not isinstance(beat, Heartbeat) or (link := self._by_id.get(beat.sender)) is None:
                 continue
-            for link in self.links:
-                if link.hive_id == beat.sender:
-                    link.state = beat.state
-                    link.liveness.interval_s = beat.interval_s
-                    if beat.ts:
-                        link.clock_skew_s = round(time.time() - beat.ts, 3)
-                    self._heard(link)
+            self.heartbeats_received += 1
+            link.state = beat.state
+            link.liveness.interval_s = beat.interval_s
+            if beat.ts:
+                link.clock_skew_s = round(time.time() - beat.ts, 3)
+            self._heard(link)
 
     def _heard(self, link: HiveLink) -> None:
         link.last_heard = time.time()

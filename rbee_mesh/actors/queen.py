@@ -314,6 +314,7 @@ class Queen:
                 "uptime_s": round(time.time() - self.started, 3),
                 "jobs_running": len(self.server.running_jobs),
                 "keepers": self.server.peer_count,
+                "heartbeats_received": self.hives.heartbeats_received,
             },
             "hives": hives,
         }

@@ -6,6 +6,7 @@ will be applied here too, so that no socket can be created without them.
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
 import zmq
@@ -56,9 +57,32 @@ def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
 
     inproc:// endpoints only connect sockets of one context, and pyzmq helpers such as
     zmq.auth default to this same instance.
+
+    A queen holds two sockets' worth of file descriptors per hive (its DEALER, and a connection
+    of its SUB), so the first call lifts the two limits a mesh of a thousand hives meets first:
+    libzmq's 1,023 sockets per context, and the usual soft limit of 1,024 open files.
     """
+    global _configured
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    if not _configured:
+        _configured = True
+        ctx.set(zmq.MAX_SOCKETS, ctx.get(zmq.SOCKET_LIMIT))
+        raise_open_file_limit()
     return ctx
+
+
+_configured = False
+
+
+def raise_open_file_limit() -> int:
+    """Lift this process's soft limit on open files to its hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 def make_socket(
