@@ -264,8 +264,13 @@ class HiveRegistry:
             self._heard(link)
             if job_id:
                 channel = link.jobs.get(job_id)
+                # Closed: the hive was declared lost and the job is ending; drop its late frames.
                 if channel is not None:
-                    await channel.send(frames)
+                    with contextlib.suppress(trio.ClosedResourceError):
+                        try:
+                            channel.send_nowait(frames)  # no task switch while the job keeps up
+                        except trio.WouldBlock:
+                            await channel.send(frames)
                 continue
             if kind is Kind.READY:
                 self._on_ready(link, frames)

@@ -87,6 +87,9 @@ class Peer:
     jobs: set[Job] = field(default_factory=set)
     heartbeat_seq: int = 0
     gone: bool = False
+    #: Frames in the outbox or being sent by the peer's sender task. While any are, new frames
+    #: queue behind them; while none are, a frame is sent at once (no task switch).
+    backlog: int = 0
 
 
 @dataclass(eq=False)
@@ -284,24 +287,29 @@ class JobServer:
         return peer
 
     async def _peer_sender(self, peer: Peer) -> None:
-        """Moves one peer's outbox to the socket; only this peer waits when it is congested."""
+        """Sends what queued for a congested peer, in order; only this peer waits for it."""
         async with peer.inbox:
             async for frames in peer.inbox:
-                backoff = 0.001
-                with trio.move_on_after(self.config.peer_stall_s) as stall:
-                    while True:
-                        try:
-                            await self.listener.send(peer.id, frames)
-                            break
-                        except PeerBusy:
-                            await trio.sleep(backoff)
-                            backoff = min(backoff * 2, 0.05)
-                        except (PeerUnreachable, TransportClosed):
-                            self._drop_peer(peer, "it is unreachable")
-                            return
-                if stall.cancelled_caught:
-                    self._drop_peer(peer, f"it read nothing for {self.config.peer_stall_s:g}s")
+                if not await self._send_patiently(peer, frames):
                     return
+                peer.backlog -= 1
+
+    async def _send_patiently(self, peer: Peer, frames: Sequence[bytes]) -> bool:
+        """Retry while the peer is busy, for up to `peer_stall_s`; drop it if it never reads."""
+        backoff = 0.001
+        with trio.move_on_after(self.config.peer_stall_s):
+            while True:
+                try:
+                    await self.listener.send(peer.id, frames)
+                    return True
+                except PeerBusy:
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 0.05)
+                except (PeerUnreachable, TransportClosed):
+                    self._drop_peer(peer, "it is unreachable")
+                    return False
+        self._drop_peer(peer, f"it read nothing for {self.config.peer_stall_s:g}s")
+        return False
 
     def _send(self, peer: Peer, message: Message) -> None:
         self._send_frames(peer, encode(message))
@@ -309,8 +317,18 @@ class JobServer:
     def _send_frames(self, peer: Peer, frames: Sequence[bytes]) -> None:
         if peer.gone:
             return
+        if not peer.backlog:
+            try:
+                self.listener.send_nowait(peer.id, frames)
+                return
+            except PeerBusy:
+                pass  # the sender task retries it
+            except (PeerUnreachable, TransportClosed):
+                self._drop_peer(peer, "it is unreachable")
+                return
         try:
             peer.outbox.send_nowait(frames)
+            peer.backlog += 1
         except trio.WouldBlock:
             self._drop_peer(peer, f"it left {self.config.peer_backlog} frames unread")
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -81,7 +81,10 @@ class JobHandle:
         if message.is_terminal:
             self.terminal = message
         self._answered.set()
-        await self._send.send(message)
+        try:
+            self._send.send_nowait(message)  # no task switch while the reader keeps up
+        except trio.WouldBlock:
+            await self._send.send(message)
         if message.is_terminal:
             self._send.close()
 

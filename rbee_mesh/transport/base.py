@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
+import trio
+
 
 class Closing(Protocol):
     """Every transport object: closed by `aclose`, or by leaving its `async with` block."""
@@ -65,13 +67,18 @@ class Listener(Closing, Protocol):
     endpoint: str
     """The endpoint actually bound (a tcp port 0 is resolved to the real port)."""
 
-    async def send(self, peer: bytes, frames: Sequence[bytes]) -> None:
-        """Send one multipart message to ``peer`` without ever waiting for that peer.
+    def send_nowait(self, peer: bytes, frames: Sequence[bytes]) -> None:
+        """Send one multipart message to ``peer`` now, never waiting for that peer.
 
         Raises PeerBusy if the peer's pipe is full right now, PeerUnreachable if the peer is
         unknown or gone, TransportClosed if this listener was closed.
         """
         ...
+
+    async def send(self, peer: bytes, frames: Sequence[bytes]) -> None:
+        """`send_nowait`, then a checkpoint (so a loop of sends lets other tasks run)."""
+        self.send_nowait(peer, frames)
+        await trio.lowlevel.checkpoint()
 
     async def receive(self) -> tuple[bytes, list[bytes]]:
         """Wait for the next message: (peer id, frames without the identity frame)."""

@@ -69,10 +69,9 @@ class MemoryListener(Listener):
         _listeners[name] = listener
         return listener
 
-    async def send(self, peer: bytes, frames: Sequence[bytes]) -> None:
+    def send_nowait(self, peer: bytes, frames: Sequence[bytes]) -> None:
         """Send to ``peer`` now or fail: PeerBusy (channel full), PeerUnreachable (gone)."""
         message = _copy_frames(frames)
-        await trio.lowlevel.checkpoint()
         if self._closed:
             raise TransportClosed(f"{self.endpoint} is closed")
         channel = self._peers.get(peer)

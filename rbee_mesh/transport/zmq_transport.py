@@ -94,11 +94,11 @@ class ZmqListener(Listener):
         sock, bound, ipc_file = _bind_socket(zmq.ROUTER, endpoint, options, "listener")
         return cls(TrioSocket(sock), bound, ipc_file)
 
-    async def send(self, peer: bytes, frames: Sequence[bytes]) -> None:
+    def send_nowait(self, peer: bytes, frames: Sequence[bytes]) -> None:
         """Send to ``peer`` now or fail: PeerBusy if its pipe is full, PeerUnreachable if gone."""
         _check_frames(frames)
         try:
-            await self._sock.send_multipart([peer, *frames], block=False)
+            self._sock.send_multipart_nowait([peer, *frames])
         except zmq.Again:
             raise PeerBusy(f"peer {peer.hex()} on {self.endpoint} is not keeping up") from None
         except zmq.ZMQError as exc:

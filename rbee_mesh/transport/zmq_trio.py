@@ -83,6 +83,20 @@ class TrioSocket:
 
         await self._perform(send, zmq.POLLOUT, block=block)
 
+    def send_multipart_nowait(self, frames: Sequence[bytes]) -> None:
+        """Send ``frames`` now or raise zmq.Again: the synchronous form of ``block=False``, for
+        callers that must not yield (a server answering inside its dispatch)."""
+        self._check_open()
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno in _CLOSED_ERRNOS:
+                raise TransportClosed("socket closed") from exc
+            raise
+        finally:
+            if not self._closed:
+                self._after_call()
+
     async def recv_multipart(self, *, block: bool = True) -> list[bytes]:
         """Wait for and return the next multipart message.
 
