@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -214,6 +215,71 @@ def demo(cli: Cli) -> None:
     """
     ok = trio.run(run_demo, cli.renderer())
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Fewer rounds and runs: done within a minute.")
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    metavar="MODE",
+    help="Only this mode: integrated, ipc, tcp, remote or http (repeatable). Default: all; a "
+    "mode this machine cannot make "
+    "(remote needs root for network namespaces) is left out with the reason.",
+)
+@click.option(
+    "--op",
+    "ops",
+    multiple=True,
+    metavar="OP",
+    help="Only this operation: control, narration, tokens or spawn (repeatable).",
+)
+@click.option(
+    "--scale",
+    "scale",
+    metavar="N,N,...",
+    help="Instead: the scale run, one queen with N simulated hives (8 workers each) for each N, "
+    "e.g. 10,100,1000.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the JSON and the chart. Default: benchmarks/results/.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@pass_cli
+def bench(
+    cli: Cli,
+    quick: bool,
+    modes: tuple[str, ...],
+    ops: tuple[str, ...],
+    scale: str | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    """Measure the transport modes side by side, next to an HTTP + SSE baseline.
+
+    Runs a light control operation (worker list), a stream of 1,000 narration events, token
+    streaming from a real worker, and worker spawn, all through keeper -> queen -> hive, in
+    each mode: integrated (one process), localhost ipc, localhost tcp, remote tcp (network
+    namespaces) and HTTP + SSE (uvicorn + starlette). Modes are interleaved round by round.
+    Prints a table (or JSON) and writes modes.json and modes.png (or scale.json). Runs from a
+    source checkout with the bench extra installed (bin/setup bench); docs/benchmarks.md
+    explains the method and holds the latest results.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "bench.py").is_file():
+        _fail(
+            cli,
+            ErrorCode.INVALID_REQUEST,
+            "rbee-mesh bench runs from a source checkout: benchmarks/ is not installed",
+            EXIT_USAGE,
+        )
+    sys.path.insert(0, str(checkout))
+    from benchmarks.bench import command
+
+    sys.exit(command(quick, modes, ops, scale, out, as_json or cli.as_json))
 
 
 @main.command()

@@ -12,8 +12,8 @@ multicast (224.0.0.0/4 on ``eth0``, for mDNS), so no packet can leave.
         lan.cut(lan["h1"])       # its switch port drops every frame, both ways
         lan.restore(lan["h1"])
 
-or the `lan` fixture (hosts q, h1, h2; another list by indirect parametrization). Import it into a
-test module as ``from tests import netns`` and ``lan = netns.lan`` (see tests/hub.py for why).
+or, in a test, `lan_or_skip(names)`. The benchmarks (benchmarks/bench.py, the remote mode) use it
+too, so it needs nothing but the standard library.
 
 Cleanup always runs, also when the test fails or is interrupted: every process in each namespace
 (`ip netns pids`) is killed, then the namespaces are deleted. Processes in a namespace are found
@@ -36,10 +36,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import pytest
-
-from tests.skips import skip_or_fail
 
 #: Interface names are at most 15 bytes; the bridge's port for host NAME is "p-NAME".
 MAX_HOST_NAME = 12
@@ -296,6 +292,8 @@ def require_lan() -> None:
 
 
 def unavailable(reason: str) -> None:
+    from tests.skips import skip_or_fail  # pytest's: only tests get here
+
     skip_or_fail(f"multi-host tests need network namespaces: {reason}")
 
 
@@ -308,12 +306,4 @@ def lan_or_skip(names: Sequence[str] = ("q", "h1", "h2")) -> Iterator[Lan]:
             made = stack.enter_context(open_lan(names))
         except LanUnavailable as exc:
             unavailable(str(exc))
-        yield made
-
-
-@pytest.fixture
-def lan(request: pytest.FixtureRequest) -> Iterator[Lan]:
-    """Hosts q, h1, h2 on one bridge (or the names given by indirect parametrization)."""
-    names = getattr(request, "param", ("q", "h1", "h2"))
-    with lan_or_skip(names) as made:
         yield made

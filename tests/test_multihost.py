@@ -379,7 +379,10 @@ def test_a_cut_hive_goes_suspect_then_lost_ends_its_job_and_comes_back(mesh: Mul
 # ---- discovery: nothing configured but the start commands -------------------------------------
 
 
-lan = netns.lan
+@pytest.fixture
+def lan() -> Iterator[netns.Lan]:
+    with netns.lan_or_skip(["q", "h1", "h2"]) as made:
+        yield made
 
 
 def test_hives_started_with_no_address_are_discovered_and_dropped_on_goodbye(

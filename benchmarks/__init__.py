@@ -1,0 +1,1 @@
+"""Benchmarks of rbee-mesh: each module measures one thing and says how (see its docstring)."""

@@ -1,0 +1,588 @@
+"""`rbee-mesh bench`: the same operations in every transport mode, side by side in one run.
+
+Modes (each a real deployment of that mode; workers are always processes of their own):
+
+- integrated: keeper, queen and hive in one process, over the in-memory transport;
+- localhost ipc / localhost tcp: keeper, queen daemon and hive daemon as three processes;
+- remote tcp: the same three on three hosts (network namespaces on one bridge; needs root);
+- HTTP + SSE: the pattern rbee used (POST /v1/jobs, then GET the job's event stream, at every
+  hop) on uvicorn + starlette with keep-alive clients, as three processes
+  (benchmarks/http_baseline.py).
+
+Operations, all through both hops (keeper -> queen -> hive, and on to a worker for tokens):
+
+- control: worker list of the hive, the light control operation;
+- narration: a stream of 1,000 narration events (ping of 1,000 pongs, narrated by the hive);
+- tokens: an inference of 64 tokens on a real worker (a random-weight tiny llama);
+- spawn: starting a worker process and loading the model (then deleting it, not timed).
+
+Each mode's keeper side is an agent process (benchmarks/agent.py). The driver interleaves
+them: every round runs a batch of each operation in each mode, in a new random order, so that
+machine noise falls on all modes alike. Reported per mode and operation: p50, p99, the rate
+(operations, events or tokens per second) and the p50 as a ratio to the HTTP baseline and to the
+integrated mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from benchmarks.agent import MODEL_FILE, MODEL_REPO, NARRATION_EVENTS, TOKENS
+from rbee_mesh.catalog import Catalog
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+MODES = ("integrated", "ipc", "tcp", "remote", "http")
+MODE_LABELS = {
+    "integrated": "integrated (one process)",
+    "ipc": "localhost ipc",
+    "tcp": "localhost tcp",
+    "remote": "remote tcp (netns)",
+    "http": "HTTP + SSE baseline",
+}
+OPS = ("control", "narration", "tokens", "spawn")
+RATE_UNITS = {"control": "ops/s", "narration": "events/s", "tokens": "tokens/s", "spawn": "ops/s"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: runs per batch for each operation, and rounds of batches."""
+
+    rounds: int
+    batch: dict[str, int]
+
+    @classmethod
+    def of(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(rounds=3, batch={"control": 100, "narration": 2, "tokens": 2, "spawn": 1})
+        return cls(rounds=10, batch={"control": 200, "narration": 5, "tokens": 5, "spawn": 1})
+
+
+class BenchError(RuntimeError):
+    """A mode could not be set up or failed while measured."""
+
+
+# ---- the agents ------------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    """One mode's keeper-side process (benchmarks/agent.py)."""
+
+    mode: str
+    proc: subprocess.Popen[str]
+
+    @classmethod
+    def start(cls, mode: str, argv: Sequence[str], prefix: Sequence[str] = ()) -> Agent:
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "benchmarks.agent", *argv],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        agent = cls(mode, proc)
+        agent._answer(timeout_s=120)  # {"ready": true}: connected and warmed up
+        return agent
+
+    def run(self, op: str, n: int) -> tuple[list[float], list[int]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer(timeout_s=300)
+        return answer["samples"], answer["events"]
+
+    def _answer(self, timeout_s: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = _readline(self.proc.stdout, timeout_s)
+        answer = json.loads(line) if line.strip() else {}
+        if "error" in answer or not answer:
+            self.proc.wait(timeout=10)
+            stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            detail = answer.get("error") or f"exited with {self.proc.returncode}"
+            raise BenchError(f"{MODE_LABELS[self.mode]}: {detail}\n{stderr[-2000:]}")
+        return dict(answer)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _readline(stream: IO[str], timeout_s: float) -> str:
+    """A line from a child's pipe, or BenchError when none comes in time."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            raise BenchError(f"no answer within {timeout_s:g}s")
+    return stream.readline()
+
+
+def _env(home: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "RBEE_MESH_DISCOVERY": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RBEE_MESH_QUEEN", None)
+    if home is not None:
+        env["RBEE_MESH_HOME"] = str(home)
+    return env
+
+
+# ---- the modes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What one mode runs while measured; torn down by `close`."""
+
+    workdir: Path
+    model: Path
+    notes: list[str] = field(default_factory=list)
+    _cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def later(self, cleanup: Callable[[], None]) -> None:
+        self._cleanups.append(cleanup)
+
+    def close(self) -> None:
+        while self._cleanups:
+            with contextlib.suppress(Exception):
+                self._cleanups.pop()()
+
+    def home(self, name: str) -> Path:
+        """A state directory with the benchmark model in its hive's catalog."""
+        home = self.workdir / name
+        Catalog(home / "hive" / "models").add_file(MODEL_REPO, MODEL_FILE, self.model)
+        return home
+
+    def cli(self, home: Path, *args: str, prefix: Sequence[str] = ()) -> dict[str, Any]:
+        """Run `rbee-mesh --json ARGS` with this state directory; its last JSON line."""
+        argv = [*prefix, sys.executable, "-m", "rbee_mesh", "--json", *args]
+        done = subprocess.run(
+            argv, cwd=ROOT, env=_env(home), capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0:
+            raise BenchError(f"`rbee-mesh {' '.join(args)}` failed: {done.stderr.strip()}")
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    def daemons(self, home: Path, hive: Sequence[str], queen: Sequence[str]) -> str:
+        """Start a hive and a queen daemon (stopped at close); the queen's endpoint."""
+        started = self.cli(home, "hive", "start", "--id", "bench-hive", *hive)
+        self.later(lambda: self.cli(home, "hive", "stop"))
+        peer = ["--peer", str(started["endpoint"])]
+        started = self.cli(home, "queen", "start", "--no-discovery", *queen, *peer)
+        self.later(lambda: self.cli(home, "queen", "stop"))
+        return str(started["endpoint"])
+
+
+def start_mode(mode: str, setup: Setup) -> Agent:
+    if mode == "integrated":
+        return Agent.start(mode, ["integrated", str(setup.home("integrated"))])
+    if mode == "ipc":
+        home = setup.home("ipc")
+        sock = f"ipc://{home}"
+        queen = setup.daemons(
+            home,
+            hive=["--bind", f"{sock}/hive.sock", "--heartbeat-bind", f"{sock}/hive-hb.sock"],
+            queen=["--bind", f"{sock}/queen.sock"],
+        )
+        return Agent.start(mode, ["mesh", queen])
+    if mode == "tcp":
+        any_port = "tcp://127.0.0.1:0"
+        queen = setup.daemons(
+            setup.home("tcp"),
+            hive=["--bind", any_port, "--heartbeat-bind", any_port],
+            queen=["--bind", any_port],
+        )
+        return Agent.start(mode, ["mesh", queen])
+    if mode == "remote":
+        return _start_remote(setup)
+    if mode == "http":
+        return _start_http(setup)
+    raise BenchError(f"unknown mode {mode!r}")
+
+
+def _start_remote(setup: Setup) -> Agent:
+    """Keeper, queen and hive on three hosts of one bridge (tests/netns.py)."""
+    from tests.netns import LanUnavailable, open_lan
+
+    stack = contextlib.ExitStack()
+    try:
+        lan = stack.enter_context(open_lan(["keeper", "queen", "hive"]))
+    except LanUnavailable as exc:
+        raise ModeUnavailable(str(exc)) from None
+    setup.later(stack.close)
+    hive, queen = lan["hive"], lan["queen"]
+    hive_home, queen_home = setup.home("remote-hive"), setup.workdir / "remote-queen"
+    setup.cli(hive_home, "hive", "start", "--id", "bench-hive", "--lan", prefix=hive.argv([]))
+    setup.cli(
+        queen_home,
+        *("queen", "start", "--no-discovery", "--bind", "tcp://0.0.0.0:7833"),
+        *("--peer", hive.address),
+        prefix=queen.argv([]),
+    )
+    # Stopped with the LAN: closing it kills every process in its namespaces.
+    target = f"tcp://{queen.address}:7833"
+    return Agent.start("remote", ["mesh", target], prefix=lan["keeper"].argv([]))
+
+
+class ModeUnavailable(BenchError):
+    """This machine cannot make the mode (e.g. no network namespaces): it is left out."""
+
+
+def _start_http(setup: Setup) -> Agent:
+    from benchmarks.http_baseline import start_server
+
+    models = setup.workdir / "http-models"
+    models.mkdir()
+    (models / MODEL_FILE).write_bytes(setup.model.read_bytes())
+    hive, hive_url = start_server(
+        "hive", "--port", "0", "--id", "bench-hive", "--model-dir", str(models), cwd=ROOT
+    )
+    setup.later(lambda: _stop(hive))
+    queen, queen_url = start_server("queen", "--port", "0", "--hive", hive_url, cwd=ROOT)
+    setup.later(lambda: _stop(queen))
+    return Agent.start("http", ["http", queen_url])
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+
+def measure(
+    modes: Sequence[str],
+    ops: Sequence[str],
+    plan: Plan,
+    workdir: Path,
+    progress: Callable[[str], None],
+) -> tuple[dict[tuple[str, str], tuple[list[float], list[int]]], list[str]]:
+    """Samples per (mode, op), interleaved round by round; and notes (modes left out)."""
+    model = write_tiny_gguf(workdir / "model.gguf", seed=7, context_length=2048)
+    setup = Setup(workdir, model)
+    agents: dict[str, Agent] = {}
+    notes: list[str] = []
+    try:
+        for mode in modes:
+            progress(f"starting {MODE_LABELS[mode]}")
+            try:
+                agents[mode] = start_mode(mode, setup)
+            except ModeUnavailable as exc:
+                notes.append(f"{MODE_LABELS[mode]} left out: {exc}")
+                progress(notes[-1])
+                continue
+            setup.later(agents[mode].close)
+        samples: dict[tuple[str, str], tuple[list[float], list[int]]] = {
+            (mode, op): ([], []) for mode in agents for op in ops
+        }
+        order = list(agents)
+        for round_ in range(1, plan.rounds + 1):
+            for op in ops:
+                random.shuffle(order)
+                progress(f"round {round_}/{plan.rounds}: {op}")
+                for mode in order:
+                    times, events = agents[mode].run(op, plan.batch[op])
+                    samples[(mode, op)][0].extend(times)
+                    samples[(mode, op)][1].extend(events)
+        return samples, notes
+    finally:
+        setup.close()
+
+
+def summarise(
+    samples: dict[tuple[str, str], tuple[list[float], list[int]]],
+) -> list[dict[str, Any]]:
+    rows = []
+    p50s = {key: statistics.median(times) for key, (times, _) in samples.items()}
+    for (mode, op), (times, events) in samples.items():
+        ordered = sorted(times)
+        p50 = p50s[(mode, op)]
+        p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+        counted = sum(events) if op in ("narration", "tokens") else len(times)
+        http, integrated = p50s.get(("http", op)), p50s.get(("integrated", op))
+        rows.append(
+            {
+                "mode": mode,
+                "label": MODE_LABELS[mode],
+                "op": op,
+                "runs": len(times),
+                "p50_us": round(p50 * 1e6, 1),
+                "p99_us": round(p99 * 1e6, 1),
+                "rate": round(counted / sum(times), 1),
+                "rate_unit": RATE_UNITS[op],
+                "p50_vs_http": round(p50 / http, 3) if http else None,
+                "p50_vs_integrated": round(p50 / integrated, 3) if integrated else None,
+            }
+        )
+    order = {mode: i for i, mode in enumerate(MODES)}
+    return sorted(rows, key=lambda r: (OPS.index(r["op"]), order[r["mode"]]))
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for the light control operation, each met or missed."""
+    control = {r["mode"]: r for r in rows if r["op"] == "control"}
+    found = []
+    if "tcp" in control:
+        tcp = control["tcp"]
+        found.append(_target("control p50, localhost tcp, both hops", tcp["p50_us"], 400, "us"))
+        if tcp["p50_vs_http"] is not None:
+            speedup = round(1 / tcp["p50_vs_http"], 2)
+            found.append(
+                {
+                    "target": "control p50, localhost tcp vs HTTP + SSE",
+                    "value": speedup,
+                    "goal": ">= 5x faster",
+                    "met": speedup >= 5,
+                }
+            )
+    if "integrated" in control:
+        found.append(_target("control p50, integrated", control["integrated"]["p50_us"], 50, "us"))
+    return found
+
+
+def _target(name: str, value: float, limit: float, unit: str) -> dict[str, Any]:
+    return {"target": name, "value": value, "goal": f"<= {limit:g} {unit}", "met": value <= limit}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ("op", "mode", "runs", "p50 us", "p99 us", "rate", "", "x HTTP", "x integrated")
+    lines = ["{:<10} {:<25} {:>5} {:>10} {:>10} {:>10} {:<9} {:>7} {:>12}".format(*head)]
+    for r in rows:
+        lines.append(
+            "{:<10} {:<25} {:>5} {:>10,.0f} {:>10,.0f} {:>10,.0f} {:<9} {:>7} {:>12}".format(
+                r["op"],
+                r["label"],
+                r["runs"],
+                r["p50_us"],
+                r["p99_us"],
+                r["rate"],
+                r["rate_unit"],
+                _ratio(r["p50_vs_http"]),
+                _ratio(r["p50_vs_integrated"]),
+            )
+        )
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per operation: p50 per mode as bars, p99 as a whisker, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.2), squeeze=False)
+    for ax, op in zip(axes[0], ops, strict=True):
+        mine = [r for r in rows if r["op"] == op]
+        labels = [r["label"].replace(" (", "\n(") for r in mine]
+        p50 = [r["p50_us"] / 1000 for r in mine]
+        p99 = [r["p99_us"] / 1000 for r in mine]
+        colors = ["#b0b0b0" if r["mode"] == "http" else "#3b7dd8" for r in mine]
+        ax.bar(range(len(mine)), p50, color=colors)
+        ax.errorbar(
+            range(len(mine)),
+            p50,
+            yerr=[[0] * len(mine), [b - a for a, b in zip(p50, p99, strict=True)]],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+        )
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(mine)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{op}  (p50, whisker to p99)", fontsize=9)
+        ax.set_ylabel("ms (log)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def run(
+    *,
+    quick: bool,
+    modes: Sequence[str] = MODES,
+    ops: Sequence[str] = OPS,
+    out_dir: Path = RESULTS,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Measure, write `modes.json` and `modes.png` into `out_dir`, and return the report."""
+    plan = Plan.of(quick)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
+        samples, notes = measure(modes, ops, plan, Path(tmp), progress)
+    rows = summarise(samples)
+    report = {
+        "benchmark": "modes",
+        "quick": quick,
+        "started": started,
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine(),
+        "plan": {"rounds": plan.rounds, "runs_per_batch": plan.batch},
+        "workload": {"narration_events": NARRATION_EVENTS, "tokens": TOKENS},
+        "notes": notes,
+        "results": rows,
+        "targets": targets(rows),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "modes.json").write_text(json.dumps(report, indent=2) + "\n")
+    chart(rows, out_dir / "modes.png", f"rbee-mesh transport modes ({machine()['cpus']} CPUs)")
+    return report
+
+
+def command(
+    quick: bool,
+    modes: Sequence[str],
+    ops: Sequence[str],
+    scale: str | None,
+    out: Path | None,
+    as_json: bool,
+) -> int:
+    """`rbee-mesh bench`: run, print the table (or JSON), and return the exit code."""
+
+    def progress(text: str) -> None:
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    def refuse(text: str) -> int:
+        print(f"rbee-mesh bench: {text}", file=sys.stderr)
+        return 2
+
+    for given, known, what in ((modes, MODES, "mode"), (ops, OPS, "operation")):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            return refuse(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    missing = [m for m in ("matplotlib", "starlette", "uvicorn") if not _importable(m)]
+    if missing:
+        return refuse(
+            f"{', '.join(missing)} not installed: the benchmark needs the bench extra "
+            "(bin/setup bench)"
+        )
+    out_dir = out or RESULTS
+    try:
+        if scale is not None:
+            try:
+                counts = [int(n) for n in scale.split(",")]
+            except ValueError:
+                return refuse(f"--scale takes hive counts like 10,100,1000, not {scale!r}")
+            if not counts or min(counts) < 1:
+                return refuse("--scale needs at least one hive count of 1 or more")
+            report = run_scale_report(counts, quick=quick, out_dir=out_dir, progress=progress)
+        else:
+            report = run(
+                quick=quick,
+                modes=[m for m in MODES if not modes or m in modes],
+                ops=[o for o in OPS if not ops or o in ops],
+                out_dir=out_dir,
+                progress=progress,
+            )
+    except BenchError as exc:
+        print(f"rbee-mesh bench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rbee-mesh bench: interrupted", file=sys.stderr)
+        return 130
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if scale is not None:
+        from benchmarks.scale import print_table
+
+        print_table(report["results"])
+    else:
+        print(table(report["results"]))
+    for t in report["targets"]:
+        verdict = "met" if t["met"] else "MISSED"
+        print(f"target: {t['target']}: {t['value']:g} (goal {t['goal']}): {verdict}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"written: {out_dir / (report['benchmark'] + '.json')}", file=sys.stderr)
+    return 0
+
+
+def run_scale_report(
+    counts: Sequence[int], *, quick: bool, out_dir: Path, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """The scale run (benchmarks/scale.py) as a report like `run`'s, written to scale.json."""
+    from benchmarks.scale import run_scale
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="rbee-scale-") as tmp:
+        rows = run_scale(counts, window_s=3 if quick else 10, workdir=Path(tmp), progress=progress)
+    worst = {r["hives"]: r for r in rows if r["op"] == "worker_list"}
+    found = [
+        _target(f"control p99 with {n} simulated hives", r["p99_us"], 5000, "us")
+        for n, r in sorted(worst.items())
+        if n >= 1000
+    ]
+    report = {
+        "benchmark": "scale",
+        "quick": quick,
+        "started": started,
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine(),
+        "notes": [],
+        "results": rows,
+        "targets": found,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
