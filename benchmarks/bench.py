@@ -252,7 +252,7 @@ class ModeUnavailable(BenchError):
 
 
 def _start_http(setup: Setup) -> Agent:
-    from benchmarks.http_baseline import start_server
+    from benchmarks.http_baseline import start_server, stop_server
 
     models = setup.workdir / "http-models"
     models.mkdir()
@@ -260,19 +260,10 @@ def _start_http(setup: Setup) -> Agent:
     hive, hive_url = start_server(
         "hive", "--port", "0", "--id", "bench-hive", "--model-dir", str(models), cwd=ROOT
     )
-    setup.later(lambda: _stop(hive))
+    setup.later(lambda: stop_server(hive))
     queen, queen_url = start_server("queen", "--port", "0", "--hive", hive_url, cwd=ROOT)
-    setup.later(lambda: _stop(queen))
+    setup.later(lambda: stop_server(queen))
     return Agent.start("http", ["http", queen_url])
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # ---- measuring -------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""`rbee-mesh bench`: the report's arithmetic, and a real quick run of every mode and operation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench
+from tests.netns import unavailable_reason
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_summary_gives_percentiles_rates_and_ratios_to_http_and_integrated() -> None:
+    samples = {
+        ("integrated", "control"): ([0.001, 0.002, 0.003], [8, 8, 8]),
+        ("tcp", "control"): ([0.002, 0.004, 0.006], [8, 8, 8]),
+        ("http", "control"): ([0.010, 0.020, 0.030], [8, 8, 8]),
+        ("tcp", "narration"): ([0.5, 0.5], [1000, 1000]),
+    }
+    rows = {(r["mode"], r["op"]): r for r in bench.summarise(samples)}
+    tcp = rows[("tcp", "control")]
+    assert (tcp["p50_us"], tcp["p99_us"]) == (4000.0, 6000.0)
+    assert tcp["rate"] == pytest.approx(3 / 0.012, rel=1e-3)  # operations per second
+    assert tcp["p50_vs_http"] == 0.2
+    assert tcp["p50_vs_integrated"] == 2.0
+    narration = rows[("tcp", "narration")]
+    assert narration["rate"] == 2000.0  # events per second, not runs
+    assert narration["p50_vs_http"] is None  # no baseline for it in this run
+
+
+def test_targets_are_judged_from_the_control_rows() -> None:
+    samples = {
+        ("integrated", "control"): ([40e-6], [0]),
+        ("tcp", "control"): ([450e-6], [0]),
+        ("http", "control"): ([3000e-6], [0]),
+    }
+    verdicts = {t["target"]: t for t in bench.targets(bench.summarise(samples))}
+    assert not verdicts["control p50, localhost tcp, both hops"]["met"]
+    assert verdicts["control p50, localhost tcp vs HTTP + SSE"]["value"] == pytest.approx(6.67)
+    assert verdicts["control p50, localhost tcp vs HTTP + SSE"]["met"]
+    assert verdicts["control p50, integrated"]["met"]
+
+
+def test_unknown_mode_is_refused_with_the_choices() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rbee_mesh", "bench", "--mode", "carrier-pigeon"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "unknown mode carrier-pigeon" in done.stderr
+    assert "integrated, ipc, tcp, remote, http" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> None:
+    if (reason := unavailable_reason()) is not None:
+        from tests.skips import skip_or_fail
+
+        skip_or_fail(f"the remote mode needs network namespaces: {reason}")
+    done = subprocess.run(
+        [sys.executable, "-m", "rbee_mesh", "bench", "--quick", "--json", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["notes"] == []  # no mode was left out
+    rows = {(r["mode"], r["op"]): r for r in report["results"]}
+    assert set(rows) == {(mode, op) for mode in bench.MODES for op in bench.OPS}
+    for row in rows.values():
+        assert 0 < row["p50_us"] <= row["p99_us"], row
+        assert row["rate"] > 0, row
+        assert row["p50_vs_http"] is not None and row["p50_vs_integrated"] is not None
+    assert rows[("http", "control")]["p50_vs_http"] == 1.0
+    assert {t["target"] for t in report["targets"]} == {
+        "control p50, localhost tcp, both hops",
+        "control p50, localhost tcp vs HTTP + SSE",
+        "control p50, integrated",
+    }
+    assert json.loads((tmp_path / "modes.json").read_text())["results"] == report["results"]
+    assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
