@@ -160,9 +160,9 @@ class Setup:
     workdir: Path
     model: Path
     notes: list[str] = field(default_factory=list)
-    _cleanups: list[Callable[[], None]] = field(default_factory=list)
+    _cleanups: list[Callable[[], object]] = field(default_factory=list)
 
-    def later(self, cleanup: Callable[[], None]) -> None:
+    def later(self, cleanup: Callable[[], object]) -> None:
         self._cleanups.append(cleanup)
 
     def close(self) -> None:

@@ -51,7 +51,7 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "Once upon a time"
 REPO, FILE = "rbee-bench/random-llama", "model.gguf"
 MODEL = f"{REPO}:{FILE}"
-MODELS: dict[str, dict[str, int]] = {
+MODELS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {
         "embedding_length": 512,

@@ -37,6 +37,28 @@ _T = TypeVar("_T")
 # libzmq reports a closed socket or a terminated context with these.
 _CLOSED_ERRNOS = frozenset({errno.ENOTSOCK, zmq.ETERM})
 
+# pyzmq's constants are enum flags, and each `&` or `|` on them builds a new enum object: at
+# several per message that was a fifth of the transport's CPU. The hot paths use plain ints.
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_EVENTS, _RCVMORE = int(zmq.EVENTS), int(zmq.RCVMORE)
+
+
+def _send_now(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
+    """`send_multipart(frames, NOBLOCK)` with int flags. libzmq queues a multipart message
+    atomically: only its first frame can fail with EAGAIN."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK)
+
+
+def _recv_now(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """`recv_multipart(NOBLOCK)` with int flags: once the first frame is there, all are."""
+    frames = [sock.recv(_NOBLOCK)]
+    while sock.get(_RCVMORE):
+        frames.append(sock.recv(_NOBLOCK))
+    return frames
+
 
 class TrioSocket:
     """Wrap ``sock`` (made by make_socket) for use from any number of trio tasks.
@@ -51,8 +73,8 @@ class TrioSocket:
         self._fd = sock.fileno()  # zmq.FD
         self._closed = False
         self._parked: dict[int, trio.lowlevel.ParkingLot] = {
-            zmq.POLLIN: trio.lowlevel.ParkingLot(),
-            zmq.POLLOUT: trio.lowlevel.ParkingLot(),
+            _POLLIN: trio.lowlevel.ParkingLot(),
+            _POLLOUT: trio.lowlevel.ParkingLot(),
         }
         # The scope around the single wait_readable(FD), and the event its task waits for.
         self._fd_waiter: trio.CancelScope | None = None
@@ -79,16 +101,16 @@ class TrioSocket:
         """
 
         def send() -> None:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            _send_now(self._sock, frames)
 
-        await self._perform(send, zmq.POLLOUT, block=block)
+        await self._perform(send, _POLLOUT, block=block)
 
     def send_multipart_nowait(self, frames: Sequence[bytes]) -> None:
         """Send ``frames`` now or raise zmq.Again: the synchronous form of ``block=False``, for
         callers that must not yield (a server answering inside its dispatch)."""
         self._check_open()
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            _send_now(self._sock, frames)
         except zmq.ZMQError as exc:
             if exc.errno in _CLOSED_ERRNOS:
                 raise TransportClosed("socket closed") from exc
@@ -104,9 +126,9 @@ class TrioSocket:
         """
 
         def recv() -> list[bytes]:
-            return self._sock.recv_multipart(zmq.NOBLOCK)
+            return _recv_now(self._sock)
 
-        return await self._perform(recv, zmq.POLLIN, block=block)
+        return await self._perform(recv, _POLLIN, block=block)
 
     def call_sync(self, op: Callable[[zmq.Socket[bytes]], _T]) -> _T:
         """Run ``op(socket)`` (connect, disconnect, unbind, an option...) while tasks may wait.
@@ -199,13 +221,13 @@ class TrioSocket:
 
     def _after_call(self) -> None:
         """After a libzmq call: wake anyone whose FD signal that call may have consumed."""
-        if self._fd_waiter is not None or self._parked[zmq.POLLIN] or self._parked[zmq.POLLOUT]:
+        if self._fd_waiter is not None or self._parked[_POLLIN] or self._parked[_POLLOUT]:
             self._refresh()
 
     def _refresh(self) -> int:
         """Read EVENTS (processing libzmq's pending commands) and wake the tasks now ready."""
         self._check_open()
-        events = cast(int, self._sock.getsockopt(zmq.EVENTS))
+        events = cast(int, self._sock.get(_EVENTS))
         for flag, lot in self._parked.items():
             if events & flag:
                 lot.unpark_all()
