@@ -30,6 +30,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_ARRAY_LEN = 100_000
 MAX_MAP_LEN = 10_000
 
+_KINDS = {kind.value: kind for kind in Kind}
+
 
 def encode(message: Message) -> list[bytes]:
     """Frames for `message`. Raises ProtocolError if the body would exceed MAX_BODY_BYTES."""
@@ -49,10 +51,9 @@ def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
     _check_header(header)
     if len(kind_frame) != 1:
         raise ProtocolError(f"the kind frame must be 1 byte, got {len(kind_frame)}")
-    try:
-        kind = Kind(kind_frame[0])
-    except ValueError:
-        raise ProtocolError(f"unknown message kind {kind_frame[0]}") from None
+    kind = _KINDS.get(kind_frame[0])
+    if kind is None:
+        raise ProtocolError(f"unknown message kind {kind_frame[0]}")
     if len(job_frame) > JOB_ID_MAX:
         raise ProtocolError(
             f"the job id frame is {len(job_frame)} bytes; the limit is {JOB_ID_MAX}"

@@ -264,6 +264,7 @@ class _FieldSpec:
 
 
 _FIELD_SPECS: dict[type, tuple[_FieldSpec, ...]] = {}
+_WIRE_SHAPES: dict[type, tuple[frozenset[str], tuple[str, ...]]] = {}
 
 
 def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
@@ -285,6 +286,16 @@ def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
     return specs
 
 
+def _wire_shape(cls: type) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The names of a class's fields on the wire, and those of them that are required."""
+    shape = _WIRE_SHAPES.get(cls)
+    if shape is None:
+        fields = [f for f in _field_specs(cls) if f.on_wire]
+        names = frozenset(f.name for f in fields)
+        shape = _WIRE_SHAPES[cls] = (names, tuple(f.name for f in fields if f.required))
+    return shape
+
+
 class Validated:
     """Mixin for frozen dataclasses whose fields are declared with `spec()`.
 
@@ -303,16 +314,15 @@ class Validated:
         """Build from a decoded msgpack map; `extra` supplies fields that travel outside it."""
         if not isinstance(body, Mapping):
             raise ProtocolError(f"{what} body must be a map, got {_type_name(body)}")
-        fields = [f for f in _field_specs(cls) if f.on_wire]
-        names = {f.name for f in fields}
-        unknown = [str(k) for k in body if k not in names]
-        if unknown:
+        names, required = _wire_shape(cls)
+        if not names.issuperset(body):
+            unknown = [str(k) for k in body if k not in names]
             raise ProtocolError(f"{what} has unknown field(s): {', '.join(sorted(unknown))[:200]}")
-        missing = [f.name for f in fields if f.required and f.name not in body]
+        missing = [name for name in required if name not in body]
         if missing:
             raise ProtocolError(f"{what} is missing field(s): {', '.join(missing)}")
         try:
-            return cls(**dict(body), **extra)
+            return cls(**body, **extra)
         except TypeError as exc:  # a field name the dataclass refuses despite the checks above
             raise ProtocolError(f"{what}: {exc}") from None
 
