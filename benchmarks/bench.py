@@ -552,10 +552,11 @@ def run_scale_report(
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="rbee-scale-") as tmp:
         rows = run_scale(counts, window_s=3 if quick else 10, workdir=Path(tmp), progress=progress)
-    worst = {r["hives"]: r for r in rows if r["op"] == "worker_list"}
+    # Open loop (jobs at a steady rate, whatever the earlier ones do) is the honest latency.
+    steady = {r["hives"]: r for r in rows if r["op"] == "worker_list" and r["mode"] == "open-loop"}
     found = [
         _target(f"control p99 with {n} simulated hives", r["p99_us"], 5000, "us")
-        for n, r in sorted(worst.items())
+        for n, r in sorted(steady.items())
         if n >= 1000
     ]
     report = {

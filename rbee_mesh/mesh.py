@@ -8,6 +8,7 @@ processes of their own.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -141,6 +142,10 @@ async def serve_queen_forever(
         for endpoint in load_config(daemon.state_dir()).peers:
             if endpoint not in peers:
                 await queen.add_hive(endpoint, source="config")
+        # What is made by now lives as long as the queen (its links, their sockets and tasks):
+        # the collector need not walk it again. At 1,000 hives each full collection walked it
+        # for 100-165 ms, during which the queen answered nothing.
+        gc.freeze()
         with daemon.recorded("queen", queen.listener.endpoint, enabled=record):
             await until_signalled()
 

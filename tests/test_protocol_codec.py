@@ -30,6 +30,7 @@ from rbee_mesh.protocol import (
     Data,
     Done,
     ErrorCode,
+    Heartbeat,
     Infer,
     Kind,
     Message,
@@ -41,6 +42,8 @@ from rbee_mesh.protocol import (
     Submit,
     WorkerSpawn,
     decode,
+    decode_heartbeat,
+    decode_state,
     encode,
     peek_route,
 )
@@ -144,15 +147,23 @@ def assert_round_trips(message: Message) -> None:
 
 
 def decode_or_refuse(frames: list[bytes]) -> Message | None:
-    """Decode: a refusal must be a ProtocolError, a success a valid, re-encodable message."""
+    """Decode: a refusal must be a ProtocolError, a success a valid, re-encodable message.
+    The queen's lazy heartbeat decoding must agree with `decode` on the same frames."""
     try:
-        message = decode(frames)
+        message: Message | None = decode(frames)
     except ProtocolError as exc:
         assert exc.code in (ErrorCode.INVALID_REQUEST, ErrorCode.UNSUPPORTED_VERSION)
         assert exc.message
-        return None
-    assert isinstance(message, MESSAGE_TYPES[message.KIND])
-    assert decode(encode(message)) == message
+        message = None
+    try:
+        beat, packed = decode_heartbeat(frames)
+        lazily: Heartbeat | None = dataclasses.replace(beat, state=decode_state(packed))
+    except ProtocolError:
+        lazily = None
+    assert lazily == (message if isinstance(message, Heartbeat) else None)
+    if message is not None:
+        assert isinstance(message, MESSAGE_TYPES[message.KIND])
+        assert decode(encode(message)) == message
     return message
 
 

@@ -9,6 +9,8 @@ from rbee_mesh.protocol.codec import (
     MAX_BODY_BYTES,
     PROTOCOL_VERSION,
     decode,
+    decode_heartbeat,
+    decode_state,
     encode,
     peek_route,
 )
@@ -107,6 +109,8 @@ __all__ = [
     "WorkerList",
     "WorkerSpawn",
     "decode",
+    "decode_heartbeat",
+    "decode_state",
     "encode",
     "peek_route",
 ]
