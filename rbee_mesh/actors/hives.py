@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,16 @@ _RELAYED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
 _SLICES = 10
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """Where a forwarded job's frames go: those the keeper streams (narration, data, tokens)
+    straight to it, as they come; the others (ACCEPTED, the terminal frame) to the task that
+    forwarded the job."""
+
+    relay: Callable[[Sequence[bytes]], None]
+    frames: trio.MemorySendChannel[Sequence[bytes]]
+
+
 @dataclass(eq=False)
 class HiveLink:
     """One hive as the queen knows it."""
@@ -84,7 +94,8 @@ class HiveLink:
     heard: trio.Event = field(default_factory=trio.Event)
     #: The liveness as it changes, to wait on: `await link.watch.wait_value(Liveness.LOST)`.
     watch: AsyncValue = field(default_factory=lambda: AsyncValue(Liveness.LIVE))
-    jobs: dict[str, trio.MemorySendChannel[Sequence[bytes]]] = field(default_factory=dict)
+    #: Jobs forwarded to this hive and running, by id.
+    jobs: dict[str, Forwarded] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -224,17 +235,14 @@ class HiveRegistry:
                 f"hive {link.name} is {link.liveness_state}; it cannot run {op.NAME}",
             )
         send, receive = trio.open_memory_channel[Sequence[bytes]](1_000)
-        link.jobs[job.id] = send
+        link.jobs[job.id] = Forwarded(relay=lambda frames: server.relay(job, frames), frames=send)
         ended = False
         try:
             elapsed = time.time() - job.created
             timeout = max(job.deadline_s - elapsed, 0.001)
             await self._send(link, Submit(job_id=job.id, ref=job.id, op=op, timeout_s=timeout))
             async for frames in receive:
-                kind, _ = peek_route(frames)
-                if kind in _RELAYED:
-                    server.relay(job, frames)
-                elif kind is not Kind.ACCEPTED:
+                if peek_route(frames)[0] is not Kind.ACCEPTED:
                     ended = True
                     return self._outcome(link, decode(frames))
             ended = True
@@ -288,14 +296,16 @@ class HiveRegistry:
                 continue
             self._heard(link)
             if job_id:
-                channel = link.jobs.get(job_id)
-                # Closed: the hive was declared lost and the job is ending; drop its late frames.
-                if channel is not None:
+                job = link.jobs.get(job_id)
+                if job is not None and kind in _RELAYED:
+                    job.relay(frames)  # straight on to the keeper: no task in between
+                elif job is not None:
+                    # Closed: the hive was declared lost and the job is ending; drop late frames.
                     with contextlib.suppress(trio.ClosedResourceError):
                         try:
-                            channel.send_nowait(frames)  # no task switch while the job keeps up
+                            job.frames.send_nowait(frames)  # no task switch while it keeps up
                         except trio.WouldBlock:
-                            await channel.send(frames)
+                            await job.frames.send(frames)
                 continue
             if kind is Kind.READY:
                 self._on_ready(link, frames)
@@ -426,12 +436,11 @@ class HiveRegistry:
 
     @staticmethod
     def _fail_jobs(link: HiveLink, code: ErrorCode, why: str) -> None:
-        for job_id, channel in list(link.jobs.items()):
-            # The job's own task turns this into its terminal frame; its channel may be full of
-            # frames the hive sent before it fell silent, and those are worth relaying first.
+        for job_id, job in list(link.jobs.items()):
+            # The job's own task turns this into its terminal frame.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                channel.send_nowait(encode(Error(job_id=job_id, code=code, message=why)))
-            channel.close()
+                job.frames.send_nowait(encode(Error(job_id=job_id, code=code, message=why)))
+            job.frames.close()
 
 
 def reachable_endpoint(advertised: str, *, via: str) -> str:
