@@ -2,10 +2,11 @@
 
 Three processes, as in the localhost modes: a client DEALER, a relay (ROUTER in front, DEALER
 behind, relaying each message unopened, like the queen relays a hive's frames), and an echo
-ROUTER behind it. Plain blocking pyzmq, no trio, no codec: one round trip through one hop (client
-to echo) and through two (client to relay to echo), four frames per message like ours. The mesh
-cannot be faster than this on the same machine; the difference is what trio, the codec and the
-actors cost (docs/benchmarks.md, "Where the time goes").
+ROUTER behind it: one round trip through one hop (client to echo) and through two (client to
+relay to echo), four frames per message like ours. Twice: with plain blocking pyzmq (`blocking`),
+and with the same sockets driven by trio through the mesh's own `TrioSocket` (`trio`), with no
+codec and no actors. The mesh cannot be faster than these on the same machine; the differences
+are what trio and the actors cost (docs/benchmarks.md, "Where the time goes").
 
     .venv/bin/python -m benchmarks.zmq_floor [--runs 5000] [--json]
 """
@@ -13,6 +14,7 @@ actors cost (docs/benchmarks.md, "Where the time goes").
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import statistics
@@ -20,7 +22,10 @@ import tempfile
 import time
 from typing import Any
 
+import trio
 import zmq
+
+from rbee_mesh.transport.zmq_trio import TrioSocket
 
 FRAMES = [b"RBEE\x01", b"\x01", b"job-0123456789ab", b"\x81\xa2op\xabworker_list"]
 
@@ -48,6 +53,34 @@ def relay(front: str, back: str) -> None:
                 outer.send_multipart(inner.recv_multipart())
 
 
+def trio_echo(endpoint: str) -> None:
+    async def serve() -> None:
+        sock = TrioSocket(zmq.Context().socket(zmq.ROUTER))
+        sock.socket.bind(endpoint)
+        while True:
+            await sock.send_multipart(await sock.recv_multipart(), block=False)
+
+    trio.run(serve)
+
+
+def trio_relay(front: str, back: str) -> None:
+    async def serve() -> None:
+        ctx = zmq.Context()
+        outer, inner = TrioSocket(ctx.socket(zmq.ROUTER)), TrioSocket(ctx.socket(zmq.DEALER))
+        outer.socket.bind(front)
+        inner.socket.connect(back)
+
+        async def pump(source: TrioSocket, sink: TrioSocket, block: bool) -> None:
+            while True:
+                await sink.send_multipart(await source.recv_multipart(), block=block)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, outer, inner, True)
+            nursery.start_soon(pump, inner, outer, False)
+
+    trio.run(serve)
+
+
 def round_trips(endpoint: str, runs: int) -> dict[str, float]:
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(endpoint)
@@ -67,21 +100,26 @@ def round_trips(endpoint: str, runs: int) -> dict[str, float]:
 
 def measure(runs: int) -> list[dict[str, Any]]:
     rows = []
+    servers = {"blocking": (echo, relay), "trio": (trio_echo, trio_relay)}
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in ("ipc", "tcp"):
+        for (driver, (echo_fn, relay_fn)), scheme in itertools.product(
+            servers.items(), ("ipc", "tcp")
+        ):
             if scheme == "ipc":
-                back, front = f"ipc://{tmp}/echo", f"ipc://{tmp}/relay"
+                back, front = f"ipc://{tmp}/echo-{driver}", f"ipc://{tmp}/relay-{driver}"
             else:
-                back, front = "tcp://127.0.0.1:17931", "tcp://127.0.0.1:17932"
+                port = 17931 if driver == "blocking" else 17933
+                back, front = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
             procs = [
-                multiprocessing.Process(target=echo, args=(back,), daemon=True),
-                multiprocessing.Process(target=relay, args=(front, back), daemon=True),
+                multiprocessing.Process(target=echo_fn, args=(back,), daemon=True),
+                multiprocessing.Process(target=relay_fn, args=(front, back), daemon=True),
             ]
             for proc in procs:
                 proc.start()
             try:
                 for hops, endpoint in ((1, back), (2, front)):
-                    rows.append({"transport": scheme, "hops": hops, **round_trips(endpoint, runs)})
+                    row = {"servers": driver, "transport": scheme, "hops": hops}
+                    rows.append({**row, **round_trips(endpoint, runs)})
             finally:
                 for proc in procs:
                     proc.kill()
@@ -98,9 +136,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'transport':<10} {'hops':>4} {'p50 us':>8} {'p99 us':>8}")
+    print(f"{'servers':<9} {'transport':<10} {'hops':>4} {'p50 us':>8} {'p99 us':>8}")
     for r in rows:
-        print(f"{r['transport']:<10} {r['hops']:>4} {r['p50_us']:>8} {r['p99_us']:>8}")
+        print(
+            f"{r['servers']:<9} {r['transport']:<10} {r['hops']:>4} {r['p50_us']:>8} "
+            f"{r['p99_us']:>8}"
+        )
 
 
 if __name__ == "__main__":
