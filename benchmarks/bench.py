@@ -406,17 +406,21 @@ def _ratio(value: float | None) -> str:
 
 
 def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """One panel per operation: p50 per mode as bars, p99 as a whisker, log scale."""
+    """One panel per operation: p50 per mode as bars from zero, p99 as a whisker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.2), squeeze=False)
-    for ax, op in zip(axes[0], ops, strict=True):
+    columns = min(2, len(ops))
+    rows_ = -(-len(ops) // columns)
+    fig, axes = plt.subplots(rows_, columns, figsize=(6 * columns, 4 * rows_), squeeze=False)
+    for ax in axes.flat[len(ops) :]:
+        ax.set_visible(False)
+    for ax, op in zip(axes.flat, ops, strict=False):
         mine = [r for r in rows if r["op"] == op]
-        labels = [r["label"].replace(" (", "\n(") for r in mine]
+        labels = [r["label"].replace(" (", "\n(").replace(" + SSE ", " + SSE\n") for r in mine]
         p50 = [r["p50_us"] / 1000 for r in mine]
         p99 = [r["p99_us"] / 1000 for r in mine]
         colors = ["#b0b0b0" if r["mode"] == "http" else "#3b7dd8" for r in mine]
@@ -429,10 +433,9 @@ def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             ecolor="black",
             capsize=3,
         )
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(mine)), labels, rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{op}  (p50, whisker to p99)", fontsize=9)
-        ax.set_ylabel("ms (log)")
+        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.set_title(f"{op}: p50, whisker to p99", fontsize=9)
+        ax.set_ylabel("ms")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
