@@ -86,19 +86,25 @@ class Agent:
 
     mode: str
     proc: subprocess.Popen[str]
+    log: Path
 
     @classmethod
-    def start(cls, mode: str, argv: Sequence[str], prefix: Sequence[str] = ()) -> Agent:
-        proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "benchmarks.agent", *argv],
-            cwd=ROOT,
-            env=_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        agent = cls(mode, proc)
+    def start(
+        cls, mode: str, argv: Sequence[str], setup: Setup, prefix: Sequence[str] = ()
+    ) -> Agent:
+        log = setup.workdir / f"agent-{mode}.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "benchmarks.agent", *argv],
+                cwd=ROOT,
+                env=_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        agent = cls(mode, proc, log)
+        setup.later(agent.close)
         agent._answer(timeout_s=120)  # {"ready": true}: connected and warmed up
         return agent
 
@@ -115,9 +121,9 @@ class Agent:
         answer = json.loads(line) if line.strip() else {}
         if "error" in answer or not answer:
             self.proc.wait(timeout=10)
-            stderr = self.proc.stderr.read() if self.proc.stderr else ""
             detail = answer.get("error") or f"exited with {self.proc.returncode}"
-            raise BenchError(f"{MODE_LABELS[self.mode]}: {detail}\n{stderr[-2000:]}")
+            stderr = self.log.read_text(errors="replace")[-2000:]
+            raise BenchError(f"{MODE_LABELS[self.mode]}: {detail}\n{stderr}")
         return dict(answer)
 
     def close(self) -> None:
@@ -198,7 +204,7 @@ class Setup:
 
 def start_mode(mode: str, setup: Setup) -> Agent:
     if mode == "integrated":
-        return Agent.start(mode, ["integrated", str(setup.home("integrated"))])
+        return Agent.start(mode, ["integrated", str(setup.home("integrated"))], setup)
     if mode == "ipc":
         home = setup.home("ipc")
         sock = f"ipc://{home}"
@@ -207,7 +213,7 @@ def start_mode(mode: str, setup: Setup) -> Agent:
             hive=["--bind", f"{sock}/hive.sock", "--heartbeat-bind", f"{sock}/hive-hb.sock"],
             queen=["--bind", f"{sock}/queen.sock"],
         )
-        return Agent.start(mode, ["mesh", queen])
+        return Agent.start(mode, ["mesh", queen], setup)
     if mode == "tcp":
         any_port = "tcp://127.0.0.1:0"
         queen = setup.daemons(
@@ -215,7 +221,7 @@ def start_mode(mode: str, setup: Setup) -> Agent:
             hive=["--bind", any_port, "--heartbeat-bind", any_port],
             queen=["--bind", any_port],
         )
-        return Agent.start(mode, ["mesh", queen])
+        return Agent.start(mode, ["mesh", queen], setup)
     if mode == "remote":
         return _start_remote(setup)
     if mode == "http":
@@ -244,7 +250,7 @@ def _start_remote(setup: Setup) -> Agent:
     )
     # Stopped with the LAN: closing it kills every process in its namespaces.
     target = f"tcp://{queen.address}:7833"
-    return Agent.start("remote", ["mesh", target], prefix=lan["keeper"].argv([]))
+    return Agent.start("remote", ["mesh", target], setup, prefix=lan["keeper"].argv([]))
 
 
 class ModeUnavailable(BenchError):
@@ -263,7 +269,7 @@ def _start_http(setup: Setup) -> Agent:
     setup.later(lambda: stop_server(hive))
     queen, queen_url = start_server("queen", "--port", "0", "--hive", hive_url, cwd=ROOT)
     setup.later(lambda: stop_server(queen))
-    return Agent.start("http", ["http", queen_url])
+    return Agent.start("http", ["http", queen_url], setup)
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -289,8 +295,6 @@ def measure(
             except ModeUnavailable as exc:
                 notes.append(f"{MODE_LABELS[mode]} left out: {exc}")
                 progress(notes[-1])
-                continue
-            setup.later(agents[mode].close)
         samples: dict[tuple[str, str], tuple[list[float], list[int]]] = {
             (mode, op): ([], []) for mode in agents for op in ops
         }
@@ -459,20 +463,17 @@ def run(
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
         samples, notes = measure(modes, ops, plan, Path(tmp), progress)
     rows = summarise(samples)
-    report = {
-        "benchmark": "modes",
-        "quick": quick,
-        "started": started,
-        "duration_s": round(time.time() - started, 1),
-        "machine": machine(),
-        "plan": {"rounds": plan.rounds, "runs_per_batch": plan.batch},
-        "workload": {"narration_events": NARRATION_EVENTS, "tokens": TOKENS},
-        "notes": notes,
-        "results": rows,
-        "targets": targets(rows),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "modes.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = write_report(
+        "modes",
+        out_dir,
+        quick=quick,
+        started=started,
+        rows=rows,
+        found=targets(rows),
+        notes=notes,
+        plan={"rounds": plan.rounds, "runs_per_batch": plan.batch},
+        workload={"narration_events": NARRATION_EVENTS, "tokens": TOKENS},
+    )
     chart(rows, out_dir / "modes.png", f"rbee-mesh transport modes ({machine()['cpus']} CPUs)")
     return report
 
@@ -562,18 +563,34 @@ def run_scale_report(
         for n, r in sorted(steady.items())
         if n >= 1000
     ]
+    return write_report("scale", out_dir, quick=quick, started=started, rows=rows, found=found)
+
+
+def write_report(
+    name: str,
+    out_dir: Path,
+    *,
+    quick: bool,
+    started: float,
+    rows: list[dict[str, Any]],
+    found: list[dict[str, Any]],
+    notes: Sequence[str] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """The report of a run, also written to `out_dir/NAME.json`."""
     report = {
-        "benchmark": "scale",
+        "benchmark": name,
         "quick": quick,
         "started": started,
         "duration_s": round(time.time() - started, 1),
         "machine": machine(),
-        "notes": [],
+        **extra,
+        "notes": list(notes),
         "results": rows,
         "targets": found,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -59,6 +59,19 @@ def test_unknown_mode_is_refused_with_the_choices() -> None:
     assert "integrated, ipc, tcp, remote, http" in done.stderr
 
 
+def test_a_mode_whose_queen_never_answers_fails_with_the_agents_reason(tmp_path: Path) -> None:
+    setup = bench.Setup(tmp_path, model=tmp_path / "unused.gguf")
+    nobody = f"ipc://{tmp_path}/nobody.sock"
+    try:
+        with pytest.raises(bench.BenchError) as failure:
+            bench.Agent.start("ipc", ["mesh", nobody], setup)
+    finally:
+        setup.close()
+    message = str(failure.value)
+    assert message.startswith("localhost ipc: QueenUnreachable")
+    assert nobody in message
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> None:
