@@ -58,9 +58,10 @@ def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
     inproc:// endpoints only connect sockets of one context, and pyzmq helpers such as
     zmq.auth default to this same instance.
 
-    A queen holds two sockets' worth of file descriptors per hive (its DEALER, and a connection
-    of its SUB), so the first call lifts the two limits a mesh of a thousand hives meets first:
-    libzmq's 1,023 sockets per context, and the usual soft limit of 1,024 open files.
+    A queen holds a socket per hive (its DEALER) and three file descriptors (that socket's, its
+    connection, and a connection of its SUB), so the first call lifts the two limits a mesh of
+    hundreds of hives meets first: libzmq's 1,023 sockets per context, and the usual soft limit
+    of 1,024 open files.
     """
     global _configured
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()

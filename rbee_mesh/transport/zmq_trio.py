@@ -37,8 +37,9 @@ _T = TypeVar("_T")
 # libzmq reports a closed socket or a terminated context with these.
 _CLOSED_ERRNOS = frozenset({errno.ENOTSOCK, zmq.ETERM})
 
-# pyzmq's constants are enum flags, and each `&` or `|` on them builds a new enum object: at
-# several per message that was a fifth of the transport's CPU. The hot paths use plain ints.
+# pyzmq's constants are enum flags, and each `&` or `|` on them builds a new enum object, several
+# per message (pyzmq's own send_multipart and recv_multipart do it per frame). The hot paths use
+# plain ints.
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _EVENTS, _RCVMORE = int(zmq.EVENTS), int(zmq.RCVMORE)
