@@ -26,10 +26,12 @@ integrated mode.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
 import random
+import selectors
 import statistics
 import subprocess
 import sys
@@ -139,8 +141,6 @@ class Agent:
 
 def _readline(stream: IO[str], timeout_s: float) -> str:
     """A line from a child's pipe, or BenchError when none comes in time."""
-    import selectors
-
     with selectors.DefaultSelector() as sel:
         sel.register(stream, selectors.EVENT_READ)
         if not sel.select(timeout_s):
@@ -595,6 +595,4 @@ def write_report(
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None

@@ -312,6 +312,24 @@ class JobServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def app(
+        self, client: httpx2.AsyncClient, then: Callable[[], Awaitable[Any]] | None = None
+    ) -> Starlette:
+        """An app serving these routes, with `client` open while it serves; at shutdown the
+        running jobs end first, then `then` runs."""
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with client:
+                try:
+                    yield
+                finally:
+                    await self.aclose()
+                    if then is not None:
+                        await then()
+
+        return Starlette(routes=self.routes(), lifespan=lifespan)
+
 
 def parse_operation(body: Any) -> Operation:
     """The operation of a job request `{"op": NAME, ...arguments}`, validated as the mesh does."""
@@ -338,15 +356,7 @@ class Queen:
         self.client = http_client()
 
     def app(self) -> Starlette:
-        @contextlib.asynccontextmanager
-        async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            async with self.client:
-                try:
-                    yield
-                finally:
-                    await self.jobs.aclose()
-
-        return Starlette(routes=self.jobs.routes(), lifespan=lifespan)
+        return self.jobs.app(self.client)
 
     async def _forward(self, job: Job) -> Any:
         peer = f"hive at {self.hive_url}"
@@ -407,16 +417,10 @@ class Hive:
         self._watchers: set[asyncio.Task[None]] = set()
 
     def app(self) -> Starlette:
-        @contextlib.asynccontextmanager
-        async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            async with self.client:
-                try:
-                    yield
-                finally:
-                    await self.jobs.aclose()
-                    await asyncio.gather(*(self._stop(w) for w in list(self.workers.values())))
+        async def stop_workers() -> None:
+            await asyncio.gather(*(self._stop(w) for w in list(self.workers.values())))
 
-        return Starlette(routes=self.jobs.routes(), lifespan=lifespan)
+        return self.jobs.app(self.client, then=stop_workers)
 
     async def _run(self, job: Job) -> Any:
         op = job.op

@@ -23,7 +23,7 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh.actors.jobserver import Job, JobServer
-from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S
+from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S, hand_over
 from rbee_mesh.protocol import (
     TERMINAL_KINDS,
     Actor,
@@ -302,10 +302,7 @@ class HiveRegistry:
                 elif job is not None:
                     # Closed: the hive was declared lost and the job is ending; drop late frames.
                     with contextlib.suppress(trio.ClosedResourceError):
-                        try:
-                            job.frames.send_nowait(frames)  # no task switch while it keeps up
-                        except trio.WouldBlock:
-                            await job.frames.send(frames)
+                        await hand_over(job.frames, frames)
                 continue
             if kind is Kind.READY:
                 self._on_ready(link, frames)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.actors.runtime import hand_over, single_errors
 from rbee_mesh.protocol import (
     Accepted,
     Cancel,
@@ -81,10 +81,7 @@ class JobHandle:
         if message.is_terminal:
             self.terminal = message
         self._answered.set()
-        try:
-            self._send.send_nowait(message)  # no task switch while the reader keeps up
-        except trio.WouldBlock:
-            await self._send.send(message)
+        await hand_over(self._send, message)
         if message.is_terminal:
             self._send.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -36,6 +36,18 @@ def single_errors() -> Iterator[None]:
         if exc is group:
             raise
         raise exc from None
+
+
+_T = TypeVar("_T")
+
+
+async def hand_over(channel: trio.MemorySendChannel[_T], item: _T) -> None:
+    """Put `item` in `channel`, waiting only while it is full: no task switch (and so no
+    scheduler round) while the reader keeps up, as `channel.send` would cost."""
+    try:
+        channel.send_nowait(item)
+    except trio.WouldBlock:
+        await channel.send(item)
 
 
 async def run_ping(op: Ping) -> dict[str, Any]:

@@ -101,10 +101,8 @@ def decode_heartbeat(frames: Sequence[bytes]) -> tuple[Heartbeat, bytes]:
     kind, job_id = peek_route(frames)
     if kind is not Kind.HEARTBEAT:
         raise ProtocolError(f"expected a HEARTBEAT, got {kind.name}")
-    body = bytes(frames[3])
-    if len(body) > MAX_BODY_BYTES:
-        raise ProtocolError(f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, **_LIMITS)
+    body = _sized(bytes(frames[3]))
+    unpacker = msgpack.Unpacker(max_buffer_size=MAX_BODY_BYTES, **_UNPACK_OPTIONS)
     unpacker.feed(body)
     fields: dict[str, Any] = {}
     state = _EMPTY_MAP
@@ -151,8 +149,11 @@ def _check_header(header: bytes) -> None:
         )
 
 
-_LIMITS: dict[str, Any] = {
-    "max_buffer_size": MAX_BODY_BYTES,
+#: How every body is unpacked: no bytes or extension types, and explicit limits.
+_UNPACK_OPTIONS: dict[str, Any] = {
+    "raw": False,
+    "strict_map_key": True,
+    "use_list": True,
     "max_str_len": MAX_BODY_BYTES,
     "max_bin_len": 0,
     "max_ext_len": 0,
@@ -161,20 +162,15 @@ _LIMITS: dict[str, Any] = {
 }
 
 
-def _unpack(body: bytes) -> Any:
+def _sized(body: bytes) -> bytes:
     if len(body) > MAX_BODY_BYTES:
         raise ProtocolError(f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    return body
+
+
+def _unpack(body: bytes) -> Any:
+    body = _sized(body)
     try:
-        return msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=MAX_BODY_BYTES,
-            max_bin_len=0,
-            max_ext_len=0,
-            max_array_len=MAX_ARRAY_LEN,
-            max_map_len=MAX_MAP_LEN,
-        )
+        return msgpack.unpackb(body, **_UNPACK_OPTIONS)
     except Exception as exc:  # msgpack raises several types (ValueError, ExtraData, ...)
         raise ProtocolError(f"the body is not valid msgpack: {type(exc).__name__}") from None
