@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from rbee_mesh.actors.keeper import Keeper, open_keeper
+from rbee_mesh.actors.keeper.client import Keeper, open_keeper
 from rbee_mesh.mesh import integrated_mesh
 from rbee_mesh.protocol import (
     Done,

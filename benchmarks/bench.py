@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from benchmarks.agent import MODEL_FILE, MODEL_REPO, NARRATION_EVENTS, TOKENS
-from rbee_mesh.catalog import Catalog
+from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent

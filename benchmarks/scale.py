@@ -87,9 +87,9 @@ import trio
 import zmq
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.keeper import Keeper, open_keeper
-from rbee_mesh.actors.worker_pool import WorkerRecord, WorkerState
-from rbee_mesh.devices import CpuDevice, CudaDevice
+from rbee_mesh.actors.hive.devices import CpuDevice, CudaDevice
+from rbee_mesh.actors.hive.worker_pool import WorkerRecord, WorkerState
+from rbee_mesh.actors.keeper.client import Keeper, open_keeper
 from rbee_mesh.protocol import (
     HEADER,
     PROTOCOL_VERSION,

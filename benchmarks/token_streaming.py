@@ -38,9 +38,9 @@ from typing import Any
 
 import trio
 
-from rbee_mesh.actors.hive import HiveConfig, running_hive
-from rbee_mesh.actors.keeper import Keeper, open_keeper
-from rbee_mesh.catalog import Catalog, ModelEntry
+from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry
+from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
+from rbee_mesh.actors.keeper.client import Keeper, open_keeper
 from rbee_mesh.inference.backends import GenerationParams, load_model
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.mesh import integrated_mesh, running_queen

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import trio
 
-from rbee_mesh import daemon
-from rbee_mesh.actors.hive import Hive, HiveConfig, running_hive
+from rbee_mesh.actors.hive.hive import Hive, HiveConfig, running_hive
 from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.queen import Queen
+from rbee_mesh.actors.keeper import daemon
+from rbee_mesh.actors.queen.config import load_config, peer_endpoint
+from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
-from rbee_mesh.config import load_config, peer_endpoint
 from rbee_mesh.transport import local_endpoint_for, open_listener, open_subscriber
 
 log = logging.getLogger("rbee_mesh.mesh")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.keeper import Keeper, KeeperConfig, open_keeper
-from rbee_mesh.actors.queen import Queen
+from rbee_mesh.actors.keeper.client import Keeper, KeeperConfig, open_keeper
+from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.mesh import running_queen
 from rbee_mesh.transport import local_endpoint_for
 

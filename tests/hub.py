@@ -1,6 +1,6 @@
 """A Hugging Face hub on 127.0.0.1 for tests: a real HTTP server, no mocks, no network.
 
-It answers exactly what huggingface-hub and rbee_mesh.download ask:
+It answers exactly what huggingface-hub and rbee_mesh.actors.hive.download ask:
 
 - ``GET /api/models/OWNER/REPO[/revision/REV]`` (``HfApi.model_info``): the commit and the files,
   with sizes and LFS sha256 (``?blobs=true``);

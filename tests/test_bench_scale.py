@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from benchmarks.scale import WORKERS_PER_HIVE, run_scale, simulated_hives
-from rbee_mesh.actors.keeper import open_keeper
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.mesh import running_queen
 from rbee_mesh.protocol import (
     Actor,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_mesh.catalog import (
+from rbee_mesh.actors.hive.catalog import (
     METADATA_NAME,
     Catalog,
     ModelEntry,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_mesh.catalog import Catalog
+from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from tests.clitools import NARRATION_LINE, Mesh, json_events
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_mesh.config import Config, load_config, peer_endpoint
+from rbee_mesh.actors.queen.config import Config, load_config, peer_endpoint
 from rbee_mesh.protocol import MeshError
 
 

@@ -14,7 +14,7 @@ import time
 import msgpack
 import pytest
 
-from rbee_mesh.devices import CpuDevice, detect_devices
+from rbee_mesh.actors.hive.devices import CpuDevice, detect_devices
 
 
 def _nvml_loads() -> bool:
@@ -66,7 +66,7 @@ def test_missing_driver_note_is_logged_once_per_process_without_traceback() -> N
     code = (
         "import logging, sys\n"
         "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format='%(message)s')\n"
-        "from rbee_mesh.devices import detect_devices\n"
+        "from rbee_mesh.actors.hive.devices import detect_devices\n"
         "for _ in range(5):\n"
         "    detect_devices()\n"
     )

@@ -27,7 +27,8 @@ import pytest
 import trio
 from zeroconf import ServiceInfo, Zeroconf
 
-from rbee_mesh.discovery import (
+from rbee_mesh.protocol import PROTOCOL_VERSION
+from rbee_mesh.transport.discovery import (
     SERVICE_TYPE,
     DiscoveryEvent,
     Found,
@@ -38,7 +39,6 @@ from rbee_mesh.discovery import (
     parse_announcement,
     protocol_compatible,
 )
-from rbee_mesh.protocol import PROTOCOL_VERSION
 from tests.skips import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ class _LogWatch(logging.Handler):
 async def foreign_and_mismatched_announcements() -> dict[str, Any]:
     """Garbage and foreign announcements next to a good hive and a hive of another protocol."""
     watch = _LogWatch(["ignoring service junk.", "ignoring service foreign.", "speaks protocol 99"])
-    logging.getLogger("rbee_mesh.discovery").addHandler(watch)
+    logging.getLogger("rbee_mesh.transport.discovery").addHandler(watch)
     future = replace(HIVE, hive_id="future-box", protocol=99, control_port=7935)
     stop = trio.Event()
     found: list[dict[str, Any]] = []

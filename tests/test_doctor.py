@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from rbee_mesh.doctor import hive_check, multicast_check
+from rbee_mesh.actors.keeper.doctor import hive_check, multicast_check
 from rbee_mesh.protocol import PROTOCOL_VERSION
 
 

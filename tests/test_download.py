@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import trio
 
+from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus
+from rbee_mesh.actors.hive.download import QUANT_ORDER, choose_gguf, download_model
 from rbee_mesh.actors.narration import JobContext, current_job
-from rbee_mesh.catalog import Catalog, ModelStatus
-from rbee_mesh.download import QUANT_ORDER, choose_gguf, download_model
 from rbee_mesh.protocol import Data, ErrorCode, MeshError, Message, Narration
 from tests import hub as fake_hub
 from tests.hub import FakeHub
@@ -261,8 +261,8 @@ from pathlib import Path
 import trio
 
 from rbee_mesh.actors.narration import JobContext, current_job
-from rbee_mesh.catalog import Catalog
-from rbee_mesh.download import download_model
+from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.hive.download import download_model
 from rbee_mesh.protocol import Data
 
 
@@ -475,8 +475,8 @@ from pathlib import Path
 import trio
 
 from rbee_mesh.actors.narration import JobContext, current_job
-from rbee_mesh.catalog import Catalog
-from rbee_mesh.download import download_model
+from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.hive.download import download_model
 from rbee_mesh.protocol import Data, MeshError
 
 root = Path(sys.argv[1]) / "models"

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import trio
 
-from rbee_mesh.actors.hive import Hive, HiveConfig, running_hive
-from rbee_mesh.actors.hives import HiveLink
-from rbee_mesh.actors.keeper import JobHandle, Keeper, open_keeper
-from rbee_mesh.actors.queen import Queen
+from rbee_mesh.actors.hive.hive import Hive, HiveConfig, running_hive
+from rbee_mesh.actors.keeper.client import JobHandle, Keeper, open_keeper
+from rbee_mesh.actors.queen.hives import HiveLink
+from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.mesh import local_hive_config, memory_endpoint, running_queen
 from rbee_mesh.protocol import (

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from rbee_mesh.actors.hive import HiveConfig, running_hive
-from rbee_mesh.actors.keeper import JobHandle, Keeper, open_keeper
-from rbee_mesh.actors.queen import Queen
-from rbee_mesh.catalog import Catalog
+from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
+from rbee_mesh.actors.keeper.client import JobHandle, Keeper, open_keeper
+from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.mesh import local_hive_config, memory_endpoint, running_queen
 from rbee_mesh.protocol import (

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from rbee_mesh.catalog import Catalog
+from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from tests import netns
 from tests.clitools import json_events
@@ -62,7 +62,7 @@ hub.close()
 POLLER_SCRIPT = """
 import json, sys, time
 import trio
-from rbee_mesh.actors.keeper import open_keeper
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.protocol import Done, HiveList
 
 async def main(endpoint: str, seconds: float) -> None:

@@ -8,8 +8,8 @@ import socket
 import pytest
 import trio
 
-from rbee_mesh.actors.keeper import JobHandle, Keeper, QueenUnreachable, open_keeper
-from rbee_mesh.actors.queen import Queen
+from rbee_mesh.actors.keeper.client import JobHandle, Keeper, QueenUnreachable, open_keeper
+from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.protocol import (
     HEADER,
     Accepted,

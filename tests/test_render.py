@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rbee_mesh.render import ProgressBar
+from rbee_mesh.actors.keeper.render import ProgressBar
 from rbee_mesh.units import human_bytes
 
 

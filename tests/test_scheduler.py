@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from rbee_mesh.actors.scheduler import Action, HiveView, matches, memory_needed, place
+from rbee_mesh.actors.queen.scheduler import Action, HiveView, matches, memory_needed, place
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 
 MODEL = "owner/tiny-GGUF:tiny.Q4_K_M.gguf"

@@ -31,8 +31,8 @@ import pytest
 import trio
 from trio_util import periodic
 
-from rbee_mesh.actors.worker import WorkerExit
-from rbee_mesh.actors.worker_pool import WorkerPool, WorkerState, open_worker_pool
+from rbee_mesh.actors.hive.worker_pool import WorkerPool, WorkerState, open_worker_pool
+from rbee_mesh.actors.worker.worker import WorkerExit
 from rbee_mesh.inference import write_tiny_gguf
 from rbee_mesh.inference.backends import BACKENDS, GenerationParams, load_model
 from rbee_mesh.protocol import (

@@ -21,9 +21,9 @@ import msgpack
 import pytest
 import trio
 
+from rbee_mesh.actors.hive.worker_pool import WorkerPool, WorkerState, open_worker_pool
 from rbee_mesh.actors.narration import JobContext, current_job
-from rbee_mesh.actors.worker import WorkerExit
-from rbee_mesh.actors.worker_pool import WorkerPool, WorkerState, open_worker_pool
+from rbee_mesh.actors.worker.worker import WorkerExit
 from rbee_mesh.inference import write_tiny_gguf
 from rbee_mesh.protocol import ErrorCode, MeshError, Message, Narration
 
@@ -274,7 +274,7 @@ from pathlib import Path
 
 import trio
 
-from rbee_mesh.actors.worker_pool import open_worker_pool
+from rbee_mesh.actors.hive.worker_pool import open_worker_pool
 
 
 async def main(endpoint: str, model: str, logs: str) -> None:

@@ -5,7 +5,7 @@ Layout, under the root the hive gives (``<state>/hive/models``)::
     OWNER--REPO--FILE/          one directory per model, named by a readable slug of its id
         model.json              the entry (schema below), replaced atomically on every change
         FILE                    the model file, present once the entry is available
-        FILE.partial            the bytes of an unfinished download (see rbee_mesh.download)
+        FILE.partial            the bytes of an unfinished download (see download.py)
     .OWNER--REPO--FILE.lock     held (flock) while that model is being downloaded
     .deleting-*                 a deleted entry on its way out (renamed first, then removed)
 

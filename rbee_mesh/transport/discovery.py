@@ -43,7 +43,7 @@ from zeroconf import (
 
 from rbee_mesh.protocol import PROTOCOL_VERSION, ErrorCode, MeshError
 
-log = logging.getLogger("rbee_mesh.discovery")
+log = logging.getLogger("rbee_mesh.transport.discovery")
 
 SERVICE_TYPE = "_rbee-hive._tcp.local."
 

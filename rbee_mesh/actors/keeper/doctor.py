@@ -20,10 +20,10 @@ from typing import Any
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.keeper import KeeperConfig, QueenUnreachable, open_keeper
-from rbee_mesh.discovery import Found, HiveAnnouncement, browsing, protocol_compatible
+from rbee_mesh.actors.keeper.client import KeeperConfig, QueenUnreachable, open_keeper
 from rbee_mesh.protocol import PROTOCOL_VERSION, Done, HiveGet, HiveList, Operation, Status
 from rbee_mesh.transport import parse_endpoint
+from rbee_mesh.transport.discovery import Found, HiveAnnouncement, browsing, protocol_compatible
 
 #: More clock difference than this breaks the age of heartbeats and timestamps in narration.
 MAX_CLOCK_SKEW_S = 5.0

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import pynvml
 
-log = logging.getLogger("rbee_mesh.devices")
+log = logging.getLogger("rbee_mesh.actors.hive.devices")
 
 
 @dataclass(frozen=True)

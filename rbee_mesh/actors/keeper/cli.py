@@ -20,18 +20,26 @@ from typing import Any, NoReturn
 import click
 import trio
 
-from rbee_mesh import __version__, daemon
-from rbee_mesh.actors.hive import (
+from rbee_mesh import __version__
+from rbee_mesh.actors.hive.hive import (
     DEFAULT_HEARTBEAT_PORT,
     DEFAULT_HIVE_PORT,
     HiveConfig,
     default_hive_id,
 )
 from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.keeper import JobHandle, Keeper, KeeperConfig, QueenUnreachable, open_keeper
-from rbee_mesh.config import load_config, peer_endpoint
-from rbee_mesh.demo import run_demo
-from rbee_mesh.doctor import run_doctor
+from rbee_mesh.actors.keeper import daemon
+from rbee_mesh.actors.keeper.client import (
+    JobHandle,
+    Keeper,
+    KeeperConfig,
+    QueenUnreachable,
+    open_keeper,
+)
+from rbee_mesh.actors.keeper.demo import run_demo
+from rbee_mesh.actors.keeper.doctor import run_doctor
+from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
+from rbee_mesh.actors.queen.config import load_config, peer_endpoint
 from rbee_mesh.mesh import (
     DEFAULT_QUEEN_BIND,
     embedded_mesh,
@@ -64,7 +72,6 @@ from rbee_mesh.protocol import (
     WorkerList,
     WorkerSpawn,
 )
-from rbee_mesh.render import HumanRenderer, JsonRenderer, Renderer
 from rbee_mesh.transport import EndpointError, local_endpoint_for
 
 EXIT_OK = 0
@@ -268,7 +275,7 @@ def bench(
     source checkout with the bench extra installed (bin/setup bench); docs/benchmarks.md
     explains the method and holds the latest results.
     """
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[3]
     if not (checkout / "benchmarks" / "bench.py").is_file():
         _fail(
             cli,

@@ -43,9 +43,16 @@ import trio
 # calls its home server to build a user agent. Read when huggingface-hub is imported (lazily).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from rbee_mesh.actors.hive.catalog import (
+    Catalog,
+    ModelEntry,
+    ModelStatus,
+    fsync_dir,
+    model_id,
+    parse_ref,
+)
 from rbee_mesh.actors.narration import emit_record, narrate
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
-from rbee_mesh.catalog import Catalog, ModelEntry, ModelStatus, fsync_dir, model_id, parse_ref
 from rbee_mesh.protocol import Level
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
 from rbee_mesh.units import human_bytes, human_duration
@@ -53,7 +60,7 @@ from rbee_mesh.units import human_bytes, human_duration
 if TYPE_CHECKING:
     import httpx2
 
-log = logging.getLogger("rbee_mesh.download")
+log = logging.getLogger("rbee_mesh.actors.hive.download")
 
 T = TypeVar("T")
 

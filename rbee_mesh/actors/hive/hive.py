@@ -24,14 +24,18 @@ import trio
 from trio_util import periodic
 
 from rbee_mesh import __version__
+from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus
+from rbee_mesh.actors.hive.devices import DeviceReport, detect_devices
+from rbee_mesh.actors.hive.download import download_model
+from rbee_mesh.actors.hive.worker_pool import (
+    WorkerPool,
+    WorkerRecord,
+    WorkerState,
+    open_worker_pool,
+)
 from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping, single_errors
-from rbee_mesh.actors.worker_pool import WorkerPool, WorkerRecord, WorkerState, open_worker_pool
-from rbee_mesh.catalog import Catalog, ModelStatus
-from rbee_mesh.devices import DeviceReport, detect_devices
-from rbee_mesh.discovery import SERVICE_TYPE, HiveAnnouncement, announcing
-from rbee_mesh.download import download_model
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
     Actor,
@@ -61,6 +65,7 @@ from rbee_mesh.transport import (
     open_publisher,
     parse_endpoint,
 )
+from rbee_mesh.transport.discovery import SERVICE_TYPE, HiveAnnouncement, announcing
 from rbee_mesh.units import human_bytes
 
 log = logging.getLogger("rbee_mesh.hive")

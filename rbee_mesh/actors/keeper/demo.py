@@ -16,9 +16,10 @@ from typing import Any
 
 import trio
 
-from rbee_mesh.actors.hive import default_hive_id
-from rbee_mesh.actors.keeper import open_keeper
-from rbee_mesh.catalog import Catalog, ModelEntry, model_id
+from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry, model_id
+from rbee_mesh.actors.hive.hive import default_hive_id
+from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.keeper.render import Renderer, format_table
 from rbee_mesh.mesh import integrated_mesh
 from rbee_mesh.protocol import (
     Cancelled,
@@ -35,7 +36,6 @@ from rbee_mesh.protocol import (
     Status,
     Token,
 )
-from rbee_mesh.render import Renderer, format_table
 
 DEMO_REPO = "rbee-mesh/demo-tiny-llama"
 DEMO_FILE = "tiny-llama-random.gguf"

@@ -68,7 +68,7 @@ from trio_util import AsyncValue, periodic
 
 from rbee_mesh.actors.narration import current_job, narrate
 from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S, single_errors
-from rbee_mesh.actors.worker import BACKENDS, DEVICE_PATTERN, MAX_SLOTS, WorkerExit
+from rbee_mesh.actors.worker.worker import BACKENDS, DEVICE_PATTERN, MAX_SLOTS, WorkerExit
 from rbee_mesh.protocol import (
     TERMINAL_KINDS,
     Actor,

@@ -777,7 +777,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The last line on stderr: the pool reads it back as the reason this worker ended.
         print(reason, file=sys.stderr, flush=True)
     return int(code)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,19 +21,11 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
 from rbee_mesh.actors.narration import narrate
+from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
+from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.actors.runtime import run_ping
-from rbee_mesh.actors.scheduler import Action, Decision, HiveView, place
-from rbee_mesh.discovery import (
-    SERVICE_TYPE,
-    Found,
-    Gone,
-    HiveAnnouncement,
-    browsing,
-    protocol_compatible,
-)
 from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -59,6 +51,14 @@ from rbee_mesh.protocol import (
     WorkerSpawn,
 )
 from rbee_mesh.transport import Listener, Subscriber
+from rbee_mesh.transport.discovery import (
+    SERVICE_TYPE,
+    Found,
+    Gone,
+    HiveAnnouncement,
+    browsing,
+    protocol_compatible,
+)
 
 log = logging.getLogger("rbee_mesh.queen")
 
