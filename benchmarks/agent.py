@@ -28,7 +28,8 @@ from typing import Any
 
 import trio
 
-from rbee_mesh.actors.keeper.client import Keeper, open_keeper
+from rbee_mesh.actors.jobclient import JobClient
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.mesh import integrated_mesh
 from rbee_mesh.protocol import (
     Done,
@@ -57,7 +58,7 @@ Run = Callable[[], Awaitable[int]]
 class MeshClient:
     """The four operations over a keeper, all pinned to the mesh's one hive."""
 
-    def __init__(self, keeper: Keeper, hive: str) -> None:
+    def __init__(self, keeper: JobClient, hive: str) -> None:
         self.keeper = keeper
         self.hive = hive
 

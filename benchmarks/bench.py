@@ -230,7 +230,7 @@ def start_mode(mode: str, setup: Setup) -> Agent:
 
 
 def _start_remote(setup: Setup) -> Agent:
-    """Keeper, queen and hive on three hosts of one bridge (tests/netns.py)."""
+    """JobClient, queen and hive on three hosts of one bridge (tests/netns.py)."""
     from tests.netns import LanUnavailable, open_lan
 
     stack = contextlib.ExitStack()

@@ -89,7 +89,8 @@ import zmq
 from rbee_mesh import __version__
 from rbee_mesh.actors.hive.devices import CpuDevice, CudaDevice
 from rbee_mesh.actors.hive.worker_pool import WorkerRecord, WorkerState
-from rbee_mesh.actors.keeper.client import Keeper, open_keeper
+from rbee_mesh.actors.jobclient import JobClient
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -144,31 +145,11 @@ def _packb(value: Any) -> bytes:
 # ---- the simulated hives ------------------------------------------------------------------------
 
 
-def hive_state(workers: int, rng: random.Random) -> dict[str, Any]:
-    """What a hive's heartbeat carries (`Hive.state`): devices, workers, models. The values are
-    made up, once per hive; their shape and size are what the queen pays for."""
-    devices = [
-        CpuDevice(
-            id="cpu",
-            name="AMD Ryzen 9 7950X 16-Core Processor",
-            memory_total=64 * _GIB,
-            memory_free=rng.randrange(20 * _GIB, 60 * _GIB),
-            cores=32,
-        ),
-        *(
-            CudaDevice(
-                id=f"cuda:{i}",
-                name="NVIDIA GeForce RTX 4090",
-                memory_total=24 * _GIB,
-                memory_free=rng.randrange(2 * _GIB, 20 * _GIB),
-                index=i,
-                compute_capability="8.9",
-            )
-            for i in range(2)
-        ),
-    ]
+def hive_workers(workers: int, rng: random.Random) -> list[WorkerRecord]:
+    """A hive's workers, made up once per hive: their shape and size are what the queen pays
+    for (in full in `worker_list` answers, a row each in heartbeats)."""
     now = time.time()
-    records = []
+    records: list[WorkerRecord] = []
     for n in range(workers):
         model, size = _MODELS[n % len(_MODELS)]
         worker_id = f"w-{rng.getrandbits(32):08x}"
@@ -209,13 +190,39 @@ def hive_state(workers: int, rng: random.Random) -> dict[str, Any]:
                 },
                 slots=1,
                 busy=1 if busy else 0,
-            ).to_record()
+            )
         )
+    return records
+
+
+def hive_state(workers: list[WorkerRecord], rng: random.Random) -> dict[str, Any]:
+    """What a hive's heartbeat carries (`Hive.state`): devices, a row per worker, and its
+    catalog's size and digest."""
+    devices = [
+        CpuDevice(
+            id="cpu",
+            name="AMD Ryzen 9 7950X 16-Core Processor",
+            memory_total=64 * _GIB,
+            memory_free=rng.randrange(20 * _GIB, 60 * _GIB),
+            cores=32,
+        ),
+        *(
+            CudaDevice(
+                id=f"cuda:{i}",
+                name="NVIDIA GeForce RTX 4090",
+                memory_total=24 * _GIB,
+                memory_free=rng.randrange(2 * _GIB, 20 * _GIB),
+                index=i,
+                compute_capability="8.9",
+            )
+            for i in range(2)
+        ),
+    ]
     return {
         "version": __version__,
         "devices": [d.to_record() for d in devices],
-        "workers": records,
-        "models": [{"id": m, "status": "available", "size": s} for m, s in _MODELS],
+        "workers": [w.summary() for w in workers],
+        "models": {"count": len(_MODELS), "digest": f"{rng.getrandbits(64):016x}"},
     }
 
 
@@ -228,6 +235,7 @@ class SimulatedHive:
     router: zmq.Socket[bytes]
     control: str
     publisher: Publisher
+    workers: list[WorkerRecord]
     state: dict[str, Any]
     heartbeat_s: float
     seq: int = 0
@@ -280,7 +288,7 @@ class SimulatedHive:
                 info = self.ready_info()
                 return [Ready(job_id="", sender=self.id, role=Actor.HIVE, info=info)]
             case Submit(job_id=job, ref=ref, op=WorkerList() as op):
-                workers = self.state["workers"]
+                workers = [w.to_record() for w in self.workers]
                 deadline = message.timeout_s or op.default_deadline_s
                 said = f"{len(workers)} worker(s) on hive {self.id}"
                 return [
@@ -392,7 +400,7 @@ class Simulator:
             now = trio.current_time()
             while (due := start + beat * slot) <= now:
                 hive = self.hives[beat % n]
-                await hive.publisher.publish(hive.heartbeat())
+                hive.publisher.publish(hive.heartbeat())
                 self.late_max_s = max(self.late_max_s, trio.current_time() - due - tick_s)
                 self.published += 1
                 beat += 1
@@ -422,9 +430,12 @@ async def simulated_hives(
             router.bind(f"tcp://{host}:*")
             control = router.getsockopt_string(zmq.LAST_ENDPOINT)
             publisher = await stack.enter_async_context(await open_publisher(f"tcp://{host}:0"))
-            state = hive_state(workers, rng)
+            records = hive_workers(workers, rng)
+            state = hive_state(records, rng)
             hives.append(
-                SimulatedHive(f"sim-{n:05d}", router, control, publisher, state, heartbeat_s)
+                SimulatedHive(
+                    f"sim-{n:05d}", router, control, publisher, records, state, heartbeat_s
+                )
             )
         simulator = Simulator(hives, heartbeat_s)
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -648,7 +659,7 @@ class Mesh:
     hives: int
     queen: Child
     simulators: list[SimulatorProcess]
-    keeper: Keeper
+    keeper: JobClient
     queen_log: Path
     hive_ids: list[str]
     setup_s: float = 0.0
@@ -685,7 +696,7 @@ class Mesh:
 _LIVENESS_CHANGE = re.compile(r"hive \S+ is (suspect|lost) \(was ")
 
 
-async def run_op(keeper: Keeper, op: Operation) -> Any:
+async def run_op(keeper: JobClient, op: Operation) -> Any:
     """Run one job to its end: its result, or a RuntimeError saying how it ended."""
     job = await keeper.submit(op)
     async for _ in job:
@@ -697,7 +708,7 @@ async def run_op(keeper: Keeper, op: Operation) -> Any:
 
 
 async def time_ops(
-    keeper: Keeper,
+    keeper: JobClient,
     make: Callable[[], Operation],
     check: Callable[[Any], None],
     duration_s: float,
@@ -878,7 +889,7 @@ def _recorded_endpoint(info: Path, pid: int) -> str | None:
         return None
 
 
-async def _all_live(keeper: Keeper, hives: int, queen: Child) -> None:
+async def _all_live(keeper: JobClient, hives: int, queen: Child) -> None:
     """Until the queen's `status` lists `hives` hives, all live. Its state is in another
     process, so it is polled, every 200 ms (each poll is a job with a record per hive)."""
     while True:

@@ -40,7 +40,8 @@ import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
-from rbee_mesh.actors.keeper.client import Keeper, open_keeper
+from rbee_mesh.actors.jobclient import JobClient
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.inference.backends import GenerationParams, load_model
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.mesh import integrated_mesh, running_queen
@@ -82,7 +83,7 @@ def direct_run(model: Any, op: Infer) -> Run:
     return Run(first - start, tokens, (tokens - 1) / (last - first) if tokens > 1 else 0.0)
 
 
-async def mesh_run(keeper: Keeper, op: Infer) -> Run:
+async def mesh_run(keeper: JobClient, op: Infer) -> Run:
     start = time.perf_counter()
     first = last = start
     tokens = 0

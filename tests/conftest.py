@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from rbee_mesh.actors.jobclient import ClientConfig, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.keeper.client import Keeper, KeeperConfig, open_keeper
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.mesh import running_queen
 from rbee_mesh.transport import local_endpoint_for
@@ -27,7 +28,7 @@ os.environ["RBEE_MESH_DISCOVERY"] = "0"
 #: Short intervals so that liveness tests finish quickly (lost after 0.7 s of silence), but long
 #: enough that a loaded two-core machine does not miss heartbeats; real time, generous bounds.
 FAST_QUEEN = ServerConfig(heartbeat_s=0.2, peer_stall_s=2.0, shutdown_grace_s=1.0)
-FAST_KEEPER = KeeperConfig(heartbeat_s=0.2, accept_timeout_s=2.0)
+FAST_KEEPER = ClientConfig(heartbeat_s=0.2, accept_timeout_s=2.0)
 
 TRANSPORTS = ["mem", "ipc", "tcp"]
 _names = itertools.count()
@@ -58,6 +59,6 @@ def queen_address(queen: Queen) -> str:
 
 
 @pytest.fixture
-async def keeper(queen: Queen) -> AsyncIterator[Keeper]:
+async def keeper(queen: Queen) -> AsyncIterator[JobClient]:
     async with open_keeper(queen_address(queen), FAST_KEEPER) as k:
         yield k

@@ -17,7 +17,6 @@ from pathlib import Path
 import gguf
 import pytest
 
-from rbee_mesh.inference import read_gguf_info, write_tiny_gguf
 from rbee_mesh.inference.backends import (
     BACKENDS,
     COMPUTE_OVERHEAD,
@@ -31,6 +30,7 @@ from rbee_mesh.inference.backends import (
     load_model,
     memory_needed,
 )
+from rbee_mesh.inference.gguf_file import read_gguf_info, write_tiny_gguf
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 
 BACKEND_NAMES = ["llama-cpp", "ctransformers"]

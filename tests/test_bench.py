@@ -68,7 +68,7 @@ def test_a_mode_whose_queen_never_answers_fails_with_the_agents_reason(tmp_path:
     finally:
         setup.close()
     message = str(failure.value)
-    assert message.startswith("localhost ipc: QueenUnreachable")
+    assert message.startswith("localhost ipc: ServerUnreachable")
     assert nobody in message
 
 

@@ -54,7 +54,7 @@ async def test_simulated_hives_are_hives_to_a_real_queen() -> None:
                 link = links[hive.id]
                 assert link.liveness_state == "live"
                 assert link.heartbeat_endpoint == hive.publisher.endpoint
-                assert link.info["control"] == hive.control
+                assert link.client.info["control"] == hive.control
                 assert len(link.state["workers"]) == WORKERS_PER_HIVE
                 assert {d["id"] for d in link.state["devices"]} == {"cpu", "cuda:0", "cuda:1"}
                 assert hive.received[Kind.READY] >= 1
@@ -67,7 +67,7 @@ async def test_simulated_hives_are_hives_to_a_real_queen() -> None:
             job = await keeper.submit(WorkerList(hive=target.id))
             events = [m async for m in job]
     assert isinstance(job.terminal, Done)
-    assert job.terminal.result == target.state["workers"]
+    assert job.terminal.result == [w.to_record() for w in target.workers]
     narration = [e for e in events if isinstance(e, Narration)]
     assert [(n.actor, n.hive_id) for n in narration] == [(Actor.HIVE, target.id)]
 

@@ -38,7 +38,7 @@ def tiny_model(hub: fake_hub.FakeHub, tmp_path: Path) -> None:
 def local_mesh(mesh: Mesh, tiny_model: None) -> Iterator[Mesh]:
     """A queen daemon with its hive in the same process (the integrated mode), whose hive
     downloads from the loopback hub (so the hub fixture must come first)."""
-    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--local-hive")
+    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--integrated")
     assert started.returncode == 0, started.stderr
     try:
         yield mesh
@@ -126,7 +126,7 @@ def test_a_malformed_peer_is_refused_before_the_queen_starts(mesh: Mesh) -> None
 def test_integrated_mode_downloads_spawns_and_stops_without_leftovers(local_mesh: Mesh) -> None:
     rows = result(local_mesh, "hive", "list")
     assert isinstance(rows, list) and [(r["source"], r["liveness"]) for r in rows] == [
-        ("local", "live")
+        ("integrated", "live")
     ]
 
     download = local_mesh.run("model", "download", MODEL_REPO)

@@ -31,7 +31,7 @@ def mesh(tmp_path: Path) -> Mesh:
 
 @pytest.fixture
 def queen_daemon(mesh: Mesh) -> Iterator[Mesh]:
-    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--local-hive")
+    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--integrated")
     assert started.returncode == 0, started.stderr
     try:
         yield mesh

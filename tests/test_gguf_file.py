@@ -7,7 +7,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from rbee_mesh.inference import read_gguf_info, write_tiny_gguf
+from rbee_mesh.inference.gguf_file import read_gguf_info, write_tiny_gguf
 from rbee_mesh.protocol import ErrorCode, MeshError
 
 

@@ -19,11 +19,12 @@ import pytest
 import trio
 
 from rbee_mesh.actors.hive.hive import Hive, HiveConfig, running_hive
-from rbee_mesh.actors.keeper.client import JobHandle, Keeper, open_keeper
+from rbee_mesh.actors.jobclient import ClientJob, JobClient
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.queen.hives import HiveLink
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.mesh import local_hive_config, memory_endpoint, running_queen
+from rbee_mesh.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.protocol import (
     Data,
     Done,
@@ -59,14 +60,14 @@ MODEL_ID = f"{MODEL_REPO}:{MODEL_FILE}"
 @dataclass
 class HiveMesh:
     queen: Queen
-    keeper: Keeper
+    keeper: JobClient
     hive: Hive | None  # None in the integrated mode, where the queen owns it
 
     @property
     def link(self) -> HiveLink:
         return self.queen.hives.links[0]
 
-    async def run(self, op: Operation, timeout_s: float | None = None) -> JobHandle:
+    async def run(self, op: Operation, timeout_s: float | None = None) -> ClientJob:
         job = await self.keeper.submit(op, timeout_s=timeout_s)
         async for _ in job:
             pass
@@ -93,9 +94,9 @@ async def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     mode = str(request.param)
     with trio.fail_after(20):
         if mode == "integrated":
-            local = local_hive_config(tmp_path / "hive-state", FAST_QUEEN)
+            local = integrated_hive_config(tmp_path / "hive-state", FAST_QUEEN)
             async with (
-                running_queen(memory_endpoint("queen"), FAST_QUEEN, local_hive=local) as queen,
+                running_queen(memory_endpoint("queen"), FAST_QUEEN, integrated_hive=local) as queen,
                 open_keeper(queen_address(queen), FAST_KEEPER) as keeper,
             ):
                 yield HiveMesh(queen, keeper, None)
@@ -343,6 +344,8 @@ async def test_hive_killed_is_lost_its_jobs_end_hive_lost_and_it_comes_back(
                 await mesh.result(ModelDownload(model=MODEL_ID))
                 worker = await mesh.result(WorkerSpawn(model=MODEL_ID))
                 await link.watch.wait_value(Liveness.LIVE)
+                # The queen knows the hive's workers from its heartbeats: one after the spawn.
+                await link.beats.wait_value(lambda _: bool(link.workers))
                 job = await keeper.submit(Ping(count=100_000, interval_s=0.01, hive="hive-p"))
                 async for message in job:
                     if isinstance(message, Narration):

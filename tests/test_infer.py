@@ -17,10 +17,11 @@ import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
-from rbee_mesh.actors.keeper.client import JobHandle, Keeper, open_keeper
+from rbee_mesh.actors.jobclient import ClientJob, JobClient
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.mesh import local_hive_config, memory_endpoint, running_queen
+from rbee_mesh.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.protocol import (
     Done,
     Error,
@@ -48,7 +49,7 @@ LONG = {"max_tokens": 1800, "temperature": 0.0}
 @pytest.fixture(params=["integrated", "tcp"])
 async def mesh(
     request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[Queen, Keeper]]:
+) -> AsyncIterator[tuple[Queen, JobClient]]:
     state = tmp_path / "state"
     catalog = Catalog(state / "hive" / "models")
     catalog.add_file(REPO, FILE, write_tiny_gguf(tmp_path / FILE, context_length=2048))
@@ -56,10 +57,11 @@ async def mesh(
     catalog.add_file(ODD_REPO, "odd.gguf", write_tiny_gguf(tmp_path / "odd.gguf", arch="gptj"))
     with trio.fail_after(30):
         if request.param == "integrated":
-            local = local_hive_config(state, FAST_QUEEN)
+            local = integrated_hive_config(state, FAST_QUEEN)
             async with (
-                running_queen(memory_endpoint("queen"), FAST_QUEEN, local_hive=local, max_queued=1)
-                as queen,
+                running_queen(
+                    memory_endpoint("queen"), FAST_QUEEN, integrated_hive=local, max_queued=1
+                ) as queen,
                 open_keeper(queen_address(queen), FAST_KEEPER) as keeper,
             ):  # fmt: skip
                 yield queen, keeper
@@ -83,7 +85,7 @@ async def mesh(
             yield queen, keeper
 
 
-async def run(keeper: Keeper, op: Infer) -> tuple[JobHandle, list[Message]]:
+async def run(keeper: JobClient, op: Infer) -> tuple[ClientJob, list[Message]]:
     job = await keeper.submit(op)
     return job, [m async for m in job]
 
@@ -93,7 +95,7 @@ def text_of(events: list[Message]) -> str:
 
 
 async def test_first_job_spawns_a_worker_and_streams_tokens_in_order(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     _, keeper = mesh
     with trio.fail_after(60):
@@ -113,7 +115,7 @@ async def test_first_job_spawns_a_worker_and_streams_tokens_in_order(
 
 
 async def test_the_next_job_reuses_the_idle_worker_and_same_seed_gives_same_text(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     _, keeper = mesh
     op = Infer(prompt="Hello", model=MODEL, max_tokens=30, seed=11)
@@ -128,7 +130,7 @@ async def test_the_next_job_reuses_the_idle_worker_and_same_seed_gives_same_text
 
 
 async def test_a_parameter_out_of_range_is_refused_before_any_work(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     queen, keeper = mesh
     frames = encode(Submit(job_id="", ref="r-1", op=Infer(prompt="x", model=MODEL)))
@@ -144,7 +146,7 @@ async def test_a_parameter_out_of_range_is_refused_before_any_work(
 
 
 async def test_cancel_stops_the_generation_and_the_worker_takes_the_next_job(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     _, keeper = mesh
     with trio.fail_after(60):
@@ -158,7 +160,7 @@ async def test_cancel_stops_the_generation_and_the_worker_takes_the_next_job(
 
 
 async def test_jobs_for_a_busy_worker_queue_with_their_position_and_a_full_queue_is_busy(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     _, keeper = mesh
     with trio.fail_after(60):
@@ -185,7 +187,7 @@ async def test_jobs_for_a_busy_worker_queue_with_their_position_and_a_full_queue
 
 
 async def test_a_worker_killed_mid_stream_ends_the_job_with_worker_lost(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     _, keeper = mesh
     with trio.fail_after(60):
@@ -207,7 +209,7 @@ async def test_a_worker_killed_mid_stream_ends_the_job_with_worker_lost(
 
 
 async def test_a_model_no_backend_can_load_fails_with_the_backends_reasons(
-    mesh: tuple[Queen, Keeper],
+    mesh: tuple[Queen, JobClient],
 ) -> None:
     _, keeper = mesh
     with trio.fail_after(60):

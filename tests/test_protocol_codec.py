@@ -39,6 +39,7 @@ from rbee_mesh.protocol import (
     Operation,
     Ping,
     ProtocolError,
+    RemoteProtocolError,
     Submit,
     WorkerSpawn,
     decode,
@@ -105,6 +106,8 @@ def strategy_for_spec(spec: F.Spec) -> st.SearchStrategy[Any]:
         return st.booleans()
     if isinstance(spec, F.OneOf):
         return st.sampled_from(list(spec.enum))
+    if isinstance(spec, F.Choice):
+        return st.sampled_from(spec.values)
     if isinstance(spec, F.Value):
         return JSON_MAP if spec.mapping else JSON_VALUE
     if isinstance(spec, _OperationSpec):
@@ -147,18 +150,19 @@ def assert_round_trips(message: Message) -> None:
 
 
 def decode_or_refuse(frames: list[bytes]) -> Message | None:
-    """Decode: a refusal must be a ProtocolError, a success a valid, re-encodable message.
-    The queen's lazy heartbeat decoding must agree with `decode` on the same frames."""
+    """Decode: a refusal must be a RemoteProtocolError (the peer's fault, never ours), a success
+    a valid, re-encodable message. The queen's lazy heartbeat decoding must agree with `decode`
+    on the same frames."""
     try:
         message: Message | None = decode(frames)
-    except ProtocolError as exc:
+    except RemoteProtocolError as exc:
         assert exc.code in (ErrorCode.INVALID_REQUEST, ErrorCode.UNSUPPORTED_VERSION)
         assert exc.message
         message = None
     try:
         beat, packed = decode_heartbeat(frames)
         lazily: Heartbeat | None = dataclasses.replace(beat, state=decode_state(packed))
-    except ProtocolError:
+    except RemoteProtocolError:
         lazily = None
     assert lazily == (message if isinstance(message, Heartbeat) else None)
     if message is not None:
@@ -173,7 +177,7 @@ def frames_for(kind: Kind, body: Any, job_id: bytes = b"job-1") -> list[bytes]:
 
 
 def refusal(frames: list[bytes]) -> ProtocolError:
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         decode(frames)
     return info.value
 
@@ -356,12 +360,13 @@ def test_decode_refuses_wrong_magic_saying_so() -> None:
     assert "magic" in exc.message
 
 
-def test_decode_refuses_version_2_as_unsupported_naming_both_versions() -> None:
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1])
+def test_decode_refuses_another_version_as_unsupported_naming_both_versions(version: int) -> None:
     frames = _valid_frames()
-    frames[0] = MAGIC + bytes([2])
+    frames[0] = MAGIC + bytes([version])
     exc = refusal(frames)
     assert exc.code is ErrorCode.UNSUPPORTED_VERSION
-    assert re.search(r"\b2\b", exc.message), exc.message
+    assert re.search(rf"\b{version}\b", exc.message), exc.message
     assert re.search(rf"\b{PROTOCOL_VERSION}\b", exc.message), exc.message
 
 

@@ -81,7 +81,7 @@ async def publish_until_heard(publisher: Publisher, receive: Receive, tag: bytes
 
         async def keep_publishing() -> None:
             for n in itertools.count():
-                await publisher.publish([tag, b"%d" % n])
+                publisher.publish([tag, b"%d" % n])
                 # Pacing, not synchronisation: about a thousand probes a second instead of
                 # filling the subscriber's queue with them.
                 await trio.sleep(0.001)
@@ -109,8 +109,8 @@ async def test_one_subscriber_receives_from_two_publishers(transport: str, tmp_p
             await publish_until_heard(hive_b, queen.receive, b"b-join")
 
             # Both have joined and nothing overflows: one message from each arrives.
-            await hive_a.publish([b"heartbeat", b"a"])
-            await hive_b.publish([b"heartbeat", b"b"])
+            hive_a.publish([b"heartbeat", b"a"])
+            hive_b.publish([b"heartbeat", b"b"])
             senders = {(await receive_tagged(queen.receive, b"heartbeat"))[1] for _ in range(2)}
             assert senders == {b"a", b"b"}
 
@@ -183,7 +183,7 @@ async def test_publish_never_blocks_when_a_subscriber_does_not_read(
             await publish_until_heard(hive, queen.receive, b"join")
 
             for n in range(100_000):
-                await hive.publish([b"flood", b"%d" % n, body])
+                hive.publish([b"flood", b"%d" % n, body])
 
             received: list[list[bytes]] = []
 
@@ -220,8 +220,8 @@ async def test_disconnect_stops_delivery_from_that_publisher(
             await queen.disconnect(a_endpoint)
             await queen.disconnect(a_endpoint)  # a no-op the second time
             for n in range(20):
-                await hive_a.publish([b"a-after", b"%d" % n])
-                await hive_b.publish([b"b-after", b"%d" % n])
+                hive_a.publish([b"a-after", b"%d" % n])
+                hive_b.publish([b"b-after", b"%d" % n])
                 # hive_b's message, published after hive_a's, arrives; hive_a's never does.
                 message = await receive_tagged(queen.receive, b"b-after", never={b"a-after"})
                 assert message[1] == b"%d" % n
@@ -260,7 +260,7 @@ async def test_aclose_makes_receive_raise_transport_closed(transport: str, tmp_p
 
         await hive.aclose()
         with pytest.raises(TransportClosed):
-            await hive.publish([b"late"])
+            hive.publish([b"late"])
         await hive.aclose()  # idempotent
 
 
@@ -310,8 +310,8 @@ async def test_connecting_twice_to_the_same_endpoint_delivers_each_message_once(
             await queen.connect(endpoint)
             await publish_until_heard(hive, queen.receive, b"join")
             for n in range(3):
-                await hive.publish([b"data", b"%d" % n])
-            await hive.publish([b"end"])
+                hive.publish([b"data", b"%d" % n])
+            hive.publish([b"end"])
             data = [(await receive_tagged(queen.receive, b"data"))[1] for _ in range(3)]
             assert data == [b"0", b"1", b"2"]
             # A second connection would have delivered a second copy of each by now.
@@ -360,7 +360,7 @@ async def test_mem_subscriber_has_no_slow_joiner_and_receives_everything_after_c
         async with await open_subscriber() as queen:
             await queen.connect(endpoint)
             async with await open_publisher(endpoint) as hive:
-                await hive.publish([b"first"])
+                hive.publish([b"first"])
                 assert await queen.receive() == [b"first"]
 
 
@@ -374,8 +374,8 @@ async def test_mem_subscriber_takes_publishers_in_turn_and_drops_when_a_queue_is
             await queen.connect(flooding.endpoint)
             await queen.connect(quiet.endpoint)
             for n in range(10):
-                await flooding.publish([b"flood", b"%d" % n])
-            await quiet.publish([b"heartbeat"])
+                flooding.publish([b"flood", b"%d" % n])
+            quiet.publish([b"heartbeat"])
 
             received = [await queen.receive() for _ in range(5)]
             # The heartbeat is not stuck behind the flood, and the flood kept its first four.
@@ -386,7 +386,7 @@ async def test_mem_subscriber_takes_publishers_in_turn_and_drops_when_a_queue_is
                 [b"flood", b"2"],
                 [b"flood", b"3"],
             ]
-            await flooding.publish([b"flood", b"late"])
+            flooding.publish([b"flood", b"late"])
             assert await queen.receive() == [b"flood", b"late"]
 
 

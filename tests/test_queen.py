@@ -8,7 +8,8 @@ import socket
 import pytest
 import trio
 
-from rbee_mesh.actors.keeper.client import JobHandle, Keeper, QueenUnreachable, open_keeper
+from rbee_mesh.actors.jobclient import ClientJob, JobClient, ServerUnreachable
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.protocol import (
     HEADER,
@@ -33,11 +34,11 @@ from rbee_mesh.transport import open_connection
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, queen_address
 
 
-async def collect(job: JobHandle) -> list[Message]:
+async def collect(job: ClientJob) -> list[Message]:
     return [message async for message in job]
 
 
-async def test_submit_is_accepted_narrated_then_done_exactly_once(keeper: Keeper) -> None:
+async def test_submit_is_accepted_narrated_then_done_exactly_once(keeper: JobClient) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(Ping(count=3))
         events = await collect(job)
@@ -52,7 +53,7 @@ async def test_submit_is_accepted_narrated_then_done_exactly_once(keeper: Keeper
     assert job.terminal is events[-1]
 
 
-async def test_status_reports_the_queen_and_its_endpoint(queen: Queen, keeper: Keeper) -> None:
+async def test_status_reports_the_queen_and_its_endpoint(queen: Queen, keeper: JobClient) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(Status())
         await collect(job)
@@ -61,7 +62,7 @@ async def test_status_reports_the_queen_and_its_endpoint(queen: Queen, keeper: K
     assert job.terminal.result["queen"]["jobs_running"] == 1  # the status job itself
 
 
-async def test_submitter_cancel_ends_job_cancelled(queen: Queen, keeper: Keeper) -> None:
+async def test_submitter_cancel_ends_job_cancelled(queen: Queen, keeper: JobClient) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(Ping(count=10_000, interval_s=0.01))
         async for message in job:
@@ -72,7 +73,7 @@ async def test_submitter_cancel_ends_job_cancelled(queen: Queen, keeper: Keeper)
     assert job.terminal.reason == "test says stop"
 
 
-async def test_deadline_ends_job_with_timeout(keeper: Keeper) -> None:
+async def test_deadline_ends_job_with_timeout(keeper: JobClient) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(Ping(count=1_000, interval_s=0.05), timeout_s=0.3)
         await collect(job)
@@ -81,7 +82,7 @@ async def test_deadline_ends_job_with_timeout(keeper: Keeper) -> None:
     assert "0.3s" in job.terminal.message
 
 
-async def test_job_cancel_from_another_keeper(queen: Queen, keeper: Keeper) -> None:
+async def test_job_cancel_from_another_keeper(queen: Queen, keeper: JobClient) -> None:
     with trio.fail_after(10):
         victim = await keeper.submit(Ping(count=10_000, interval_s=0.01))
         async with open_keeper(queen_address(queen), FAST_KEEPER) as other:
@@ -95,7 +96,7 @@ async def test_job_cancel_from_another_keeper(queen: Queen, keeper: Keeper) -> N
 
 @pytest.mark.parametrize(("job_id", "code"), [("job-000000000000", ErrorCode.NOT_FOUND)])
 async def test_job_cancel_of_unknown_job_is_not_found(
-    keeper: Keeper, job_id: str, code: ErrorCode
+    keeper: JobClient, job_id: str, code: ErrorCode
 ) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(JobCancel(job=job_id))
@@ -103,7 +104,7 @@ async def test_job_cancel_of_unknown_job_is_not_found(
     assert isinstance(job.terminal, Error) and job.terminal.code is code
 
 
-async def test_job_cancel_of_finished_job_is_a_conflict(keeper: Keeper) -> None:
+async def test_job_cancel_of_finished_job_is_a_conflict(keeper: JobClient) -> None:
     with trio.fail_after(10):
         done = await keeper.submit(Ping())
         await collect(done)
@@ -113,7 +114,7 @@ async def test_job_cancel_of_finished_job_is_a_conflict(keeper: Keeper) -> None:
     assert "already ended (done)" in job.terminal.message
 
 
-async def test_job_list_shows_running_and_finished_jobs(keeper: Keeper) -> None:
+async def test_job_list_shows_running_and_finished_jobs(keeper: JobClient) -> None:
     with trio.fail_after(10):
         finished = await keeper.submit(Ping())
         await collect(finished)
@@ -125,7 +126,7 @@ async def test_job_list_shows_running_and_finished_jobs(keeper: Keeper) -> None:
     assert states[listing.job_id] == "running"
 
 
-async def test_hive_operation_without_hives_is_unavailable(keeper: Keeper) -> None:
+async def test_hive_operation_without_hives_is_unavailable(keeper: JobClient) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(WorkerList())
         await collect(job)
@@ -149,7 +150,9 @@ async def test_several_keepers_each_get_their_own_stream(queen: Queen) -> None:
     assert results == {n: [f"pong {i}/20" for i in range(1, 21)] for n in range(8)}
 
 
-async def test_queen_stop_ends_running_jobs_with_unavailable(queen: Queen, keeper: Keeper) -> None:
+async def test_queen_stop_ends_running_jobs_with_unavailable(
+    queen: Queen, keeper: JobClient
+) -> None:
     with trio.fail_after(10):
         job = await keeper.submit(Ping(count=10_000, interval_s=0.01))
         async with trio.open_nursery() as nursery:
@@ -168,7 +171,7 @@ async def raw_exchange(queen: Queen, frames: list[bytes]) -> Message:
         return decode(await conn.receive())
 
 
-async def assert_still_serving(keeper: Keeper) -> None:
+async def assert_still_serving(keeper: JobClient) -> None:
     job = await keeper.submit(Status())
     await collect(job)
     assert isinstance(job.terminal, Done)
@@ -179,13 +182,13 @@ async def assert_still_serving(keeper: Keeper) -> None:
     [
         ([b"hello"], ErrorCode.INVALID_REQUEST, "expected 4 frames"),
         ([b"GET / HTTP/1.1", b"\x01", b"", b""], ErrorCode.INVALID_REQUEST, "bad magic"),
-        ([b"RBEE\x02", b"\x01", b"", b"\x80"], ErrorCode.UNSUPPORTED_VERSION, "version 2"),
+        ([b"RBEE\x09", b"\x01", b"", b"\x80"], ErrorCode.UNSUPPORTED_VERSION, "version 9"),
         ([HEADER, b"\x63", b"", b"\x80"], ErrorCode.INVALID_REQUEST, "unknown message kind"),
         ([HEADER, b"\x01", b"", b"\xc1\xc1"], ErrorCode.INVALID_REQUEST, "not valid msgpack"),
     ],
 )
 async def test_malformed_frames_get_a_clear_rejection_and_queen_keeps_serving(
-    queen: Queen, keeper: Keeper, frames: list[bytes], code: ErrorCode, words: str
+    queen: Queen, keeper: JobClient, frames: list[bytes], code: ErrorCode, words: str
 ) -> None:
     with trio.fail_after(10):
         reply = await raw_exchange(queen, frames)
@@ -196,7 +199,7 @@ async def test_malformed_frames_get_a_clear_rejection_and_queen_keeps_serving(
 
 
 async def test_invalid_operation_argument_is_refused_with_the_submitters_ref(
-    queen: Queen, keeper: Keeper
+    queen: Queen, keeper: JobClient
 ) -> None:
     body = encode(Submit(job_id="", ref="r-7", op=Ping(count=2)))
     body[3] = body[3].replace(b"\x02", b"\x00")  # count 2 -> count 0, out of range
@@ -214,7 +217,7 @@ async def test_frames_the_queen_does_not_take_are_refused(queen: Queen) -> None:
     assert "does not take DONE" in reply.message
 
 
-async def test_random_bytes_never_stop_the_queen(queen: Queen, keeper: Keeper) -> None:
+async def test_random_bytes_never_stop_the_queen(queen: Queen, keeper: JobClient) -> None:
     rng = random.Random(7)
     with trio.fail_after(20):
         async with await open_connection(queen_address(queen)) as conn:
@@ -228,7 +231,7 @@ async def test_random_bytes_never_stop_the_queen(queen: Queen, keeper: Keeper) -
 
 @pytest.mark.parametrize("transport", ["tcp"])
 async def test_raw_tcp_garbage_on_the_queen_port_does_not_stop_it(
-    queen: Queen, keeper: Keeper
+    queen: Queen, keeper: JobClient
 ) -> None:
     port = int(queen.listener.endpoint.rsplit(":", 1)[1])
     with trio.fail_after(10):
@@ -321,6 +324,6 @@ async def test_unreachable_queen_is_reported_within_the_accept_timeout(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # free once closed: nobody listens there
     address = endpoint.format(port=port, tmp=tmp_path)
-    with trio.fail_after(FAST_KEEPER.accept_timeout_s + 3), pytest.raises(QueenUnreachable):
+    with trio.fail_after(FAST_KEEPER.accept_timeout_s + 3), pytest.raises(ServerUnreachable):
         async with open_keeper(address, FAST_KEEPER) as k:
             await k.submit(Status())

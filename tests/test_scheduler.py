@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from rbee_mesh.actors.queen.scheduler import Action, HiveView, matches, memory_needed, place
+from rbee_mesh.actors.queen.scheduler import Action, HiveView, matches, place
+from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 
 MODEL = "owner/tiny-GGUF:tiny.Q4_K_M.gguf"
@@ -22,11 +23,9 @@ def hive(
 ) -> HiveView:
     return HiveView(
         name,
-        {
-            "devices": [{"id": "cpu", "memory_free": free}],
-            "workers": list(workers),
-            "models": list(models),
-        },
+        workers=list(workers),
+        models=list(models),
+        devices=[{"id": "cpu", "memory_free": free}],
     )
 
 
@@ -85,7 +84,7 @@ def test_not_enough_memory_anywhere_is_a_clear_error() -> None:
         place(infer(model=MODEL), hives, {})
     assert err.value.code is ErrorCode.UNAVAILABLE
     assert "out of memory" in err.value.message and "4.0 GiB" in err.value.message
-    assert memory_needed(10 * GIB) > 10 * GIB
+    assert estimated_memory(10 * GIB) > 10 * GIB
 
 
 def test_a_model_no_hive_holds_is_downloaded_when_named_as_a_hub_reference() -> None:

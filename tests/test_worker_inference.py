@@ -1,9 +1,9 @@
 """Workers running inference jobs: real worker processes, real backends, tiny GGUF models.
 
 Two ways in: through the hive's `WorkerPool` (`run_job`, as the hive uses it), and straight to
-one worker process from a listener that plays its hive, for what the pool never sends (garbage,
-a second job for a full worker) and for what the pool hides (each HEARTBEAT, each TOKEN frame
-after a CANCEL). Nothing sleeps to synchronise: tests wait for frames, for the pool's
+one worker process from a connection that plays its hive, for what the pool never sends
+(garbage, a second job for a full worker) and for what the pool hides (each HEARTBEAT, each
+TOKEN frame after a CANCEL). Nothing sleeps to synchronise: tests wait for frames, for the pool's
 `revision`, or for a process to exit, all under trio.fail_after.
 
 The tiny models have random weights. At temperature 0 they never sample end-of-sequence, so a
@@ -33,11 +33,12 @@ from trio_util import periodic
 
 from rbee_mesh.actors.hive.worker_pool import WorkerPool, WorkerState, open_worker_pool
 from rbee_mesh.actors.worker.worker import WorkerExit
-from rbee_mesh.inference import write_tiny_gguf
 from rbee_mesh.inference.backends import BACKENDS, GenerationParams, load_model
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import (
     HEADER,
     Accepted,
+    Actor,
     Cancel,
     Cancelled,
     Done,
@@ -56,7 +57,7 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.transport import Listener, open_listener
+from rbee_mesh.transport import Connection, open_connection
 from tests.skips import needs
 
 HEARTBEAT_S = 0.2
@@ -121,8 +122,9 @@ class Relayed:
     messages: list[Message] = field(default_factory=list)
     first_token: trio.Event = field(default_factory=trio.Event)
 
-    def __call__(self, frames: Sequence[bytes]) -> None:
+    def __call__(self, frames: Sequence[bytes], kind: Kind) -> None:
         message = decode(frames)
+        assert message.KIND is kind
         self.messages.append(message)
         if isinstance(message, Token):
             self.first_token.set()
@@ -161,25 +163,24 @@ def stop_distance(narration: Sequence[Narration]) -> int:
 
 @dataclass
 class DirectWorker:
-    """One worker process and the listener that plays its hive."""
+    """One worker process and the connection that plays its hive."""
 
-    listener: Listener
-    peer: bytes
+    connection: Connection
     process: trio.Process
     ready: Ready
     #: Every HEARTBEAT the worker sent, with the trio time it arrived.
     heartbeats: list[tuple[float, Heartbeat]] = field(default_factory=list)
 
     async def send(self, message: Message) -> None:
-        await self.listener.send(self.peer, encode(message))
+        await self.connection.send(encode(message))
 
     async def send_frames(self, frames: Sequence[bytes]) -> None:
-        await self.listener.send(self.peer, frames)
+        await self.connection.send(frames)
 
     async def receive(self) -> Message:
         """The next frame from the worker that is not a HEARTBEAT (those are recorded)."""
         while True:
-            _, frames = await self.listener.receive()
+            frames = await self.connection.receive()
             message = decode(frames)
             if isinstance(message, Heartbeat):
                 self.heartbeats.append((trio.current_time(), message))
@@ -208,33 +209,24 @@ class DirectWorker:
 async def direct_worker(
     model: Path, short_dir: Path, *, heartbeat_s: float = 5.0, slots: int = 1
 ) -> AsyncIterator[DirectWorker]:
-    """A worker process connected to a listener of the test's own, which heartbeats to it."""
-    async with await open_listener(f"ipc://{short_dir}/direct.sock") as listener:
-        argv = [
-            sys.executable,
-            "-m",
-            "rbee_mesh.actors.worker",
-            "--hive",
-            listener.endpoint,
-            "--worker-id",
-            "w-direct",
-            "--model",
-            str(model),
-            "--device",
-            "cpu",
-            "--slots",
-            str(slots),
-            "--heartbeat-s",
-            repr(heartbeat_s),
-        ]
-        with (short_dir / "direct.log").open("wb") as log:
-            process = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
-        try:
+    """A worker process, and a connection of the test's own that says READY as its hive and
+    heartbeats to it."""
+    endpoint = f"ipc://{short_dir}/direct.sock"
+    argv = [
+        sys.executable, "-m", "rbee_mesh.actors.worker", "--listen", endpoint,
+        "--worker-id", "w-direct", "--model", str(model), "--device", "cpu",
+        "--slots", str(slots), "--heartbeat-s", repr(heartbeat_s),
+    ]  # fmt: skip
+    with (short_dir / "direct.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
+    try:
+        async with await open_connection(endpoint) as connection:
+            hello = Ready(job_id="", sender="h", role=Actor.HIVE, session="s", ts=time.time())
+            await connection.send(encode(hello))
             with trio.fail_after(30):
-                peer, frames = await listener.receive()
-            ready = decode(frames)
+                ready = decode(await connection.receive())
             assert isinstance(ready, Ready)
-            worker = DirectWorker(listener, peer, process, ready)
+            worker = DirectWorker(connection, process, ready)
             async with trio.open_nursery() as nursery:
 
                 async def beat() -> None:
@@ -247,11 +239,11 @@ async def direct_worker(
                 nursery.start_soon(beat)
                 yield worker
                 nursery.cancel_scope.cancel()
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 # ---- streaming, results ---------------------------------------------------------------------
@@ -474,7 +466,7 @@ async def test_worker_refuses_a_job_with_busy_when_every_slot_is_taken(
     # docs/protocol.md rule 1: a refused SUBMIT gets an ERROR with an empty job id and its ref.
     assert isinstance(message, Error)
     assert (message.job_id, message.code, message.ref) == ("", ErrorCode.BUSY, "b")
-    assert message.message == "worker w-direct is busy: 1 of 1 slot(s) taken"
+    assert message.message == "worker w-direct is busy: 1 of 1 jobs run"
 
 
 async def test_pool_refuses_a_job_for_a_full_worker_and_lists_only_workers_with_a_free_slot(
@@ -516,7 +508,7 @@ async def test_a_worker_with_two_slots_runs_two_jobs_at_once(pool: WorkerPool, m
         async with trio.open_nursery() as nursery:
 
             async def job(job_id: str) -> None:
-                def relay(frames: Sequence[bytes]) -> None:
+                def relay(frames: Sequence[bytes], kind: Kind) -> None:
                     if isinstance(decode(frames), Token) and f"{job_id} token" not in events:
                         events.append(f"{job_id} token")
                         if {"job-a token", "job-b token"} <= set(events):
@@ -552,13 +544,10 @@ async def test_heartbeats_keep_flowing_during_a_long_generation(
     assert isinstance(terminal, Done)
     duration = terminal.result["usage"]["duration_s"]
     assert duration > 5 * interval, "the generation was too short to tell"
-    during = [t for t, beat in worker.heartbeats if beat.state["state"] == "busy"]
+    during = [t for t, beat in worker.heartbeats if beat.state["jobs"] == 1]
     assert len(during) >= duration / interval - 2
     gaps = [later - earlier for earlier, later in itertools.pairwise(during)]
     assert max(gaps) < 2 * interval
-    busy = [beat.state for _, beat in worker.heartbeats if beat.state["busy"]]
-    assert busy[0] == {"state": "busy", "slots": 1, "busy": 1}
-    assert worker.heartbeats[0][1].state == {"state": "idle", "slots": 1, "busy": 0}
 
 
 @pytest.mark.slow
@@ -666,7 +655,6 @@ async def test_malformed_frames_are_refused_and_the_worker_keeps_serving(
         [HEADER, bytes([Kind.SUBMIT]), b"job x!", valid_body],  # bad job id
         [HEADER, bytes([Kind.SUBMIT]), b"job-x", b"\xc1\xff\x00"],  # not msgpack
         [HEADER, bytes([Kind.SUBMIT]), b"job-x", b"\x81\xa3ref\xa1x"],  # no op
-        encode(Submit(job_id="", ref="noid", op=SHORT)),  # the hive always names the job
         encode(ping),  # not an infer job
     ]
     out_of_range = encode(Submit(job_id="job-x", ref="range", op=SHORT))
@@ -688,7 +676,7 @@ async def test_malformed_frames_are_refused_and_the_worker_keeps_serving(
     assert codes.count(ErrorCode.UNSUPPORTED_VERSION) == 1
     assert codes.count(ErrorCode.INVALID_REQUEST) == len(garbage) - 1
     refs = [m.ref for m in refusals if isinstance(m, Error)]
-    assert refs[-3:] == ["noid", "p", "range"]
+    assert refs[-2:] == ["p", "range"]
     assert isinstance(terminal, Done)
     assert code == WorkerExit.STOPPED
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,8 +25,19 @@ import trio
 from rbee_mesh.actors.hive.worker_pool import WorkerPool, WorkerState, open_worker_pool
 from rbee_mesh.actors.narration import JobContext, current_job
 from rbee_mesh.actors.worker.worker import WorkerExit
-from rbee_mesh.inference import write_tiny_gguf
-from rbee_mesh.protocol import ErrorCode, MeshError, Message, Narration
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+from rbee_mesh.protocol import (
+    Actor,
+    ErrorCode,
+    MeshError,
+    Message,
+    Narration,
+    Ready,
+    decode,
+    encode,
+)
+from rbee_mesh.protocol.constants import SERVER_LOST_AFTER
+from rbee_mesh.transport import EndpointError, open_connection
 
 #: Short enough that liveness tests finish in about a second; real time throughout.
 HEARTBEAT_S = 0.2
@@ -47,7 +59,7 @@ def model(short_dir: Path) -> Path:
 @pytest.fixture
 async def pool(short_dir: Path) -> AsyncIterator[WorkerPool]:
     async with open_worker_pool(
-        f"ipc://{short_dir}/workers.sock", heartbeat_s=HEARTBEAT_S, log_dir=short_dir / "logs"
+        f"ipc://{short_dir}/workers", heartbeat_s=HEARTBEAT_S, log_dir=short_dir / "logs"
     ) as p:
         yield p
 
@@ -96,12 +108,12 @@ async def wait_for_exit(pid: int) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+@pytest.mark.parametrize("sockets", ["files", "abstract"])
 async def test_spawn_returns_once_the_worker_is_ready(
-    transport: str, model: Path, short_dir: Path
+    sockets: str, model: Path, short_dir: Path
 ) -> None:
-    endpoint = f"ipc://{short_dir}/w.sock" if transport == "ipc" else "tcp://127.0.0.1:0"
-    async with open_worker_pool(endpoint, heartbeat_s=HEARTBEAT_S) as pool:
+    prefix = f"ipc://{short_dir}/w" if sockets == "files" else f"ipc://@rbw-{short_dir.name}"
+    async with open_worker_pool(prefix, heartbeat_s=HEARTBEAT_S) as pool:
         with trio.fail_after(20):
             record = await pool.spawn(model_id="tiny", model_path=model, device="cpu")
         assert record.state is WorkerState.READY
@@ -118,6 +130,14 @@ async def test_spawn_returns_once_the_worker_is_ready(
         as_record = record.to_record()
         assert as_record["state"] == "ready"
         assert msgpack.unpackb(msgpack.packb(as_record)) == as_record
+        # The worker serves its hive on a socket of its own, named by its id.
+        assert (short_dir / f"w.{record.id}").exists() is (sockets == "files")
+
+
+async def test_workers_serve_only_on_sockets_of_this_machine() -> None:
+    with pytest.raises(EndpointError, match="not ipc://"):
+        async with open_worker_pool("tcp://127.0.0.1:0"):
+            pass
 
 
 async def test_spawn_of_a_garbage_model_fails_with_the_workers_reason(
@@ -228,7 +248,7 @@ async def test_worker_that_stops_heartbeating_is_declared_dead_and_killed(
 
 
 async def test_pool_exit_stops_and_reaps_every_worker(model: Path, short_dir: Path) -> None:
-    async with open_worker_pool(f"ipc://{short_dir}/w.sock", heartbeat_s=HEARTBEAT_S) as pool:
+    async with open_worker_pool(f"ipc://{short_dir}/w", heartbeat_s=HEARTBEAT_S) as pool:
         with trio.fail_after(20):
             first = await pool.spawn(model_id="tiny", model_path=model, device="cpu")
             second = await pool.spawn(model_id="tiny", model_path=model, device="cpu")
@@ -240,16 +260,17 @@ async def test_pool_exit_stops_and_reaps_every_worker(model: Path, short_dir: Pa
         assert final.reason == "the hive is stopping (exited with code 0)"
         assert reaped(record.pid)
     assert not {first.pid, second.pid} & children()
-    assert not (short_dir / "w.sock").exists()
+    # Each worker's socket went with it.
+    assert not [name for name in os.listdir(short_dir) if name.startswith("w.")]
 
 
-async def test_worker_exits_by_itself_when_its_hive_is_silent(model: Path, short_dir: Path) -> None:
-    # No hive listens on this endpoint: the worker connects, hears nothing, and must not linger.
+async def test_worker_exits_by_itself_when_no_hive_comes(model: Path, short_dir: Path) -> None:
+    # No hive connects to this worker: it hears nothing, and must not linger.
     argv = [
         sys.executable,
         "-m",
         "rbee_mesh.actors.worker",
-        "--hive",
+        "--listen",
         f"ipc://{short_dir}/nobody.sock",
         "--worker-id",
         "w-alone",
@@ -264,8 +285,40 @@ async def test_worker_exits_by_itself_when_its_hive_is_silent(model: Path, short
         result = await trio.run_process(argv, capture_stderr=True, check=False)
     assert result.returncode == WorkerExit.HIVE_LOST
     last_line = result.stderr.decode().strip().splitlines()[-1]
-    silent = re.search(r"sent nothing for (\d+) heartbeat intervals", last_line)
-    assert silent is not None and int(silent.group(1)) >= 3, last_line
+    silent = re.search(r"no hive came .* sent nothing for (\d+) heartbeat intervals", last_line)
+    assert silent is not None and int(silent.group(1)) >= SERVER_LOST_AFTER, last_line
+
+
+async def test_worker_exits_by_itself_when_its_hive_falls_silent(
+    model: Path, short_dir: Path
+) -> None:
+    # A hive that said READY and then nothing more (hung): the worker gives up on it.
+    endpoint = f"ipc://{short_dir}/quiet.sock"
+    argv = [
+        sys.executable, "-m", "rbee_mesh.actors.worker", "--listen", endpoint,
+        "--worker-id", "w-quiet", "--model", str(model), "--device", "cpu",
+        "--heartbeat-s", "0.1",
+    ]  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+        results: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def run() -> None:
+            results.append(await trio.run_process(argv, capture_stderr=True, check=False))
+            done.set()
+
+        nursery.start_soon(run)
+        async with await open_connection(endpoint) as connection:
+            ready = Ready(job_id="", sender="h", role=Actor.HIVE, session="s1", ts=time.time())
+            await connection.send(encode(ready))
+            with trio.fail_after(20):
+                assert isinstance(decode(await connection.receive()), Ready)
+                await done.wait()
+    [result] = results
+    assert result.returncode == WorkerExit.HIVE_LOST
+    last_line = result.stderr.decode().strip().splitlines()[-1]
+    silent = re.search(r"it sent nothing for (\d+) heartbeat intervals", last_line)
+    assert silent is not None and int(silent.group(1)) >= SERVER_LOST_AFTER, last_line
 
 
 ORPHAN_PARENT = """

@@ -1,15 +1,22 @@
-"""Serving jobs on a Listener: the part of the protocol that the queen and every hive share.
+"""Serving jobs on a Listener: the one job server, for every actor that serves jobs (the queen
+to keepers, a hive to its queen, a worker to its hive).
 
-Guarantees (docs/protocol.md, "Job lifecycle" and "Liveness"):
+Guarantees (docs/protocol.md, "Job lifecycle", "At most once" and "Liveness"):
 
-- every valid SUBMIT gets ACCEPTED with a job id at once, then narration, then exactly one terminal
-  frame (DONE, ERROR or CANCELLED); a job is never ended by silence;
-- every job has a deadline; it can be cancelled by its submitter (CANCEL) or through `cancel()`;
-- a slow peer only fills its own outbox: past `peer_backlog` unread frames it is dropped;
-- a peer that vanishes (no frame for three heartbeat intervals, or unroutable) has its jobs
-  cancelled, so nothing it started keeps running;
-- garbage, unknown versions and frames the server does not take are answered with ERROR and the
-  server goes on serving.
+- every valid SUBMIT gets ACCEPTED with a job id at once, or a refusal (an ERROR with its `ref`
+  and `started: false`); a SUBMIT that arrives after its `accept_by` is refused, because its
+  sender has stopped waiting for it;
+- after ACCEPTED, exactly one terminal frame (DONE, ERROR or CANCELLED), enforced where frames
+  leave by the job's `JobLifecycle`; a job is never ended by silence;
+- no job can stop the server: whatever its handler raises, and a result that cannot be sent
+  (RESULT_TOO_LARGE, or INTERNAL for our own bug), becomes that job's terminal frame;
+- every job has a deadline; its submitter (CANCEL) or anyone through `cancel()` can cancel it;
+- a slow client only fills its own outbox: past `peer_backlog` unread frames it is dropped;
+- a client that vanishes (silent for SERVER_LOST_AFTER intervals, one fewer than a client waits
+  for its server) or whose session reconnects (a newer READY) has its jobs cancelled, and its
+  connection is fenced: nothing it started outlives it, and nothing it sent late runs;
+- garbage, unknown versions and frames the server does not take are answered with ERROR (the
+  peer's fault, logged as such) and the server goes on serving.
 
 What a job does is the business of the actor's handlers: `{operation class: async handler}`. The
 server does not know which transport is underneath.
@@ -19,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import secrets
 import time
 from collections import deque
@@ -28,11 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from trio_util import AsyncValue, periodic
+from trio_util import AsyncValue
 
+from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.narration import JobContext, current_job
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.protocol import (
+    STREAMED,
     Accepted,
     Actor,
     Cancel,
@@ -42,69 +50,131 @@ from rbee_mesh.protocol import (
     Error,
     ErrorCode,
     Heartbeat,
+    JobLifecycle,
     JobState,
+    Kind,
+    Liveness,
     MeshError,
     Message,
     Operation,
+    PeerClock,
     PeerLiveness,
     ProtocolError,
     Ready,
+    RemoteProtocolError,
     Submit,
+    TooLarge,
     decode,
     encode,
 )
-from rbee_mesh.protocol.liveness import Liveness
+from rbee_mesh.protocol.constants import HEARTBEAT_S, SERVER_LOST_AFTER
+from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.transport import Listener, PeerBusy, PeerUnreachable, TransportClosed
 
 log = logging.getLogger("rbee_mesh.jobs")
+
+#: Connections fenced because their session reconnected, remembered so that their late frames
+#: are refused (a bounded memory: older ones are forgotten).
+_FENCED_REMEMBERED = 1_024
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     #: Heartbeat interval used towards peers, and assumed for a peer until it says its own.
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = HEARTBEAT_S
     #: Frames buffered for one peer that is not reading; past this it is dropped as too slow.
     peer_backlog: int = 10_000
     #: How long one frame may wait for a congested peer before the peer is dropped.
     peer_stall_s: float = 10.0
-    #: Jobs running at once; past this, SUBMIT is answered with BUSY.
+    #: Jobs running at once; past this, SUBMIT is refused with BUSY.
     max_running_jobs: int = 10_000
     #: Finished jobs kept for job listings.
     job_history: int = 200
     #: Grace given to running jobs to end on shutdown.
     shutdown_grace_s: float = 2.0
+    #: Missed heartbeat intervals after which a silent client is dropped.
+    lost_after: int = SERVER_LOST_AFTER
 
 
 @dataclass(eq=False)
 class Peer:
-    """A connected client (a keeper, or the queen at a hive) as the server sees it."""
+    """A connected client (a keeper, the queen at a hive, the hive at a worker)."""
 
     id: bytes
     label: str
+    server: JobServer
     liveness: PeerLiveness
     outbox: trio.MemorySendChannel[Sequence[bytes]]
     inbox: trio.MemoryReceiveChannel[Sequence[bytes]]
-    jobs: set[Job] = field(default_factory=set)
-    heartbeat_seq: int = 0
+    clock: PeerClock = field(default_factory=PeerClock)
+    jobs: set[ServerJob] = field(default_factory=set)
+    #: What its READY said: its name, role, session and epoch.
+    name: str = ""
+    role: Actor | None = None
+    session: str = ""
+    epoch: int = 0
     gone: bool = False
     #: Frames in the outbox or being sent by the peer's sender task. While any are, new frames
     #: queue behind them; while none are, a frame is sent at once (no task switch).
     backlog: int = 0
+    heartbeats: int = 0
+
+    def beat(self) -> None:
+        """The server's heartbeat to this client (skipped while frames queue for it), saying
+        how many jobs the server runs, of how many it may."""
+        if self.backlog:
+            return
+        self.heartbeats += 1
+        server = self.server
+        message = Heartbeat(
+            job_id="", sender=server.name, seq=self.heartbeats,
+            interval_s=server.config.heartbeat_s, ts=time.time(),
+            state={"jobs": len(server._jobs), "limit": server.config.max_running_jobs},
+        )  # fmt: skip
+        self.server._send(self, message)
+
+    def liveness_changed(self, was: Liveness, now: Liveness) -> None:
+        if now is Liveness.LOST:
+            missed = self.liveness.missed(trio.current_time())
+            self.server._drop_peer(self, f"it sent nothing for {missed} heartbeat intervals")
 
 
 @dataclass(eq=False)
-class Job:
+class ServerJob:
+    """A job this server runs: accepted, running in its own task, ended exactly once."""
+
     id: str
     op: Operation
     peer: Peer
     deadline_s: float
     created: float = field(default_factory=time.time)
     ended: float | None = None
-    state: JobState = JobState.RUNNING
+    lifecycle: JobLifecycle = field(default_factory=lambda: JobLifecycle(JobState.RUNNING))
     error: str = ""
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Set when the job is aborted from outside: the terminal frame to send instead of a result.
     abort: Message | None = None
+
+    @property
+    def state(self) -> JobState:
+        return self.lifecycle.state
+
+    @property
+    def time_left_s(self) -> float:
+        """What is left of the job's deadline (for a job forwarded one hop down)."""
+        return max(self.deadline_s - (time.time() - self.created), 0.001)
+
+    def emit(self, message: Message) -> None:
+        """Send a NARRATION, DATA or TOKEN frame of this job to its submitter, if still running.
+
+        Raises TooLarge if the frame is over the size limit (the job then ends with it)."""
+        self.relay(encode(message), message.KIND)
+
+    def relay(self, frames: Sequence[bytes], kind: Kind) -> None:
+        """Pass a NARRATION, DATA or TOKEN frame of this job (from an actor it was forwarded
+        to) on, unopened; dropped once the job has ended."""
+        if kind in STREAMED and self.lifecycle.allows(kind):
+            self.peer.server._send_frames(self.peer, frames)
 
     def summary(self) -> dict[str, Any]:
         end = self.ended if self.ended is not None else time.time()
@@ -119,7 +189,7 @@ class Job:
         }
 
 
-Handler = Callable[[Job, Any], Awaitable[Any]]
+Handler = Callable[[ServerJob, Any], Awaitable[Any]]
 
 
 class JobServer:
@@ -134,28 +204,37 @@ class JobServer:
         handlers: dict[type[Operation], Handler],
         config: ServerConfig | None = None,
         assigns_job_ids: bool = True,
-        ready_info: Callable[[], dict[str, Any]] | None = None,
+        ready_info: Callable[[Peer], dict[str, Any]] | None = None,
         peer_label: str = "keeper",
         hive_id: str = "",
+        worker_id: str = "",
+        on_peer_gone: Callable[[Peer, str, bool], None] | None = None,
     ) -> None:
-        """`assigns_job_ids`: refuse SUBMITs that carry a job id (the queen) or adopt it (a hive,
-        whose jobs keep the queen's id so narration is routed without translation).
-        `ready_info`: what to answer a READY with."""
+        """`assigns_job_ids`: refuse SUBMITs that carry a job id (the queen) or adopt it (a hive
+        or a worker, whose jobs keep the queen's id so narration is routed without
+        translation). `ready_info`: what to answer a client's READY with. `on_peer_gone`: told
+        when a client is dropped, why, and whether it left on purpose (DISCONNECT)."""
         self.listener = listener
         self.name = name
         self.actor = actor
         self.handlers = handlers
         self.config = config or ServerConfig()
         self.assigns_job_ids = assigns_job_ids
-        self.ready_info = ready_info or dict
+        self.ready_info = ready_info or (lambda peer: {})
         self.peer_label = peer_label
         self.hive_id = hive_id
+        self.worker_id = worker_id
+        self.on_peer_gone = on_peer_gone
         #: How many jobs are running; `await server.job_count.wait_value(0)` waits for none.
         self.job_count = AsyncValue(0)
         self._peers: dict[bytes, Peer] = {}
-        self._jobs: dict[str, Job] = {}
-        self._history: deque[Job] = deque(maxlen=self.config.job_history)
+        self._sessions: dict[str, Peer] = {}
+        self._fenced: deque[bytes] = deque(maxlen=_FENCED_REMEMBERED)
+        self._jobs: dict[str, ServerJob] = {}
+        self._history: deque[ServerJob] = deque(maxlen=self.config.job_history)
         self._peer_numbers = itertools.count(1)
+        #: Beats and watches every client; an actor may add links of its own (a hive's PUB).
+        self.schedule = HeartbeatSchedule(self.config.heartbeat_s)
         self._nursery: trio.Nursery | None = None
         self._senders: trio.Nursery | None = None
         self._stopping = False
@@ -169,7 +248,7 @@ class JobServer:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_loop)
-                nursery.start_soon(self._liveness_loop)
+                nursery.start_soon(self.schedule.run)
                 log.info("%s serving on %s", self.name, self.listener.endpoint)
                 task_status.started()
             # Let each peer's last frames go out, but never wait on a stalled one for long.
@@ -183,14 +262,14 @@ class JobServer:
             return
         self._stopping = True
         for job in list(self._jobs.values()):
-            terminal = Error(job_id=job.id, code=ErrorCode.UNAVAILABLE, message=reason)
+            terminal = Error(job_id=job.id, code=ErrorCode.UNAVAILABLE, message=sentence(reason))
             self._abort(job, terminal, cancel_reason=SHUTDOWN_REASON)
         with trio.move_on_after(self.config.shutdown_grace_s):
             await self.job_count.wait_value(0)
         self._nursery.cancel_scope.cancel()
 
     @property
-    def running_jobs(self) -> list[Job]:
+    def running_jobs(self) -> list[ServerJob]:
         return list(self._jobs.values())
 
     @property
@@ -203,7 +282,7 @@ class JobServer:
             jobs += [j.summary() for j in self._history]
         return sorted(jobs, key=lambda j: float(j["created"]))
 
-    def cancel(self, job_id: str, *, by: str) -> Job:
+    def cancel(self, job_id: str, *, by: str) -> ServerJob:
         """Cancel a running job on behalf of `by`; NOT_FOUND or CONFLICT if it is not running."""
         target = self._jobs.get(job_id)
         if target is None:
@@ -214,11 +293,6 @@ class JobServer:
         self._abort(target, Cancelled(job_id=target.id, reason=f"cancelled by {by}"))
         return target
 
-    def relay(self, job: Job, frames: Sequence[bytes]) -> None:
-        """Pass a job's frames from another actor to its submitter without decoding them."""
-        if job.state is JobState.RUNNING:
-            self._send_frames(job.peer, frames)
-
     # ---- receiving ---------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
@@ -227,12 +301,18 @@ class JobServer:
                 peer_id, frames = await self.listener.receive()
             except TransportClosed:
                 return
-            peer = self._peers.get(peer_id) or self._add_peer(peer_id)
-            peer.liveness.seen(trio.current_time())
+            peer = self._peers.get(peer_id)
+            if peer is None:
+                if peer_id in self._fenced:
+                    log.info("ignored a frame on a fenced connection of %s", self.peer_label)
+                    continue
+                peer = self._add_peer(peer_id)
+            now = trio.current_time()
+            peer.liveness.seen(now)
             try:
                 message = decode(frames)
-            except ProtocolError as exc:
-                log.warning("rejected a frame from %s: %s", peer.label, exc)
+            except RemoteProtocolError as exc:
+                log.warning("rejected a frame from %s (their fault): %s", peer.label, exc)
                 rejection = f"rejected: {exc.message}"
                 self._send(peer, Error(job_id="", code=exc.code, message=rejection, ref=exc.ref))
                 continue
@@ -258,17 +338,34 @@ class JobServer:
                 self._abort(job, Cancelled(job_id=job.id, reason=reason))
             case Heartbeat():
                 peer.liveness.interval_s = message.interval_s
+                peer.clock.sample(message.ts, time.time())
             case Ready():
-                info = self.ready_info()
-                self._send(peer, Ready(job_id="", sender=self.name, role=self.actor, info=info))
+                self._on_ready(peer, message)
             case Disconnect():
-                self._drop_peer(peer, f"it disconnected ({message.reason or 'no reason given'})")
+                why = f"it disconnected ({message.reason or 'no reason given'})"
+                self._drop_peer(peer, why, left=True)
             case _:
                 refusal = f"a {self.actor} does not take {message.KIND.name} frames"
                 self._send(
                     peer,
                     Error(job_id=message.job_id, code=ErrorCode.INVALID_REQUEST, message=refusal),
                 )
+
+    def _on_ready(self, peer: Peer, ready: Ready) -> None:
+        """Say who this server is; a newer connection of a client's session fences the older."""
+        peer.name, peer.role = ready.sender, ready.role
+        peer.clock.sample(ready.ts, time.time())
+        if ready.session:
+            older = self._sessions.get(ready.session)
+            if older is not None and older is not peer:
+                if ready.epoch < older.epoch:
+                    self._fence(peer, f"{ready.sender} connected again since (epoch {older.epoch})")
+                    return
+                self._fence(older, f"{ready.sender} connected again (epoch {ready.epoch})")
+            peer.session, peer.epoch = ready.session, ready.epoch
+            self._sessions[ready.session] = peer
+        info = self.ready_info(peer)
+        self._send(peer, Ready(job_id="", sender=self.name, role=self.actor, info=info))
 
     # ---- peers ---------------------------------------------------------------------------------
 
@@ -277,11 +374,15 @@ class JobServer:
         peer = Peer(
             id=peer_id,
             label=f"{self.peer_label}-{next(self._peer_numbers)}",
-            liveness=PeerLiveness(self.config.heartbeat_s, trio.current_time()),
+            server=self,
+            liveness=PeerLiveness(
+                self.config.heartbeat_s, trio.current_time(), lost_after=self.config.lost_after
+            ),
             outbox=send,
             inbox=receive,
         )
         self._peers[peer_id] = peer
+        self.schedule.add(peer)
         assert self._senders is not None
         self._senders.start_soon(self._peer_sender, peer)
         return peer
@@ -312,6 +413,7 @@ class JobServer:
         return False
 
     def _send(self, peer: Peer, message: Message) -> None:
+        """Send a frame that is not a job's (replies, heartbeats): small, never over a limit."""
         self._send_frames(peer, encode(message))
 
     def _send_frames(self, peer: Peer, frames: Sequence[bytes]) -> None:
@@ -334,12 +436,15 @@ class JobServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
+    def _drop_peer(self, peer: Peer, why: str, *, left: bool = False) -> None:
         """Forget a peer and cancel what it started: nothing it began may outlive it."""
         if peer.gone:
             return
         peer.gone = True
         self._peers.pop(peer.id, None)
+        if self._sessions.get(peer.session) is peer:
+            del self._sessions[peer.session]
+        self.schedule.discard(peer)
         peer.outbox.close()
         if peer.jobs:
             log.warning(
@@ -347,41 +452,28 @@ class JobServer:
             )
         for job in list(peer.jobs):
             self._abort(job, Cancelled(job_id=job.id, reason=f"{peer.label} is gone: {why}"))
+        if self.on_peer_gone is not None:
+            self.on_peer_gone(peer, why, left)
 
-    async def _liveness_loop(self) -> None:
-        """Heartbeats to peers with running jobs; drops peers that fell silent."""
-        async for _ in periodic(self.config.heartbeat_s / 2):
-            now = trio.current_time()
-            for peer in list(self._peers.values()):
-                peer.liveness.check(now)
-                if peer.liveness.state is Liveness.LOST:
-                    missed = peer.liveness.missed(now)
-                    self._drop_peer(peer, f"it sent nothing for {missed} heartbeat intervals")
-                elif peer.jobs:
-                    self._heartbeat(peer, now)
-
-    def _heartbeat(self, peer: Peer, now: float) -> None:
-        # The loop runs every half interval; send one heartbeat per interval.
-        due = math.floor(now / self.config.heartbeat_s)
-        if due == peer.heartbeat_seq:
-            return
-        peer.heartbeat_seq = due
-        beat = Heartbeat(
-            job_id="", sender=self.name, seq=due, interval_s=self.config.heartbeat_s, ts=time.time()
-        )
-        self._send(peer, beat)
+    def _fence(self, peer: Peer, why: str) -> None:
+        """Drop a connection whose client has moved on, and refuse whatever it sends later."""
+        self._fenced.append(peer.id)
+        self._drop_peer(peer, f"it was superseded: {why}")
 
     # ---- jobs ------------------------------------------------------------------------------------
 
     def _submit(self, peer: Peer, submit: Submit) -> None:
-        refusal = self._refusal(submit)
+        refusal = self._refusal(peer, submit)
         if refusal is not None:
             code, why = refusal
-            self._send(peer, Error(job_id="", code=code, ref=submit.ref, message=why))
+            log.info("refused %s from %s: %s", submit.op.NAME, peer.label, why)
+            self._send(
+                peer, Error(job_id="", code=code, ref=submit.ref, message=why, started=False)
+            )
             return
         deadline = submit.timeout_s or submit.op.default_deadline_s
         job_id = submit.job_id or new_job_id()
-        job = Job(id=job_id, op=submit.op, peer=peer, deadline_s=deadline)
+        job = ServerJob(id=job_id, op=submit.op, peer=peer, deadline_s=deadline)
         job.scope.relative_deadline = deadline
         self._jobs[job.id] = job
         self.job_count.value = len(self._jobs)
@@ -391,78 +483,100 @@ class JobServer:
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job, name=f"job {job.id} {job.op.NAME}")
 
-    def _refusal(self, submit: Submit) -> tuple[ErrorCode, str] | None:
+    def _refusal(self, peer: Peer, submit: Submit) -> tuple[ErrorCode, str] | None:
         if self._stopping:
             return ErrorCode.UNAVAILABLE, f"the {self.actor} is shutting down"
-        if len(self._jobs) >= self.config.max_running_jobs:
-            return ErrorCode.BUSY, f"the {self.actor} runs {len(self._jobs)} jobs, its limit"
+        if type(submit.op) not in self.handlers:
+            return ErrorCode.INVALID_REQUEST, f"a {self.actor} does not run {submit.op.NAME} jobs"
         if submit.job_id and self.assigns_job_ids:
             return ErrorCode.INVALID_REQUEST, f"the {self.actor} assigns job ids; leave it empty"
         if submit.job_id in self._jobs:
             return ErrorCode.CONFLICT, f"job {submit.job_id} is already running"
+        if submit.accept_by is not None:
+            late = peer.clock.late_by(submit.accept_by, time.time())
+            if late > 0:
+                return ErrorCode.TIMEOUT, (
+                    f"the request arrived {late:.3f}s after its sender stopped waiting for it "
+                    "(a cut link or a frozen process held it up); it was not run"
+                )
+        if len(self._jobs) >= self.config.max_running_jobs:
+            limit = self.config.max_running_jobs
+            return ErrorCode.BUSY, f"{self.actor} {self.name} is busy: {limit} of {limit} jobs run"
         return None
 
-    def _abort(self, job: Job, terminal: Message, *, cancel_reason: str | None = None) -> None:
+    def _abort(
+        self, job: ServerJob, terminal: Message, *, cancel_reason: str | None = None
+    ) -> None:
         if job.abort is None:
             job.abort = terminal
         job.scope.cancel(reason=cancel_reason)
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: ServerJob) -> None:
         current_job.set(
             JobContext(
-                job_id=job.id, actor=str(self.actor), emit=self._emitter(job), hive_id=self.hive_id
+                job_id=job.id,
+                actor=str(self.actor),
+                emit=job.emit,
+                hive_id=self.hive_id,
+                worker_id=self.worker_id,
             )
         )
         terminal: Message | None = None
         with job.scope:
             try:
-                result = await self._execute(job)
-                terminal = Done(job_id=job.id, result=result)
+                result = await self.handlers[type(job.op)](job, job.op)
             except MeshError as exc:
-                terminal = Error(job_id=job.id, code=exc.code, message=exc.message)
+                terminal = self._error(job, exc.code, exc.message, started=exc.started)
             except Exception as exc:
                 log.exception("job %s (%s) failed", job.id, job.op.NAME)
-                terminal = Error(
-                    job_id=job.id,
-                    code=ErrorCode.INTERNAL,
-                    message=f"{job.op.NAME} failed: {type(exc).__name__}: {exc}",
-                )
+                message = f"{job.op.NAME} failed: {type(exc).__name__}: {exc}"
+                terminal = self._error(job, ErrorCode.INTERNAL, message)
+            else:
+                terminal = self._done(job, result)
         if job.abort is not None and (terminal is None or job.scope.cancelled_caught):
             terminal = job.abort
         elif terminal is None:
-            terminal = Error(
-                job_id=job.id,
-                code=ErrorCode.TIMEOUT,
-                message=f"{job.op.NAME} did not finish within {job.deadline_s:g}s",
-            )
+            message = f"{job.op.NAME} did not finish within {job.deadline_s:g}s"
+            terminal = self._error(job, ErrorCode.TIMEOUT, message)
         self._finish(job, terminal)
 
-    async def _execute(self, job: Job) -> Any:
-        handler = self.handlers.get(type(job.op))
-        if handler is None:
-            raise MeshError(
-                ErrorCode.INVALID_REQUEST, f"a {self.actor} does not run {job.op.NAME} jobs"
-            )
-        return await handler(job, job.op)
+    @staticmethod
+    def _error(job: ServerJob, code: ErrorCode, message: str, *, started: bool = True) -> Error:
+        return Error(job_id=job.id, code=code, message=sentence(message), started=started)
 
-    def _emitter(self, job: Job) -> Callable[[Message], None]:
-        def emit(message: Message) -> None:
-            if job.state is JobState.RUNNING:
-                self._send(job.peer, message)
+    def _done(self, job: ServerJob, result: Any) -> Message:
+        """DONE with `result`, or the job's ERROR if the result is not a value a frame can
+        carry (too many values, or malformed by our own bug)."""
+        try:
+            return Done(job_id=job.id, result=result)
+        except ProtocolError as exc:
+            return self._unsendable(job, exc)
 
-        return emit
+    def _unsendable(self, job: ServerJob, exc: ProtocolError) -> Error:
+        """The ERROR that ends a job whose own terminal frame cannot be sent: RESULT_TOO_LARGE
+        for a result over a size limit, INTERNAL for anything else (a bug here, logged so)."""
+        if isinstance(exc, TooLarge):
+            message = f"the result of {job.op.NAME} is too large to send: {exc.message}"
+            return self._error(job, ErrorCode.RESULT_TOO_LARGE, message)
+        log.error("job %s (%s) made a frame it cannot send (a bug): %s", job.id, job.op.NAME, exc)
+        message = f"{job.op.NAME} made a result that cannot be sent (a bug): {exc.message}"
+        return self._error(job, ErrorCode.INTERNAL, message)
 
-    def _finish(self, job: Job, terminal: Message) -> None:
+    def _finish(self, job: ServerJob, terminal: Message) -> None:
+        """Send the job's terminal frame (checked here, where it is built, so that no result can
+        stop the server) and record how it ended."""
+        try:
+            frames = encode(terminal)
+        except ProtocolError as exc:
+            terminal = self._unsendable(job, exc)
+            frames = encode(terminal)
         job.ended = time.time()
-        match terminal:
-            case Done():
-                job.state = JobState.DONE
-            case Error():
-                job.state, job.error = JobState.FAILED, f"{terminal.code}: {terminal.message}"
-            case _:
-                job.state = JobState.CANCELLED
-                job.error = getattr(terminal, "reason", "")
-        self._send(job.peer, terminal)
+        job.lifecycle.send(terminal.KIND)
+        if isinstance(terminal, Error):
+            job.error = f"{terminal.code}: {terminal.message}"
+        elif isinstance(terminal, Cancelled):
+            job.error = terminal.reason
+        self._send_frames(job.peer, frames)
         self._jobs.pop(job.id, None)
         self.job_count.value = len(self._jobs)
         job.peer.jobs.discard(job)

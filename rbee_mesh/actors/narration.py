@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rbee_mesh.protocol import Data, Level, Message, Narration
+from rbee_mesh.protocol.messages import sentence
 
 log = logging.getLogger("rbee_mesh.narration")
 
@@ -59,7 +60,7 @@ def narrate(
             job_id=ctx.job_id,
             actor=actor or ctx.actor,
             action=action,
-            human=human,
+            human=sentence(human),
             level=level,
             ts=time.time(),
             target=target,

@@ -1,11 +1,7 @@
-"""Models and inference: GGUF files today; inference backends arrive with a later issue."""
+"""Models and inference: GGUF files, the backends that run them, and how much memory they take.
 
-from rbee_mesh.inference.gguf_file import (
-    GgufFile,
-    GgufInfo,
-    open_gguf,
-    read_gguf_info,
-    write_tiny_gguf,
-)
-
-__all__ = ["GgufFile", "GgufInfo", "open_gguf", "read_gguf_info", "write_tiny_gguf"]
+`gguf_file.py` reads GGUF metadata (and writes tiny models for tests, benchmarks and the demo);
+`backends.py` loads a model with llama-cpp-python or ctransformers and streams its text;
+`sizing.py` estimates a model's memory before anything is loaded. Import the module you need:
+this package's face imports nothing, so that a keeper or a queen never pulls numpy in.
+"""

@@ -5,18 +5,23 @@ Importing this package loads neither trio nor zmq; every actor and every transpo
 
 from rbee_mesh.protocol.codec import (
     HEADER,
-    MAGIC,
-    MAX_BODY_BYTES,
-    PROTOCOL_VERSION,
     decode,
     decode_heartbeat,
     decode_state,
     encode,
     peek_route,
 )
-from rbee_mesh.protocol.errors import ErrorCode, MeshError, ProtocolError
-from rbee_mesh.protocol.jobs import JobState, JobTracker
-from rbee_mesh.protocol.liveness import Liveness, PeerLiveness
+from rbee_mesh.protocol.constants import MAGIC, MAX_BODY_BYTES, PROTOCOL_VERSION
+from rbee_mesh.protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    MeshError,
+    ProtocolError,
+    RemoteProtocolError,
+    TooLarge,
+)
+from rbee_mesh.protocol.jobs import STREAMED, JobLifecycle, JobState, outcome
+from rbee_mesh.protocol.liveness import Liveness, PeerClock, PeerLiveness
 from rbee_mesh.protocol.messages import (
     MESSAGE_TYPES,
     TERMINAL_KINDS,
@@ -66,6 +71,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "OPERATIONS",
     "PROTOCOL_VERSION",
+    "STREAMED",
     "TERMINAL_KINDS",
     "Accepted",
     "Actor",
@@ -83,12 +89,13 @@ __all__ = [
     "HiveStatus",
     "Infer",
     "JobCancel",
+    "JobLifecycle",
     "JobList",
     "JobState",
-    "JobTracker",
     "Kind",
     "Level",
     "Liveness",
+    "LocalProtocolError",
     "MeshError",
     "Message",
     "ModelDelete",
@@ -97,13 +104,16 @@ __all__ = [
     "ModelList",
     "Narration",
     "Operation",
+    "PeerClock",
     "PeerLiveness",
     "Ping",
     "ProtocolError",
     "Ready",
+    "RemoteProtocolError",
     "Status",
     "Submit",
     "Token",
+    "TooLarge",
     "WorkerDelete",
     "WorkerGet",
     "WorkerList",
@@ -112,5 +122,6 @@ __all__ = [
     "decode_heartbeat",
     "decode_state",
     "encode",
+    "outcome",
     "peek_route",
 ]

@@ -5,12 +5,15 @@ A message is four frames: ``[header, kind, job_id, body]``.
 - header: the magic ``b"RBEE"`` followed by one byte, the protocol version;
 - kind: one byte, a `Kind`;
 - job_id: ASCII, at most 64 bytes, empty for connection-level messages;
-- body: a msgpack map, at most MAX_BODY_BYTES, decoded with explicit limits and no extension types.
+- body: a msgpack map, at most MAX_BODY_BYTES and MAX_BODY_VALUES, decoded with explicit limits
+  and no extension types.
 
-`decode` raises `ProtocolError` and nothing else, whatever bytes it is given. `peek_route` reads
-only the first three frames, for relays that forward a body they never unpack. `decode_heartbeat`
-leaves a heartbeat's state packed, for a receiver of many heartbeats that reads few states;
-`decode_state` finishes the job, with the same checks as `decode`.
+`decode` raises `RemoteProtocolError` and nothing else, whatever bytes it is given, and costs at
+most a few milliseconds whatever they are. `encode` raises `LocalProtocolError` (`TooLarge` for a
+body over the limit): what this process cannot send is its own problem, never a peer's.
+`peek_route` reads only the first three frames, for relays that forward a body they never
+unpack. `decode_heartbeat` leaves a heartbeat's state packed, for a receiver of many heartbeats
+that reads few states; `decode_state` finishes the job, with the same checks as `decode`.
 """
 
 from __future__ import annotations
@@ -20,41 +23,54 @@ from typing import Any
 
 import msgpack
 
-from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
-from rbee_mesh.protocol.fields import Value
-from rbee_mesh.protocol.messages import (
-    JOB_ID_MAX,
-    MESSAGE_TYPES,
-    Heartbeat,
-    Kind,
-    Message,
-    check_job_id,
+from rbee_mesh.protocol.constants import (
+    FRAME_COUNT,
+    MAGIC,
+    MAX_BODY_BYTES,
+    MAX_BODY_VALUES,
+    MAX_JOB_ID,
+    PROTOCOL_VERSION,
 )
+from rbee_mesh.protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    TooLarge,
+)
+from rbee_mesh.protocol.fields import Value
+from rbee_mesh.protocol.messages import MESSAGE_TYPES, Heartbeat, Kind, Message, check_job_id
 
-MAGIC = b"RBEE"
-PROTOCOL_VERSION = 1
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
-FRAME_COUNT = 4
-
-MAX_BODY_BYTES = 4 * 1024 * 1024
-MAX_ARRAY_LEN = 100_000
-MAX_MAP_LEN = 10_000
 
 _KINDS = {kind.value: kind for kind in Kind}
 
 
 def encode(message: Message) -> list[bytes]:
-    """Frames for `message`. Raises ProtocolError if the body would exceed MAX_BODY_BYTES."""
-    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    """Frames for `message`. Raises TooLarge if the body would exceed MAX_BODY_BYTES, and
+    LocalProtocolError if msgpack cannot pack it."""
+    try:
+        body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    except (ValueError, TypeError, OverflowError) as exc:  # nested past msgpack's own limit
+        raise LocalProtocolError(f"{message.KIND.name} cannot be packed: {exc}") from None
     if len(body) > MAX_BODY_BYTES:
-        raise ProtocolError(
+        raise TooLarge(
             f"{message.KIND.name} body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}"
         )
     return [HEADER, bytes([message.KIND]), message.job_id.encode("ascii"), body]
 
 
 def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
-    """The kind and job id of a message, checked, without unpacking its body."""
+    """The kind and job id of a message, checked, without unpacking its body.
+
+    Raises RemoteProtocolError."""
+    try:
+        return _peek_route(frames)
+    except ProtocolError as exc:
+        raise _remote(exc) from None
+
+
+def _peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
     if len(frames) != FRAME_COUNT:
         raise ProtocolError(f"expected {FRAME_COUNT} frames, got {len(frames)}")
     header, kind_frame, job_frame, _ = frames
@@ -64,9 +80,9 @@ def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
     kind = _KINDS.get(kind_frame[0])
     if kind is None:
         raise ProtocolError(f"unknown message kind {kind_frame[0]}")
-    if len(job_frame) > JOB_ID_MAX:
+    if len(job_frame) > MAX_JOB_ID:
         raise ProtocolError(
-            f"the job id frame is {len(job_frame)} bytes; the limit is {JOB_ID_MAX}"
+            f"the job id frame is {len(job_frame)} bytes; the limit is {MAX_JOB_ID}"
         )
     try:
         job_id = bytes(job_frame).decode("ascii")
@@ -77,16 +93,20 @@ def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
 
 
 def decode(frames: Sequence[bytes]) -> Message:
-    """The message these frames carry, validated in full. Raises only ProtocolError."""
+    """The message these frames carry, validated in full. Raises only RemoteProtocolError."""
     kind, job_id = peek_route(frames)
-    body = _unpack(frames[3])
+    try:
+        body = _unpack(frames[3])
+    except ProtocolError as exc:
+        raise _remote(exc) from None
     try:
         return MESSAGE_TYPES[kind].from_wire(body, kind.name, job_id=job_id)
     except ProtocolError as exc:
+        remote = _remote(exc)
         # Let the receiver address its rejection to the submission it refuses, where it can.
         ref = body.get("ref") if isinstance(body, dict) else None
-        exc.ref = ref if isinstance(ref, str) and 0 < len(ref) <= JOB_ID_MAX else ""
-        raise
+        remote.ref = ref if isinstance(ref, str) and 0 < len(ref) <= MAX_JOB_ID else ""
+        raise remote from None
 
 
 def decode_heartbeat(frames: Sequence[bytes]) -> tuple[Heartbeat, bytes]:
@@ -99,9 +119,17 @@ def decode_heartbeat(frames: Sequence[bytes]) -> tuple[Heartbeat, bytes]:
     heartbeats a second reads few of their states.
     """
     kind, job_id = peek_route(frames)
-    if kind is not Kind.HEARTBEAT:
-        raise ProtocolError(f"expected a HEARTBEAT, got {kind.name}")
-    body = _sized(bytes(frames[3]))
+    try:
+        if kind is not Kind.HEARTBEAT:
+            raise ProtocolError(f"expected a HEARTBEAT, got {kind.name}")
+        body = _sized(bytes(frames[3]))
+        fields, state = _split_state(body)
+        return Heartbeat.from_wire(fields, kind.name, job_id=job_id), state
+    except ProtocolError as exc:
+        raise _remote(exc) from None
+
+
+def _split_state(body: bytes) -> tuple[dict[str, Any], bytes]:
     unpacker = msgpack.Unpacker(max_buffer_size=MAX_BODY_BYTES, **_UNPACK_OPTIONS)
     unpacker.feed(body)
     fields: dict[str, Any] = {}
@@ -123,17 +151,32 @@ def decode_heartbeat(frames: Sequence[bytes]) -> tuple[Heartbeat, bytes]:
         raise
     except Exception as exc:  # msgpack raises several types (ValueError, OutOfData, ...)
         raise ProtocolError(f"the body is not valid msgpack: {type(exc).__name__}") from None
-    return Heartbeat.from_wire(fields, kind.name, job_id=job_id), state
+    return fields, state
 
 
 def decode_state(packed: bytes) -> dict[str, Any]:
-    """A state left packed by `decode_heartbeat`, unpacked and validated. Raises ProtocolError."""
-    state: dict[str, Any] = _STATE.load("state", _unpack(packed))
+    """A state left packed by `decode_heartbeat`, unpacked and validated.
+
+    Raises RemoteProtocolError."""
+    try:
+        state: dict[str, Any] = _STATE.load("state", _unpack(packed))
+    except ProtocolError as exc:
+        raise _remote(exc) from None
     return state
 
 
 _EMPTY_MAP = msgpack.packb({})
 _STATE = Value(mapping=True)
+
+
+def _remote(exc: ProtocolError) -> RemoteProtocolError:
+    """`exc` as the peer's fault: whatever the input broke, it came off the wire."""
+    if isinstance(exc, RemoteProtocolError):
+        return exc
+    code = exc.code if exc.code is ErrorCode.UNSUPPORTED_VERSION else ErrorCode.INVALID_REQUEST
+    remote = RemoteProtocolError(exc.message, code)
+    remote.ref = exc.ref
+    return remote
 
 
 def _check_header(header: bytes) -> None:
@@ -157,9 +200,26 @@ _UNPACK_OPTIONS: dict[str, Any] = {
     "max_str_len": MAX_BODY_BYTES,
     "max_bin_len": 0,
     "max_ext_len": 0,
-    "max_array_len": MAX_ARRAY_LEN,
-    "max_map_len": MAX_MAP_LEN,
+    "max_array_len": MAX_BODY_VALUES,
+    "max_map_len": MAX_BODY_VALUES,
 }
+
+
+class _Budget:
+    """Counts the values msgpack builds and stops it past MAX_BODY_VALUES.
+
+    msgpack calls the hooks once per array and map it has built, so a body of a million tiny
+    values stops after MAX_BODY_VALUES of them (well under a millisecond) instead of being built
+    whole (40 ms for 4 MB here) and then walked (a second or more)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_BODY_VALUES
+
+    def __call__(self, built: Any) -> Any:
+        self.left -= len(built)
+        if self.left < 0:
+            raise TooLarge(f"the body holds more than {MAX_BODY_VALUES} values")
+        return built
 
 
 def _sized(body: bytes) -> bytes:
@@ -170,7 +230,14 @@ def _sized(body: bytes) -> bytes:
 
 def _unpack(body: bytes) -> Any:
     body = _sized(body)
+    # A body this small holds at most this many values: no budget needed (it costs ~30%).
+    hooks: dict[str, Any] = {}
+    if len(body) > MAX_BODY_VALUES:
+        budget = _Budget()
+        hooks = {"list_hook": budget, "object_hook": budget}
     try:
-        return msgpack.unpackb(body, **_UNPACK_OPTIONS)
+        return msgpack.unpackb(body, **_UNPACK_OPTIONS, **hooks)
+    except TooLarge:
+        raise
     except Exception as exc:  # msgpack raises several types (ValueError, ExtraData, ...)
         raise ProtocolError(f"the body is not valid msgpack: {type(exc).__name__}") from None

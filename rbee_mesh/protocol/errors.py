@@ -1,9 +1,11 @@
-"""Error codes shared by every actor, and the two exceptions that carry them.
+"""Error codes shared by every actor, and the exceptions that carry them.
 
 `MeshError` is an operation failing for a reason the user should see (a model that does not exist,
-a worker that died). `ProtocolError` is a peer sending something this protocol does not allow
-(garbage bytes, an unknown version, a field of the wrong type). Both carry an `ErrorCode` and a
-message written for a person; both become an ERROR frame on the wire.
+a worker that died). `ProtocolError` is a value or frame this protocol does not allow, and says
+whose fault it was, as h11 does: `RemoteProtocolError` for a peer's bad frame (garbage bytes, an
+unknown version, a field of the wrong type), `LocalProtocolError` for something this process
+tried to build or send (our own bug, or a result too large to send). All carry an `ErrorCode` and
+a message written for a person; all become an ERROR frame on the wire.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class ErrorCode(StrEnum):
     CANCELLED = "CANCELLED"
     WORKER_LOST = "WORKER_LOST"
     HIVE_LOST = "HIVE_LOST"
+    RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
     INTERNAL = "INTERNAL"
 
     @property
@@ -43,26 +46,60 @@ _DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.CANCELLED: "the job was cancelled",
     ErrorCode.WORKER_LOST: "the worker running the job died or stopped answering",
     ErrorCode.HIVE_LOST: "the hive running the job died or stopped answering",
+    ErrorCode.RESULT_TOO_LARGE: "the result is larger than one frame carries; ask for less",
     ErrorCode.INTERNAL: "a bug in rbee-mesh; the message says where",
 }
 
 
 class MeshError(Exception):
-    """An operation failed; `code` says why, `message` says it to a person."""
+    """An operation failed; `code` says why, `message` says it to a person.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    `started` is False only where it is known that the job did nothing yet (refused before it
+    began: a busy or dead worker, a SUBMIT that could not be delivered in time): such a job may
+    be placed again elsewhere. True means it may have begun, and must not silently run twice.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, started: bool = True) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.started = started
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
 
 class ProtocolError(MeshError):
-    """A frame or field that the protocol does not allow. Raised only by the protocol package."""
+    """A value or frame that the protocol does not allow. Raised only by the protocol package.
+
+    Raised as it is when a value is built from input (a command line, a field): the input was
+    invalid. `decode` raises `RemoteProtocolError`, and `encode` and the job lifecycle's sending
+    side raise `LocalProtocolError`.
+    """
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> None:
-        super().__init__(code, message)
+        super().__init__(code, message, started=False)
         #: The `ref` of the SUBMIT that was refused, when it could be read; else empty.
         self.ref = ""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent a frame the protocol does not allow: the peer's fault, answered, not fatal."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This process built or tried to send something the protocol does not allow.
+
+    `INTERNAL` (a bug here), or `RESULT_TOO_LARGE` for a value over a size limit (a result that
+    grew with the mesh): either way the job it belongs to ends, and the actor goes on serving.
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        super().__init__(message, code)
+
+
+class TooLarge(LocalProtocolError):
+    """A value or body over one of the protocol's size limits (constants.py)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.RESULT_TOO_LARGE)

@@ -12,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Self, TypeVar
 
-from rbee_mesh.protocol.errors import ProtocolError
-
-#: Nesting limit for free-form values (results, heartbeat state). Keeps validation iterative-safe.
-MAX_VALUE_DEPTH = 16
+from rbee_mesh.protocol.constants import MAX_BODY_VALUES, MAX_VALUE_DEPTH
+from rbee_mesh.protocol.errors import ProtocolError, TooLarge
 
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 
@@ -178,7 +176,8 @@ class TextList(Spec):
 class Value(Spec):
     """A free-form msgpack value (results, records, heartbeat state), checked for shape only.
 
-    Maps must have str keys; bytes, ext types and nesting deeper than MAX_VALUE_DEPTH are refused.
+    Maps must have str keys; bytes, ext types, non-finite numbers and nesting deeper than
+    MAX_VALUE_DEPTH are refused, and more than MAX_BODY_VALUES items in all is `TooLarge`.
     `mapping=True` requires the top level to be a map.
     """
 
@@ -192,36 +191,55 @@ class Value(Spec):
 
 
 def _check_value(name: str, root: Any) -> None:
-    stack: list[tuple[Any, int]] = [(root, 0)]
+    """Walk `root` without recursion, looking at each item once (a hot path: every result,
+    record and state passes here, so the common scalars are checked inline)."""
+    budget = MAX_BODY_VALUES
+    stack: list[tuple[Any, int]] = [([root], -1)]
     while stack:
         value, depth = stack.pop()
-        if depth > MAX_VALUE_DEPTH:
+        budget -= len(value)
+        if budget < 0:
+            raise TooLarge(f"{name} holds more than {MAX_BODY_VALUES} values")
+        if depth >= MAX_VALUE_DEPTH:
             raise ProtocolError(f"{name} nests deeper than {MAX_VALUE_DEPTH} levels")
-        if value is None or isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            if not _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX:
-                raise ProtocolError(f"{name} holds an integer outside the 64-bit range")
-            continue
-        if isinstance(value, str):
-            if not _utf8_ok(value):
-                raise ProtocolError(f"{name} holds text with a lone surrogate")
-            continue
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise ProtocolError(f"{name} holds a non-finite number")
-            continue
-        if isinstance(value, list | tuple):
-            stack.extend((v, depth + 1) for v in value)
-            continue
         if isinstance(value, Mapping):
-            for key, v in value.items():
-                if not isinstance(key, str):
+            for key in value:
+                if type(key) is not str:
                     raise ProtocolError(f"{name} has a map key that is not a string")
-                if not _utf8_ok(key):
+                if not key.isascii() and not _utf8_ok(key):
                     raise ProtocolError(f"{name} has a map key with a lone surrogate")
-                stack.append((v, depth + 1))
-            continue
+            items: Iterable[Any] = value.values()
+        else:
+            items = value
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                if not item.isascii() and not _utf8_ok(item):
+                    raise ProtocolError(f"{name} holds text with a lone surrogate")
+            elif kind is int:
+                if not _MSGPACK_INT_MIN <= item <= _MSGPACK_INT_MAX:
+                    raise ProtocolError(f"{name} holds an integer outside the 64-bit range")
+            elif kind is list or kind is dict or kind is tuple or isinstance(item, Mapping):
+                if item:
+                    stack.append((item, depth + 1))
+            else:
+                _check_scalar(name, item)
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    """The rarer scalars: None, booleans, numbers, and subclasses of str and int (enums)."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        if not value.isascii() and not _utf8_ok(value):
+            raise ProtocolError(f"{name} holds text with a lone surrogate")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError(f"{name} holds a non-finite number")
+    elif isinstance(value, int):
+        if not _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX:
+            raise ProtocolError(f"{name} holds an integer outside the 64-bit range")
+    else:
         raise ProtocolError(f"{name} holds a value of unsupported type {_type_name(value)}")
 
 
@@ -250,9 +268,71 @@ def _brief(value: Any) -> str:
     return _type_name(value)
 
 
-def spec(s: Spec, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
-    """Declare a dataclass field validated by `s`, with an optional default or default factory."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"spec": s})
+@dataclass(frozen=True)
+class Choice(Spec):
+    """A string that is one of `values` (which a command line offers as its choices)."""
+
+    values: tuple[str, ...]
+
+    def load(self, name: str, value: Any) -> str:
+        if isinstance(value, str) and value in self.values:
+            return value
+        raise ProtocolError(f"{name} must be one of {', '.join(self.values)}; got {_brief(value)}")
+
+
+@dataclass(frozen=True)
+class Arg:
+    """How a person gives a field on the command line: the keeper builds its commands from the
+    operations' fields (sans I/O: plain data, no command-line library here)."""
+
+    help: str = ""
+    #: The option's long name without dashes; default: the field's, `_` written `-`.
+    name: str = ""
+    #: A short option, such as "-m".
+    short: str = ""
+    metavar: str = ""
+    #: A positional argument rather than an option.
+    argument: bool = False
+    #: For a boolean that is true by default: the flag that makes it false (e.g. "running").
+    negated_by: str = ""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One field of an operation as a command line sees it."""
+
+    name: str
+    spec: Spec
+    #: The field's default, or dataclasses.MISSING for a required field.
+    default: Any
+    arg: Arg
+
+
+def spec(
+    s: Spec,
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    arg: Arg | None = None,
+) -> Any:
+    """Declare a dataclass field validated by `s`, with an optional default or default factory,
+    and how a command line asks for it (`arg`)."""
+    metadata = {"spec": s, "arg": arg or Arg()}
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
+
+
+def parameters(cls: type) -> tuple[Parameter, ...]:
+    """The fields of a Validated dataclass (an operation), in order, for a command line."""
+    return tuple(
+        Parameter(
+            name=f.name,
+            spec=f.metadata["spec"],
+            default=f.default,
+            arg=f.metadata["arg"],
+        )
+        for f in dataclasses.fields(cls)
+        if "spec" in f.metadata
+    )
 
 
 @dataclass(frozen=True)

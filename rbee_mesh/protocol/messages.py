@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
+from rbee_mesh.protocol.constants import MAX_JOB_ID, MAX_SENTENCE
 from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
 from rbee_mesh.protocol.fields import (
+    Bool,
     Float,
     Int,
     OneOf,
@@ -26,8 +28,7 @@ from rbee_mesh.protocol.fields import (
 )
 from rbee_mesh.protocol.operations import Actor, Operation, operation_from_body
 
-JOB_ID_MAX = 64
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
 class Kind(IntEnum):
@@ -87,6 +88,11 @@ class Message(Validated):
         return self.KIND in TERMINAL_KINDS
 
 
+def sentence(text: str) -> str:
+    """`text` cut to fit a frame's sentence for a person (MAX_SENTENCE), marked where cut."""
+    return text if len(text) <= MAX_SENTENCE else text[: MAX_SENTENCE - 1] + "…"
+
+
 def check_job_id(job_id: Any, *, required: bool, what: str) -> str:
     if not isinstance(job_id, str):
         raise ProtocolError(f"{what}: job id must be a string")
@@ -94,7 +100,7 @@ def check_job_id(job_id: Any, *, required: bool, what: str) -> str:
         if required:
             raise ProtocolError(f"{what} must carry a job id")
         return job_id
-    if not _JOB_ID.fullmatch(job_id):
+    if len(job_id) > MAX_JOB_ID or not _JOB_ID.fullmatch(job_id):
         raise ProtocolError(f"{what}: job id {job_id[:80]!r} is not valid")
     return job_id
 
@@ -104,7 +110,10 @@ class Submit(Message):
     """Start a job. `ref` is the submitter's own tag, echoed in ACCEPTED so it can match them.
 
     A keeper leaves `job_id` empty and the queen assigns one; the queen forwarding a job to a hive
-    sets it, so that narration from the hive is routed under the same id.
+    sets it, so that narration from the hive is routed under the same id. `accept_by` is the
+    latest time (the sender's clock, epoch seconds) the job may still be accepted: a SUBMIT that
+    arrives later has waited on a cut link or a frozen peer, its sender has given up on it, and
+    it is refused (docs/protocol.md, "At most once").
     """
 
     KIND = Kind.SUBMIT
@@ -112,6 +121,7 @@ class Submit(Message):
     ref: str = spec(ident())
     op: Operation = spec(_OperationSpec())
     timeout_s: float | None = spec(Optional(Float(0.0, 7 * 86_400.0, open_lo=True)), None)
+    accept_by: float | None = spec(Optional(Float(0.0, 1e11)), None)
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ class Narration(Message):
     KIND = Kind.NARRATION
     actor: str = spec(Text(max_len=32, min_len=1))
     action: str = spec(Text(max_len=32, min_len=1))
-    human: str = spec(Text(max_len=8_192))
+    human: str = spec(Text(max_len=MAX_SENTENCE))
     level: Level = spec(OneOf(Level), Level.INFO)
     ts: float = spec(Float(0.0, 1e11), 0.0)
     target: str = spec(Text(max_len=256), "")
@@ -175,8 +185,10 @@ class Error(Message):
     KIND = Kind.ERROR
     NEEDS_JOB = False
     code: ErrorCode = spec(OneOf(ErrorCode))
-    message: str = spec(Text(max_len=8_192))
+    message: str = spec(Text(max_len=MAX_SENTENCE))
     ref: str = spec(Text(max_len=64), "")
+    #: False when the job is known not to have begun anything: it may be placed again.
+    started: bool = spec(Bool(), True)
 
 
 @dataclass(frozen=True)
@@ -206,13 +218,21 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True)
 class Ready(Message):
-    """An actor announces itself to the one it connected to (a worker to its hive)."""
+    """A client announces itself to a server, which answers with its own READY.
+
+    A client's `session` stays the same for its life; `epoch` grows each time it gives up on the
+    server and connects again. A server that hears a newer epoch of a session on a new
+    connection fences the older connection: its jobs end, its late frames are refused.
+    """
 
     KIND = Kind.READY
     NEEDS_JOB = False
     sender: str = spec(ident())
     role: Actor = spec(OneOf(Actor))
     info: dict[str, Any] = spec(Value(mapping=True), factory=dict)
+    session: str = spec(Text(max_len=64), "")
+    epoch: int = spec(Int(0, 2**31), 0)
+    ts: float = spec(Float(0.0, 1e11), 0.0)
 
 
 @dataclass(frozen=True)

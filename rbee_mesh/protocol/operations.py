@@ -1,8 +1,13 @@
-"""Every operation of the mesh, as a typed, validated message.
+"""Every operation of the mesh, as a typed, validated message: the one table of operations.
 
 An operation is what a keeper asks for; it travels inside a SUBMIT frame as
 `{"name": <op name>, "args": {...}}`. Each class says which actor executes it (`target`): the queen
 answers from its own registries, or routes the job to a hive, which may hand it to a worker.
+
+Each class also says how a person asks for it: `COMMAND` (the words of its `rbee-mesh` command,
+or None), its docstring (the command's help) and each field's `Arg`. The keeper generates its
+commands from this table, so an operation's parameters, their ranges and their help are written
+once, here.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from rbee_mesh.protocol.constants import MAX_SLOTS
 from rbee_mesh.protocol.errors import ProtocolError
 from rbee_mesh.protocol.fields import (
+    Arg,
     Bool,
+    Choice,
     Float,
     Int,
     Optional,
@@ -49,13 +57,19 @@ DEVICE = Text(
     pattern=re.compile(r"auto|cpu|cuda:[0-9]{1,2}"),
     hint=" (expected auto, cpu or cuda:N)",
 )
-HIVE_PIN = Optional(ident())
-BACKEND = Text(
+#: A device a worker runs on: `auto` resolved by its hive.
+WORKER_DEVICE = Text(
     max_len=16,
     min_len=1,
-    pattern=re.compile(r"auto|llama-cpp|ctransformers"),
-    hint=" (expected auto, llama-cpp or ctransformers)",
+    pattern=re.compile(r"cpu|cuda:[0-9]{1,2}"),
+    hint=" (expected cpu or cuda:N)",
 )
+HIVE_PIN = Optional(ident())
+#: The library that loads a model; `auto` takes the first that can.
+BACKEND = Choice(("auto", "llama-cpp", "ctransformers"))
+
+#: The `--hive` option of every operation that runs on a hive.
+_ON_HIVE = Arg(help="Run it on this hive.", metavar="HIVE")
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class Operation(Validated):
     TARGET: ClassVar[Actor]
     #: Default deadline in seconds; a SUBMIT may ask for a different one.
     DEADLINE_S: ClassVar[float] = 30.0
+    #: The words of the `rbee-mesh` command that submits it (None: no command of its own).
+    COMMAND: ClassVar[tuple[str, ...] | None] = None
 
     @property
     def target(self) -> Actor:
@@ -88,25 +104,31 @@ class Operation(Validated):
 
 @dataclass(frozen=True)
 class Status(Operation):
-    """The whole mesh at a glance: queen, hives, workers, jobs."""
+    """The whole mesh at a glance: queen, hives, jobs."""
 
     NAME = "status"
+    COMMAND = ("status",)
     TARGET = Actor.QUEEN
     DEADLINE_S = 10.0
 
 
 @dataclass(frozen=True)
 class Ping(Operation):
-    """Narrate `count` pongs, `interval_s` apart, from the queen or a pinned hive.
+    """Check the path to the queen: it narrates COUNT pongs back.
 
     A diagnostic: proves the narration path end to end and measures it (the benchmarks use it).
     """
 
     NAME = "ping"
     TARGET = Actor.QUEEN
-    count: int = spec(Int(1, 100_000), 1)
-    interval_s: float = spec(Float(0.0, 10.0), 0.0)
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("ping",)
+    count: int = spec(Int(1, 100_000), 1, arg=Arg("How many pongs to narrate.", short="-n"))
+    interval_s: float = spec(
+        Float(0.0, 10.0), 0.0, arg=Arg("Seconds between pongs.", name="interval", short="-i")
+    )
+    hive: str | None = spec(
+        HIVE_PIN, None, arg=Arg("Ask this hive instead of the queen.", metavar="HIVE")
+    )
 
     @property
     def target(self) -> Actor:
@@ -119,15 +141,21 @@ class Ping(Operation):
 
 @dataclass(frozen=True)
 class HiveList(Operation):
+    """Every hive the queen knows: liveness, heartbeat age, devices, workers."""
+
     NAME = "hive_list"
     TARGET = Actor.QUEEN
+    COMMAND = ("hive", "list")
 
 
 @dataclass(frozen=True)
 class HiveGet(Operation):
+    """One hive in detail, as its last heartbeat told the queen."""
+
     NAME = "hive_get"
     TARGET = Actor.QUEEN
-    hive: str = spec(ident())
+    COMMAND = ("hive", "get")
+    hive: str = spec(ident(), arg=Arg(argument=True, metavar="HIVE"))
 
 
 @dataclass(frozen=True)
@@ -141,115 +169,181 @@ class HiveStatus(Operation):
 
 @dataclass(frozen=True)
 class HiveRefresh(Operation):
-    """Make a hive re-detect its devices and rescan its model catalog."""
+    """Make a hive detect its devices again and read its model catalog afresh."""
 
     NAME = "hive_refresh"
     TARGET = Actor.HIVE
-    hive: str = spec(ident())
+    COMMAND = ("hive", "refresh")
+    hive: str = spec(ident(), arg=Arg(argument=True, metavar="HIVE"))
 
 
 @dataclass(frozen=True)
 class WorkerSpawn(Operation):
+    """Start a worker that loads MODEL; returns once it has registered with its hive."""
+
     NAME = "worker_spawn"
     TARGET = Actor.HIVE
     DEADLINE_S = 300.0
-    model: str = spec(MODEL_REF)
-    hive: str | None = spec(HIVE_PIN, None)
-    device: str = spec(DEVICE, "auto")
-    #: Which library loads the model; `auto` takes the first that can and says which.
-    backend: str = spec(BACKEND, "auto")
-    #: How many jobs the worker runs at once.
-    slots: int = spec(Int(1, 64), 1)
+    COMMAND = ("worker", "spawn")
+    model: str = spec(MODEL_REF, arg=Arg("A model in the catalog.", short="-m", metavar="MODEL"))
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
+    device: str = spec(DEVICE, "auto", arg=Arg("auto, cpu or cuda:N."))
+    backend: str = spec(
+        BACKEND,
+        "auto",
+        arg=Arg("The library that loads the model; auto takes the first that can, and says which."),
+    )
+    slots: int = spec(Int(1, MAX_SLOTS), 1, arg=Arg("Jobs the worker runs at once."))
 
 
 @dataclass(frozen=True)
 class WorkerList(Operation):
+    """Workers on every hive (or one)."""
+
     NAME = "worker_list"
     TARGET = Actor.HIVE
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("worker", "list")
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class WorkerGet(Operation):
+    """One worker in detail."""
+
     NAME = "worker_get"
     TARGET = Actor.HIVE
-    worker: str = spec(ident())
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("worker", "get")
+    worker: str = spec(ident(), arg=Arg(argument=True, metavar="WORKER"))
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class WorkerDelete(Operation):
+    """Stop a worker: gracefully, then by force after a grace period."""
+
     NAME = "worker_delete"
     TARGET = Actor.HIVE
     DEADLINE_S = 60.0
-    worker: str = spec(ident())
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("worker", "delete")
+    worker: str = spec(ident(), arg=Arg(argument=True, metavar="WORKER"))
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class ModelDownload(Operation):
+    """Download a GGUF model from the hub (HF_ENDPOINT honoured) into a hive's catalog.
+
+    Without :FILE, a quantization is chosen in this order: Q4_K_M, Q5_K_M, Q4_0, Q8_0, F16.
+    An interrupted download resumes on the next request; Ctrl-C cancels and cleans up.
+    """
+
     NAME = "model_download"
     TARGET = Actor.HIVE
     DEADLINE_S = 6 * 3600.0
-    model: str = spec(MODEL_REF)
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("model", "download")
+    model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="REPO[:FILE]"))
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class ModelList(Operation):
+    """Models on every hive (or one)."""
+
     NAME = "model_list"
     TARGET = Actor.HIVE
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("model", "list")
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class ModelGet(Operation):
+    """One model's catalog entry."""
+
     NAME = "model_get"
     TARGET = Actor.HIVE
-    model: str = spec(MODEL_REF)
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("model", "get")
+    model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="MODEL"))
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class ModelDelete(Operation):
+    """Delete a model from a hive's catalog (refused while a worker uses it)."""
+
     NAME = "model_delete"
     TARGET = Actor.HIVE
-    model: str = spec(MODEL_REF)
-    hive: str | None = spec(HIVE_PIN, None)
+    COMMAND = ("model", "delete")
+    model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="MODEL"))
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
 @dataclass(frozen=True)
 class Infer(Operation):
-    """Generate text. Ranges are checked here, before any work starts."""
+    """Generate text from PROMPT on a worker of the mesh: text to stdout as it comes,
+    narration to stderr. Ctrl-C stops the generation.
+
+    With no queen running (and no --queen), a mesh starts inside this command for the job: a
+    queen, and this machine's hive (or the hive daemon running here), then stops again.
+    """
 
     NAME = "infer"
     TARGET = Actor.WORKER
     DEADLINE_S = 600.0
-    prompt: str = spec(Text(max_len=200_000, min_len=1))
-    model: str | None = spec(Optional(MODEL_REF), None)
-    max_tokens: int = spec(Int(1, 32_768), 256)
-    temperature: float = spec(Float(0.0, 2.0), 0.8)
+    COMMAND = ("infer",)
+    prompt: str = spec(Text(max_len=200_000, min_len=1), arg=Arg(argument=True, metavar="PROMPT"))
+    model: str | None = spec(
+        Optional(MODEL_REF),
+        None,
+        arg=Arg(
+            "A model id, repo or file name; OWNER/REPO[:FILE] is downloaded if no hive has "
+            "it. Default: any model a worker holds.",
+            short="-m",
+            metavar="MODEL",
+        ),
+    )
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
+    worker: str | None = spec(
+        Optional(ident()), None, arg=Arg("Run it on this worker.", metavar="WORKER")
+    )
+    max_tokens: int = spec(Int(1, 32_768), 256, arg=Arg("Tokens to generate.", short="-n"))
+    temperature: float = spec(
+        Float(0.0, 2.0), 0.8, arg=Arg("0 is greedy; higher is more varied.", short="-t")
+    )
     top_p: float = spec(Float(0.0, 1.0, open_lo=True), 0.95)
-    top_k: int = spec(Int(0, 1_000), 40)
-    seed: int | None = spec(Optional(Int(0, 2**32 - 1)), None)
-    stop: tuple[str, ...] = spec(TextList(Text(max_len=64, min_len=1), max_items=8), ())
+    top_k: int = spec(Int(0, 1_000), 40, arg=Arg("0 disables it."))
+    seed: int | None = spec(
+        Optional(Int(0, 2**32 - 1)),
+        None,
+        arg=Arg("Same seed and parameters give the same text."),
+    )
+    stop: tuple[str, ...] = spec(
+        TextList(Text(max_len=64, min_len=1), max_items=8),
+        (),
+        arg=Arg("Stop before this text. Repeatable.", metavar="TEXT"),
+    )
     repeat_penalty: float = spec(Float(0.5, 2.0), 1.1)
-    hive: str | None = spec(HIVE_PIN, None)
-    worker: str | None = spec(Optional(ident()), None)
 
 
 @dataclass(frozen=True)
 class JobList(Operation):
+    """Running jobs and the most recent finished ones."""
+
     NAME = "job_list"
     TARGET = Actor.QUEEN
-    include_finished: bool = spec(Bool(), True)
+    COMMAND = ("jobs", "list")
+    include_finished: bool = spec(
+        Bool(), True, arg=Arg("Only jobs that are still running.", negated_by="running")
+    )
 
 
 @dataclass(frozen=True)
 class JobCancel(Operation):
+    """Cancel the running job JOB_ID (any keeper's)."""
+
     NAME = "job_cancel"
     TARGET = Actor.QUEEN
-    job: str = spec(ident())
+    COMMAND = ("jobs", "cancel")
+    job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
 
 
 OPERATIONS: dict[str, type[Operation]] = {

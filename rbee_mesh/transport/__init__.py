@@ -23,7 +23,7 @@ endpoint without a new connect. Heartbeats over it are counted, never awaited.
 """
 
 from .base import Connection, Listener, Publisher, Subscriber
-from .endpoints import Endpoint, local_endpoint_for, open_connection, open_listener, parse_endpoint
+from .endpoints import Endpoint, local_endpoint_for, parse_endpoint
 from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportClosed, TransportError
 from .factory import (
     DEFAULT_HWM,
@@ -35,6 +35,7 @@ from .factory import (
 )
 from .memory import MemoryConnection, MemoryListener, MemoryPublisher
 from .pubsub import MeshSubscriber, open_publisher, open_subscriber
+from .reqrep import open_connection, open_listener
 from .zmq_transport import ZmqConnection, ZmqListener, ZmqPublisher
 from .zmq_trio import TrioSocket
 

@@ -52,6 +52,11 @@ class Connection(Closing, Protocol):
         """
         ...
 
+    def send_nowait(self, frames: Sequence[bytes]) -> None:
+        """Send one multipart message now, never waiting: PeerBusy if the pipe is full right
+        now (heartbeats are skipped rather than queued behind a stalled peer)."""
+        ...
+
     async def receive(self) -> list[bytes]:
         """Wait for the next multipart message from the listener."""
         ...
@@ -101,7 +106,7 @@ class Publisher(Closing, Protocol):
     endpoint: str
     """The endpoint actually bound (a tcp port 0 is resolved to the real port)."""
 
-    async def publish(self, frames: Sequence[bytes]) -> None:
+    def publish(self, frames: Sequence[bytes]) -> None:
         """Hand one multipart message to every current subscriber, never waiting for any.
 
         A subscriber whose queue is full (at its high-water mark) silently misses this message:

@@ -1,5 +1,4 @@
-"""Endpoint strings, and the constructors actors use: open_listener and open_connection (and,
-in pubsub.py, open_publisher and open_subscriber).
+"""Endpoint strings: parsing and checking them, without opening anything.
 
 Endpoints:
 
@@ -9,10 +8,7 @@ Endpoints:
 * ``inproc://NAME`` -- ZeroMQ within this process (shared context).
 * ``mem://NAME`` -- the in-memory transport within this process (see memory.py).
 
-Both constructors return objects that close when used as async context managers::
-
-    async with await open_listener("tcp://0.0.0.0:7833") as listener: ...
-    async with await open_connection("tcp://127.0.0.1:7833") as connection: ...
+reqrep.py opens listeners and connections on them, pubsub.py publishers and subscribers.
 """
 
 from __future__ import annotations
@@ -21,13 +17,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
-import trio
-
-from .base import Connection, Listener
 from .errors import EndpointError
-from .factory import SocketOptions
-from .memory import MemoryConnection, MemoryListener
-from .zmq_transport import ZmqConnection, ZmqListener
 
 Scheme = Literal["tcp", "ipc", "inproc", "mem"]
 
@@ -119,33 +109,3 @@ def local_endpoint_for(bound: str) -> str:
     if endpoint.host == "[::]":
         return f"tcp://[::1]:{endpoint.port}"
     return str(endpoint)
-
-
-async def open_listener(endpoint: str, *, options: SocketOptions | None = None) -> Listener:
-    """Bind a listener to ``endpoint`` (mem:// in memory, everything else over ZeroMQ).
-
-    ``options`` default to SocketOptions(); the in-memory transport uses only ``rcvhwm``, as
-    the capacity of the listener's inbound channel. Raises EndpointError if the endpoint is
-    malformed or cannot be bound.
-    """
-    parsed = parse_endpoint(endpoint)
-    opts = options if options is not None else SocketOptions()
-    await trio.lowlevel.checkpoint()
-    if parsed.scheme == "mem":
-        return MemoryListener.bind(parsed.address, capacity=opts.rcvhwm)
-    return ZmqListener.bind(parsed, opts)
-
-
-async def open_connection(endpoint: str, *, options: SocketOptions | None = None) -> Connection:
-    """Connect to the listener at ``endpoint`` (mem:// in memory, everything else over ZeroMQ).
-
-    ``options`` as for open_listener (in memory, ``rcvhwm`` bounds this connection's inbound
-    channel). Raises EndpointError for a malformed endpoint, and PeerUnreachable for a mem://
-    name nobody has bound; a ZeroMQ connection instead queues until its listener appears.
-    """
-    parsed = parse_connect_endpoint(endpoint)
-    opts = options if options is not None else SocketOptions()
-    await trio.lowlevel.checkpoint()
-    if parsed.scheme == "mem":
-        return MemoryConnection.connect(parsed.address, capacity=opts.rcvhwm)
-    return ZmqConnection.connect(parsed, opts)

@@ -44,10 +44,19 @@ class SocketOptions:
     tcp_keepalive_idle_s: int = 30
     tcp_keepalive_intvl_s: int = 10
     tcp_keepalive_cnt: int = 3
+    routing_id: bytes | None = None
+    """A DEALER's identity at the ROUTER it connects to (None: libzmq makes one per connection).
+    With one, a connection that libzmq re-establishes after a blip is the same peer to the
+    ROUTER, which hands the identity over to it (ROUTER_HANDOVER)."""
 
 
 PUBSUB_OPTIONS = SocketOptions(sndhwm=PUBSUB_HWM, rcvhwm=PUBSUB_HWM)
 """The options PUB and SUB sockets get when none are given (see PUBSUB_HWM)."""
+
+MAX_SUBSCRIPTION_BYTES = 64
+"""The largest message a publisher takes from a subscriber. What a SUB sends a PUB is its
+subscriptions: one byte and a topic. Ours use the empty topic; a larger one is a peer's attempt
+to make the publisher store megabytes of topics, and libzmq drops that peer's connection."""
 
 _PUBSUB_KINDS = frozenset({zmq.PUB, zmq.SUB, zmq.XPUB, zmq.XSUB})
 
@@ -119,8 +128,14 @@ def make_socket(
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, opts.tcp_keepalive_cnt)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if kind == zmq.DEALER and opts.routing_id is not None:
+            sock.setsockopt(zmq.ROUTING_ID, opts.routing_id)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if kind == zmq.XPUB:
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
     except BaseException:
         sock.close(linger=0)
         raise

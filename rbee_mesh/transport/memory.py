@@ -144,6 +144,18 @@ class MemoryConnection(Connection):
         except trio.BrokenResourceError:
             raise PeerUnreachable(f"{self.endpoint} is closed") from None
 
+    def send_nowait(self, frames: Sequence[bytes]) -> None:
+        """Send one message now, or raise PeerBusy (the listener's inbound channel is full)."""
+        message = _copy_frames(frames)
+        try:
+            self._outbound.send_nowait((self._peer, message))
+        except trio.WouldBlock:
+            raise PeerBusy(f"{self.endpoint} is not keeping up") from None
+        except trio.ClosedResourceError:
+            raise TransportClosed(f"connection to {self.endpoint} is closed") from None
+        except trio.BrokenResourceError:
+            raise PeerUnreachable(f"{self.endpoint} is closed") from None
+
     async def receive(self) -> list[bytes]:
         """Wait for the next message from the listener."""
         try:
@@ -177,10 +189,9 @@ class MemoryPublisher(Publisher):
         _publishers[name] = publisher
         return publisher
 
-    async def publish(self, frames: Sequence[bytes]) -> None:
+    def publish(self, frames: Sequence[bytes]) -> None:
         """Queue a copy for every subscriber of this name that has room; never waits."""
         message = _copy_frames(frames)
-        await trio.lowlevel.checkpoint()
         if self._closed:
             raise TransportClosed(f"publisher {self.endpoint} is closed")
         # Offering only queues and wakes (no task switch), so the set cannot change under us.

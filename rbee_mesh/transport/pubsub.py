@@ -4,7 +4,7 @@ A publisher binds one endpoint; one subscriber connects to any number of publish
 mix of transports, and receives from all of them through one ``receive()``::
 
     async with await open_publisher("tcp://0.0.0.0:7836") as publisher:
-        await publisher.publish(frames)  # never waits; a slow subscriber misses it
+        publisher.publish(frames)  # never waits; a slow subscriber misses it
 
     async with await open_subscriber() as subscriber:
         await subscriber.connect("tcp://hive-a.lan:7836")

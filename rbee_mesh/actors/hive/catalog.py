@@ -16,6 +16,8 @@ temporary file that is fsynced and renamed over it. A corrupt, unreadable or sch
 healthy model even when one directory is broken.
 
 Everything here is synchronous and fast (small files, no hashing): the hive calls it directly.
+The listing is kept in memory between changes made through this object (`listing`), so that a
+heartbeat every second reads nothing from disk; `entries` reads the disk afresh.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -166,6 +169,21 @@ def _split_id(id_: str) -> tuple[str, str]:
     return repo, file
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The catalog at one moment: its entries, the directories that are not entries, and a
+    digest of what a queen schedules by (id, status and size of each entry), which changes
+    whenever any of that does."""
+
+    entries: list[ModelEntry]
+    problems: list[CatalogProblem]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        text = "\n".join(f"{e.id} {e.status} {e.size}" for e in self.entries)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Catalog:
     """The models of one hive, on disk under `root` (created if missing)."""
 
@@ -175,6 +193,9 @@ class Catalog:
         # A delete that crashed after its rename left a tombstone: finish it.
         for leftover in root.glob(f"{_TRASH_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        #: The last listing read from disk; None once something here changed the catalog.
+        #: (Replaced whole, never changed in place: downloads write from threads.)
+        self._listing: Listing | None = None
 
     # ---- paths ---------------------------------------------------------------------------------
 
@@ -194,10 +215,21 @@ class Catalog:
     # ---- reading -------------------------------------------------------------------------------
 
     def entries(self) -> tuple[list[ModelEntry], list[CatalogProblem]]:
-        """Every readable entry (sorted by id), and every directory that is not one, with why.
+        """Every readable entry (sorted by id), and every directory that is not one, with why,
+        read from disk now.
 
         Never raises for a broken entry; only an unreadable root raises (OSError).
         """
+        listing = self._scan()
+        return listing.entries, listing.problems
+
+    def listing(self) -> Listing:
+        """The catalog as last read, read again only if it was changed through this object
+        since (or another process changed it and `entries` has been called since)."""
+        listing = self._listing
+        return listing if listing is not None else self._scan()
+
+    def _scan(self) -> Listing:
         entries: list[ModelEntry] = []
         problems: list[CatalogProblem] = []
         for child in sorted(self.root.iterdir()):
@@ -208,7 +240,9 @@ class Catalog:
             except _Corrupt as exc:
                 problems.append(CatalogProblem(child, str(exc)))
         entries.sort(key=lambda e: e.id)
-        return entries, problems
+        listing = Listing(entries, problems)
+        self._listing = listing
+        return listing
 
     def lookup(self, id_: str) -> ModelEntry | None:
         """The entry with exactly this id, or None if there is none (or it is unreadable)."""
@@ -271,6 +305,7 @@ class Catalog:
         directory.mkdir(parents=True, exist_ok=True)
         data = json.dumps(entry._to_json(), indent=2, sort_keys=True).encode() + b"\n"
         write_atomic(directory / METADATA_NAME, data)
+        self._listing = None
 
     def add_file(
         self, repo: str, file: str, source: Path, *, revision: str = "local"
@@ -438,6 +473,7 @@ class Catalog:
         # start) rather than a half-deleted entry that would be reported as corrupt.
         trash = self.root / f"{_TRASH_PREFIX}{directory.name}-{secrets.token_hex(4)}"
         os.replace(directory, trash)
+        self._listing = None
         fsync_dir(self.root)
         shutil.rmtree(trash)
 

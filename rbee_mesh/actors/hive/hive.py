@@ -1,15 +1,19 @@
 """The hive: one per machine. Its devices, its model catalog and downloads, its worker processes.
 
-A hive serves jobs on its control ROUTER exactly as the queen does (`JobServer`), adopting the
-queen's job ids so its narration needs no translation on the way back. Every `heartbeat_s` it
-publishes a HEARTBEAT on its PUB socket carrying its devices (with free memory), its workers and
-their states, and its models. It answers READY with its id and where its heartbeats are. When
-it can be reached from other machines it announces itself on the LAN (mDNS). Infer jobs run on
-its workers, picked by the queen or idle.
+A hive serves jobs on its control ROUTER with the one job server, as the queen and its workers
+do, adopting the queen's job ids so its narration needs no translation on the way back. Every
+`heartbeat_s` it publishes a HEARTBEAT on its PUB socket carrying its state: its devices (with
+free memory), its workers (a short row each) and a digest of its catalog, which a queen that
+sees it change asks for in full (`model_list`). So the heartbeat stays small whatever the
+catalog holds, carries no path of this machine, and is built from memory (the catalog is read
+from disk only when it changed). It answers READY with its id, where its heartbeats are, and the
+same state. When it can be reached from other machines it announces itself on the LAN (mDNS).
+Infer jobs run on its workers, picked by the queen or idle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import socket
@@ -21,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_util import periodic
 
 from rbee_mesh import __version__
 from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus
@@ -33,9 +36,10 @@ from rbee_mesh.actors.hive.worker_pool import (
     WorkerState,
     open_worker_pool,
 )
-from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
+from rbee_mesh.actors.jobserver import Handler, JobServer, Peer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping, single_errors
+from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
     Actor,
@@ -45,6 +49,7 @@ from rbee_mesh.protocol import (
     HiveStatus,
     Infer,
     Level,
+    Liveness,
     MeshError,
     ModelDelete,
     ModelDownload,
@@ -58,6 +63,7 @@ from rbee_mesh.protocol import (
     WorkerSpawn,
     encode,
 )
+from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT
 from rbee_mesh.transport import (
     Listener,
     Publisher,
@@ -70,9 +76,6 @@ from rbee_mesh.units import human_bytes
 
 log = logging.getLogger("rbee_mesh.hive")
 
-DEFAULT_HIVE_PORT = 7835
-DEFAULT_HEARTBEAT_PORT = 7836
-
 
 def default_hive_id() -> str:
     """This machine's name, made a valid identifier."""
@@ -84,8 +87,8 @@ def default_hive_id() -> str:
 class HiveConfig:
     state_dir: Path
     hive_id: str = field(default_factory=default_hive_id)
-    control: str = f"tcp://127.0.0.1:{DEFAULT_HIVE_PORT}"
-    heartbeats: str = f"tcp://127.0.0.1:{DEFAULT_HEARTBEAT_PORT}"
+    control: str = f"tcp://127.0.0.1:{HIVE_PORT}"
+    heartbeats: str = f"tcp://127.0.0.1:{HEARTBEAT_PORT}"
     server: ServerConfig = field(default_factory=ServerConfig)
     #: The model hub (None: huggingface-hub's default, which honours HF_ENDPOINT).
     hub_endpoint: str | None = None
@@ -93,9 +96,12 @@ class HiveConfig:
     announce: bool = True
 
     @property
-    def workers_endpoint(self) -> str:
-        # Linux abstract socket: no file to go stale, no path-length trouble in deep state dirs.
-        return f"ipc://@rbee-mesh/{self.hive_id}/{self.state_dir.resolve()}"[:100]
+    def worker_sockets(self) -> str:
+        """Where this hive's workers serve it: `<this>.<worker id>`, Linux abstract sockets (no
+        file to go stale, no path-length trouble in deep state directories), one set per hive
+        and state directory."""
+        place = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        return f"ipc://@rbee-mesh/{self.hive_id}/{place}"
 
 
 class Hive:
@@ -141,12 +147,35 @@ class Hive:
             peer_label="client",
             hive_id=self.id,
         )
+        self.server.schedule.add(self)
         self._beats = 0
+
+    # The hive's own heartbeat is a link on its server's heartbeat schedule: one it only sends.
+
+    @property
+    def liveness(self) -> None:
+        return None
+
+    def beat(self) -> None:
+        """Publish a HEARTBEAT with this hive's state."""
+        self.devices = self.devices.refreshed()
+        self._beats += 1
+        beat = Heartbeat(
+            job_id="",
+            sender=self.id,
+            seq=self._beats,
+            interval_s=self.config.server.heartbeat_s,
+            ts=time.time(),
+            state=self.state(),
+        )
+        self.publisher.publish(encode(beat))
+
+    def liveness_changed(self, was: Liveness, now: Liveness) -> None:  # pragma: no cover
+        raise AssertionError("the hive's own heartbeat has no liveness to watch")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve and publish heartbeats until `stop()` or cancellation."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._heartbeat_loop)
             announcement = self.announcement()
             if announcement is not None:
                 nursery.start_soon(self._announce, announcement)
@@ -192,7 +221,7 @@ class Hive:
 
     # ---- what the hive tells the queen ---------------------------------------------------------
 
-    def _ready_info(self) -> dict[str, Any]:
+    def _ready_info(self, peer: Peer) -> dict[str, Any]:
         return {
             "hive_id": self.id,
             "version": __version__,
@@ -203,35 +232,22 @@ class Hive:
         }
 
     def state(self) -> dict[str, Any]:
-        """Devices, workers and models: what every heartbeat carries."""
-        entries, _ = self.catalog.entries()
+        """What every heartbeat carries: devices, a row per worker, and the catalog's digest.
+        Bounded whatever this hive holds (MAX_WORKERS_PER_HIVE workers; models by count)."""
+        listing = self.catalog.listing()
         return {
             "version": __version__,
             "devices": [d.to_record() for d in self.devices.devices],
-            "workers": [w.to_record() for w in self.pool.list()],
-            "models": [{"id": e.id, "status": str(e.status), "size": e.size} for e in entries],
+            "workers": [w.summary() for w in self.pool.list()],
+            "models": {"count": len(listing.entries), "digest": listing.digest},
         }
-
-    async def _heartbeat_loop(self) -> None:
-        async for _ in periodic(self.config.server.heartbeat_s):
-            self.devices = self.devices.refreshed()
-            self._beats += 1
-            beat = Heartbeat(
-                job_id="",
-                sender=self.id,
-                seq=self._beats,
-                interval_s=self.config.server.heartbeat_s,
-                ts=time.time(),
-                state=self.state(),
-            )
-            await self.publisher.publish(encode(beat))
 
     # ---- operations --------------------------------------------------------------------------
 
-    async def _op_ping(self, job: Job, op: Ping) -> dict[str, Any]:
+    async def _op_ping(self, job: ServerJob, op: Ping) -> dict[str, Any]:
         return await run_ping(op)
 
-    async def _op_hive_status(self, job: Job, op: HiveStatus) -> dict[str, Any]:
+    async def _op_hive_status(self, job: ServerJob, op: HiveStatus) -> dict[str, Any]:
         narrate("hive_status", self._summary())
         self._narrate_dead("hive_status")
         return {
@@ -243,10 +259,13 @@ class Hive:
             },
             "jobs_running": len(self.server.running_jobs),
             "devices_note": self.devices.note,
-            **self.state(),
+            "version": __version__,
+            "devices": [d.to_record() for d in self.devices.devices],
+            "workers": [w.to_record() for w in self.pool.list()],
+            "models": [e.to_record() for e in self.catalog.listing().entries],
         }
 
-    async def _op_hive_refresh(self, job: Job, op: HiveRefresh) -> dict[str, Any]:
+    async def _op_hive_refresh(self, job: ServerJob, op: HiveRefresh) -> dict[str, Any]:
         before = {d.id for d in self.devices.devices}
         self.devices = detect_devices()
         after = {d.id for d in self.devices.devices}
@@ -261,26 +280,26 @@ class Hive:
         return await self._op_hive_status(job, HiveStatus(hive=self.id))
 
     def _summary(self) -> str:
-        entries, _ = self.catalog.entries()
+        entries = self.catalog.listing().entries
         devices = ", ".join(d.id for d in self.devices.devices)
         note = f" ({self.devices.note})" if self.devices.note else ""
         return f"{devices}{note}; {len(self.pool.list())} worker(s); {len(entries)} model(s)"
 
-    async def _op_model_download(self, job: Job, op: ModelDownload) -> dict[str, Any]:
+    async def _op_model_download(self, job: ServerJob, op: ModelDownload) -> dict[str, Any]:
         entry = await download_model(self.catalog, op.model, endpoint=self.config.hub_endpoint)
         return entry.to_record()
 
-    async def _op_model_list(self, job: Job, op: ModelList) -> list[dict[str, Any]]:
+    async def _op_model_list(self, job: ServerJob, op: ModelList) -> list[dict[str, Any]]:
         entries, problems = self.catalog.entries()
         for problem in problems:
             narrate("model_list", f"skipped a catalog entry: {problem}", level=Level.WARN)
         narrate("model_list", f"{len(entries)} model(s) on hive {self.id}")
         return [e.to_record() for e in entries]
 
-    async def _op_model_get(self, job: Job, op: ModelGet) -> dict[str, Any]:
+    async def _op_model_get(self, job: ServerJob, op: ModelGet) -> dict[str, Any]:
         return self.catalog.get(op.model).to_record()
 
-    async def _op_model_delete(self, job: Job, op: ModelDelete) -> dict[str, Any]:
+    async def _op_model_delete(self, job: ServerJob, op: ModelDelete) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
         users = self.pool.workers_using(entry.id)
         if users:
@@ -293,7 +312,7 @@ class Hive:
         narrate("model_delete", f"deleted {entry.id} ({entry.size} bytes freed)")
         return {"model": entry.id, "deleted": True}
 
-    async def _op_worker_spawn(self, job: Job, op: WorkerSpawn) -> dict[str, Any]:
+    async def _op_worker_spawn(self, job: ServerJob, op: WorkerSpawn) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
         if entry.status is not ModelStatus.AVAILABLE:
             raise MeshError(
@@ -315,8 +334,7 @@ class Hive:
     def _device_for(self, wanted: str, size: int) -> str:
         """The device a model of `size` bytes goes on: `auto` is the GPU with the most free
         memory that fits it, else the CPU; a device too small is a clear out-of-memory error."""
-        # A loaded model takes about its file size, plus room for the context and buffers.
-        need = int(size * 1.2) + 256 * 2**20
+        need = estimated_memory(size)
         if wanted == "auto":
             fitting = [g for g in self.devices.gpus if g.memory_free >= need]
             if fitting:
@@ -334,16 +352,10 @@ class Hive:
             )
         return device.id
 
-    async def _op_infer(self, job: Job, op: Infer) -> Any:
+    async def _op_infer(self, job: ServerJob, op: Infer) -> Any:
         worker = self._worker_for(op)
         narrate("infer", f"worker {worker.id} ({worker.model}) takes the job")
-        return await self.pool.run_job(
-            worker.id,
-            job.id,
-            op,
-            relay=lambda frames: self.server.relay(job, frames),
-            timeout_s=max(job.deadline_s - (time.time() - job.created), 0.001),
-        )
+        return await self.pool.run_job(worker.id, job.id, op, job.relay, job.time_left_s)
 
     def _worker_for(self, op: Infer) -> WorkerRecord:
         """The pinned worker, or an idle one holding the model (any model if none is named)."""
@@ -360,9 +372,10 @@ class Hive:
             if held
             else f"hive {self.id} has no worker with {model or 'a model'}; "
             "spawn one (rbee-mesh worker spawn -m MODEL)",
+            started=False,
         )
 
-    async def _op_worker_list(self, job: Job, op: WorkerList) -> list[dict[str, Any]]:
+    async def _op_worker_list(self, job: ServerJob, op: WorkerList) -> list[dict[str, Any]]:
         workers = self.pool.list()
         narrate("worker_list", f"{len(workers)} worker(s) on hive {self.id}")
         self._narrate_dead("worker_list")
@@ -378,10 +391,10 @@ class Hive:
                     level=Level.WARN,
                 )
 
-    async def _op_worker_get(self, job: Job, op: WorkerGet) -> dict[str, Any]:
+    async def _op_worker_get(self, job: ServerJob, op: WorkerGet) -> dict[str, Any]:
         return self.pool.get(op.worker).to_record()
 
-    async def _op_worker_delete(self, job: Job, op: WorkerDelete) -> dict[str, Any]:
+    async def _op_worker_delete(self, job: ServerJob, op: WorkerDelete) -> dict[str, Any]:
         record = await self.pool.delete(op.worker)
         return record.to_record()
 
@@ -398,7 +411,7 @@ async def running_hive(config: HiveConfig) -> AsyncIterator[Hive]:
             await open_listener(config.control) as control,
             await open_publisher(config.heartbeats) as publisher,
             open_worker_pool(
-                config.workers_endpoint,
+                config.worker_sockets,
                 heartbeat_s=config.server.heartbeat_s,
                 log_dir=hive_dir / "logs",
                 name=config.hive_id,

@@ -1,29 +1,27 @@
-"""The hive's worker processes: start them, watch them, stop them, and never leave one behind.
+"""The hive's worker processes: start them, watch them, run jobs on them, stop them, and never
+leave one behind.
 
-    async with open_worker_pool("ipc:///state/hive/workers.sock", log_dir=logs) as pool:
+    async with open_worker_pool("ipc://@rbee-mesh/hive-a/workers", log_dir=logs) as pool:
         record = await pool.spawn(model_id="tiny", model_path=path, device="cpu", slots=2)
-        result = await pool.run_job(record.id, job.id, infer_op, relay=forward, timeout_s=60)
+        result = await pool.run_job(record.id, job.id, infer_op, relay=job.relay, timeout_s=60)
         await pool.delete(record.id)
 
-The pool owns one Listener (ROUTER) that its workers connect to, and three kinds of task:
+Each worker serves its jobs on a Unix socket of its own, `<prefix>.<worker id>`, with the one job
+server; the pool talks to each through the one job client (`actors/jobclient.py`), exactly as the
+queen talks to each hive: READY until the worker answers (once its model is loaded), heartbeats
+both ways, and jobs forwarded one hop down (`forward`), their NARRATION, DATA and TOKEN frames
+relayed unopened. Per worker the pool also has a **watcher** that awaits the process's exit
+through a pidfd and reaps it (so there is never a zombie), then records how it ended: stopped
+(the pool asked) or dead (exit code or signal, with the last line the worker wrote on stderr). Its
+wait is shielded from cancellation, so the pool cannot finish before every child it started has
+been reaped.
 
-- a **watcher per process** awaits its exit through a pidfd and reaps it (so there is never a
-  zombie), then records how it ended: stopped (the pool asked) or dead (exit code or signal,
-  with the last line the worker wrote on stderr). Its wait is shielded from cancellation, so the
-  pool cannot finish before every child it started has been reaped;
-- a **receive loop** takes READY (a worker is up) and HEARTBEAT from the workers, and routes
-  each job's frames to the `run_job` waiting for them, by job id, without unpacking them;
-- a **heartbeat loop** sends each worker a HEARTBEAT every interval (a worker exits by itself
-  after three silent intervals) and kills a worker that has sent nothing for three intervals.
-
-Jobs. `run_job` sends SUBMIT under the hive's job id to one worker and relays the worker's
-NARRATION, DATA and TOKEN frames unopened (`peek_route`), as the queen relays a hive's; only the
-terminal frame is decoded, into the result or a MeshError. The pool counts each worker's jobs
-itself (it is the only one that submits to its workers, and heartbeats lag): a worker with every
-slot taken is BUSY, and `idle_workers` lists those with a free slot. A slot is taken from SUBMIT
-until the worker's terminal frame, also when `run_job` is cancelled first (it sends CANCEL, and
-the worker frees the slot within one token). A worker that dies or falls silent ends its jobs
-with WORKER_LOST: at once when its exit is seen, at the latest when it is declared lost.
+Jobs. The pool counts each worker's jobs itself (it is the only one that submits to its workers,
+and heartbeats lag): a worker with every slot taken is BUSY, refused before anything is sent, and
+`idle_workers` lists those with a free slot. A slot is taken from SUBMIT until the worker's
+terminal frame, also when `run_job` is cancelled first (the worker is told to cancel, and frees
+the slot within one token). A worker that dies or falls silent ends its jobs with WORKER_LOST: at
+once when its exit is seen, and when it is declared lost (then it is killed).
 
 No worker outlives its hive:
 
@@ -55,8 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -64,56 +62,29 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_util import AsyncValue, periodic
+from trio_util import AsyncValue
 
+from rbee_mesh.actors.heartbeat import HeartbeatSchedule
+from rbee_mesh.actors.jobclient import ClientConfig, JobClient, Relay, forward
 from rbee_mesh.actors.narration import current_job, narrate
-from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S, single_errors
-from rbee_mesh.actors.worker.worker import BACKENDS, DEVICE_PATTERN, MAX_SLOTS, WorkerExit
+from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.actors.worker.worker import WorkerExit
 from rbee_mesh.protocol import (
-    TERMINAL_KINDS,
     Actor,
-    Cancel,
-    Cancelled,
-    Disconnect,
-    Done,
-    Error,
     ErrorCode,
-    Heartbeat,
     Infer,
-    Kind,
     Level,
+    Liveness,
     MeshError,
-    Message,
-    PeerLiveness,
-    ProtocolError,
     Ready,
-    Submit,
-    decode,
-    encode,
-    peek_route,
+    WorkerSpawn,
 )
-from rbee_mesh.protocol.liveness import Liveness
-from rbee_mesh.transport import (
-    EndpointError,
-    Listener,
-    PeerBusy,
-    PeerUnreachable,
-    TransportClosed,
-    local_endpoint_for,
-    open_listener,
-    parse_endpoint,
-)
+from rbee_mesh.protocol.constants import FORWARD_ACCEPT_S, MAX_SLOTS, MAX_WORKERS_PER_HIVE
+from rbee_mesh.protocol.messages import sentence
+from rbee_mesh.protocol.operations import WORKER_DEVICE
+from rbee_mesh.transport import EndpointError, parse_endpoint
 
 log = logging.getLogger("rbee_mesh.worker_pool")
-
-#: A job's frames passed on to its submitter unopened.
-_RELAYED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
-#: Frames of one job buffered for its `run_job`; when full, the receive loop waits for it.
-JOB_BACKLOG = 1_000
-#: How long a job's SUBMIT or CANCEL may wait for a worker whose pipe is full.
-SEND_PATIENCE_S = 1.0
-#: Heartbeat intervals after which a silent worker has certainly been declared lost (3.5).
-LOST_AFTER = 4
 
 
 class WorkerState(StrEnum):
@@ -170,6 +141,20 @@ class WorkerRecord:
         record = asdict(self)
         record["state"] = str(self.state)
         return record
+
+    def summary(self) -> dict[str, Any]:
+        """What a heartbeat says of the worker: what a queen schedules by, no paths."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "device": self.device,
+            "pid": self.pid,
+            "state": str(self.state),
+            "slots": self.slots,
+            "busy": self.busy,
+            "backend": self.info.get("backend", ""),
+            "reason": sentence(self.reason)[:256],
+        }
 
 
 class _Process:
@@ -264,17 +249,6 @@ def _describe_exit(code: int) -> tuple[int | None, str | None, str]:
 
 
 @dataclass(eq=False)
-class _PoolJob:
-    """A job sent to a worker: from SUBMIT until the worker's terminal frame or its end."""
-
-    id: str
-    #: Where the receive loop puts the job's frames; None once its `run_job` stopped reading.
-    frames: trio.MemorySendChannel[Sequence[bytes]] | None
-    #: Why the job ended without a terminal frame: the worker died or fell silent.
-    lost: MeshError | None = None
-
-
-@dataclass(eq=False)
 class _Worker:
     """The pool's own, changing view of one worker process."""
 
@@ -284,11 +258,10 @@ class _Worker:
     device: str
     process: _Process
     log_path: Path
+    client: JobClient
     started: float = field(default_factory=time.time)
     started_clock: float = field(default_factory=trio.current_time)
     state: WorkerState = WorkerState.STARTING
-    peer: bytes | None = None
-    liveness: PeerLiveness | None = None
     ready_at: float | None = None
     ready_clock: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -304,12 +277,13 @@ class _Worker:
     settled: trio.Event = field(default_factory=trio.Event)
     slots: int = 1
     #: Jobs sent to it and not ended, by job id: each holds one slot.
-    jobs: dict[str, _PoolJob] = field(default_factory=dict)
+    jobs: set[str] = field(default_factory=set)
 
     def snapshot(self) -> WorkerRecord:
         age = None
-        if self.liveness is not None and not self.exited.is_set():
-            age = round(trio.current_time() - self.liveness.last_seen, 3)
+        liveness = self.client.liveness
+        if liveness is not None and not self.exited.is_set():
+            age = round(trio.current_time() - liveness.last_seen, 3)
         return WorkerRecord(
             id=self.id,
             model=self.model,
@@ -335,29 +309,24 @@ class WorkerPool:
 
     def __init__(
         self,
-        listener: Listener,
+        socket_prefix: str,
         nursery: trio.Nursery,
         *,
         heartbeat_s: float,
         log_dir: Path,
         name: str,
     ) -> None:
-        self.listener = listener
+        self.socket_prefix = socket_prefix
         self.heartbeat_s = heartbeat_s
         self.log_dir = log_dir
         self.name = name
         #: Bumped on every change of a worker's state; `await pool.revision.wait_value(pred)`
         #: waits for a condition on the pool without polling.
         self.revision = AsyncValue(0)
+        self.schedule = HeartbeatSchedule(heartbeat_s)
         self._nursery = nursery
         self._workers: dict[str, _Worker] = {}
-        self._peers: dict[bytes, _Worker] = {}
         self._closing = False
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint workers connect to (a wildcard bind resolved to loopback)."""
-        return local_endpoint_for(self.listener.endpoint)
 
     # ---- the API the hive uses ------------------------------------------------------------------
 
@@ -377,50 +346,48 @@ class WorkerPool:
         (each slot loads its own context). Raises MeshError: INVALID_REQUEST for a bad device,
         backend or slot count or a model the worker cannot load (with the worker's reason),
         WORKER_LOST if it exits otherwise, TIMEOUT (after killing it) if it is not ready within
-        `ready_timeout_s`, UNAVAILABLE if the pool is closing or the process cannot be started.
-        A worker that did not become ready is not kept.
+        `ready_timeout_s`, UNAVAILABLE if the pool is closing or the process cannot be started,
+        BUSY if the hive runs MAX_WORKERS_PER_HIVE workers. A worker that did not become ready
+        is not kept.
         """
         if self._closing:
             raise MeshError(ErrorCode.UNAVAILABLE, "the hive is stopping; it starts no workers")
-        if not DEVICE_PATTERN.fullmatch(device):
-            raise MeshError(ErrorCode.INVALID_REQUEST, f"{device!r} is not cpu or cuda:N")
-        if backend not in BACKENDS:
+        WORKER_DEVICE.load("device", device)
+        WorkerSpawn(model=model_id, backend=backend, slots=slots)  # checks backend and slots
+        running = sum(1 for w in self._workers.values() if not w.exited.is_set())
+        if running >= MAX_WORKERS_PER_HIVE:
             raise MeshError(
-                ErrorCode.INVALID_REQUEST,
-                f"{backend!r} is not a backend (expected {', '.join(BACKENDS)})",
+                ErrorCode.BUSY,
+                f"hive {self.name} runs {running} workers, its limit; delete one first",
+                started=False,
             )
-        if not 1 <= slots <= MAX_SLOTS:
-            raise MeshError(ErrorCode.INVALID_REQUEST, f"slots must be 1 to {MAX_SLOTS}")
         worker_id = f"w-{secrets.token_hex(4)}"
+        endpoint = f"{self.socket_prefix}.{worker_id}"
         log_path = self.log_dir / f"{worker_id}.log"
         narrate("worker_spawn", f"starting worker {worker_id}: model {model_id} on {device}")
         argv = [
-            sys.executable,
-            "-m",
-            "rbee_mesh.actors.worker",
-            "--hive",
-            self.endpoint,
-            "--worker-id",
-            worker_id,
-            "--model",
-            str(model_path),
-            "--device",
-            device,
-            "--backend",
-            backend,
-            "--slots",
-            str(slots),
-            "--hive-id",
-            self.name,
-            "--heartbeat-s",
-            repr(self.heartbeat_s),
-        ]
+            sys.executable, "-m", "rbee_mesh.actors.worker", "--listen", endpoint,
+            "--worker-id", worker_id, "--model", str(model_path), "--device", device,
+            "--backend", backend, "--slots", str(slots), "--hive-id", self.name,
+            "--heartbeat-s", repr(self.heartbeat_s),
+        ]  # fmt: skip
         try:
             process = _start_process(argv, log_path)
         except (OSError, subprocess.SubprocessError) as exc:
             raise MeshError(
                 ErrorCode.UNAVAILABLE, f"cannot start a worker process: {exc}"
             ) from None
+        client = JobClient(
+            endpoint,
+            name=self.name,
+            role=Actor.HIVE,
+            server=f"worker {worker_id}",
+            lost_code=ErrorCode.WORKER_LOST,
+            config=ClientConfig(
+                heartbeat_s=self.heartbeat_s,
+                accept_timeout_s=FORWARD_ACCEPT_S,
+            ),
+        )
         worker = _Worker(
             id=worker_id,
             model=model_id,
@@ -428,9 +395,14 @@ class WorkerPool:
             device=device,
             process=process,
             log_path=log_path,
+            client=client,
         )
+        client.on_ready = partial(self._on_ready, worker)
+        client.on_liveness = partial(self._on_liveness, worker)
         self._workers[worker_id] = worker
         self._nursery.start_soon(self._watch_process, worker, name=f"worker {worker_id}")
+        await self._nursery.start(client.run)
+        self.schedule.add(client)
         self._changed()
         narrate(
             "worker_spawn",
@@ -515,12 +487,7 @@ class WorkerPool:
         return [worker.snapshot() for worker in idle]
 
     async def run_job(
-        self,
-        worker_id: str,
-        job_id: str,
-        op: Infer,
-        relay: Callable[[Sequence[bytes]], None],
-        timeout_s: float,
+        self, worker_id: str, job_id: str, op: Infer, relay: Relay, timeout_s: float
     ) -> Any:
         """Run `op` as job `job_id` on worker `worker_id`; return its result.
 
@@ -528,78 +495,52 @@ class WorkerPool:
         Raises MeshError: the worker's ERROR as it is; CANCELLED when the worker cancelled the
         job; WORKER_LOST when the worker dies (at once) or falls silent (within the liveness
         window) during the job; NOT_FOUND, UNAVAILABLE (not ready, stopping, dead), BUSY (every
-        slot taken) or CONFLICT (the job id runs already) before anything is sent; TIMEOUT if
-        the worker, which enforces `timeout_s` itself, has not ended the job a liveness window
-        after it. Cancelled (trio), it sends CANCEL to the worker before re-raising.
+        slot taken) or CONFLICT (the job id runs already) before anything is sent, and then
+        with `started=False`. Cancelled (trio), it has the worker cancel the job before
+        re-raising.
         """
         worker = self._find(worker_id)
         self._check_can_take(worker, job_id)
-        send, receive = trio.open_memory_channel[Sequence[bytes]](JOB_BACKLOG)
-        job = _PoolJob(id=job_id, frames=send)
-        worker.jobs[job_id] = job
+        worker.jobs.add(job_id)
         self._load_changed(worker)
-        submitted = ended = False
-        with receive:
-            try:
-                submit = Submit(job_id=job_id, ref=job_id, op=op, timeout_s=timeout_s)
-                await self._send_job_frame(worker, submit)
-                submitted = True
-                # The worker ends the job at its deadline; this only bounds a wait on a worker
-                # that, alive and heartbeating, would not.
-                with trio.move_on_after(timeout_s + LOST_AFTER * self.heartbeat_s):
-                    async for frames in receive:
-                        kind, _ = peek_route(frames)
-                        if kind in _RELAYED:
-                            relay(frames)
-                        elif kind in TERMINAL_KINDS:
-                            ended = True
-                            return self._outcome(worker, frames)
-                    ended = True
-                    raise job.lost or MeshError(
-                        ErrorCode.WORKER_LOST, f"worker {worker.id} went away during the job"
-                    )
-                raise MeshError(
-                    ErrorCode.TIMEOUT,
-                    f"worker {worker.id} did not end job {job_id} after its {timeout_s:g}s",
-                )
-            finally:
-                if not submitted:
-                    self._release(worker, job)
-                elif not ended:
-                    # Cancelled here (the job's deadline, its submitter gone): the worker must
-                    # stop too, and this job ends when the worker says so (its slot is free
-                    # then), so that whoever is told "ended" may use the worker at once.
-                    with trio.CancelScope(shield=True), suppress(MeshError):
-                        cancel = Cancel(job_id=job_id, reason="cancelled at the hive")
-                        await self._send_job_frame(worker, cancel)
-                        with trio.move_on_after(CANCEL_CONFIRM_S):
-                            async for frames in receive:
-                                if peek_route(frames)[0] in TERMINAL_KINDS:
-                                    break
-                job.frames = None
+        try:
+            return await forward(
+                worker.client, op, job_id=job_id, timeout_s=timeout_s, relay=relay,
+                cancelled_by=f"hive {self.name}",
+            )  # fmt: skip
+        finally:
+            worker.jobs.discard(job_id)
+            self._load_changed(worker)
 
     # ---- internals ----------------------------------------------------------------------------
 
     def _find(self, worker_id: str) -> _Worker:
         worker = self._workers.get(worker_id)
         if worker is None:
-            raise MeshError(ErrorCode.NOT_FOUND, f"no worker {worker_id} on this hive")
+            raise MeshError(
+                ErrorCode.NOT_FOUND, f"no worker {worker_id} on this hive", started=False
+            )
         return worker
 
     def _check_can_take(self, worker: _Worker, job_id: str) -> None:
-        if worker.state not in _ALIVE_FOR_JOBS or worker.cause or worker.peer is None:
+        if worker.state not in _ALIVE_FOR_JOBS or worker.cause:
             why = f": {worker.reason or worker.cause}" if worker.reason or worker.cause else ""
             raise MeshError(
-                ErrorCode.UNAVAILABLE, f"worker {worker.id} is {worker.state}{why}; it runs no jobs"
+                ErrorCode.UNAVAILABLE,
+                f"worker {worker.id} is {worker.state}{why}; it runs no jobs",
+                started=False,
             )
         if job_id in worker.jobs:
             raise MeshError(
-                ErrorCode.CONFLICT, f"job {job_id} is already running on worker {worker.id}"
+                ErrorCode.CONFLICT,
+                f"job {job_id} is already running on worker {worker.id}",
+                started=False,
             )
         if len(worker.jobs) >= worker.slots:
             raise MeshError(
                 ErrorCode.BUSY,
                 f"worker {worker.id} is busy: {len(worker.jobs)} of {worker.slots} slot(s) taken",
+                started=False,
             )
 
     def _load_changed(self, worker: _Worker) -> None:
@@ -609,70 +550,39 @@ class WorkerPool:
             worker.state = WorkerState.BUSY if full else WorkerState.READY
         self._changed()
 
-    def _release(self, worker: _Worker, job: _PoolJob) -> None:
-        """The job no longer holds a slot of `worker`."""
-        if worker.jobs.get(job.id) is job:
-            del worker.jobs[job.id]
-            self._load_changed(worker)
-
-    def _end_jobs(self, worker: _Worker, error: MeshError) -> None:
-        """End every job of `worker` with `error`: it will send no terminal frame for them."""
-        for job in worker.jobs.values():
-            job.lost = error
-            if job.frames is not None:
-                job.frames.close()  # its run_job reads what came before, then raises `error`
-        worker.jobs.clear()
-        self._load_changed(worker)
-
-    @staticmethod
-    def _outcome(worker: _Worker, frames: Sequence[bytes]) -> Any:
-        """The result of a job from its terminal frame, or its MeshError."""
-        try:
-            terminal = decode(frames)
-        except ProtocolError as exc:
-            raise MeshError(
-                ErrorCode.INTERNAL,
-                f"worker {worker.id} ended a job with a malformed frame: {exc.message}",
-            ) from None
-        match terminal:
-            case Done():
-                return terminal.result
-            case Error():
-                raise MeshError(terminal.code, terminal.message)
-            case Cancelled():
-                raise MeshError(ErrorCode.CANCELLED, f"worker {worker.id}: {terminal.reason}")
-        raise MeshError(
-            ErrorCode.INTERNAL, f"worker {worker.id} ended a job with {terminal.KIND.name}"
-        )
-
-    async def _send_job_frame(self, worker: _Worker, message: Message) -> None:
-        """Send a job's frame, waiting up to SEND_PATIENCE_S while the worker's pipe is full.
-
-        Raises MeshError: WORKER_LOST if the worker is gone, UNAVAILABLE if it reads nothing.
-        """
-        if worker.peer is None or worker.exited.is_set():
-            raise MeshError(ErrorCode.WORKER_LOST, f"worker {worker.id} is gone")
-        frames = encode(message)
-        backoff = 0.001
-        with trio.move_on_after(SEND_PATIENCE_S):
-            while True:
-                try:
-                    await self.listener.send(worker.peer, frames)
-                    return
-                except PeerBusy:
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 0.05)
-                except (PeerUnreachable, TransportClosed) as exc:
-                    raise MeshError(
-                        ErrorCode.WORKER_LOST, f"cannot reach worker {worker.id}: {exc}"
-                    ) from None
-        raise MeshError(
-            ErrorCode.UNAVAILABLE,
-            f"worker {worker.id} has read nothing for {SEND_PATIENCE_S:g}s",
-        )
-
     def _changed(self) -> None:
         self.revision.value += 1
+
+    def _on_ready(self, worker: _Worker, ready: Ready) -> None:
+        if (
+            worker.state is not WorkerState.STARTING
+            or ready.role is not Actor.WORKER
+            or ready.sender != worker.id
+            or ready.info.get("pid") != worker.process.pid
+        ):
+            # Only the process this pool started under that id, and only once.
+            if worker.state is WorkerState.STARTING:
+                log.warning("refused READY from %r: not the worker this pool started", ready.sender)
+            return
+        worker.info = dict(ready.info)
+        slots = ready.info.get("slots", 1)
+        worker.slots = slots if isinstance(slots, int) and 1 <= slots <= MAX_SLOTS else 1
+        worker.ready_at = time.time()
+        worker.ready_clock = trio.current_time()
+        worker.state = WorkerState.READY
+        worker.settled.set()
+        self._changed()
+
+    def _on_liveness(self, worker: _Worker, was: Liveness, now: Liveness) -> None:
+        """A worker that falls silent is killed: its jobs have ended WORKER_LOST already."""
+        if now is not Liveness.LOST or worker.exited.is_set() or worker.cause:
+            return
+        liveness = worker.client.liveness
+        missed = liveness.missed(trio.current_time()) if liveness is not None else 0
+        worker.cause = f"lost: it sent nothing for {missed} heartbeat intervals"
+        log.warning("worker %s %s; killing it", worker.id, worker.cause)
+        worker.process.send_signal(signal.SIGKILL)
+        self._changed()
 
     def _spawn_error(self, worker: _Worker, *, timed_out: bool) -> MeshError:
         where = f"worker {worker.id} (pid {worker.process.pid})"
@@ -702,38 +612,33 @@ class WorkerPool:
         # while a child it started is still running.
         with trio.CancelScope(shield=True):
             code = await worker.process.wait()
-        worker.exit_code, worker.signal, how = _describe_exit(code)
-        if worker.state is WorkerState.STOPPING:
-            worker.state = WorkerState.STOPPED
-            worker.reason = f"{worker.cause} ({how})"
-        else:
-            worker.state = WorkerState.DEAD
-            if worker.cause:
+            worker.exit_code, worker.signal, how = _describe_exit(code)
+            if worker.state is WorkerState.STOPPING:
+                worker.state = WorkerState.STOPPED
                 worker.reason = f"{worker.cause} ({how})"
             else:
-                last_words = _last_line(worker.log_path) if code > 0 else ""
-                worker.reason = f"{how}: {last_words}" if last_words else how
-            if worker.ready_at is not None:
-                log.warning(
-                    "worker %s (pid %d, model %s) died: %s",
-                    worker.id,
-                    worker.process.pid,
-                    worker.model,
-                    worker.reason,
-                )
-        if worker.peer is not None:
-            self._peers.pop(worker.peer, None)
-        if worker.jobs:
+                worker.state = WorkerState.DEAD
+                if worker.cause:
+                    worker.reason = f"{worker.cause} ({how})"
+                else:
+                    last_words = _last_line(worker.log_path) if code > 0 else ""
+                    worker.reason = f"{how}: {last_words}" if last_words else how
+                if worker.ready_at is not None:
+                    log.warning(
+                        "worker %s (pid %d, model %s) died: %s",
+                        worker.id,
+                        worker.process.pid,
+                        worker.model,
+                        worker.reason,
+                    )
             how_it_ended = "was stopped" if worker.state is WorkerState.STOPPED else "died"
-            self._end_jobs(
-                worker,
-                MeshError(
-                    ErrorCode.WORKER_LOST, f"worker {worker.id} {how_it_ended}: {worker.reason}"
-                ),
-            )
-        worker.exited.set()
-        worker.settled.set()
-        self._changed()
+            worker.client.lose(f"worker {worker.id} {how_it_ended}: {worker.reason}")
+            self.schedule.discard(worker.client)
+            await worker.client.aclose(worker.reason)
+            _remove_socket_file(worker.client.endpoint)
+            worker.exited.set()
+            worker.settled.set()
+            self._load_changed(worker)
 
     async def _kill(self, worker: _Worker, cause: str) -> None:
         """SIGKILL a worker and wait until it is reaped."""
@@ -748,8 +653,7 @@ class WorkerPool:
         worker.cause = cause
         self._changed()
         pid = worker.process.pid
-        if worker.peer is not None:
-            await self._send(worker, Disconnect(job_id="", sender=self.name, reason=cause))
+        await worker.client.aclose(cause)
         worker.process.send_signal(signal.SIGTERM)
         narrate(action, f"stopping worker {worker.id} (pid {pid}): sent DISCONNECT and SIGTERM")
         with trio.move_on_after(grace_s):
@@ -763,136 +667,6 @@ class WorkerPool:
             worker.process.send_signal(signal.SIGKILL)
             await worker.exited.wait()
         narrate(action, f"worker {worker.id} stopped: {worker.reason}")
-
-    async def _send(self, worker: _Worker, message: Message) -> None:
-        assert worker.peer is not None
-        try:
-            await self.listener.send(worker.peer, encode(message))
-        except (PeerBusy, PeerUnreachable, TransportClosed) as exc:
-            # Heartbeats and goodbyes only: a worker that misses them is handled by liveness
-            # (or has already gone).
-            log.debug("could not send %s to worker %s: %r", message.KIND.name, worker.id, exc)
-
-    async def _receive_loop(self) -> None:
-        while True:
-            try:
-                peer, frames = await self.listener.receive()
-            except TransportClosed:
-                return
-            now = trio.current_time()
-            try:
-                kind, job_id = peek_route(frames)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed frame on the worker socket: %s", exc)
-                continue
-            worker = self._peers.get(peer)
-            if worker is not None and worker.liveness is not None:
-                worker.liveness.seen(now)
-            if job_id:
-                # A job's frames pass unopened: only the job's own run_job decodes its end.
-                if worker is None:
-                    log.warning("ignored %s from a peer that sent no READY", kind.name)
-                else:
-                    await self._route(worker, kind, job_id, frames)
-                continue
-            try:
-                message = decode(frames)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed frame on the worker socket: %s", exc)
-                continue
-            if isinstance(message, Ready):
-                self._on_ready(peer, message, now)
-                continue
-            if worker is None or worker.liveness is None:
-                log.warning("ignored %s from a peer that sent no READY", message.KIND.name)
-                continue
-            match message:
-                case Heartbeat():
-                    worker.liveness.interval_s = message.interval_s
-                case Error() if message.ref in worker.jobs:
-                    # The worker refused a SUBMIT (BUSY, ...): that ends the job.
-                    await self._route(worker, Kind.ERROR, message.ref, frames)
-                case Error():
-                    log.warning("worker %s refused a frame: %s", worker.id, message.message)
-                case Disconnect():
-                    log.info("worker %s is leaving: %s", worker.id, message.reason or "no reason")
-                case _:
-                    log.warning("ignored %s from worker %s", message.KIND.name, worker.id)
-
-    async def _route(
-        self, worker: _Worker, kind: Kind, job_id: str, frames: Sequence[bytes]
-    ) -> None:
-        """Hand a job's frame to its run_job; a terminal frame frees the job's slot."""
-        job = worker.jobs.get(job_id)
-        if job is None:
-            log.debug(
-                "ignored %s for job %s: not running on worker %s", kind.name, job_id, worker.id
-            )
-            return
-        if kind in TERMINAL_KINDS:
-            self._release(worker, job)
-        if job.frames is None:  # its run_job has left: only the slot mattered
-            return
-        # Its run_job may leave, or the worker be declared lost, while this waits for room.
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await job.frames.send(frames)
-
-    def _on_ready(self, peer: bytes, message: Ready, now: float) -> None:
-        worker = self._workers.get(message.sender)
-        if (
-            worker is None
-            or worker.state is not WorkerState.STARTING
-            or message.role is not Actor.WORKER
-            or message.info.get("pid") != worker.process.pid
-        ):
-            # Only the process this pool started under that id, and only once.
-            log.warning("refused READY from %r: not a worker this pool is starting", message.sender)
-            return
-        worker.peer = peer
-        self._peers[peer] = worker
-        worker.liveness = PeerLiveness(self.heartbeat_s, now)
-        worker.info = dict(message.info)
-        slots = message.info.get("slots", 1)
-        worker.slots = slots if isinstance(slots, int) and 1 <= slots <= MAX_SLOTS else 1
-        worker.ready_at = time.time()
-        worker.ready_clock = now
-        worker.state = WorkerState.READY
-        worker.settled.set()
-        self._changed()
-
-    async def _heartbeat_loop(self) -> None:
-        seq = 0
-        async for _ in periodic(self.heartbeat_s):
-            now = trio.current_time()
-            for worker in list(self._workers.values()):
-                if worker.liveness is None or worker.state not in _ALIVE_FOR_JOBS or worker.cause:
-                    continue
-                worker.liveness.check(now)
-                if worker.liveness.state is Liveness.LOST:
-                    missed = worker.liveness.missed(now)
-                    worker.cause = f"lost: it sent nothing for {missed} heartbeat intervals"
-                    log.warning("worker %s %s; killing it", worker.id, worker.cause)
-                    self._end_jobs(
-                        worker,
-                        MeshError(
-                            ErrorCode.WORKER_LOST,
-                            f"worker {worker.id} stopped answering: nothing heard for {missed} "
-                            "heartbeat intervals",
-                        ),
-                    )
-                    worker.process.send_signal(signal.SIGKILL)
-                    continue
-                await self._send(
-                    worker,
-                    Heartbeat(
-                        job_id="",
-                        sender=self.name,
-                        seq=seq,
-                        interval_s=self.heartbeat_s,
-                        ts=time.time(),
-                    ),
-                )
-            seq += 1
 
     async def _shutdown(self, grace_s: float) -> None:
         """Stop every worker at once (each: DISCONNECT, SIGTERM, grace, SIGKILL) and reap it."""
@@ -912,38 +686,45 @@ class WorkerPool:
                     nursery.start_soon(stop)
 
 
+def _remove_socket_file(endpoint: str) -> None:
+    """Remove a worker's socket file (a worker killed outright leaves it behind)."""
+    path = parse_endpoint(endpoint).address
+    if not path.startswith("@"):
+        Path(path).unlink(missing_ok=True)
+
+
 @asynccontextmanager
 async def open_worker_pool(
-    endpoint: str,
+    socket_prefix: str,
     *,
     heartbeat_s: float = 1.0,
     log_dir: Path | None = None,
     grace_s: float = 5.0,
     name: str = "hive",
 ) -> AsyncIterator[WorkerPool]:
-    """A worker pool listening on `endpoint` (ipc:// or tcp://) for the duration of the block.
+    """A worker pool for the duration of the block; each worker serves at
+    `<socket_prefix>.<worker id>` (an ipc:// endpoint: a path, or @name for a Linux abstract
+    socket).
 
     `log_dir` receives one log file per worker; without it the pool uses a temporary directory
     and removes it on exit. `name` is the sender id of the pool's frames (the hive's id). On
     exit every worker is stopped (SIGKILL after `grace_s`) and reaped, even when the block is
     cancelled.
     """
-    scheme = parse_endpoint(endpoint).scheme
-    if scheme not in ("ipc", "tcp"):
+    if parse_endpoint(socket_prefix).scheme != "ipc":
         raise EndpointError(
-            f"workers are separate processes and cannot reach {endpoint}: use ipc:// or tcp://"
+            f"workers serve on Unix sockets of this machine; {socket_prefix} is not ipc://"
         )
     own_log_dir = log_dir is None
     logs = Path(tempfile.mkdtemp(prefix="rbee-mesh-workers-")) if log_dir is None else log_dir
     logs.mkdir(parents=True, exist_ok=True)
     try:
         with single_errors():
-            async with await open_listener(endpoint) as listener, trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
                 pool = WorkerPool(
-                    listener, nursery, heartbeat_s=heartbeat_s, log_dir=logs, name=name
+                    socket_prefix, nursery, heartbeat_s=heartbeat_s, log_dir=logs, name=name
                 )
-                nursery.start_soon(pool._receive_loop)
-                nursery.start_soon(pool._heartbeat_loop)
+                nursery.start_soon(pool.schedule.run)
                 try:
                     yield pool
                 finally:

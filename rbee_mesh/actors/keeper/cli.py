@@ -21,57 +21,33 @@ import click
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.hive.hive import (
-    DEFAULT_HEARTBEAT_PORT,
-    DEFAULT_HIVE_PORT,
-    HiveConfig,
-    default_hive_id,
-)
+from rbee_mesh.actors.hive.hive import HiveConfig, default_hive_id
+from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, ServerUnreachable
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import daemon
-from rbee_mesh.actors.keeper.client import (
-    JobHandle,
-    Keeper,
-    KeeperConfig,
-    QueenUnreachable,
-    open_keeper,
-)
+from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.keeper.commands import add_operation_commands
 from rbee_mesh.actors.keeper.demo import run_demo
 from rbee_mesh.actors.keeper.doctor import run_doctor
 from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
 from rbee_mesh.actors.queen.config import load_config, peer_endpoint
-from rbee_mesh.mesh import (
-    DEFAULT_QUEEN_BIND,
-    embedded_mesh,
-    serve_hive_forever,
-    serve_queen_forever,
-)
+from rbee_mesh.mesh import DEFAULT_QUEEN_BIND, mesh_for_one_command
 from rbee_mesh.protocol import (
     Cancelled,
     Done,
     Error,
     ErrorCode,
     HiveGet,
-    HiveList,
     HiveStatus,
     Infer,
-    JobCancel,
-    JobList,
     MeshError,
     Message,
-    ModelDelete,
-    ModelDownload,
-    ModelGet,
-    ModelList,
     Operation,
     Ping,
     ProtocolError,
     Status,
-    WorkerDelete,
-    WorkerGet,
-    WorkerList,
-    WorkerSpawn,
 )
+from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT
 from rbee_mesh.transport import EndpointError, local_endpoint_for
 
 EXIT_OK = 0
@@ -138,13 +114,13 @@ async def _run_job(
     try:
         async with open_keeper(endpoint) as keeper:
             return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
-    except QueenUnreachable as exc:
+    except ServerUnreachable as exc:
         renderer.problem(exc.code, exc.message)
         return EXIT_UNAVAILABLE
 
 
 async def stream_job(
-    keeper: Keeper, op: Operation, renderer: Renderer, *, timeout_s: float | None = None
+    keeper: JobClient, op: Operation, renderer: Renderer, *, timeout_s: float | None = None
 ) -> int:
     """Run one job to its end, rendering every event. Ctrl-C cancels it; a second one quits."""
     job = await keeper.submit(op, timeout_s=timeout_s)
@@ -158,21 +134,13 @@ async def stream_job(
     return exit_code_for(job.terminal)
 
 
-async def _cancel_on_interrupt(job: JobHandle, renderer: Renderer, scope: trio.CancelScope) -> None:
+async def _cancel_on_interrupt(job: ClientJob, renderer: Renderer, scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT) as signals:
         await signals.__anext__()
         renderer.note(f"cancelling job {job.job_id} (Ctrl-C again to stop waiting)")
         await job.cancel("interrupted by the user (Ctrl-C)")
         await signals.__anext__()
         scope.cancel()
-
-
-def _make(op_cls: type[Operation], **kwargs: Any) -> Operation:
-    """Build an operation from command-line values; a bad value is a usage error (exit 2)."""
-    try:
-        return op_cls(**kwargs)
-    except ProtocolError as exc:
-        raise click.UsageError(exc.message) from None
 
 
 # ---- the command tree ----------------------------------------------------------------------------
@@ -207,7 +175,6 @@ def main(ctx: click.Context, queen: str | None, as_json: bool, verbose: int) -> 
 
 
 pass_cli = click.make_pass_decorator(Cli)
-_HIVE_PIN = click.option("--hive", metavar="HIVE", help="Run it on this hive.")
 
 
 @main.command()
@@ -290,85 +257,6 @@ def bench(
 
 
 @main.command()
-@pass_cli
-def status(cli: Cli) -> None:
-    """The whole mesh at a glance: queen, hives, jobs."""
-    cli.run_job(Status())
-
-
-@main.command()
-@click.option("-n", "--count", default=1, show_default=True, help="How many pongs to narrate.")
-@click.option(
-    "-i", "--interval", default=0.0, show_default=True, type=float, help="Seconds between pongs."
-)
-@click.option("--hive", metavar="HIVE", help="Ask this hive instead of the queen.")
-@pass_cli
-def ping(cli: Cli, count: int, interval: float, hive: str | None) -> None:
-    """Check the path to the queen: it narrates COUNT pongs back."""
-    cli.run_job(_make(Ping, count=count, interval_s=interval, hive=hive))
-
-
-@main.command()
-@click.argument("prompt")
-@click.option(
-    "-m",
-    "--model",
-    metavar="MODEL",
-    help="A model id, repo or file name; OWNER/REPO[:FILE] is downloaded if no hive "
-    "has it. Default: any model a worker holds.",
-)
-@_HIVE_PIN
-@click.option("--worker", metavar="WORKER", help="Run it on this worker.")
-@click.option("-n", "--max-tokens", default=256, show_default=True, help="Tokens to generate.")
-@click.option(
-    "-t",
-    "--temperature",
-    default=0.8,
-    show_default=True,
-    type=float,
-    help="0 is greedy; higher is more varied.",
-)
-@click.option("--top-p", default=0.95, show_default=True, type=float)
-@click.option("--top-k", default=40, show_default=True, help="0 disables it.")
-@click.option("--seed", type=int, help="Same seed and parameters give the same text.")
-@click.option("--stop", multiple=True, metavar="TEXT", help="Stop before this text. Repeatable.")
-@click.option("--repeat-penalty", default=1.1, show_default=True, type=float)
-@click.option("--timeout", "timeout_s", type=float, help="Seconds the job may take (default 600).")
-@pass_cli
-def infer(
-    cli: Cli, prompt: str, model: str | None, hive: str | None, worker: str | None,
-    max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-    stop: tuple[str, ...], repeat_penalty: float, timeout_s: float | None,
-) -> None:  # fmt: skip
-    """Generate text from PROMPT on a worker of the mesh: text to stdout as it comes,
-    narration to stderr. Ctrl-C stops the generation.
-
-    With no queen running (and no --queen), a mesh starts inside this command for the job: a
-    queen, and this machine's hive (or the hive daemon running here), then stops again.
-    """
-    op = _make(
-        Infer, prompt=prompt, model=model, hive=hive, worker=worker, max_tokens=max_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-        repeat_penalty=repeat_penalty,
-    )  # fmt: skip
-    if cli.queen is None and daemon.read_info("queen") is None:
-        sys.exit(trio.run(_run_embedded, op, cli.renderer(), timeout_s))
-    cli.run_job(op, timeout_s=timeout_s)
-
-
-async def _run_embedded(op: Operation, renderer: Renderer, timeout_s: float | None) -> int:
-    """Run one job on a mesh that lives only as long as this command (the embedded default)."""
-    hive = daemon.read_info("hive")
-    where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, in-process"
-    renderer.note(f"no queen is running: starting one in this process, with {where}")
-    async with (
-        embedded_mesh(daemon.state_dir(), hive.endpoint if hive else None) as queen,
-        open_keeper(queen.listener.endpoint) as keeper,
-    ):
-        return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
-
-
-@main.command()
 @click.option(
     "--discovery/--no-discovery",
     default=True,
@@ -400,22 +288,6 @@ def jobs() -> None:
     """Jobs known to the queen."""
 
 
-@jobs.command("list")
-@click.option("--running", is_flag=True, help="Only jobs that are still running.")
-@pass_cli
-def jobs_list(cli: Cli, running: bool) -> None:
-    """Running jobs and the most recent finished ones."""
-    cli.run_job(JobList(include_finished=not running))
-
-
-@jobs.command("cancel")
-@click.argument("job_id")
-@pass_cli
-def jobs_cancel(cli: Cli, job_id: str) -> None:
-    """Cancel the running job JOB_ID (any keeper's)."""
-    cli.run_job(_make(JobCancel, job=job_id))
-
-
 @main.group()
 def queen() -> None:
     """Start, stop and inspect the queen on this machine."""
@@ -439,9 +311,12 @@ def queen() -> None:
     "tcp://HOST:PORT. Repeatable; also read from [queen] peers in <state>/config.toml.",
 )
 @click.option(
+    "--integrated",
     "--local-hive",
+    "integrated",
     is_flag=True,
-    help="Also run a hive for this machine inside the queen's process (the integrated mode).",
+    help="The integrated mode: also run this machine's hive inside the queen's process "
+    "(--local-hive is its old name).",
 )
 @click.option(
     "--discovery/--no-discovery",
@@ -456,18 +331,18 @@ def queen_start(
     cli: Cli,
     bind: str,
     hives: tuple[str, ...],
-    local_hive: bool,
+    integrated: bool,
     discovery: bool,
     foreground: bool,
 ) -> None:
     """Start the queen (a daemon, unless --foreground) and return once it answers.
 
     It manages the hives it finds on the LAN, those named with --peer or in the config file,
-    and (with --local-hive) this machine's own, in its process.
+    and (with --integrated) this machine's own, in its process.
     """
     if foreground:
         _serve_foreground(
-            cli, bind, serve_queen_forever, bind, True, list(hives), local_hive, discovery
+            cli, bind, daemon.serve_queen_forever, bind, True, list(hives), integrated, discovery
         )
         return
     for hive in hives:  # refused here, not in the daemon's log
@@ -475,7 +350,7 @@ def queen_start(
     load_config(daemon.state_dir())
     argv = ["queen", "start", "--foreground", "--bind", bind]
     argv += [arg for hive in hives for arg in ("--peer", hive)]
-    argv += ["--local-hive"] if local_hive else []
+    argv += ["--integrated"] if integrated else []
     argv += ["--discovery" if discovery else "--no-discovery"]  # explicit: not from its env
     _start_daemon(cli, "queen", argv)
 
@@ -504,14 +379,14 @@ def hive() -> None:
 @hive.command("start")
 @click.option(
     "--bind",
-    default=f"tcp://127.0.0.1:{DEFAULT_HIVE_PORT}",
+    default=f"tcp://127.0.0.1:{HIVE_PORT}",
     show_default=True,
     metavar="ENDPOINT",
     help="Control endpoint the queen connects to. tcp://0.0.0.0:7835 admits other machines.",
 )
 @click.option(
     "--heartbeat-bind",
-    default=f"tcp://127.0.0.1:{DEFAULT_HEARTBEAT_PORT}",
+    default=f"tcp://127.0.0.1:{HEARTBEAT_PORT}",
     show_default=True,
     metavar="ENDPOINT",
     help="Where the hive publishes its heartbeats.",
@@ -565,7 +440,7 @@ def hive_start(
             heartbeats=heartbeat_bind,
             server=ServerConfig(heartbeat_s=heartbeat_s),
         )
-        _serve_foreground(cli, bind, serve_hive_forever, config, True)
+        _serve_foreground(cli, bind, daemon.serve_hive_forever, config, True)
         return
     argv = [
         "hive",
@@ -599,71 +474,9 @@ def hive_status(cli: Cli) -> None:
     cli.run_job(HiveStatus(hive=info.ident))
 
 
-@hive.command("list")
-@pass_cli
-def hive_list(cli: Cli) -> None:
-    """Every hive the queen knows: liveness, heartbeat age, devices, workers."""
-    cli.run_job(HiveList())
-
-
-@hive.command("get")
-@click.argument("hive_id", metavar="HIVE")
-@pass_cli
-def hive_get(cli: Cli, hive_id: str) -> None:
-    """One hive in detail, as its last heartbeat told the queen."""
-    cli.run_job(_make(HiveGet, hive=hive_id))
-
-
 @main.group()
 def worker() -> None:
     """Worker processes: one per loaded model."""
-
-
-@worker.command("spawn")
-@click.option("-m", "--model", required=True, metavar="MODEL", help="A model in the catalog.")
-@_HIVE_PIN
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda:N.")
-@click.option(
-    "--backend",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "llama-cpp", "ctransformers"]),
-    help="The library that loads the model; auto takes the first that can, and says which.",
-)
-@click.option("--slots", default=1, show_default=True, help="Jobs the worker runs at once.")
-@pass_cli
-def worker_spawn(
-    cli: Cli, model: str, hive: str | None, device: str, backend: str, slots: int
-) -> None:
-    """Start a worker that loads MODEL; returns once it has registered with its hive."""
-    op = _make(WorkerSpawn, model=model, hive=hive, device=device, backend=backend, slots=slots)
-    cli.run_job(op)
-
-
-@worker.command("list")
-@_HIVE_PIN
-@pass_cli
-def worker_list(cli: Cli, hive: str | None) -> None:
-    """Workers on every hive (or one)."""
-    cli.run_job(_make(WorkerList, hive=hive))
-
-
-@worker.command("get")
-@click.argument("worker_id", metavar="WORKER")
-@_HIVE_PIN
-@pass_cli
-def worker_get(cli: Cli, worker_id: str, hive: str | None) -> None:
-    """One worker in detail."""
-    cli.run_job(_make(WorkerGet, worker=worker_id, hive=hive))
-
-
-@worker.command("delete")
-@click.argument("worker_id", metavar="WORKER")
-@_HIVE_PIN
-@pass_cli
-def worker_delete(cli: Cli, worker_id: str, hive: str | None) -> None:
-    """Stop a worker: gracefully, then by force after a grace period."""
-    cli.run_job(_make(WorkerDelete, worker=worker_id, hive=hive))
 
 
 @main.group()
@@ -671,43 +484,32 @@ def model() -> None:
     """Models in the hives' catalogs."""
 
 
-@model.command("download")
-@click.argument("ref", metavar="REPO[:FILE]")
-@_HIVE_PIN
-@pass_cli
-def model_download(cli: Cli, ref: str, hive: str | None) -> None:
-    """Download a GGUF model from the hub (HF_ENDPOINT honoured) into a hive's catalog.
-
-    Without :FILE, a quantization is chosen in this order: Q4_K_M, Q5_K_M, Q4_0, Q8_0, F16.
-    An interrupted download resumes on the next request; Ctrl-C cancels and cleans up.
-    """
-    cli.run_job(_make(ModelDownload, model=ref, hive=hive))
+def _run_operation(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
+    ctx.find_object(Cli).run_job(op, timeout_s)  # type: ignore[union-attr]
 
 
-@model.command("list")
-@_HIVE_PIN
-@pass_cli
-def model_list(cli: Cli, hive: str | None) -> None:
-    """Models on every hive (or one)."""
-    cli.run_job(_make(ModelList, hive=hive))
+def _run_infer(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
+    """`infer`: with no queen running (and no --queen), in a mesh made for this command."""
+    cli = ctx.find_object(Cli)
+    assert cli is not None
+    if cli.queen is None and daemon.read_info("queen") is None:
+        sys.exit(trio.run(_run_one_command, op, cli.renderer(), timeout_s))
+    cli.run_job(op, timeout_s)
 
 
-@model.command("get")
-@click.argument("ref", metavar="MODEL")
-@_HIVE_PIN
-@pass_cli
-def model_get(cli: Cli, ref: str, hive: str | None) -> None:
-    """One model's catalog entry."""
-    cli.run_job(_make(ModelGet, model=ref, hive=hive))
+async def _run_one_command(op: Operation, renderer: Renderer, timeout_s: float | None) -> int:
+    """Run one job on a mesh that lives only as long as this command."""
+    hive = daemon.read_info("hive")
+    where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, integrated"
+    renderer.note(f"no queen is running: starting one in this process, with {where}")
+    async with (
+        mesh_for_one_command(daemon.state_dir(), hive.endpoint if hive else None) as queen,
+        open_keeper(queen.listener.endpoint) as keeper,
+    ):
+        return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
 
 
-@model.command("delete")
-@click.argument("ref", metavar="MODEL")
-@_HIVE_PIN
-@pass_cli
-def model_delete(cli: Cli, ref: str, hive: str | None) -> None:
-    """Delete a model from a hive's catalog (refused while a worker uses it)."""
-    cli.run_job(_make(ModelDelete, model=ref, hive=hive))
+add_operation_commands(main, _run_operation, {Infer: _run_infer})
 
 
 # ---- daemons -----------------------------------------------------------------------------------
@@ -776,7 +578,7 @@ async def _wait_until_serving(
     name: str, pid: int, poll: Callable[[], int | None], timeout_s: float = 15.0
 ) -> daemon.DaemonInfo | None:
     """Wait for the daemon `pid` to record its endpoint and answer a ping there."""
-    quick = KeeperConfig(accept_timeout_s=1.0)
+    quick = ClientConfig(accept_timeout_s=1.0)
     with trio.move_on_after(timeout_s):
         while poll() is None:
             info = daemon.read_info(name)
@@ -788,7 +590,7 @@ async def _wait_until_serving(
                             pass
                         if isinstance(job.terminal, Done):
                             return info
-                except QueenUnreachable:
+                except ServerUnreachable:
                     pass
             await trio.sleep(0.05)
     return None

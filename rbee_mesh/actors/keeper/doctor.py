@@ -20,7 +20,8 @@ from typing import Any
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.keeper.client import KeeperConfig, QueenUnreachable, open_keeper
+from rbee_mesh.actors.jobclient import ClientConfig, ServerUnreachable
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.protocol import PROTOCOL_VERSION, Done, HiveGet, HiveList, Operation, Status
 from rbee_mesh.transport import parse_endpoint
 from rbee_mesh.transport.discovery import Found, HiveAnnouncement, browsing, protocol_compatible
@@ -47,7 +48,7 @@ class Check:
 async def run_doctor(endpoint: str, *, discovery: bool) -> list[Check]:
     """Every check, in order; mDNS is listened to only when `discovery` is on."""
     checks = [multicast_check()]
-    quick = KeeperConfig(accept_timeout_s=3.0)
+    quick = ClientConfig(accept_timeout_s=3.0)
     try:
         async with open_keeper(endpoint, quick) as keeper:
             status = await _result(keeper, Status())
@@ -64,7 +65,7 @@ async def run_doctor(endpoint: str, *, discovery: bool) -> list[Check]:
                 row["hive"]: await _result(keeper, HiveGet(hive=row["hive"]))
                 for row in await _result(keeper, HiveList())
             }
-    except QueenUnreachable as exc:
+    except ServerUnreachable as exc:
         advice = "start one: rbee-mesh queen start (or name it with --queen)"
         checks.insert(0, Check("queen", False, exc.message, advice))
         hives = {}
@@ -91,7 +92,7 @@ async def _result(keeper: Any, op: Operation) -> Any:
     async for _ in job:
         pass
     if not isinstance(job.terminal, Done):
-        raise QueenUnreachable(f"the queen could not answer {op.NAME}: {job.terminal}")
+        raise ServerUnreachable(f"the queen could not answer {op.NAME}: {job.terminal}")
     return job.terminal.result
 
 

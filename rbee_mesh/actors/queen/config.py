@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rbee_mesh.protocol import ErrorCode, MeshError
+from rbee_mesh.protocol.constants import HIVE_PORT
 
 CONFIG_NAME = "config.toml"
-DEFAULT_HIVE_PORT = 7835
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def peer_endpoint(peer: str) -> str:
         return peer
     host, sep, port = peer.rpartition(":")
     if not sep:
-        host, port = peer, str(DEFAULT_HIVE_PORT)
+        host, port = peer, str(HIVE_PORT)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise MeshError(
             ErrorCode.INVALID_REQUEST, f"{peer!r} is not HOST, HOST:PORT or an endpoint"

@@ -1,13 +1,16 @@
-"""The queen's view of its hives: one link per hive, its liveness, and forwarding jobs to it.
+"""The queen's view of its hives: one link per hive, its liveness and state, and jobs run there.
 
-A link is a DEALER to the hive's control ROUTER. The queen says READY until the hive answers with
-its id and heartbeat endpoint, then subscribes to the hive's heartbeats (PUB/SUB). Any frame from
-the hive, on either socket, counts as a heartbeat: a hive silent for one interval is *suspect*,
-for three *lost*. Jobs forwarded to a lost hive end with HIVE_LOST; when the hive speaks again it
-is live again, with no restart of the queen.
+A link is the one job client (`actors/jobclient.py`) connected to the hive's control ROUTER:
+READY until the hive answers with its id, heartbeat endpoint and state, heartbeats, jobs
+forwarded one hop down, and on loss every running job ended HIVE_LOST and the connection fenced.
+The queen subscribes to each hive's heartbeats (PUB/SUB); any frame from the hive, on either
+socket, counts as a heartbeat. A hive silent for one interval is *suspect*, for three *lost*;
+when it speaks again it is live again, with no restart of the queen.
 
-Forwarded jobs keep the queen's job id, so the hive's NARRATION, DATA and TOKEN frames are relayed
-to the keeper as they are, routed on the first three frames and never unpacked.
+A heartbeat's state (devices, workers, the catalog's digest) stays packed until something reads
+it: a queen of 1,000 hives takes 1,000 heartbeats a second and reads few of their states. The
+hive's models are asked for (`model_list`) when the digest read differs from the one last
+fetched, so a heartbeat stays small whatever the catalog holds.
 """
 
 from __future__ import annotations
@@ -15,62 +18,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from trio_util import AsyncValue
 
-from rbee_mesh.actors.jobserver import Job, JobServer
-from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S, hand_over
+from rbee_mesh.actors.heartbeat import HeartbeatSchedule
+from rbee_mesh.actors.jobclient import ClientConfig, JobClient, forward
+from rbee_mesh.actors.jobserver import ServerJob
 from rbee_mesh.protocol import (
-    TERMINAL_KINDS,
     Actor,
-    Cancel,
-    Cancelled,
-    Done,
-    Error,
     ErrorCode,
-    Heartbeat,
-    Kind,
     Liveness,
     MeshError,
+    ModelList,
     Operation,
-    PeerLiveness,
     ProtocolError,
     Ready,
-    Submit,
-    decode,
     decode_heartbeat,
     decode_state,
-    encode,
-    peek_route,
+    outcome,
 )
-from rbee_mesh.transport import (
-    Connection,
-    Subscriber,
-    TransportError,
-    open_connection,
-    parse_endpoint,
-)
+from rbee_mesh.protocol.constants import FORWARD_ACCEPT_S
+from rbee_mesh.transport import Subscriber, TransportError, parse_endpoint
 
 log = logging.getLogger("rbee_mesh.hives")
 
-#: Frames relayed to the keeper untouched.
-_RELAYED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
-#: The hives are checked and greeted a tenth at a time (see `HiveRegistry._liveness_loop`).
-_SLICES = 10
-
-
-@dataclass(frozen=True)
-class Forwarded:
-    """Where a forwarded job's frames go: those the keeper streams (narration, data, tokens)
-    straight to it, as they come; the others (ACCEPTED, the terminal frame) to the task that
-    forwarded the job."""
-
-    relay: Callable[[Sequence[bytes]], None]
-    frames: trio.MemorySendChannel[Sequence[bytes]]
+#: How long a placement waits for a hive's model list when its catalog has changed.
+MODELS_FETCH_S = 5.0
 
 
 @dataclass(eq=False)
@@ -79,23 +56,26 @@ class HiveLink:
 
     endpoint: str
     source: str
-    conn: Connection
-    liveness: PeerLiveness
+    client: JobClient
     hive_id: str = ""
     heartbeat_endpoint: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
     #: The state of the hive's last heartbeat as it came (msgpack) until `state` reads it.
     state_packed: bytes = b""
     _state: dict[str, Any] = field(default_factory=dict, repr=False)
-    last_heard: float | None = None  # wall clock, for "heartbeat age"
+    #: The sequence number of the last heartbeat heard from the hive's PUB socket, to wait on:
+    #: `await link.beats.wait_value(lambda seq: seq > before)` waits for a newer one.
+    beats: AsyncValue = field(default_factory=lambda: AsyncValue(0))
     #: This machine's clock minus the hive's, from its last heartbeat (plus the network delay).
     clock_skew_s: float | None = None
-    #: Set once the hive has said anything at all.
-    heard: trio.Event = field(default_factory=trio.Event)
     #: The liveness as it changes, to wait on: `await link.watch.wait_value(Liveness.LOST)`.
     watch: AsyncValue = field(default_factory=lambda: AsyncValue(Liveness.LIVE))
-    #: Jobs forwarded to this hive and running, by id.
-    jobs: dict[str, Forwarded] = field(default_factory=dict)
+    #: The hive's catalog (id, status and size of each model) and the digest it was fetched at.
+    models: list[dict[str, Any]] = field(default_factory=list)
+    models_digest: str = ""
+    fetched: trio.Event | None = None
+    #: Workers that refused a job (busy, gone) since the heartbeat of this sequence number:
+    #: not chosen again until a later heartbeat says how they are.
+    refused: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -103,11 +83,12 @@ class HiveLink:
 
     @property
     def state(self) -> dict[str, Any]:
-        """The state carried by the hive's last heartbeat (or READY): devices, workers, models.
+        """The state carried by the hive's last heartbeat (or READY): devices, workers and the
+        catalog's count and digest.
 
-        Unpacked and validated when first read: a queen of 1,000 hives takes 1,000 heartbeats a
-        second and reads few of their states, and decoding each into fresh dicts cost it half
-        its time and, by churning its heap, 10 ms collector pauses every second.
+        Unpacked and validated when first read: decoding each of 1,000 heartbeats a second into
+        fresh dicts cost a queen half its time and, by churning its heap, 10 ms collector pauses
+        every second.
         """
         if self.state_packed:
             packed, self.state_packed = self.state_packed, b""
@@ -122,22 +103,52 @@ class HiveLink:
         self._state, self.state_packed = value, b""
 
     @property
+    def workers(self) -> list[dict[str, Any]]:
+        """The hive's workers as its last heartbeat listed them, less those that refused a job
+        since."""
+        rows = self.state.get("workers", [])
+        return [w for w in rows if self.refused.get(str(w.get("id")), -1) < self.beats.value]
+
+    @property
+    def catalog_digest(self) -> str:
+        models = self.state.get("models")
+        digest = models.get("digest") if isinstance(models, dict) else None
+        return digest if isinstance(digest, str) else ""
+
+    @property
+    def model_count(self) -> int:
+        models = self.state.get("models")
+        count = models.get("count") if isinstance(models, dict) else None
+        return count if isinstance(count, int) else len(self.models)
+
+    @property
+    def heard(self) -> trio.Event:
+        """Set once the hive has said anything at all."""
+        return self.client.heard_once
+
+    @property
     def ever_seen(self) -> bool:
-        return self.heard.is_set()
+        return self.client.heard_once.is_set()
+
+    @property
+    def liveness(self) -> Liveness:
+        watched = self.client.liveness
+        return watched.state if watched is not None else Liveness.LIVE
 
     @property
     def liveness_state(self) -> str:
-        return str(self.liveness.state) if self.ever_seen else "connecting"
+        return self.client.state
 
     @property
     def is_live(self) -> bool:
-        return self.ever_seen and self.liveness.state is not Liveness.LOST
+        return self.client.is_live
 
     def record(self, *, detail: bool = False) -> dict[str, Any]:
         """What `hive list` (and with `detail`, `hive get`) shows of this hive."""
-        age = None if self.last_heard is None else round(time.time() - self.last_heard, 3)
+        heard = self.client.last_heard
+        age = None if heard is None else round(time.time() - heard, 3)
         workers = self.state.get("workers", [])
-        if self.liveness.state is Liveness.LOST:
+        if self.ever_seen and self.liveness is Liveness.LOST:
             workers = [{**w, "state": "unreachable"} for w in workers]
         rec: dict[str, Any] = {
             "hive": self.name,
@@ -147,15 +158,15 @@ class HiveLink:
             "heartbeat_age_s": age,
             "devices": [d.get("id", "?") for d in self.state.get("devices", [])],
             "workers": len(workers),
-            "models": len(self.state.get("models", [])),
+            "models": self.model_count,
         }
         if detail:
             rec.update(
                 devices=self.state.get("devices", []),
                 workers=workers,
-                models=self.state.get("models", []),
-                version=self.info.get("version", ""),
-                protocol=self.info.get("protocol"),
+                models=self.models,
+                version=self.client.info.get("version", ""),
+                protocol=self.client.info.get("protocol"),
                 heartbeat_endpoint=self.heartbeat_endpoint,
                 clock_skew_s=self.clock_skew_s,
             )
@@ -172,45 +183,51 @@ class HiveRegistry:
         self.links: list[HiveLink] = []
         #: Heartbeats taken from the hives' PUB sockets since start (for `status`).
         self.heartbeats_received = 0
+        self.schedule = HeartbeatSchedule(heartbeat_s)
         self._by_id: dict[str, HiveLink] = {}
         self._nursery: trio.Nursery | None = None
-        self._beats = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._heartbeat_receive_loop)
-            nursery.start_soon(self._liveness_loop)
+            nursery.start_soon(self.schedule.run)
             task_status.started()
 
     async def add(self, endpoint: str, *, source: str) -> HiveLink:
         """Connect to the hive whose control socket is `endpoint` (it may not be up yet)."""
         assert self._nursery is not None, "run() the registry first"
-        conn = await open_connection(endpoint)
-        link = HiveLink(
-            endpoint=endpoint,
-            source=source,
-            conn=conn,
-            liveness=PeerLiveness(self.heartbeat_s, trio.current_time()),
+        client = JobClient(
+            endpoint,
+            name=self.queen_name,
+            role=Actor.QUEEN,
+            server=f"the hive at {endpoint}",
+            lost_code=ErrorCode.HIVE_LOST,
+            config=ClientConfig(heartbeat_s=self.heartbeat_s, accept_timeout_s=FORWARD_ACCEPT_S),
         )
+        link = HiveLink(endpoint=endpoint, source=source, client=client)
+        client.on_ready = lambda ready: self._on_ready(link, ready)
+        client.on_liveness = lambda was, now: self._changed(link, was, now)
         self.links.append(link)
-        self._nursery.start_soon(self._link_receive_loop, link)
-        await self._send(link, Ready(job_id="", sender=self.queen_name, role=Actor.QUEEN))
+        await self._nursery.start(client.run)
+        self.schedule.add(client)
         return link
 
     async def remove(self, link: HiveLink, why: str) -> None:
-        """Forget a hive (it said goodbye): its forwarded jobs end, its sockets close."""
+        """Forget a hive (it said goodbye, or it is a second link to one hive): its forwarded
+        jobs end, its sockets close."""
         if link not in self.links:
             return
         self.links.remove(link)
         if self._by_id.get(link.hive_id) is link:
             del self._by_id[link.hive_id]
         log.info("hive %s removed: %s", link.name, why)
-        self._fail_jobs(link, ErrorCode.HIVE_LOST, f"hive {link.name} left the mesh ({why})")
-        if link.heartbeat_endpoint:
+        self.schedule.discard(link.client)
+        link.client.lose(f"hive {link.name} left the mesh ({why})")
+        if link.heartbeat_endpoint and link.heartbeat_endpoint not in self._heartbeat_endpoints():
             with contextlib.suppress(TransportError):
                 await self.subscriber.disconnect(link.heartbeat_endpoint)
-        await link.conn.aclose()
+        await link.client.aclose(why)
 
     def get(self, hive_id: str) -> HiveLink:
         link = self._by_id.get(hive_id)
@@ -225,101 +242,66 @@ class HiveRegistry:
     def live(self) -> list[HiveLink]:
         return [link for link in self.links if link.is_live]
 
-    # ---- forwarding --------------------------------------------------------------------------
+    async def fresh_models(self, link: HiveLink) -> list[dict[str, Any]]:
+        """`link`'s catalog, fetched first if its digest has changed (within MODELS_FETCH_S;
+        else the last one known)."""
+        if link.catalog_digest == link.models_digest:
+            return link.models
+        if link.fetched is None:
+            link.fetched = trio.Event()
+            self._start(self._fetch_models, link, link.catalog_digest)
+        with trio.move_on_after(MODELS_FETCH_S):
+            await link.fetched.wait()
+        return link.models
 
-    async def forward(self, server: JobServer, job: Job, op: Operation, link: HiveLink) -> Any:
-        """Run `op` as job `job` on `link`'s hive: relay its frames, return its result."""
+    async def _fetch_models(self, link: HiveLink, digest: str) -> None:
+        try:
+            job = await link.client.submit(ModelList(hive=link.name))
+            rows = outcome(await job.end(), link.client.server)
+            link.models = [
+                {"id": r.get("id"), "status": r.get("status"), "size": r.get("size")}
+                for r in rows
+                if isinstance(r, dict)
+            ]
+            link.models_digest = digest
+        except MeshError as exc:
+            log.warning("could not list the models of hive %s: %s", link.name, exc)
+        finally:
+            assert link.fetched is not None
+            link.fetched.set()
+            link.fetched = None
+
+    async def forward(self, job: ServerJob, op: Operation, link: HiveLink) -> Any:
+        """Run `op` as `job` on `link`'s hive: relay its frames, return its result."""
         if not link.is_live:
             raise MeshError(
                 ErrorCode.HIVE_LOST if link.ever_seen else ErrorCode.UNAVAILABLE,
                 f"hive {link.name} is {link.liveness_state}; it cannot run {op.NAME}",
+                started=False,
             )
-        send, receive = trio.open_memory_channel[Sequence[bytes]](1_000)
-        link.jobs[job.id] = Forwarded(relay=lambda frames: server.relay(job, frames), frames=send)
-        ended = False
-        try:
-            elapsed = time.time() - job.created
-            timeout = max(job.deadline_s - elapsed, 0.001)
-            await self._send(link, Submit(job_id=job.id, ref=job.id, op=op, timeout_s=timeout))
-            async for frames in receive:
-                if peek_route(frames)[0] is not Kind.ACCEPTED:
-                    ended = True
-                    return self._outcome(link, decode(frames))
-            ended = True
-            raise MeshError(ErrorCode.HIVE_LOST, f"hive {link.name} went away during {op.NAME}")
-        finally:
-            if not ended:
-                # Cancelled here (deadline, keeper): the hive must stop too, and the job ends
-                # when the hive says so, so that what it used (a worker's slot) is free by then.
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(CANCEL_CONFIRM_S),
-                    contextlib.suppress(MeshError),
-                ):
-                    await self._send(link, Cancel(job_id=job.id, reason="cancelled at the queen"))
-                    async for frames in receive:
-                        if peek_route(frames)[0] in TERMINAL_KINDS:
-                            break
-            link.jobs.pop(job.id, None)
-
-    @staticmethod
-    def _outcome(link: HiveLink, terminal: Any) -> Any:
-        match terminal:
-            case Done():
-                return terminal.result
-            case Error():
-                raise MeshError(terminal.code, terminal.message)
-            case Cancelled():
-                raise MeshError(ErrorCode.CANCELLED, f"hive {link.name}: {terminal.reason}")
-        raise MeshError(ErrorCode.INTERNAL, f"hive {link.name} ended a job with {terminal!r:.80}")
-
-    async def _send(self, link: HiveLink, message: Any) -> None:
-        try:
-            await link.conn.send(encode(message))
-        except TransportError as exc:
-            raise MeshError(
-                ErrorCode.UNAVAILABLE, f"cannot reach hive {link.name}: {exc}"
-            ) from None
+        return await forward(
+            link.client, op, job_id=job.id, timeout_s=job.time_left_s, relay=job.relay,
+            cancelled_by=self.queen_name,
+        )  # fmt: skip
 
     # ---- what the hives say --------------------------------------------------------------------
 
-    async def _link_receive_loop(self, link: HiveLink) -> None:
-        while True:
-            try:
-                frames = await link.conn.receive()
-            except TransportError:
-                return
-            try:
-                kind, job_id = peek_route(frames)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed frame from hive %s: %s", link.name, exc)
-                continue
-            self._heard(link)
-            if job_id:
-                job = link.jobs.get(job_id)
-                if job is not None and kind in _RELAYED:
-                    job.relay(frames)  # straight on to the keeper: no task in between
-                elif job is not None:
-                    # Closed: the hive was declared lost and the job is ending; drop late frames.
-                    with contextlib.suppress(trio.ClosedResourceError):
-                        await hand_over(job.frames, frames)
-                continue
-            if kind is Kind.READY:
-                self._on_ready(link, frames)
-
-    def _on_ready(self, link: HiveLink, frames: Sequence[bytes]) -> None:
-        try:
-            ready = decode(frames)
-        except ProtocolError as exc:
-            log.warning("hive at %s sent a bad READY: %s", link.endpoint, exc)
-            return
-        if not isinstance(ready, Ready):
+    def _on_ready(self, link: HiveLink, ready: Ready) -> None:
+        hive_id = ready.sender
+        other = self._by_id.get(hive_id)
+        if other is not None and other is not link:
+            # One hive named twice (two addresses of one machine): its heartbeats would feed
+            # one link only, and the other would be lost. Keep the first.
+            log.warning(
+                "hive %s answers at %s and at %s; keeping %s", hive_id, other.endpoint,
+                link.endpoint, other.endpoint,
+            )  # fmt: skip
+            self._start(self.remove, link, f"it is hive {hive_id}, linked at {other.endpoint}")
             return
         first = not link.hive_id
-        if link.hive_id and self._by_id.get(link.hive_id) is link:
-            del self._by_id[link.hive_id]
-        link.hive_id, link.info = ready.sender, ready.info
-        self._by_id[link.hive_id] = link
+        link.hive_id = hive_id
+        link.client.server = f"hive {hive_id}"
+        self._by_id[hive_id] = link
         state = ready.info.get("state")
         if isinstance(state, dict):
             link.state = state
@@ -329,16 +311,19 @@ class HiveRegistry:
             if endpoint != link.heartbeat_endpoint:
                 # A hive that restarted may publish elsewhere (an ephemeral port): follow it.
                 if link.heartbeat_endpoint:
-                    self._nursery_start(self.subscriber.disconnect, link.heartbeat_endpoint)
+                    self._start(self.subscriber.disconnect, link.heartbeat_endpoint)
                 link.heartbeat_endpoint = endpoint
-                self._nursery_start(self.subscriber.connect, endpoint)
+                self._start(self.subscriber.connect, endpoint)
                 first = True
         if first:
-            log.info("hive %s answered at %s", link.hive_id, link.endpoint)
+            log.info("hive %s answered at %s", hive_id, link.endpoint)
 
-    def _nursery_start(self, fn: Any, *args: Any) -> None:
+    def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
+
+    def _heartbeat_endpoints(self) -> set[str]:
+        return {link.heartbeat_endpoint for link in self.links}
 
     async def _heartbeat_receive_loop(self) -> None:
         while True:
@@ -349,95 +334,25 @@ class HiveRegistry:
             try:
                 beat, state = decode_heartbeat(frames)
             except ProtocolError as exc:
-                log.warning("ignored a malformed heartbeat: %s", exc)
+                log.warning("ignored a malformed heartbeat (its sender's fault): %s", exc)
                 continue
             if (link := self._by_id.get(beat.sender)) is None:
                 continue
             self.heartbeats_received += 1
             link.state_packed = state
-            link.liveness.interval_s = beat.interval_s
+            link.beats.value = beat.seq
             if beat.ts:
                 link.clock_skew_s = round(time.time() - beat.ts, 3)
-            self._heard(link)
-
-    def _heard(self, link: HiveLink) -> None:
-        link.last_heard = time.time()
-        was = link.liveness.seen(trio.current_time())
-        link.heard.set()
-        if was is not None:
-            link.watch.value = Liveness.LIVE
-        if was is Liveness.LOST:
-            log.warning("hive %s is live again", link.name)
-
-    async def _liveness_loop(self) -> None:
-        """Checks every hive at least twice per its heartbeat interval (so that no state is
-        skipped: suspect lasts two intervals), and greets each once per the queen's interval.
-        Both take a slice of the hives at a time, the slices spread over the interval: at 1,000
-        hives, checking them all held the queen's loop for 2-3 ms, and greeting them all sent
-        1,000 frames in one burst."""
-        start = trio.current_time()
-        next_greeting = [start + n * self.heartbeat_s / _SLICES for n in range(_SLICES)]
-        greeting: list[bytes] = []
-        fastest = self.heartbeat_s
-        turn = 0
-        while True:
-            n = turn % _SLICES
-            if n == 0:
-                fastest = min(
-                    [self.heartbeat_s, *(link.liveness.interval_s for link in self.links)]
-                )
-            links = self.links
-            part = links[n * len(links) // _SLICES : (n + 1) * len(links) // _SLICES]
-            now = trio.current_time()
-            for link in part:
-                if link.ever_seen:
-                    was = link.liveness.check(now)
-                    if was is not None:
-                        self._changed(link, was, link.liveness.state)
-            if now >= next_greeting[n]:
-                next_greeting[n] = max(next_greeting[n] + self.heartbeat_s, now)
-                if n == 0 or not greeting:  # one heartbeat per round, encoded once for all
-                    self._beats += 1
-                    beat = Heartbeat(
-                        job_id="",
-                        sender=self.queen_name,
-                        seq=self._beats,
-                        interval_s=self.heartbeat_s,
-                    )
-                    greeting = encode(beat)
-                for link in list(part):
-                    await self._greet(link, greeting)
-            turn += 1
-            await trio.sleep(fastest / 2 / _SLICES)
-
-    async def _greet(self, link: HiveLink, heartbeat: list[bytes]) -> None:
-        """Heartbeat to every hive (a hive drops a silent queen); READY until it answers."""
-        unknown = not link.hive_id or link.liveness.state is Liveness.LOST
-        frames = (
-            encode(Ready(job_id="", sender=self.queen_name, role=Actor.QUEEN))
-            if unknown
-            else heartbeat
-        )
-        with trio.move_on_after(self.heartbeat_s), contextlib.suppress(TransportError):
-            await link.conn.send(frames)
+            link.client.heard(beat.interval_s)
 
     def _changed(self, link: HiveLink, was: Liveness, now: Liveness) -> None:
         link.watch.value = now
-        level = logging.ERROR if now is Liveness.LOST else logging.WARNING
-        log.log(level, "hive %s is %s (was %s)", link.name, now, was)
-        if now is not Liveness.LOST:
-            return
-        missed = link.liveness.missed(trio.current_time())
-        why = f"hive {link.name} stopped answering: nothing heard for {missed} heartbeat intervals"
-        self._fail_jobs(link, ErrorCode.HIVE_LOST, why)
-
-    @staticmethod
-    def _fail_jobs(link: HiveLink, code: ErrorCode, why: str) -> None:
-        for job_id, job in list(link.jobs.items()):
-            # The job's own task turns this into its terminal frame.
-            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                job.frames.send_nowait(encode(Error(job_id=job_id, code=code, message=why)))
-            job.frames.close()
+        if now is Liveness.LOST:
+            log.error("hive %s is lost (was %s)", link.name, was)
+        elif was is Liveness.LOST:
+            log.warning("hive %s is live again", link.name)
+        else:
+            log.warning("hive %s is %s (was %s)", link.name, now, was)
 
 
 def reachable_endpoint(advertised: str, *, via: str) -> str:

@@ -5,7 +5,8 @@ Serving jobs (accept at once, narrate, end exactly once, deadlines, cancel, slow
 keepers) is `JobServer`'s; knowing the hives (links, liveness, forwarding) is `HiveRegistry`'s;
 where an inference runs is `scheduler.place`'s. What is left here: the queen's own answers
 (status, hives, jobs), finding hives on the LAN, the routing rule for what a hive runs, and
-driving the scheduler (spawning, downloading, queueing).
+driving the scheduler (spawning, downloading, queueing, and placing again a job that was refused
+before it started).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.jobserver import Handler, Job, JobServer, ServerConfig
+from rbee_mesh.actors.jobserver import Handler, JobServer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
@@ -37,6 +38,7 @@ from rbee_mesh.protocol import (
     JobCancel,
     JobList,
     Level,
+    Liveness,
     MeshError,
     ModelDelete,
     ModelDownload,
@@ -105,7 +107,7 @@ class Queen:
         #: Inference jobs this queen has running on each worker (by worker id).
         self._inflight: Counter[str] = Counter()
         #: Jobs waiting for a worker, in arrival order.
-        self._queue: list[Job] = []
+        self._queue: list[ServerJob] = []
         #: Bumped whenever a worker slot frees up: waiting jobs look again.
         self._released = AsyncValue(0)
         self._placing = trio.Lock()
@@ -172,11 +174,11 @@ class Queen:
 
     # ---- routing to hives -----------------------------------------------------------------------
 
-    async def _route(self, job: Job, op: Operation) -> Any:
+    async def _route(self, job: ServerJob, op: Operation) -> Any:
         """Run a hive operation: on its pinned hive, on every hive (lists), or on the one that
         holds what it names; with several candidates and no pin, ask the user to choose."""
         if op.hive_pin is not None:
-            return await self.hives.forward(self.server, job, op, self.hives.get(op.hive_pin))
+            return await self.hives.forward(job, op, self.hives.get(op.hive_pin))
         live = self.hives.live()
         if not live:
             known = ", ".join(f"{h.name} ({h.liveness_state})" for h in self.hives.links)
@@ -189,11 +191,13 @@ class Queen:
             return await self._fan_out(job, op, live)
         candidates = live
         if isinstance(op, WorkerGet | WorkerDelete):
-            candidates = [h for h in live if _names(h, "workers", op.worker)] or candidates
+            candidates = [h for h in live if _names(h.workers, op.worker)] or candidates
         elif isinstance(op, ModelGet | ModelDelete):
-            candidates = [h for h in live if _names(h, "models", op.model)] or candidates
+            candidates = [
+                h for h in live if _names(await self.hives.fresh_models(h), op.model)
+            ] or candidates
         if len(candidates) == 1:
-            return await self.hives.forward(self.server, job, op, candidates[0])
+            return await self.hives.forward(job, op, candidates[0])
         names = ", ".join(h.name for h in candidates)
         raise MeshError(
             ErrorCode.INVALID_REQUEST,
@@ -201,14 +205,14 @@ class Queen:
             "choose one with --hive",
         )
 
-    async def _fan_out(self, job: Job, op: Operation, links: list[HiveLink]) -> list[Any]:
+    async def _fan_out(self, job: ServerJob, op: Operation, links: list[HiveLink]) -> list[Any]:
         """Run a list operation on every live hive and merge the rows, each tagged with its hive.
         A hive that fails is narrated and left out; the others still answer."""
         results: dict[str, list[Any]] = {}
 
         async def one(link: HiveLink) -> None:
             try:
-                results[link.name] = await self.hives.forward(self.server, job, op, link)
+                results[link.name] = await self.hives.forward(job, op, link)
             except MeshError as exc:
                 narrate(op.NAME, f"hive {link.name}: {exc.message}", level=Level.WARN)
 
@@ -219,26 +223,46 @@ class Queen:
 
     # ---- inference ---------------------------------------------------------------------------
 
-    async def _op_infer(self, job: Job, op: Infer) -> Any:
-        """Schedule `op` (docs/inference.md, "Scheduling"), then run it on its worker."""
-        link, worker, model = await self._reserve_worker(job, op)
-        try:
-            pinned = replace(op, hive=link.name, worker=worker, model=model)
-            return await self.hives.forward(self.server, job, pinned, link)
-        finally:
-            self._inflight[worker] -= 1
-            if self._inflight[worker] <= 0:
-                del self._inflight[worker]
-            self._released.value += 1
+    async def _op_infer(self, job: ServerJob, op: Infer) -> Any:
+        """Schedule `op` (docs/inference.md, "Scheduling"), then run it on its worker. A worker
+        or hive that refuses it before it started (busy by an account the queen has not seen
+        yet, dead, unreachable) is passed over, and the job placed again, within its deadline."""
+        attempt = 0
+        while True:
+            link, worker, model = await self._reserve_worker(job, op)
+            try:
+                pinned = replace(op, hive=link.name, worker=worker, model=model)
+                return await self.hives.forward(job, pinned, link)
+            except MeshError as exc:
+                if exc.started:
+                    raise
+                # Until its next heartbeat says how it is, the refusing worker is passed over.
+                link.refused[worker] = link.beats.value
+                if op.worker is not None and exc.code is not ErrorCode.BUSY:
+                    raise
+                narrate(
+                    "schedule",
+                    f"worker {worker} on hive {link.name} did not take the job ({exc.message}); "
+                    "placing it again",
+                    level=Level.WARN,
+                )
+            finally:
+                self._inflight[worker] -= 1
+                if self._inflight[worker] <= 0:
+                    del self._inflight[worker]
+                self._released.value += 1
+            attempt += 1
+            await trio.sleep(min(0.01 * 2**attempt, self.server.config.heartbeat_s))
 
-    async def _reserve_worker(self, job: Job, op: Infer) -> tuple[HiveLink, str, str]:
+    async def _reserve_worker(self, job: ServerJob, op: Infer) -> tuple[HiveLink, str, str]:
         """Find (or make) a worker with a free slot for `op` and take the slot."""
         queued = False
         said = ""
         try:
             while True:
+                views = await self._hive_views(op)
                 async with self._placing:
-                    decision = place(op, self._hive_views(op), self._inflight)
+                    decision = place(op, views, self._inflight)
                     if decision.action is Action.USE:
                         assert decision.worker is not None and decision.model is not None
                         self._inflight[decision.worker] += 1
@@ -269,7 +293,7 @@ class Queen:
             if queued:
                 self._queue.remove(job)
 
-    async def _provide(self, job: Job, decision: Decision) -> None:
+    async def _provide(self, job: ServerJob, decision: Decision) -> None:
         """Download the model or spawn a worker, as decided; the next look then uses it."""
         assert decision.model is not None
         link = self.hives.get(decision.hive)
@@ -277,26 +301,42 @@ class Queen:
             narrate("schedule", decision.reason)
             if decision.action is Action.DOWNLOAD:
                 op: Operation = ModelDownload(model=decision.model, hive=link.name)
-                entry = await self.hives.forward(self.server, job, op, link)
+                entry = await self.hives.forward(job, op, link)
                 # Seen at once, not at the next heartbeat, so the next look spawns a worker.
-                link.state.setdefault("models", []).append(
+                link.models.append(
                     {"id": entry["id"], "status": entry["status"], "size": entry["size"]}
                 )
             else:
                 op = WorkerSpawn(model=decision.model, hive=link.name)
-                record = await self.hives.forward(self.server, job, op, link)
+                record = await self.hives.forward(job, op, link)
                 link.state.setdefault("workers", []).append(record)
 
-    def _hive_views(self, op: Infer) -> list[HiveView]:
-        links = [self.hives.get(op.hive)] if op.hive is not None else self.hives.live()
-        for link in links:
-            if not link.is_live:
-                raise MeshError(ErrorCode.HIVE_LOST, f"hive {link.name} is {link.liveness_state}")
-        return [HiveView(link.name, link.state) for link in links]
+    async def _hive_views(self, op: Infer) -> list[HiveView]:
+        """The hives a job may go to: the pinned one, else those live now (a suspect one only
+        when none is live), each with its catalog as of its last digest."""
+        if op.hive is not None:
+            links = [self.hives.get(op.hive)]
+            for link in links:
+                if not link.is_live:
+                    raise MeshError(
+                        ErrorCode.HIVE_LOST, f"hive {link.name} is {link.liveness_state}"
+                    )
+        else:
+            live = self.hives.live()
+            links = [link for link in live if link.liveness is Liveness.LIVE] or live
+        return [
+            HiveView(
+                link.name,
+                workers=link.workers,
+                models=await self.hives.fresh_models(link),
+                devices=link.state.get("devices", []),
+            )
+            for link in links
+        ]
 
     # ---- the queen's own answers --------------------------------------------------------------
 
-    async def _op_status(self, job: Job, op: Status) -> dict[str, Any]:
+    async def _op_status(self, job: ServerJob, op: Status) -> dict[str, Any]:
         hives = [link.record() for link in self.hives.links]
         live = sum(1 for link in self.hives.links if link.is_live)
         narrate(
@@ -319,26 +359,28 @@ class Queen:
             "hives": hives,
         }
 
-    async def _op_ping(self, job: Job, op: Ping) -> dict[str, Any]:
+    async def _op_ping(self, job: ServerJob, op: Ping) -> dict[str, Any]:
         if op.hive is not None:
             result: dict[str, Any] = await self._route(job, op)
             return result
         return await run_ping(op)
 
-    async def _op_hive_list(self, job: Job, op: HiveList) -> list[dict[str, Any]]:
+    async def _op_hive_list(self, job: ServerJob, op: HiveList) -> list[dict[str, Any]]:
         narrate("hive_list", f"{len(self.hives.links)} hive(s) known to this queen")
         return [link.record() for link in self.hives.links]
 
-    async def _op_hive_get(self, job: Job, op: HiveGet) -> dict[str, Any]:
-        return self.hives.get(op.hive).record(detail=True)
+    async def _op_hive_get(self, job: ServerJob, op: HiveGet) -> dict[str, Any]:
+        link = self.hives.get(op.hive)
+        await self.hives.fresh_models(link)
+        return link.record(detail=True)
 
-    async def _op_job_list(self, job: Job, op: JobList) -> list[dict[str, Any]]:
+    async def _op_job_list(self, job: ServerJob, op: JobList) -> list[dict[str, Any]]:
         jobs = self.server.job_summaries(include_finished=op.include_finished)
         running = len(self.server.running_jobs)
         narrate("job_list", f"{running} running, {len(jobs) - running} finished")
         return jobs
 
-    async def _op_job_cancel(self, job: Job, op: JobCancel) -> dict[str, Any]:
+    async def _op_job_cancel(self, job: ServerJob, op: JobCancel) -> dict[str, Any]:
         if op.job == job.id:
             raise MeshError(ErrorCode.CONFLICT, "a job cannot cancel itself")
         target = self.server.cancel(op.job, by=job.peer.label)
@@ -350,6 +392,6 @@ class Queen:
         return {"job": target.id, "state": "cancelled"}
 
 
-def _names(link: HiveLink, kind: str, ident: str) -> bool:
-    """Whether the hive's last heartbeat lists a worker or model with this id."""
-    return any(row.get("id") == ident for row in link.state.get(kind, []))
+def _names(rows: list[dict[str, Any]], ident: str) -> bool:
+    """Whether `rows` (a hive's workers or models) hold one with this id."""
+    return any(row.get("id") == ident for row in rows)

@@ -1,8 +1,10 @@
 """Where an inference job runs: a pure decision over what the hives last said.
 
-Input: the job's Infer operation, each candidate hive's state as its last heartbeat carried it
-(devices with free memory, workers with their slots, models), and how many jobs this queen has
-in flight on each worker (the queen's own count is exact; a heartbeat may be a second old).
+Input: the job's Infer operation, each candidate hive as the queen knows it (devices with free
+memory and workers with their slots from its last heartbeat, its catalog), and how many jobs
+this queen has in flight on each worker (the queen's own count is exact; a heartbeat may be a
+second old). The queen passes only hives that are live now: a suspect one is not chosen while
+another can serve.
 
 The rules, in order:
 
@@ -26,6 +28,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any
 
+from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 from rbee_mesh.units import human_bytes
 
@@ -42,22 +45,17 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class HiveView:
-    """One hive as the queen knows it: its name and the state its last heartbeat carried."""
+    """One hive as the queen knows it: its workers and devices (as its last heartbeat listed
+    them) and its models (its catalog)."""
 
     name: str
-    state: Mapping[str, Any]
-
-    @property
-    def workers(self) -> list[Mapping[str, Any]]:
-        return list(self.state.get("workers", []))
-
-    @property
-    def models(self) -> list[Mapping[str, Any]]:
-        return list(self.state.get("models", []))
+    workers: Sequence[Mapping[str, Any]]
+    models: Sequence[Mapping[str, Any]]
+    devices: Sequence[Mapping[str, Any]]
 
     @property
     def most_free_memory(self) -> int:
-        return max((int(d.get("memory_free", 0)) for d in self.state.get("devices", [])), default=0)
+        return max((int(d.get("memory_free", 0)) for d in self.devices), default=0)
 
 
 @dataclass(frozen=True)
@@ -67,11 +65,6 @@ class Decision:
     model: str | None
     reason: str
     worker: str | None = None
-
-
-def memory_needed(size: int) -> int:
-    """What loading a model file of `size` bytes takes: its size, plus context and buffers."""
-    return int(size * 1.2) + 256 * 2**20
 
 
 def matches(model_id: str, ref: str) -> bool:
@@ -125,7 +118,9 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
         if m.get("status") == "available" and wanted(str(m.get("id", "")))
     ]
     fitting = [
-        (hive, m) for hive, m in holders if hive.most_free_memory >= memory_needed(int(m["size"]))
+        (hive, m)
+        for hive, m in holders
+        if hive.most_free_memory >= estimated_memory(int(m["size"]))
     ]
     if fitting:
         hive, m = max(fitting, key=lambda hm: hm[0].most_free_memory)
@@ -149,7 +144,7 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
         hive, m = max(holders, key=lambda hm: hm[0].most_free_memory)
         raise MeshError(
             ErrorCode.UNAVAILABLE,
-            f"out of memory: {m['id']} needs about {human_bytes(memory_needed(int(m['size'])))}"
+            f"out of memory: {m['id']} needs about {human_bytes(estimated_memory(int(m['size'])))}"
             f"; the most free on any hive is {human_bytes(hive.most_free_memory)} on {hive.name}",
         )
     if op.model is None:

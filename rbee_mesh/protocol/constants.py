@@ -1,0 +1,62 @@
+"""Every number the protocol fixes, stated once: the version, ports, limits and timings.
+
+Each limit here has one meaning, and code that enforces it names it. docs/protocol.md explains
+them; where the two disagree, that is a bug in one of them.
+"""
+
+from __future__ import annotations
+
+#: The first frame of every message: this magic, then one byte, PROTOCOL_VERSION.
+MAGIC = b"RBEE"
+#: 2: SUBMIT carries `accept_by`, ERROR carries `started`, READY carries a client's session.
+PROTOCOL_VERSION = 2
+
+# ---- well-known ports ---------------------------------------------------------------------------
+
+#: Where keepers reach a queen (its ROUTER).
+QUEEN_PORT = 7833
+#: Where a queen reaches a hive (its ROUTER), and where the hive publishes its heartbeats (PUB).
+HIVE_PORT = 7835
+HEARTBEAT_PORT = 7836
+
+# ---- frames -------------------------------------------------------------------------------------
+
+#: A message is exactly this many frames: header, kind, job id, body.
+FRAME_COUNT = 4
+#: The job id frame, in bytes.
+MAX_JOB_ID = 64
+#: The body of one message, in bytes. A result that does not fit fails its job RESULT_TOO_LARGE.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Values (containers and the items in them) in one body. Decoding builds a Python object per
+#: value and checks it; this bounds what the worst frame a peer can send costs (a few ms), where
+#: MAX_BODY_BYTES alone would admit four million one-byte values.
+MAX_BODY_VALUES = 32_768
+#: The longest sentence for a person a frame carries (a narration, an error message).
+MAX_SENTENCE = 8_192
+#: How deep free-form values (results, records, heartbeat state) may nest.
+MAX_VALUE_DEPTH = 16
+
+# ---- liveness -----------------------------------------------------------------------------------
+
+#: Default heartbeat interval, in seconds, of every link.
+HEARTBEAT_S = 1.0
+#: Missed intervals after which a peer is suspect.
+SUSPECT_AFTER = 1
+#: Missed intervals after which a client gives up on its server: its jobs there end (HIVE_LOST,
+#: WORKER_LOST, UNAVAILABLE) and the connection is fenced.
+CLIENT_LOST_AFTER = 3
+#: Missed intervals after which a server gives up on a client and cancels its jobs: one fewer
+#: than the client's, so that by the time a client reports a job lost, its server has stopped it.
+SERVER_LOST_AFTER = CLIENT_LOST_AFTER - 1
+#: How long an actor that forwards a job one hop down (queen to hive, hive to worker) waits for
+#: it to be accepted. Past that the job counts as not started, and it is not: the SUBMIT's
+#: `accept_by` fell before, and the next hop refuses it if it arrives later (a cut link, a frozen
+#: process). A job not started may be placed elsewhere.
+FORWARD_ACCEPT_S = 2.0
+
+# ---- hives --------------------------------------------------------------------------------------
+
+#: Workers one hive runs at once (its heartbeat lists each of them).
+MAX_WORKERS_PER_HIVE = 64
+#: Jobs one worker runs at once.
+MAX_SLOTS = 64
