@@ -20,17 +20,16 @@ import pytest
 from rbee_mesh.inference.backends import (
     BACKENDS,
     COMPUTE_OVERHEAD,
-    CtransformersBackend,
     GenerationParams,
-    LlamaCppBackend,
-    _stream_text,
     available_memory,
     check_memory,
-    ctransformers_lib,
     load_model,
     memory_needed,
 )
+from rbee_mesh.inference.ctransformers_backend import CtransformersBackend, ctransformers_lib
 from rbee_mesh.inference.gguf_file import read_gguf_info, write_tiny_gguf
+from rbee_mesh.inference.llama_cpp_backend import LlamaCppBackend
+from rbee_mesh.inference.native import stream_text
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 
 BACKEND_NAMES = ["llama-cpp", "ctransformers"]
@@ -279,7 +278,7 @@ def test_tokens_per_second_is_measured(tiny: Path, backend: str) -> None:
 
 
 def stream(pieces: list[bytes], stop: tuple[str, ...] = ()) -> list[str]:
-    return list(_stream_text((piece for piece in pieces), stop))
+    return list(stream_text((piece for piece in pieces), stop))
 
 
 def test_text_that_may_start_a_stop_sequence_is_held_until_it_cannot() -> None:

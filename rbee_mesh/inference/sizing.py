@@ -2,7 +2,7 @@
 
 The queen (placing a job) and the hive (choosing a device) decide with this before any worker
 reads the file; a worker, once it can read the GGUF header, checks the real figure
-(`backends.memory_needed`: weights, KV cache and compute buffers).
+(`native.memory_needed`: weights, KV cache and compute buffers).
 """
 
 from __future__ import annotations

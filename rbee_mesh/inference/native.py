@@ -1,0 +1,425 @@
+"""What both inference backends share: the interface (`GenerationParams`, `LoadedModel`,
+`Backend`), the GGUF metadata they decide by, memory checks, and the one generation loop.
+
+Both backends share one generation loop (`stream_text`): a backend yields the bytes of each
+sampled token; the loop decodes UTF-8 incrementally (a character split across tokens is held
+until it is whole), cuts the text at the first stop sequence and holds back text that may be the
+start of one. Sampling is seeded per request, so the same seed, parameters and prompt give the
+same text in every process on the same machine and library build.
+
+Threads: a model under 64 MiB runs on one thread. ggml threads spin at every barrier; on a busy
+machine a descheduled thread stalls the others (two threads on 2 CPUs with one CPU taken ran
+100 to 4,000 times slower than one), and a small model gains nothing from them anyway. A larger
+model gets one thread per core; a caller running several models at once on one machine should
+keep their threads within its cores.
+"""
+
+from __future__ import annotations
+
+import abc
+import codecs
+import functools
+import os
+import secrets
+import threading
+from collections.abc import Generator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import gguf
+
+from rbee_mesh.inference.gguf_file import GgufInfo, open_gguf
+from rbee_mesh.protocol import ErrorCode, MeshError, ProtocolError
+from rbee_mesh.protocol.operations import WORKER_DEVICE, Infer
+from rbee_mesh.units import human_bytes
+
+#: The largest context a model is loaded with: enough for chat, small enough for tiny machines.
+MAX_CONTEXT = 2048
+#: How many recent tokens the repeat penalty looks at (llama.cpp's default).
+PENALTY_WINDOW = 64
+#: Working memory beyond the weights and the KV cache: llama.cpp's compute buffers.
+COMPUTE_OVERHEAD = 64 * 1024 * 1024
+#: Models smaller than this run on one thread (see threads_for).
+SMALL_MODEL_BYTES = 64 * 1024 * 1024
+
+_MASK64 = (1 << 64) - 1
+
+
+# ---- the interface ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample: the generation arguments of an Infer operation."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    #: 0 means no top-k limit.
+    top_k: int = 40
+    #: None: a random seed per generation.
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repeat_penalty: float = 1.1
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} {value!r} is out of range"
+            for name, value, ok in (
+                ("max_tokens", self.max_tokens, self.max_tokens >= 1),
+                ("temperature", self.temperature, self.temperature >= 0),
+                ("top_p", self.top_p, 0 < self.top_p <= 1),
+                ("top_k", self.top_k, self.top_k >= 0),
+                ("seed", self.seed, self.seed is None or 0 <= self.seed <= 0xFFFF_FFFF),
+                ("repeat_penalty", self.repeat_penalty, self.repeat_penalty > 0),
+                ("stop", self.stop, all(self.stop)),
+            )
+            if not ok
+        ]
+        if problems:
+            raise MeshError(ErrorCode.INVALID_REQUEST, "; ".join(problems))
+
+    @classmethod
+    def from_op(cls, op: Infer) -> GenerationParams:
+        return cls(
+            max_tokens=op.max_tokens,
+            temperature=op.temperature,
+            top_p=op.top_p,
+            top_k=op.top_k,
+            seed=op.seed,
+            stop=op.stop,
+            repeat_penalty=op.repeat_penalty,
+        )
+
+    def with_seed(self) -> GenerationParams:
+        """These params with a fresh random seed if they have none (to report or reuse it)."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(32))
+
+
+class LoadedModel(Protocol):
+    """A model a backend has loaded. One generation at a time; a thread may run it."""
+
+    #: "ctransformers" or "llama-cpp".
+    backend: str
+    info: GgufInfo
+    #: The context the model was loaded with (prompt plus generated tokens), in tokens.
+    n_ctx: int
+    #: Tokens sampled by the latest generate() call so far (its text may be held back).
+    generated_tokens: int
+
+    def count_tokens(self, text: str) -> int:
+        """The tokens `text` takes as a prompt, the BOS token included."""
+        ...
+
+    def generate(self, prompt: str, params: GenerationParams) -> Generator[str, None, None]:
+        """The generated text, one item per sampled token: its text, or "" while the text is
+        held back (part of a UTF-8 character, or what may begin a stop sequence).
+
+        Ends at max_tokens, end of sequence, a full context, or a stop sequence (which is not
+        yielded, nor anything after it). Closing the iterator early frees the model at once; a
+        new generate() call also takes the model over from an unfinished one. Raises MeshError
+        (INVALID_REQUEST) when the prompt does not fit the context.
+        """
+        ...
+
+    def close(self) -> None:
+        """Free the model. Waits for a token being computed; later calls raise MeshError."""
+        ...
+
+
+class Backend(Protocol):
+    """A library that loads GGUF models."""
+
+    name: str
+
+    def unavailable(self) -> str | None:
+        """None if the library imports; else one line saying why not."""
+        ...
+
+    def refuses(self, info: GgufInfo) -> str | None:
+        """None if this backend can load the file `info` describes; else why not."""
+        ...
+
+    def load(self, path: Path, device: str) -> LoadedModel:
+        """Load the model at `path` onto `device` ("cpu" or "cuda:N").
+
+        Raises MeshError: INVALID_REQUEST if the file cannot be loaded, UNAVAILABLE if the
+        library, the device or the memory is missing.
+        """
+        ...
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (free RAM plus reclaimable cache), if known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_needed(path: Path, n_ctx: int) -> tuple[int, str]:
+    """RAM a model needs to run on the CPU with `n_ctx` tokens of context, and how that adds up.
+
+    The weights (the file), the KV cache (f16 keys and values of every layer for each context
+    position, from the GGUF hyperparameters) and a fixed allowance for compute buffers.
+    """
+    meta = metadata(path)
+    info = meta.info
+    kv = meta.kv_bytes_per_position * n_ctx
+    total = info.file_size + kv + COMPUTE_OVERHEAD
+    return total, (
+        f"{human_bytes(info.file_size)} of weights + {human_bytes(kv)} of context "
+        f"+ {human_bytes(COMPUTE_OVERHEAD)} of working memory"
+    )
+
+
+def check_memory(what: str, needed: int, available: int | None, breakdown: str = "") -> None:
+    """Raise MeshError(UNAVAILABLE, "out of memory ...") unless `needed` bytes fit `available`.
+
+    `available` None (not known on this system) passes.
+    """
+    if available is None or needed <= available:
+        return
+    detail = f" ({breakdown})" if breakdown else ""
+    raise MeshError(
+        ErrorCode.UNAVAILABLE,
+        f"out of memory: {what} needs about {human_bytes(needed)}{detail}, "
+        f"but only {human_bytes(available)} of RAM is available",
+    )
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What the backends read from a GGUF file, beyond GgufInfo."""
+
+    info: GgufInfo
+    #: `tokenizer.ggml.model`: "llama" (SentencePiece), "gpt2" (byte-level BPE) ...
+    tokenizer: str | None
+    #: KV cache bytes per context position: f16 keys and values of every layer.
+    kv_bytes_per_position: int
+
+
+def metadata(path: str | os.PathLike[str]) -> Metadata:
+    """The file's metadata, read once per version of the file.
+
+    gguf's reader builds an object per vocabulary entry: about 7 s for a 152k-token vocabulary
+    here. A load asks three times (choosing, refusing, sizing), a worker once per slot.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return _readmetadata(str(path), -1, -1)  # open_gguf says what is wrong
+    return _readmetadata(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _readmetadata(path: str, size: int, mtime_ns: int) -> Metadata:
+    # Plain values only: a cached reader would keep the file mapped after it is deleted.
+    gguf_file = open_gguf(path)
+    fields = gguf_file.reader.fields
+    arch = gguf_file.info.architecture
+
+    def number(key: str) -> int | None:
+        field = fields.get(f"{arch}.{key}")
+        if field is None or not field.data:
+            return None
+        # Some architectures give a value per layer: the largest bounds them all.
+        return max(int(field.parts[index][0]) for index in field.data)
+
+    layers = number("block_count") or 0
+    embedding = number("embedding_length") or 0
+    heads = number("attention.head_count") or 0
+    kv_bytes = 0
+    if layers and embedding and heads:
+        kv_heads = number("attention.head_count_kv") or heads
+        key = number("attention.key_length") or embedding // heads
+        value = number("attention.value_length") or embedding // heads
+        kv_bytes = 2 * layers * kv_heads * (key + value)
+    tokenizer = gguf_file.reader.get_field(gguf.Keys.Tokenizer.MODEL)
+    return Metadata(
+        info=gguf_file.info,
+        tokenizer=None if tokenizer is None else str(tokenizer.contents()),
+        kv_bytes_per_position=kv_bytes,
+    )
+
+
+def tokenizer_model(info: GgufInfo) -> str | None:
+    """`tokenizer.ggml.model` of the file: "llama" (SentencePiece), "gpt2" (byte-level BPE) ..."""
+    try:
+        return metadata(info.path).tokenizer
+    except MeshError:  # unreadable now: load() will say so
+        return None
+
+
+# ---- the shared generation loop --------------------------------------------------------------
+
+
+def stream_text(
+    pieces: Generator[bytes, None, None], stop: tuple[str, ...]
+) -> Generator[str, None, None]:
+    """Decode token bytes to text, stopping before the first stop sequence."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    held = ""
+    try:
+        for piece in pieces:
+            held += decoder.decode(piece)
+            cut = _stop_index(held, stop)
+            if cut is not None:
+                if cut:
+                    yield held[:cut]
+                return
+            ready = len(held) - _stop_prefix_length(held, stop)
+            if ready > 0:
+                yield held[:ready]
+                held = held[ready:]
+            else:
+                # One item per sampled token, even when its text is held back: the consumer can
+                # stop between any two tokens.
+                yield ""
+        held += decoder.decode(b"", final=True)
+        cut = _stop_index(held, stop)
+        if cut is not None:
+            held = held[:cut]
+        if held:
+            yield held
+    finally:
+        pieces.close()
+
+
+def _stop_index(text: str, stop: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is the start of a stop sequence."""
+    longest = 0
+    for sequence in stop:
+        for length in range(min(len(sequence) - 1, len(text)), longest, -1):
+            if text.endswith(sequence[:length]):
+                longest = length
+                break
+    return longest
+
+
+def mix_seed(seed: int, stream: int) -> int:
+    """splitmix64 of (seed, stream): 64 well-spread bits, the same in every process."""
+    z = (seed * 0x9E3779B97F4A7C15 + (stream + 1) * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class NativeModel(abc.ABC):
+    """What both backends' models share: the lock, taking over, closing, the prompt check."""
+
+    backend: str
+
+    def __init__(self, info: GgufInfo, n_ctx: int) -> None:
+        self.info = info
+        self.n_ctx = n_ctx
+        #: Tokens sampled by the latest generate() call (end-of-sequence not counted).
+        self.generated_tokens = 0
+        # Native calls hold the lock: close() must not free the model under a running token.
+        self._lock = threading.Lock()
+        self._ticket = 0
+        self._closed = False
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            self._check_open()
+            return len(self._tokenize(text))
+
+    def generate(self, prompt: str, params: GenerationParams) -> Generator[str, None, None]:
+        params = params.with_seed()
+        with self._lock:
+            self._check_open()
+            tokens = self._tokenize(prompt)
+            if len(tokens) >= self.n_ctx:
+                raise MeshError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"the prompt is {len(tokens)} tokens; this model's context holds "
+                    f"{self.n_ctx}, leaving no room to generate",
+                )
+            self._ticket += 1
+            self.generated_tokens = 0
+            ticket = self._ticket
+        budget = min(params.max_tokens, self.n_ctx - len(tokens))
+        return stream_text(self._pieces(tokens, params, ticket, budget), params.stop)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._free()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MeshError(ErrorCode.UNAVAILABLE, f"the model {self.info.name} is closed")
+
+    def _check_current(self, ticket: int) -> None:
+        """Call with the lock held, before each token."""
+        self._check_open()
+        if ticket != self._ticket:
+            raise MeshError(ErrorCode.CONFLICT, "a newer generate() call took over this model")
+
+    @abc.abstractmethod
+    def _tokenize(self, text: str) -> list[int]:
+        """The prompt's tokens, BOS first."""
+
+    @abc.abstractmethod
+    def _pieces(
+        self, tokens: list[int], params: GenerationParams, ticket: int, budget: int
+    ) -> Generator[bytes, None, None]:
+        """The bytes of each sampled token, at most `budget` of them."""
+
+    @abc.abstractmethod
+    def _free(self) -> None:
+        """Release the library's model and context."""
+
+
+def gpu_index(device: str) -> int | None:
+    """None for "cpu", N for "cuda:N"; MeshError(INVALID_REQUEST) for anything else."""
+    try:
+        WORKER_DEVICE.load("device", device)
+    except ProtocolError:
+        raise MeshError(
+            ErrorCode.INVALID_REQUEST, f"unknown device {device!r} (expected cpu or cuda:N)"
+        ) from None
+    return None if device == "cpu" else int(device.removeprefix("cuda:"))
+
+
+def context_size(info: GgufInfo) -> int:
+    return min(info.context_length or MAX_CONTEXT, MAX_CONTEXT)
+
+
+def threads_for(info: GgufInfo) -> int:
+    """One for a small model (see the module doc); else one per core, assuming two threads per
+    core past 4 CPUs."""
+    if info.file_size < SMALL_MODEL_BYTES:
+        return 1
+    cpus = len(os.sched_getaffinity(0))
+    return cpus if cpus <= 4 else cpus // 2
+
+
+def load_guarded(path: Path, info: GgufInfo, device: str, load: Any) -> Any:
+    """Check RAM (for the CPU) before `load()`, and turn a MemoryError into MeshError."""
+    needed, breakdown = memory_needed(path, context_size(info))
+    if device == "cpu":
+        check_memory(path.name, needed, available_memory(), breakdown)
+    try:
+        return load()
+    except MemoryError:
+        raise MeshError(
+            ErrorCode.UNAVAILABLE,
+            f"out of memory while loading {path.name}: it needs about {human_bytes(needed)} "
+            f"({breakdown})",
+        ) from None
