@@ -62,7 +62,7 @@ from rbee_mesh.protocol import (
     outcome,
     peek_route,
 )
-from rbee_mesh.protocol.constants import CLIENT_LOST_AFTER, HEARTBEAT_S
+from rbee_mesh.protocol.constants import CLIENT_LOST_AFTER, FORWARD_ACCEPT_S, HEARTBEAT_S
 from rbee_mesh.transport import (
     Connection,
     PeerUnreachable,
@@ -204,6 +204,18 @@ class JobClient:
         self._abandoned: deque[str] = deque(maxlen=_ABANDONED_REMEMBERED)
         self._refs = itertools.count(1)
         self._beats = itertools.count(1)
+
+    @classmethod
+    def forwarding(
+        cls, endpoint: str, *, name: str, role: Actor, server: str, lost_code: ErrorCode,
+        heartbeat_s: float,
+    ) -> JobClient:  # fmt: skip
+        """A client that an actor forwards jobs through one hop down (queen to hive, hive to
+        worker): it waits FORWARD_ACCEPT_S for each to be accepted."""
+        config = ClientConfig(heartbeat_s=heartbeat_s, accept_timeout_s=FORWARD_ACCEPT_S)
+        return cls(
+            endpoint, name=name, role=role, server=server, lost_code=lost_code, config=config
+        )
 
     # ---- the link ------------------------------------------------------------------------------
 
@@ -474,19 +486,9 @@ class JobClient:
 
 
 @asynccontextmanager
-async def open_job_client(
-    endpoint: str,
-    *,
-    name: str,
-    role: Actor,
-    server: str,
-    lost_code: ErrorCode,
-    config: ClientConfig | None = None,
-) -> AsyncIterator[JobClient]:
-    """A JobClient connected to `endpoint`, heartbeating, for the duration of the block."""
-    client = JobClient(
-        endpoint, name=name, role=role, server=server, lost_code=lost_code, config=config
-    )
+async def running_client(client: JobClient) -> AsyncIterator[JobClient]:
+    """`client` connected and heartbeating for the duration of the block (on a schedule of its
+    own: one client alone, as a keeper has); it says goodbye when the block ends."""
     schedule = HeartbeatSchedule(client.config.heartbeat_s)
     schedule.add(client)
     with single_errors():

@@ -15,7 +15,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from rbee_mesh.protocol import Data, Level, Message, Narration
+from rbee_mesh.protocol import (
+    Data,
+    Level,
+    LocalProtocolError,
+    Message,
+    Narration,
+    ProtocolError,
+)
 from rbee_mesh.protocol.messages import sentence
 
 log = logging.getLogger("rbee_mesh.narration")
@@ -50,13 +57,17 @@ def narrate(
     target: str = "",
     actor: str | None = None,
 ) -> None:
-    """Narrate into the current job (or the log, outside a job)."""
+    """Narrate into the current job (or the log, outside a job).
+
+    A sentence too long for a frame is cut; anything else a NARRATION cannot carry is this
+    process's bug (LocalProtocolError), not the job's request.
+    """
     ctx = current_job.get()
     if ctx is None:
         log.log(_LOG_LEVELS[level], "[%s] %s: %s", actor or "-", action, human)
         return
-    ctx.emit(
-        Narration(
+    try:
+        narration = Narration(
             job_id=ctx.job_id,
             actor=actor or ctx.actor,
             action=action,
@@ -67,7 +78,9 @@ def narrate(
             hive_id=ctx.hive_id,
             worker_id=ctx.worker_id,
         )
-    )
+    except ProtocolError as exc:
+        raise LocalProtocolError(f"a narration that cannot be sent: {exc.message}") from None
+    ctx.emit(narration)
 
 
 def emit_record(record: dict[str, Any]) -> None:

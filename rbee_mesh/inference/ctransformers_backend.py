@@ -40,9 +40,8 @@ from rbee_mesh.inference.native import (
     GenerationParams,
     NativeModel,
     context_size,
-    gpu_index,
     load_guarded,
-    metadata,
+    loadable,
     mix_seed,
     threads_for,
     tokenizer_model,
@@ -120,13 +119,7 @@ class CtransformersBackend:
         return None
 
     def load(self, path: Path, device: str) -> CtransformersModel:
-        gpu = gpu_index(device)
-        info = metadata(path).info
-        refusal = self.refuses(info)
-        if refusal:
-            raise MeshError(
-                ErrorCode.INVALID_REQUEST, f"{self.name} cannot load {path.name}: {refusal}"
-            )
+        gpu, info = loadable(self, path, device)
         if gpu is not None and gpu > 0:
             raise MeshError(
                 ErrorCode.UNAVAILABLE,

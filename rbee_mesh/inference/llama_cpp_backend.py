@@ -27,9 +27,8 @@ from rbee_mesh.inference.native import (
     GenerationParams,
     NativeModel,
     context_size,
-    gpu_index,
     load_guarded,
-    metadata,
+    loadable,
     threads_for,
     tokenizer_model,
 )
@@ -101,13 +100,7 @@ class LlamaCppBackend:
         return None
 
     def load(self, path: Path, device: str) -> LlamaCppModel:
-        gpu = gpu_index(device)
-        info = metadata(path).info
-        refusal = self.refuses(info)
-        if refusal:
-            raise MeshError(
-                ErrorCode.INVALID_REQUEST, f"{self.name} cannot load {path.name}: {refusal}"
-            )
+        gpu, info = loadable(self, path, device)
         lib = _llama_cpp()
         if gpu is not None and not lib.llama_supports_gpu_offload():
             raise MeshError(

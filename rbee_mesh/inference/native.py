@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import codecs
+import dataclasses
 import functools
 import os
 import secrets
@@ -82,15 +83,8 @@ class GenerationParams:
 
     @classmethod
     def from_op(cls, op: Infer) -> GenerationParams:
-        return cls(
-            max_tokens=op.max_tokens,
-            temperature=op.temperature,
-            top_p=op.top_p,
-            top_k=op.top_k,
-            seed=op.seed,
-            stop=op.stop,
-            repeat_penalty=op.repeat_penalty,
-        )
+        """The sampling arguments of `op` (its fields of the same names)."""
+        return cls(**{f.name: getattr(op, f.name) for f in dataclasses.fields(cls)})
 
     def with_seed(self) -> GenerationParams:
         """These params with a fresh random seed if they have none (to report or reuse it)."""
@@ -384,6 +378,19 @@ class NativeModel(abc.ABC):
     @abc.abstractmethod
     def _free(self) -> None:
         """Release the library's model and context."""
+
+
+def loadable(backend: Backend, path: Path, device: str) -> tuple[int | None, GgufInfo]:
+    """What a backend's `load` checks first: the GPU index of `device` (None for the CPU) and
+    the file's metadata, or MeshError(INVALID_REQUEST) if the backend refuses the file."""
+    gpu = gpu_index(device)
+    info = metadata(path).info
+    refusal = backend.refuses(info)
+    if refusal:
+        raise MeshError(
+            ErrorCode.INVALID_REQUEST, f"{backend.name} cannot load {path.name}: {refusal}"
+        )
+    return gpu, info
 
 
 def gpu_index(device: str) -> int | None:

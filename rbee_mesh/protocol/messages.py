@@ -245,22 +245,7 @@ class Disconnect(Message):
     reason: str = spec(Text(max_len=1_024), "")
 
 
-MESSAGE_TYPES: dict[Kind, type[Message]] = {
-    cls.KIND: cls
-    for cls in (
-        Submit,
-        Accepted,
-        Narration,
-        Data,
-        Token,
-        Done,
-        Error,
-        Cancel,
-        Cancelled,
-        Heartbeat,
-        Ready,
-        Disconnect,
-    )
-}
+#: Every message kind's class, by kind.
+MESSAGE_TYPES: dict[Kind, type[Message]] = {cls.KIND: cls for cls in Message.__subclasses__()}
 
 TERMINAL_KINDS = frozenset({Kind.DONE, Kind.ERROR, Kind.CANCELLED})

@@ -72,7 +72,11 @@ BACKEND = Choice(("auto", "llama-cpp", "ctransformers"))
 _ON_HIVE = Arg(help="Run it on this hive.", metavar="HIVE")
 
 
-@dataclass(frozen=True)
+#: Every operation, by name, in the order they are defined here (each class adds itself).
+OPERATIONS: dict[str, type[Operation]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Operation(Validated):
     """Base of all operations. Subclasses set NAME and TARGET."""
 
@@ -82,6 +86,11 @@ class Operation(Validated):
     DEADLINE_S: ClassVar[float] = 30.0
     #: The words of the `rbee-mesh` command that submits it (None: no command of its own).
     COMMAND: ClassVar[tuple[str, ...] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "NAME" in vars(cls):  # an operation, not a base of several
+            OPERATIONS[cls.NAME] = cls
 
     @property
     def target(self) -> Actor:
@@ -102,7 +111,29 @@ class Operation(Validated):
         return {"name": self.NAME, "args": self.to_wire()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class _OnHive(Operation):
+    """Runs on a hive: the one named (`--hive`), or the one that holds what it names."""
+
+    TARGET = Actor.HIVE
+    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OnWorker(_OnHive):
+    """Runs on a worker's hive, about one worker."""
+
+    worker: str = spec(ident(), arg=Arg(argument=True, metavar="WORKER"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OnModel(_OnHive):
+    """Runs on a hive, about one model of its catalog."""
+
+    model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="MODEL"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Status(Operation):
     """The whole mesh at a glance: queen, hives, jobs."""
 
@@ -112,7 +143,7 @@ class Status(Operation):
     DEADLINE_S = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ping(Operation):
     """Check the path to the queen: it narrates COUNT pongs back.
 
@@ -139,7 +170,7 @@ class Ping(Operation):
         return 30.0 + self.count * self.interval_s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HiveList(Operation):
     """Every hive the queen knows: liveness, heartbeat age, devices, workers."""
 
@@ -148,7 +179,7 @@ class HiveList(Operation):
     COMMAND = ("hive", "list")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HiveGet(Operation):
     """One hive in detail, as its last heartbeat told the queen."""
 
@@ -158,7 +189,7 @@ class HiveGet(Operation):
     hive: str = spec(ident(), arg=Arg(argument=True, metavar="HIVE"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HiveStatus(Operation):
     """Ask a hive directly for its devices, workers and models (not the queen's cached view)."""
 
@@ -167,7 +198,7 @@ class HiveStatus(Operation):
     hive: str = spec(ident())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HiveRefresh(Operation):
     """Make a hive detect its devices again and read its model catalog afresh."""
 
@@ -177,16 +208,14 @@ class HiveRefresh(Operation):
     hive: str = spec(ident(), arg=Arg(argument=True, metavar="HIVE"))
 
 
-@dataclass(frozen=True)
-class WorkerSpawn(Operation):
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpawn(_OnHive):
     """Start a worker that loads MODEL; returns once it has registered with its hive."""
 
     NAME = "worker_spawn"
-    TARGET = Actor.HIVE
     DEADLINE_S = 300.0
     COMMAND = ("worker", "spawn")
     model: str = spec(MODEL_REF, arg=Arg("A model in the catalog.", short="-m", metavar="MODEL"))
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
     device: str = spec(DEVICE, "auto", arg=Arg("auto, cpu or cuda:N."))
     backend: str = spec(
         BACKEND,
@@ -196,41 +225,33 @@ class WorkerSpawn(Operation):
     slots: int = spec(Int(1, MAX_SLOTS), 1, arg=Arg("Jobs the worker runs at once."))
 
 
-@dataclass(frozen=True)
-class WorkerList(Operation):
+@dataclass(frozen=True, kw_only=True)
+class WorkerList(_OnHive):
     """Workers on every hive (or one)."""
 
     NAME = "worker_list"
-    TARGET = Actor.HIVE
     COMMAND = ("worker", "list")
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
-class WorkerGet(Operation):
+@dataclass(frozen=True, kw_only=True)
+class WorkerGet(_OnWorker):
     """One worker in detail."""
 
     NAME = "worker_get"
-    TARGET = Actor.HIVE
     COMMAND = ("worker", "get")
-    worker: str = spec(ident(), arg=Arg(argument=True, metavar="WORKER"))
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
-class WorkerDelete(Operation):
+@dataclass(frozen=True, kw_only=True)
+class WorkerDelete(_OnWorker):
     """Stop a worker: gracefully, then by force after a grace period."""
 
     NAME = "worker_delete"
-    TARGET = Actor.HIVE
     DEADLINE_S = 60.0
     COMMAND = ("worker", "delete")
-    worker: str = spec(ident(), arg=Arg(argument=True, metavar="WORKER"))
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
-class ModelDownload(Operation):
+@dataclass(frozen=True, kw_only=True)
+class ModelDownload(_OnHive):
     """Download a GGUF model from the hub (HF_ENDPOINT honoured) into a hive's catalog.
 
     Without :FILE, a quantization is chosen in this order: Q4_K_M, Q5_K_M, Q4_0, Q8_0, F16.
@@ -238,46 +259,36 @@ class ModelDownload(Operation):
     """
 
     NAME = "model_download"
-    TARGET = Actor.HIVE
     DEADLINE_S = 6 * 3600.0
     COMMAND = ("model", "download")
     model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="REPO[:FILE]"))
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
-class ModelList(Operation):
+@dataclass(frozen=True, kw_only=True)
+class ModelList(_OnHive):
     """Models on every hive (or one)."""
 
     NAME = "model_list"
-    TARGET = Actor.HIVE
     COMMAND = ("model", "list")
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
-class ModelGet(Operation):
+@dataclass(frozen=True, kw_only=True)
+class ModelGet(_OnModel):
     """One model's catalog entry."""
 
     NAME = "model_get"
-    TARGET = Actor.HIVE
     COMMAND = ("model", "get")
-    model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="MODEL"))
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
-class ModelDelete(Operation):
+@dataclass(frozen=True, kw_only=True)
+class ModelDelete(_OnModel):
     """Delete a model from a hive's catalog (refused while a worker uses it)."""
 
     NAME = "model_delete"
-    TARGET = Actor.HIVE
     COMMAND = ("model", "delete")
-    model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="MODEL"))
-    hive: str | None = spec(HIVE_PIN, None, arg=_ON_HIVE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Infer(Operation):
     """Generate text from PROMPT on a worker of the mesh: text to stdout as it comes,
     narration to stderr. Ctrl-C stops the generation.
@@ -324,7 +335,7 @@ class Infer(Operation):
     repeat_penalty: float = spec(Float(0.5, 2.0), 1.1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobList(Operation):
     """Running jobs and the most recent finished ones."""
 
@@ -336,7 +347,7 @@ class JobList(Operation):
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobCancel(Operation):
     """Cancel the running job JOB_ID (any keeper's)."""
 
@@ -344,30 +355,6 @@ class JobCancel(Operation):
     TARGET = Actor.QUEEN
     COMMAND = ("jobs", "cancel")
     job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
-
-
-OPERATIONS: dict[str, type[Operation]] = {
-    cls.NAME: cls
-    for cls in (
-        Status,
-        Ping,
-        HiveList,
-        HiveGet,
-        HiveStatus,
-        HiveRefresh,
-        WorkerSpawn,
-        WorkerList,
-        WorkerGet,
-        WorkerDelete,
-        ModelDownload,
-        ModelList,
-        ModelGet,
-        ModelDelete,
-        Infer,
-        JobList,
-        JobCancel,
-    )
-}
 
 
 def operation_from_body(body: Any) -> Operation:

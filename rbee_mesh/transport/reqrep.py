@@ -27,8 +27,7 @@ async def open_listener(endpoint: str, *, options: SocketOptions | None = None) 
     malformed or cannot be bound.
     """
     parsed = parse_endpoint(endpoint)
-    opts = options if options is not None else SocketOptions()
-    await trio.lowlevel.checkpoint()
+    opts = await _options(options)
     if parsed.scheme == "mem":
         return MemoryListener.bind(parsed.address, capacity=opts.rcvhwm)
     return ZmqListener.bind(parsed, opts)
@@ -42,8 +41,14 @@ async def open_connection(endpoint: str, *, options: SocketOptions | None = None
     name nobody has bound; a ZeroMQ connection instead queues until its listener appears.
     """
     parsed = parse_connect_endpoint(endpoint)
-    opts = options if options is not None else SocketOptions()
-    await trio.lowlevel.checkpoint()
+    opts = await _options(options)
     if parsed.scheme == "mem":
         return MemoryConnection.connect(parsed.address, capacity=opts.rcvhwm)
     return ZmqConnection.connect(parsed, opts)
+
+
+async def _options(options: SocketOptions | None) -> SocketOptions:
+    """The options to open with (the defaults if none), after a checkpoint: opening is an
+    async operation even where it does not wait, as trio's are."""
+    await trio.lowlevel.checkpoint()
+    return options if options is not None else SocketOptions()

@@ -125,15 +125,7 @@ class ZmqListener(Listener):
     async def aclose(self) -> None:
         """Unbind (so the endpoint can be bound again at once), remove this listener's ipc
         socket file, and close the socket."""
-        if self._sock.closed:
-            await trio.lowlevel.checkpoint()
-            return
-        try:
-            if self._ipc_file is not None:
-                _remove_own_ipc_file(self.endpoint.removeprefix("ipc://"), self._ipc_file)
-            await _unbind(self._sock, self.endpoint)
-        finally:
-            await self._sock.aclose()
+        await _close_bound(self._sock, self.endpoint, self._ipc_file)
 
 
 class ZmqPublisher(Publisher):
@@ -178,16 +170,8 @@ class ZmqPublisher(Publisher):
 
     async def aclose(self) -> None:
         """Unbind, wait until the endpoint can be bound again, and close the socket."""
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
         self._closed = True
-        try:
-            if self._ipc_file is not None:
-                _remove_own_ipc_file(self.endpoint.removeprefix("ipc://"), self._ipc_file)
-            await _unbind(self._sock, self.endpoint)
-        finally:
-            await self._sock.aclose()
+        await _close_bound(self._sock, self.endpoint, self._ipc_file)
 
 
 _SUBSCRIBE_ALL = b"\x01"
@@ -361,6 +345,20 @@ def _bind_socket(
         with contextlib.suppress(FileNotFoundError):
             ipc_file = os.stat(bound.removeprefix("ipc://"))
     return sock, bound, ipc_file
+
+
+async def _close_bound(sock: TrioSocket, bound: str, ipc_file: os.stat_result | None) -> None:
+    """Close a socket that bound `bound`: its ipc file removed (if still ours), the endpoint
+    unbound so that it can be bound again at once. Idempotent."""
+    if sock.closed:
+        await trio.lowlevel.checkpoint()
+        return
+    try:
+        if ipc_file is not None:
+            _remove_own_ipc_file(bound.removeprefix("ipc://"), ipc_file)
+        await _unbind(sock, bound)
+    finally:
+        await sock.aclose()
 
 
 async def _unbind(sock: TrioSocket, bound: str) -> None:

@@ -45,24 +45,12 @@ from rbee_mesh.protocol import (
     Actor,
     ErrorCode,
     Heartbeat,
-    HiveRefresh,
-    HiveStatus,
-    Infer,
     Level,
     Liveness,
     MeshError,
-    ModelDelete,
-    ModelDownload,
-    ModelGet,
-    ModelList,
-    Operation,
-    Ping,
-    WorkerDelete,
-    WorkerGet,
-    WorkerList,
-    WorkerSpawn,
     encode,
 )
+from rbee_mesh.protocol import operations as ops
 from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT
 from rbee_mesh.transport import (
     Listener,
@@ -122,19 +110,19 @@ class Hive:
         self.catalog = catalog
         self.started = time.time()
         self.devices: DeviceReport = detect_devices()
-        handlers: dict[type[Operation], Handler] = {
-            Ping: self._op_ping,
-            HiveStatus: self._op_hive_status,
-            HiveRefresh: self._op_hive_refresh,
-            ModelDownload: self._op_model_download,
-            ModelList: self._op_model_list,
-            ModelGet: self._op_model_get,
-            ModelDelete: self._op_model_delete,
-            WorkerSpawn: self._op_worker_spawn,
-            WorkerList: self._op_worker_list,
-            WorkerGet: self._op_worker_get,
-            WorkerDelete: self._op_worker_delete,
-            Infer: self._op_infer,
+        handlers: dict[type[ops.Operation], Handler] = {
+            ops.Ping: self._op_ping,
+            ops.HiveStatus: self._op_hive_status,
+            ops.HiveRefresh: self._op_hive_refresh,
+            ops.ModelDownload: self._op_model_download,
+            ops.ModelList: self._op_model_list,
+            ops.ModelGet: self._op_model_get,
+            ops.ModelDelete: self._op_model_delete,
+            ops.WorkerSpawn: self._op_worker_spawn,
+            ops.WorkerList: self._op_worker_list,
+            ops.WorkerGet: self._op_worker_get,
+            ops.WorkerDelete: self._op_worker_delete,
+            ops.Infer: self._op_infer,
         }
         self.server = JobServer(
             control,
@@ -244,10 +232,10 @@ class Hive:
 
     # ---- operations --------------------------------------------------------------------------
 
-    async def _op_ping(self, job: ServerJob, op: Ping) -> dict[str, Any]:
+    async def _op_ping(self, job: ServerJob, op: ops.Ping) -> dict[str, Any]:
         return await run_ping(op)
 
-    async def _op_hive_status(self, job: ServerJob, op: HiveStatus) -> dict[str, Any]:
+    async def _op_hive_status(self, job: ServerJob, op: ops.HiveStatus) -> dict[str, Any]:
         narrate("hive_status", self._summary())
         self._narrate_dead("hive_status")
         return {
@@ -265,7 +253,7 @@ class Hive:
             "models": [e.to_record() for e in self.catalog.listing().entries],
         }
 
-    async def _op_hive_refresh(self, job: ServerJob, op: HiveRefresh) -> dict[str, Any]:
+    async def _op_hive_refresh(self, job: ServerJob, op: ops.HiveRefresh) -> dict[str, Any]:
         before = {d.id for d in self.devices.devices}
         self.devices = detect_devices()
         after = {d.id for d in self.devices.devices}
@@ -277,7 +265,7 @@ class Hive:
         for problem in problems:
             narrate("hive_refresh", f"skipped a catalog entry: {problem}", level=Level.WARN)
         narrate("hive_refresh", self._summary())
-        return await self._op_hive_status(job, HiveStatus(hive=self.id))
+        return await self._op_hive_status(job, ops.HiveStatus(hive=self.id))
 
     def _summary(self) -> str:
         entries = self.catalog.listing().entries
@@ -285,21 +273,21 @@ class Hive:
         note = f" ({self.devices.note})" if self.devices.note else ""
         return f"{devices}{note}; {len(self.pool.list())} worker(s); {len(entries)} model(s)"
 
-    async def _op_model_download(self, job: ServerJob, op: ModelDownload) -> dict[str, Any]:
+    async def _op_model_download(self, job: ServerJob, op: ops.ModelDownload) -> dict[str, Any]:
         entry = await download_model(self.catalog, op.model, endpoint=self.config.hub_endpoint)
         return entry.to_record()
 
-    async def _op_model_list(self, job: ServerJob, op: ModelList) -> list[dict[str, Any]]:
+    async def _op_model_list(self, job: ServerJob, op: ops.ModelList) -> list[dict[str, Any]]:
         entries, problems = self.catalog.entries()
         for problem in problems:
             narrate("model_list", f"skipped a catalog entry: {problem}", level=Level.WARN)
         narrate("model_list", f"{len(entries)} model(s) on hive {self.id}")
         return [e.to_record() for e in entries]
 
-    async def _op_model_get(self, job: ServerJob, op: ModelGet) -> dict[str, Any]:
+    async def _op_model_get(self, job: ServerJob, op: ops.ModelGet) -> dict[str, Any]:
         return self.catalog.get(op.model).to_record()
 
-    async def _op_model_delete(self, job: ServerJob, op: ModelDelete) -> dict[str, Any]:
+    async def _op_model_delete(self, job: ServerJob, op: ops.ModelDelete) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
         users = self.pool.workers_using(entry.id)
         if users:
@@ -312,7 +300,7 @@ class Hive:
         narrate("model_delete", f"deleted {entry.id} ({entry.size} bytes freed)")
         return {"model": entry.id, "deleted": True}
 
-    async def _op_worker_spawn(self, job: ServerJob, op: WorkerSpawn) -> dict[str, Any]:
+    async def _op_worker_spawn(self, job: ServerJob, op: ops.WorkerSpawn) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
         if entry.status is not ModelStatus.AVAILABLE:
             raise MeshError(
@@ -352,12 +340,12 @@ class Hive:
             )
         return device.id
 
-    async def _op_infer(self, job: ServerJob, op: Infer) -> Any:
+    async def _op_infer(self, job: ServerJob, op: ops.Infer) -> Any:
         worker = self._worker_for(op)
         narrate("infer", f"worker {worker.id} ({worker.model}) takes the job")
         return await self.pool.run_job(worker.id, job.id, op, job.relay, job.time_left_s)
 
-    def _worker_for(self, op: Infer) -> WorkerRecord:
+    def _worker_for(self, op: ops.Infer) -> WorkerRecord:
         """The pinned worker, or an idle one holding the model (any model if none is named)."""
         if op.worker is not None:
             return self.pool.get(op.worker)
@@ -375,7 +363,7 @@ class Hive:
             started=False,
         )
 
-    async def _op_worker_list(self, job: ServerJob, op: WorkerList) -> list[dict[str, Any]]:
+    async def _op_worker_list(self, job: ServerJob, op: ops.WorkerList) -> list[dict[str, Any]]:
         workers = self.pool.list()
         narrate("worker_list", f"{len(workers)} worker(s) on hive {self.id}")
         self._narrate_dead("worker_list")
@@ -391,10 +379,10 @@ class Hive:
                     level=Level.WARN,
                 )
 
-    async def _op_worker_get(self, job: ServerJob, op: WorkerGet) -> dict[str, Any]:
+    async def _op_worker_get(self, job: ServerJob, op: ops.WorkerGet) -> dict[str, Any]:
         return self.pool.get(op.worker).to_record()
 
-    async def _op_worker_delete(self, job: ServerJob, op: WorkerDelete) -> dict[str, Any]:
+    async def _op_worker_delete(self, job: ServerJob, op: ops.WorkerDelete) -> dict[str, Any]:
         record = await self.pool.delete(op.worker)
         return record.to_record()
 

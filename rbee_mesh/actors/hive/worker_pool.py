@@ -65,7 +65,7 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
-from rbee_mesh.actors.jobclient import ClientConfig, JobClient, Relay, forward
+from rbee_mesh.actors.jobclient import JobClient, Relay, forward
 from rbee_mesh.actors.narration import current_job, narrate
 from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.actors.worker.worker import WorkerExit
@@ -79,7 +79,7 @@ from rbee_mesh.protocol import (
     Ready,
     WorkerSpawn,
 )
-from rbee_mesh.protocol.constants import FORWARD_ACCEPT_S, MAX_SLOTS, MAX_WORKERS_PER_HIVE
+from rbee_mesh.protocol.constants import MAX_SLOTS, MAX_WORKERS_PER_HIVE
 from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.protocol.operations import WORKER_DEVICE
 from rbee_mesh.transport import EndpointError, parse_endpoint
@@ -248,6 +248,12 @@ def _describe_exit(code: int) -> tuple[int | None, str | None, str]:
     return code, None, f"exited with code {code}"
 
 
+_KEPT_AS_IS = (
+    "id", "model", "device", "state", "started", "ready_at", "exit_code", "signal", "reason",
+    "slots",
+)  # fmt: skip
+
+
 @dataclass(eq=False)
 class _Worker:
     """The pool's own, changing view of one worker process."""
@@ -284,24 +290,13 @@ class _Worker:
         liveness = self.client.liveness
         if liveness is not None and not self.exited.is_set():
             age = round(trio.current_time() - liveness.last_seen, 3)
+        # The fields the worker keeps under the record's names, then those it keeps otherwise.
+        kept = {name: getattr(self, name) for name in _KEPT_AS_IS}
         return WorkerRecord(
-            id=self.id,
-            model=self.model,
-            model_path=str(self.model_path),
-            device=self.device,
-            pid=self.process.pid,
-            state=self.state,
-            started=self.started,
-            ready_at=self.ready_at,
-            exit_code=self.exit_code,
-            signal=self.signal,
-            reason=self.reason,
-            last_heartbeat_age_s=age,
-            log_path=str(self.log_path),
-            info=dict(self.info),
-            slots=self.slots,
+            **kept, model_path=str(self.model_path), pid=self.process.pid,
+            last_heartbeat_age_s=age, log_path=str(self.log_path), info=dict(self.info),
             busy=len(self.jobs),
-        )
+        )  # fmt: skip
 
 
 class WorkerPool:
@@ -377,17 +372,10 @@ class WorkerPool:
             raise MeshError(
                 ErrorCode.UNAVAILABLE, f"cannot start a worker process: {exc}"
             ) from None
-        client = JobClient(
-            endpoint,
-            name=self.name,
-            role=Actor.HIVE,
-            server=f"worker {worker_id}",
-            lost_code=ErrorCode.WORKER_LOST,
-            config=ClientConfig(
-                heartbeat_s=self.heartbeat_s,
-                accept_timeout_s=FORWARD_ACCEPT_S,
-            ),
-        )
+        client = JobClient.forwarding(
+            endpoint, name=self.name, role=Actor.HIVE, server=f"worker {worker_id}",
+            lost_code=ErrorCode.WORKER_LOST, heartbeat_s=self.heartbeat_s,
+        )  # fmt: skip
         worker = _Worker(
             id=worker_id,
             model=model_id,

@@ -355,13 +355,6 @@ def queen_start(
     _start_daemon(cli, "queen", argv)
 
 
-@queen.command("stop")
-@pass_cli
-def queen_stop(cli: Cli) -> None:
-    """Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."""
-    _stop_daemon(cli, "queen")
-
-
 @queen.command("status")
 @pass_cli
 def queen_status(cli: Cli) -> None:
@@ -458,13 +451,6 @@ def hive_start(
     _start_daemon(cli, "hive", argv)
 
 
-@hive.command("stop")
-@pass_cli
-def hive_stop(cli: Cli) -> None:
-    """Stop this machine's hive: its jobs end, its workers stop, then it exits."""
-    _stop_daemon(cli, "hive")
-
-
 @hive.command("status")
 @pass_cli
 def hive_status(cli: Cli) -> None:
@@ -472,6 +458,21 @@ def hive_status(cli: Cli) -> None:
     info = _local_daemon(cli, "hive")
     cli.queen = local_endpoint_for(info.endpoint)
     cli.run_job(HiveStatus(hive=info.ident))
+
+
+def _add_stop(group: click.Group, name: str, help: str) -> None:
+    """`queen stop`, `hive stop`: stop this machine's daemon."""
+
+    @group.command("stop", help=help)
+    @pass_cli
+    def stop(cli: Cli) -> None:
+        _stop_daemon(cli, name)
+
+
+_add_stop(
+    queen, "queen", "Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."
+)
+_add_stop(hive, "hive", "Stop this machine's hive: its jobs end, its workers stop, then it exits.")
 
 
 @main.group()

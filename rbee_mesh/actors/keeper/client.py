@@ -11,7 +11,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, open_job_client
+from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, running_client
 from rbee_mesh.protocol import Actor, ErrorCode
 from rbee_mesh.transport import EndpointError
 
@@ -26,14 +26,15 @@ async def open_keeper(
     answer is found out by the first `submit` (within `accept_timeout_s`).
     """
     try:
-        async with open_job_client(
+        client = JobClient(
             endpoint,
             name=f"keeper-{os.getpid()}",
             role=Actor.KEEPER,
             server=f"the queen at {endpoint}",
             lost_code=ErrorCode.UNAVAILABLE,
             config=config,
-        ) as client:
+        )
+        async with running_client(client):
             yield client
     except EndpointError as exc:
         raise ServerUnreachable(f"cannot reach the queen at {endpoint}: {exc}") from None

@@ -26,7 +26,7 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
-from rbee_mesh.actors.jobclient import ClientConfig, JobClient, forward
+from rbee_mesh.actors.jobclient import JobClient, forward
 from rbee_mesh.actors.jobserver import ServerJob
 from rbee_mesh.protocol import (
     Actor,
@@ -41,7 +41,6 @@ from rbee_mesh.protocol import (
     decode_state,
     outcome,
 )
-from rbee_mesh.protocol.constants import FORWARD_ACCEPT_S
 from rbee_mesh.transport import Subscriber, TransportError, parse_endpoint
 
 log = logging.getLogger("rbee_mesh.hives")
@@ -197,14 +196,10 @@ class HiveRegistry:
     async def add(self, endpoint: str, *, source: str) -> HiveLink:
         """Connect to the hive whose control socket is `endpoint` (it may not be up yet)."""
         assert self._nursery is not None, "run() the registry first"
-        client = JobClient(
-            endpoint,
-            name=self.queen_name,
-            role=Actor.QUEEN,
-            server=f"the hive at {endpoint}",
-            lost_code=ErrorCode.HIVE_LOST,
-            config=ClientConfig(heartbeat_s=self.heartbeat_s, accept_timeout_s=FORWARD_ACCEPT_S),
-        )
+        client = JobClient.forwarding(
+            endpoint, name=self.queen_name, role=Actor.QUEEN, server=f"the hive at {endpoint}",
+            lost_code=ErrorCode.HIVE_LOST, heartbeat_s=self.heartbeat_s,
+        )  # fmt: skip
         link = HiveLink(endpoint=endpoint, source=source, client=client)
         client.on_ready = lambda ready: self._on_ready(link, ready)
         client.on_liveness = lambda was, now: self._changed(link, was, now)

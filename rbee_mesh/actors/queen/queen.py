@@ -32,26 +32,11 @@ from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
     Actor,
     ErrorCode,
-    HiveGet,
-    HiveList,
-    Infer,
-    JobCancel,
-    JobList,
     Level,
     Liveness,
     MeshError,
-    ModelDelete,
-    ModelDownload,
-    ModelGet,
-    ModelList,
-    Operation,
-    Ping,
-    Status,
-    WorkerDelete,
-    WorkerGet,
-    WorkerList,
-    WorkerSpawn,
 )
+from rbee_mesh.protocol import operations as ops
 from rbee_mesh.transport import Listener, Subscriber
 from rbee_mesh.transport.discovery import (
     SERVICE_TYPE,
@@ -80,18 +65,18 @@ class Queen:
         """`discover`: link hives announced on the LAN (mDNS), and drop them on goodbye."""
         self.name = f"queen-{os.uname().nodename}"
         self.started = time.time()
-        handlers: dict[type[Operation], Handler] = {
+        handlers: dict[type[ops.Operation], Handler] = {
             op: self._route for op in OPERATIONS.values() if op.TARGET is not Actor.QUEEN
         }
         handlers.update(
             {
-                Status: self._op_status,
-                Ping: self._op_ping,
-                HiveList: self._op_hive_list,
-                HiveGet: self._op_hive_get,
-                JobList: self._op_job_list,
-                JobCancel: self._op_job_cancel,
-                Infer: self._op_infer,
+                ops.Status: self._op_status,
+                ops.Ping: self._op_ping,
+                ops.HiveList: self._op_hive_list,
+                ops.HiveGet: self._op_hive_get,
+                ops.JobList: self._op_job_list,
+                ops.JobCancel: self._op_job_cancel,
+                ops.Infer: self._op_infer,
             }
         )
         self.server = JobServer(
@@ -174,7 +159,7 @@ class Queen:
 
     # ---- routing to hives -----------------------------------------------------------------------
 
-    async def _route(self, job: ServerJob, op: Operation) -> Any:
+    async def _route(self, job: ServerJob, op: ops.Operation) -> Any:
         """Run a hive operation: on its pinned hive, on every hive (lists), or on the one that
         holds what it names; with several candidates and no pin, ask the user to choose."""
         if op.hive_pin is not None:
@@ -187,12 +172,12 @@ class Queen:
                 f"{op.NAME} runs on a hive, and no hive is live"
                 + (f" (known: {known})" if known else " (none is connected to this queen)"),
             )
-        if isinstance(op, WorkerList | ModelList):
+        if isinstance(op, ops.WorkerList | ops.ModelList):
             return await self._fan_out(job, op, live)
         candidates = live
-        if isinstance(op, WorkerGet | WorkerDelete):
+        if isinstance(op, ops.WorkerGet | ops.WorkerDelete):
             candidates = [h for h in live if _names(h.workers, op.worker)] or candidates
-        elif isinstance(op, ModelGet | ModelDelete):
+        elif isinstance(op, ops.ModelGet | ops.ModelDelete):
             candidates = [
                 h for h in live if _names(await self.hives.fresh_models(h), op.model)
             ] or candidates
@@ -205,7 +190,7 @@ class Queen:
             "choose one with --hive",
         )
 
-    async def _fan_out(self, job: ServerJob, op: Operation, links: list[HiveLink]) -> list[Any]:
+    async def _fan_out(self, job: ServerJob, op: ops.Operation, links: list[HiveLink]) -> list[Any]:
         """Run a list operation on every live hive and merge the rows, each tagged with its hive.
         A hive that fails is narrated and left out; the others still answer."""
         results: dict[str, list[Any]] = {}
@@ -223,7 +208,7 @@ class Queen:
 
     # ---- inference ---------------------------------------------------------------------------
 
-    async def _op_infer(self, job: ServerJob, op: Infer) -> Any:
+    async def _op_infer(self, job: ServerJob, op: ops.Infer) -> Any:
         """Schedule `op` (docs/inference.md, "Scheduling"), then run it on its worker. A worker
         or hive that refuses it before it started (busy by an account the queen has not seen
         yet, dead, unreachable) is passed over, and the job placed again, within its deadline."""
@@ -254,7 +239,7 @@ class Queen:
             attempt += 1
             await trio.sleep(min(0.01 * 2**attempt, self.server.config.heartbeat_s))
 
-    async def _reserve_worker(self, job: ServerJob, op: Infer) -> tuple[HiveLink, str, str]:
+    async def _reserve_worker(self, job: ServerJob, op: ops.Infer) -> tuple[HiveLink, str, str]:
         """Find (or make) a worker with a free slot for `op` and take the slot."""
         queued = False
         said = ""
@@ -300,18 +285,18 @@ class Queen:
         async with self._spawning[(link.name, decision.model)]:
             narrate("schedule", decision.reason)
             if decision.action is Action.DOWNLOAD:
-                op: Operation = ModelDownload(model=decision.model, hive=link.name)
+                op: ops.Operation = ops.ModelDownload(model=decision.model, hive=link.name)
                 entry = await self.hives.forward(job, op, link)
                 # Seen at once, not at the next heartbeat, so the next look spawns a worker.
                 link.models.append(
                     {"id": entry["id"], "status": entry["status"], "size": entry["size"]}
                 )
             else:
-                op = WorkerSpawn(model=decision.model, hive=link.name)
+                op = ops.WorkerSpawn(model=decision.model, hive=link.name)
                 record = await self.hives.forward(job, op, link)
                 link.state.setdefault("workers", []).append(record)
 
-    async def _hive_views(self, op: Infer) -> list[HiveView]:
+    async def _hive_views(self, op: ops.Infer) -> list[HiveView]:
         """The hives a job may go to: the pinned one, else those live now (a suspect one only
         when none is live), each with its catalog as of its last digest."""
         if op.hive is not None:
@@ -336,7 +321,7 @@ class Queen:
 
     # ---- the queen's own answers --------------------------------------------------------------
 
-    async def _op_status(self, job: ServerJob, op: Status) -> dict[str, Any]:
+    async def _op_status(self, job: ServerJob, op: ops.Status) -> dict[str, Any]:
         hives = [link.record() for link in self.hives.links]
         live = sum(1 for link in self.hives.links if link.is_live)
         narrate(
@@ -359,28 +344,28 @@ class Queen:
             "hives": hives,
         }
 
-    async def _op_ping(self, job: ServerJob, op: Ping) -> dict[str, Any]:
+    async def _op_ping(self, job: ServerJob, op: ops.Ping) -> dict[str, Any]:
         if op.hive is not None:
             result: dict[str, Any] = await self._route(job, op)
             return result
         return await run_ping(op)
 
-    async def _op_hive_list(self, job: ServerJob, op: HiveList) -> list[dict[str, Any]]:
+    async def _op_hive_list(self, job: ServerJob, op: ops.HiveList) -> list[dict[str, Any]]:
         narrate("hive_list", f"{len(self.hives.links)} hive(s) known to this queen")
         return [link.record() for link in self.hives.links]
 
-    async def _op_hive_get(self, job: ServerJob, op: HiveGet) -> dict[str, Any]:
+    async def _op_hive_get(self, job: ServerJob, op: ops.HiveGet) -> dict[str, Any]:
         link = self.hives.get(op.hive)
         await self.hives.fresh_models(link)
         return link.record(detail=True)
 
-    async def _op_job_list(self, job: ServerJob, op: JobList) -> list[dict[str, Any]]:
+    async def _op_job_list(self, job: ServerJob, op: ops.JobList) -> list[dict[str, Any]]:
         jobs = self.server.job_summaries(include_finished=op.include_finished)
         running = len(self.server.running_jobs)
         narrate("job_list", f"{running} running, {len(jobs) - running} finished")
         return jobs
 
-    async def _op_job_cancel(self, job: ServerJob, op: JobCancel) -> dict[str, Any]:
+    async def _op_job_cancel(self, job: ServerJob, op: ops.JobCancel) -> dict[str, Any]:
         if op.job == job.id:
             raise MeshError(ErrorCode.CONFLICT, "a job cannot cancel itself")
         target = self.server.cancel(op.job, by=job.peer.label)

@@ -33,6 +33,7 @@ Running jobs end first (each within one token), for at most STOP_GRACE_S.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -332,15 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s worker {args.worker_id} %(levelname)s %(message)s",
     )
+    args.hive_id = args.hive_id or ""
+    # The options are named as the config's fields.
     config = WorkerConfig(
-        listen=args.listen,
-        worker_id=args.worker_id,
-        model=args.model,
-        device=args.device,
-        heartbeat_s=args.heartbeat_s,
-        backend=args.backend,
-        slots=args.slots,
-        hive_id=args.hive_id or "",
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig)}
     )
     # SIGTERM is how the pool stops a worker, and it can come outside trio's signal receiver:
     # before it is in place, or after it is gone (the worker already leaving on the hive's
