@@ -345,7 +345,7 @@ async def test_hive_killed_is_lost_its_jobs_end_hive_lost_and_it_comes_back(
                 worker = await mesh.result(WorkerSpawn(model=MODEL_ID))
                 await link.watch.wait_value(Liveness.LIVE)
                 # The queen knows the hive's workers from its heartbeats: one after the spawn.
-                await link.beats.wait_value(lambda _: bool(link.workers))
+                await link.states.wait_value(lambda _: bool(link.workers))
                 job = await keeper.submit(Ping(count=100_000, interval_s=0.01, hive="hive-p"))
                 async for message in job:
                     if isinstance(message, Narration):

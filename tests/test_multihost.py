@@ -432,3 +432,52 @@ def test_hives_started_with_no_address_are_discovered_and_dropped_on_goodbye(
     assert "h1" in rows and rows["h1"]["liveness"] == "live"
     m.rbee("q", "queen", "stop")
     m.rbee("h1", "hive", "stop")
+
+
+def test_a_job_sent_to_a_cut_hive_never_runs_there_and_an_unpinned_one_runs_elsewhere(
+    mesh: MultiHost,
+) -> None:
+    """A hive whose link is cut: a job pinned to it ends with the truth (it did not run, or
+    the hive was lost) and never runs there afterwards, not even when the link comes back;
+    a job free to go anywhere runs on the other hive; the worker serves the next job."""
+    lan = mesh.lan
+    assert mesh.liveness() == {"h1": "live", "h2": "live"}
+    workers = {row["hive"]: row for row in mesh.result("worker", "list")}
+    for host in ("h1", "h2"):
+        if host not in workers:
+            workers[host] = {"hive": host, **mesh.result("worker", "spawn", "-m", SEEDED,
+                                                         "--hive", host, timeout=120)}  # fmt: skip
+    w1 = workers["h1"]["id"]
+    # The queen knows a hive's workers from its heartbeats: one since the spawn, before the cut.
+    deadline = time.monotonic() + 30
+    while w1 not in {w["id"] for w in mesh.result("hive", "get", "h1")["workers"]}:
+        assert time.monotonic() < deadline, f"the queen never listed {w1} on h1"
+        time.sleep(0.05)  # another process's state: asked again, a bounded number of times
+
+    lan.cut(lan["h1"])
+    try:
+        pinned = mesh.keeper("--json", "infer", "-m", SEEDED, "--hive", "h1", "--worker", w1,
+                             "-n", "4", "-t", "0", "Hello", timeout=60)  # fmt: skip
+        free = mesh.keeper("--json", "infer", "-m", SEEDED, "-n", "4", "-t", "0", "Hello",
+                           timeout=60)  # fmt: skip
+    finally:
+        lan.restore(lan["h1"])
+    pinned_events = json_events(pinned.stdout)
+    assert pinned.returncode != 0, pinned.stdout
+    assert pinned_events[-1]["event"] == "error", pinned_events[-1]
+    assert pinned_events[-1]["code"] in ("UNAVAILABLE", "HIVE_LOST"), pinned_events[-1]
+    assert "h1" in str(pinned_events[-1]["message"])
+    free_events = json_events(free.stdout)
+    assert free.returncode == 0, free.stdout
+    assert free_events[-1]["result"]["worker"] == workers["h2"]["id"]
+
+    mesh.wait_liveness("h1", "live", timeout=30)
+    # h1's own record of what it ran: neither job, whatever reached it late.
+    seen_by_h1 = mesh.result("hive", "status", "h1")
+    job_ids = {e["job_id"] for e in (*pinned_events, *free_events) if e["job_id"]}
+    assert job_ids and not job_ids & {j["id"] for j in seen_by_h1["jobs"]}, seen_by_h1["jobs"]
+    [worker] = [w for w in seen_by_h1["workers"] if w["id"] == w1]
+    assert (worker["state"], worker["busy"]) == ("ready", 0)
+    again = mesh.result("infer", "-m", SEEDED, "--hive", "h1", "--worker", w1, "-n", "4",
+                        "-t", "0", "Hello", timeout=60)  # fmt: skip
+    assert again["worker"] == w1

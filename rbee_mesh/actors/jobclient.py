@@ -286,9 +286,13 @@ class JobClient:
             job._send.close()
 
     async def send(self, message: Message) -> None:
+        await self.send_frames(encode(message))
+
+    async def send_frames(self, frames: Sequence[bytes]) -> None:
+        """Send frames as they are, on the current connection (once there is one)."""
         await self._connected.wait()
         assert self._conn is not None
-        await self._conn.send(encode(message))
+        await self._conn.send(frames)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and keep a connection open until `aclose`: one per epoch. Raises
@@ -340,7 +344,7 @@ class JobClient:
     def _ready(self) -> Ready:
         return Ready(
             job_id="", sender=self.name, role=self.role, session=self.session,
-            epoch=self.epoch, ts=time.time(),
+            epoch=self.epoch, ts=time.time(), interval_s=self.config.heartbeat_s,
         )  # fmt: skip
 
     def _socket_options(self) -> SocketOptions:
@@ -480,7 +484,12 @@ class JobClient:
             case Heartbeat():
                 self.heard(message.interval_s)
             case Disconnect():
-                log.info("%s is leaving: %s", self.server, message.reason or "no reason given")
+                # The server has dropped this connection (or is going): what it ran for this
+                # client has ended there; connect again, as a new epoch.
+                why = message.reason or "no reason given"
+                log.info("%s ended this connection: %s", self.server, why)
+                self.lose(f"{self.server} ended the connection: {why}")
+                self._fence()
             case _:
                 log.warning("ignored a %s frame from %s", message.KIND.name, self.server)
 

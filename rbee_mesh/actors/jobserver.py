@@ -13,8 +13,9 @@ Guarantees (docs/protocol.md, "Job lifecycle", "At most once" and "Liveness"):
 - every job has a deadline; its submitter (CANCEL) or anyone through `cancel()` can cancel it;
 - a slow client only fills its own outbox: past `peer_backlog` unread frames it is dropped;
 - a client that vanishes (silent for SERVER_LOST_AFTER intervals, one fewer than a client waits
-  for its server) or whose session reconnects (a newer READY) has its jobs cancelled, and its
-  connection is fenced: nothing it started outlives it, and nothing it sent late runs;
+  for its server), leaves, or whose session reconnects (a newer READY) has its jobs cancelled,
+  and its connection is fenced: nothing it started outlives it, and nothing it sent that
+  arrives afterwards runs (it must connect again, as a new epoch of its session);
 - garbage, unknown versions and frames the server does not take are answered with ERROR (the
   peer's fault, logged as such) and the server goes on serving.
 
@@ -30,6 +31,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +75,9 @@ from rbee_mesh.transport import Listener, PeerBusy, PeerUnreachable, TransportCl
 
 log = logging.getLogger("rbee_mesh.jobs")
 
-#: Connections fenced because their session reconnected, remembered so that their late frames
-#: are refused (a bounded memory: older ones are forgotten).
-_FENCED_REMEMBERED = 1_024
+#: Connections dropped (and so fenced), remembered so that their late frames are refused (a
+#: bounded memory: the oldest are forgotten).
+_FENCED_REMEMBERED = 4_096
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,8 @@ class JobServer:
         self.job_count = AsyncValue(0)
         self._peers: dict[bytes, Peer] = {}
         self._sessions: dict[str, Peer] = {}
-        self._fenced: deque[bytes] = deque(maxlen=_FENCED_REMEMBERED)
+        #: Dropped connections, and when a late frame from each was last answered (None: never).
+        self._fenced: dict[bytes, float | None] = {}
         self._jobs: dict[str, ServerJob] = {}
         self._history: deque[ServerJob] = deque(maxlen=self.config.job_history)
         self._peer_numbers = itertools.count(1)
@@ -304,7 +307,14 @@ class JobServer:
             peer = self._peers.get(peer_id)
             if peer is None:
                 if peer_id in self._fenced:
-                    log.info("ignored a frame on a fenced connection of %s", self.peer_label)
+                    # Sent before the connection was dropped (it waited in a cut link or a frozen
+                    # process), or by a client that does not know yet: too late either way. Said
+                    # once per connection, not per frame.
+                    if not self._fenced[peer_id]:
+                        self._fenced[peer_id] = True
+                        log.info(
+                            "ignoring what comes on a dropped connection of a %s", self.peer_label
+                        )
                     continue
                 peer = self._add_peer(peer_id)
             now = trio.current_time()
@@ -355,6 +365,8 @@ class JobServer:
         """Say who this server is; a newer connection of a client's session fences the older."""
         peer.name, peer.role = ready.sender, ready.role
         peer.clock.sample(ready.ts, time.time())
+        if ready.interval_s:
+            peer.liveness.interval_s = ready.interval_s
         if ready.session:
             older = self._sessions.get(ready.session)
             if older is not None and older is not peer:
@@ -437,11 +449,15 @@ class JobServer:
             pass
 
     def _drop_peer(self, peer: Peer, why: str, *, left: bool = False) -> None:
-        """Forget a peer and cancel what it started: nothing it began may outlive it."""
+        """Forget a peer, cancel what it started (nothing it began may outlive it), and fence
+        its connection (nothing it sent may run later)."""
         if peer.gone:
             return
         peer.gone = True
         self._peers.pop(peer.id, None)
+        self._fenced[peer.id] = None
+        if len(self._fenced) > _FENCED_REMEMBERED:
+            del self._fenced[next(iter(self._fenced))]
         if self._sessions.get(peer.session) is peer:
             del self._sessions[peer.session]
         self.schedule.discard(peer)
@@ -455,9 +471,23 @@ class JobServer:
         if self.on_peer_gone is not None:
             self.on_peer_gone(peer, why, left)
 
+    def _refuse_fenced(self, peer_id: bytes) -> None:
+        """A frame on a dropped connection: sent before the drop (it waited in a cut link or a
+        frozen process), or by a client that does not know yet. Too late either way: it is not
+        acted on, and the client is told (DISCONNECT, at most once an interval) so that it
+        connects again rather than talk into the void. Logged once per connection."""
+        now = trio.current_time()
+        told = self._fenced[peer_id]
+        if told is None:
+            log.info("ignoring what comes on a dropped connection of a %s", self.peer_label)
+        if told is None or now - told >= self.config.heartbeat_s:
+            self._fenced[peer_id] = now
+            goodbye = Disconnect(job_id="", sender=self.name, reason="this connection was dropped")
+            with suppress(PeerBusy, PeerUnreachable, TransportClosed):
+                self.listener.send_nowait(peer_id, encode(goodbye))
+
     def _fence(self, peer: Peer, why: str) -> None:
-        """Drop a connection whose client has moved on, and refuse whatever it sends later."""
-        self._fenced.append(peer.id)
+        """Drop a connection whose client has moved on (and so refuse what it sends later)."""
         self._drop_peer(peer, f"it was superseded: {why}")
 
     # ---- jobs ------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ class _Budget:
         self.left = MAX_BODY_VALUES
 
     def __call__(self, built: Any) -> Any:
-        self.left -= len(built)
+        self.left -= len(built) + 1  # its items, and itself: an empty one costs a value too
         if self.left < 0:
             raise TooLarge(f"the body holds more than {MAX_BODY_VALUES} values")
         return built

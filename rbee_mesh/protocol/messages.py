@@ -233,6 +233,8 @@ class Ready(Message):
     session: str = spec(Text(max_len=64), "")
     epoch: int = spec(Int(0, 2**31), 0)
     ts: float = spec(Float(0.0, 1e11), 0.0)
+    #: The sender's heartbeat interval (0: not said): its silence is judged by it from the start.
+    interval_s: float = spec(Float(0.0, 3_600.0), 0.0)
 
 
 @dataclass(frozen=True)

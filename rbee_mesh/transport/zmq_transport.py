@@ -176,8 +176,9 @@ class ZmqPublisher(Publisher):
 
 _SUBSCRIBE_ALL = b"\x01"
 _UNSUBSCRIBE_ALL = b"\x00"
-_SUBSCRIPTIONS_PER_PUBLISH = 1_000
-"""At most this many subscription messages are read per publish (one heartbeat interval's)."""
+_SUBSCRIPTIONS_PER_PUBLISH = 10_000
+"""At most this many subscription messages are read per publish (~1 us each): a peer that sends
+more waits for the next publish, on its own connection (libzmq's pipe holds RCVHWM)."""
 
 
 def _admit_subscriptions(sock: zmq.Socket[bytes]) -> None:

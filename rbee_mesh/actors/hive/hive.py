@@ -250,7 +250,12 @@ class Hive:
             "version": __version__,
             "devices": [d.to_record() for d in self.devices.devices],
             "workers": [w.to_record() for w in self.pool.list()],
-            "models": [e.to_record() for e in self.catalog.listing().entries],
+            "models": [
+                {"id": e.id, "status": str(e.status), "size": e.size}
+                for e in self.catalog.listing().entries
+            ],
+            # The hive's own record of the jobs it ran (the queen keeps its own).
+            "jobs": self.server.job_summaries(include_finished=True),
         }
 
     async def _op_hive_refresh(self, job: ServerJob, op: ops.HiveRefresh) -> dict[str, Any]:

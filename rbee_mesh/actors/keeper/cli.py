@@ -26,7 +26,7 @@ from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, Serve
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import daemon
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.keeper.commands import add_operation_commands
+from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operation
 from rbee_mesh.actors.keeper.demo import run_demo
 from rbee_mesh.actors.keeper.doctor import run_doctor
 from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
@@ -452,9 +452,14 @@ def hive_start(
 
 
 @hive.command("status")
+@click.argument("hive_id", metavar="[HIVE]", required=False)
 @pass_cli
-def hive_status(cli: Cli) -> None:
-    """This machine's hive, asked directly: devices, workers, models."""
+def hive_status(cli: Cli, hive_id: str | None) -> None:
+    """A hive asked itself (not the queen's view from its heartbeats): devices, workers,
+    models and its own recent jobs. HIVE through the queen; without it, this machine's hive
+    daemon, directly."""
+    if hive_id is not None:
+        cli.run_job(make_operation(HiveStatus, hive=hive_id))
     info = _local_daemon(cli, "hive")
     cli.queen = local_endpoint_for(info.endpoint)
     cli.run_job(HiveStatus(hive=info.ident))

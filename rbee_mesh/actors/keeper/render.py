@@ -182,6 +182,7 @@ def _format_hive_status(r: dict[str, Any]) -> str:
         ("devices", devices, ["id", "name", "memory_total", "memory_free"]),
         ("workers", r["workers"], _WORKER_COLUMNS),
         ("models", [_sized(m, "size") for m in r["models"]], ["id", "status", "size"]),
+        ("recent jobs", r.get("jobs", [])[-10:], _JOB_COLUMNS),
     ):
         parts.append(f"\n{title}:\n" + (format_table(rows, cols) if rows else "(none)"))
     return "\n".join(parts)
@@ -209,11 +210,13 @@ def _sized(row: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {**row, **{k: human_bytes(row[k]) for k in keys if isinstance(row.get(k), int)}}
 
 
+_JOB_COLUMNS = ["id", "op", "state", "keeper", "duration_s", "error"]
+
+
 def _format_jobs(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no jobs"
-    cols = ["id", "op", "state", "keeper", "duration_s", "error"]
-    return format_table([{**r, "error": r["error"][:60]} for r in rows], cols)
+    return format_table([{**r, "error": r["error"][:60]} for r in rows], _JOB_COLUMNS)
 
 
 def _infer_summary(r: dict[str, Any]) -> str:

@@ -61,9 +61,9 @@ class HiveLink:
     #: The state of the hive's last heartbeat as it came (msgpack) until `state` reads it.
     state_packed: bytes = b""
     _state: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The sequence number of the last heartbeat heard from the hive's PUB socket, to wait on:
-    #: `await link.beats.wait_value(lambda seq: seq > before)` waits for a newer one.
-    beats: AsyncValue = field(default_factory=lambda: AsyncValue(0))
+    #: How many states the hive has sent (heartbeats, READY answers), to wait on:
+    #: `await link.states.wait_value(lambda n: n > before)` waits for a newer one.
+    states: AsyncValue = field(default_factory=lambda: AsyncValue(0))
     #: This machine's clock minus the hive's, from its last heartbeat (plus the network delay).
     clock_skew_s: float | None = None
     #: The liveness as it changes, to wait on: `await link.watch.wait_value(Liveness.LOST)`.
@@ -72,8 +72,8 @@ class HiveLink:
     models: list[dict[str, Any]] = field(default_factory=list)
     models_digest: str = ""
     fetched: trio.Event | None = None
-    #: Workers that refused a job (busy, gone) since the heartbeat of this sequence number:
-    #: not chosen again until a later heartbeat says how they are.
+    #: Workers that refused a job (busy, gone) when `states` was this: not chosen again until a
+    #: newer state says how they are.
     refused: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -100,13 +100,14 @@ class HiveLink:
     @state.setter
     def state(self, value: dict[str, Any]) -> None:
         self._state, self.state_packed = value, b""
+        self.states.value += 1
 
     @property
     def workers(self) -> list[dict[str, Any]]:
         """The hive's workers as its last heartbeat listed them, less those that refused a job
         since."""
         rows = self.state.get("workers", [])
-        return [w for w in rows if self.refused.get(str(w.get("id")), -1) < self.beats.value]
+        return [w for w in rows if self.refused.get(str(w.get("id")), -1) < self.states.value]
 
     @property
     def catalog_digest(self) -> str:
@@ -335,7 +336,7 @@ class HiveRegistry:
                 continue
             self.heartbeats_received += 1
             link.state_packed = state
-            link.beats.value = beat.seq
+            link.states.value += 1
             if beat.ts:
                 link.clock_skew_s = round(time.time() - beat.ts, 3)
             link.client.heard(beat.interval_s)

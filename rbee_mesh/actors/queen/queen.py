@@ -221,8 +221,8 @@ class Queen:
             except MeshError as exc:
                 if exc.started:
                     raise
-                # Until its next heartbeat says how it is, the refusing worker is passed over.
-                link.refused[worker] = link.beats.value
+                # Until the hive's next state says how it is, the refusing worker is passed over.
+                link.refused[worker] = link.states.value
                 if op.worker is not None and exc.code is not ErrorCode.BUSY:
                     raise
                 narrate(
