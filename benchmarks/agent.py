@@ -30,7 +30,7 @@ import trio
 
 from rbee_mesh.actors.jobclient import JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.mesh import integrated_mesh
+from rbee_mesh.actors.mesh import integrated_mesh
 from rbee_mesh.protocol import (
     Done,
     HiveList,

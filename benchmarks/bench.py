@@ -25,6 +25,7 @@ integrated mode.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -596,3 +597,54 @@ def write_report(
 
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m benchmarks.bench` (what `rbee-mesh bench` runs)."""
+    parser = argparse.ArgumentParser(
+        prog="rbee-mesh bench",
+        description="Measure the transport modes side by side, next to an HTTP + SSE baseline: "
+        "a light control operation (worker list), 1,000 narration events, token streaming from "
+        "a real worker and worker spawn, all through keeper -> queen -> hive, in each mode: "
+        "integrated (one process), localhost ipc, localhost tcp, remote tcp (network namespaces) "
+        "and HTTP + SSE (uvicorn + starlette), interleaved round by round. Prints a table (or "
+        "JSON) and writes modes.json and modes.png (or scale.json).",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds and runs: done within a minute"
+    )
+    parser.add_argument(
+        "--mode",
+        dest="modes",
+        action="append",
+        default=[],
+        metavar="MODE",
+        help=f"only this mode ({', '.join(MODES)}; repeatable); default: all (a mode this machine "
+        "cannot make, such as remote without root, is left out with the reason)",
+    )
+    parser.add_argument(
+        "--op",
+        dest="ops",
+        action="append",
+        default=[],
+        metavar="OP",
+        help=f"only this operation ({', '.join(OPS)}; repeatable)",
+    )
+    parser.add_argument(
+        "--scale",
+        metavar="N,N,...",
+        help="instead: the scale run, one queen with N simulated hives (8 workers each) for each "
+        "N, e.g. 10,100,1000",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the JSON and the chart (default: benchmarks/results/)",
+    )
+    parser.add_argument("--json", dest="as_json", action="store_true", help="the report as JSON")
+    args = parser.parse_args(argv)
+    return command(args.quick, args.modes, args.ops, args.scale, args.out, args.as_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

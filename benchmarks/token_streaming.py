@@ -42,9 +42,9 @@ from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
 from rbee_mesh.actors.jobclient import JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.mesh import integrated_mesh, running_queen
 from rbee_mesh.inference.backends import GenerationParams, load_model
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.mesh import integrated_mesh, running_queen
 from rbee_mesh.protocol import Done, Infer, Token
 from rbee_mesh.transport import local_endpoint_for
 

@@ -12,8 +12,8 @@ import pytest
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.mesh import running_queen
 from rbee_mesh.actors.queen.queen import Queen
-from rbee_mesh.mesh import running_queen
 from rbee_mesh.transport import local_endpoint_for
 
 # Tests never leave this machine: a test that reaches for the model hub without the loopback hub

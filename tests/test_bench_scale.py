@@ -15,7 +15,7 @@ import trio
 
 from benchmarks.scale import WORKERS_PER_HIVE, run_scale, simulated_hives
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.mesh import running_queen
+from rbee_mesh.actors.mesh import running_queen
 from rbee_mesh.protocol import (
     Actor,
     Done,

@@ -21,10 +21,10 @@ import trio
 from rbee_mesh.actors.hive.hive import Hive, HiveConfig, running_hive
 from rbee_mesh.actors.jobclient import ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.actors.queen.hives import HiveLink
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.protocol import (
     Data,
     Done,

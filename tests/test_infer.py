@@ -19,9 +19,9 @@ from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
 from rbee_mesh.actors.jobclient import ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.protocol import (
     Done,
     Error,

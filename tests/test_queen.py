@@ -287,7 +287,7 @@ async def test_slow_keeper_neither_stalls_others_nor_leaks_its_job(queen: Queen)
 
 
 async def test_keeper_notices_a_queen_that_dies_mid_job(transport: str, tmp_path) -> None:
-    from rbee_mesh.mesh import running_queen
+    from rbee_mesh.actors.mesh import running_queen
     from tests.conftest import bind_endpoint
 
     with trio.fail_after(10):

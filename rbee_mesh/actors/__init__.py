@@ -1,1 +1,3 @@
-"""The actors of a mesh: queen, keeper (client), and later hive and worker."""
+"""The actors of a mesh (one package each: queen, hive, worker, keeper), what every actor
+shares to serve, submit and forward jobs (jobserver, jobclient, heartbeat, narration), and
+mesh.py, which composes actors into a mesh."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,8 +31,8 @@ from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operat
 from rbee_mesh.actors.keeper.demo import run_demo
 from rbee_mesh.actors.keeper.doctor import run_doctor
 from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
+from rbee_mesh.actors.mesh import DEFAULT_QUEEN_BIND, mesh_for_one_command
 from rbee_mesh.actors.queen.config import load_config, peer_endpoint
-from rbee_mesh.mesh import DEFAULT_QUEEN_BIND, mesh_for_one_command
 from rbee_mesh.protocol import (
     Cancelled,
     Done,
@@ -191,56 +192,18 @@ def demo(cli: Cli) -> None:
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
 
 
-@main.command()
-@click.option("--quick", is_flag=True, help="Fewer rounds and runs: done within a minute.")
-@click.option(
-    "--mode",
-    "modes",
-    multiple=True,
-    metavar="MODE",
-    help="Only this mode: integrated, ipc, tcp, remote or http (repeatable). Default: all; a "
-    "mode this machine cannot make "
-    "(remote needs root for network namespaces) is left out with the reason.",
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
 )
-@click.option(
-    "--op",
-    "ops",
-    multiple=True,
-    metavar="OP",
-    help="Only this operation: control, narration, tokens or spawn (repeatable).",
-)
-@click.option(
-    "--scale",
-    "scale",
-    metavar="N,N,...",
-    help="Instead: the scale run, one queen with N simulated hives (8 workers each) for each N, "
-    "e.g. 10,100,1000.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the JSON and the chart. Default: benchmarks/results/.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @pass_cli
-def bench(
-    cli: Cli,
-    quick: bool,
-    modes: tuple[str, ...],
-    ops: tuple[str, ...],
-    scale: str | None,
-    out: Path | None,
-    as_json: bool,
-) -> None:
+def bench(cli: Cli, args: tuple[str, ...]) -> None:
     """Measure the transport modes side by side, next to an HTTP + SSE baseline.
 
-    Runs a light control operation (worker list), a stream of 1,000 narration events, token
-    streaming from a real worker, and worker spawn, all through keeper -> queen -> hive, in
-    each mode: integrated (one process), localhost ipc, localhost tcp, remote tcp (network
-    namespaces) and HTTP + SSE (uvicorn + starlette). Modes are interleaved round by round.
-    Prints a table (or JSON) and writes modes.json and modes.png (or scale.json). Runs from a
-    source checkout with the bench extra installed (bin/setup bench); docs/benchmarks.md
-    explains the method and holds the latest results.
+    Runs `python -m benchmarks.bench ARGS` from this source checkout (benchmarks/ is not
+    installed with the package; `rbee-mesh bench --help` shows its options). Needs the bench
+    extra (bin/setup bench); docs/benchmarks.md explains the method and holds the latest results.
     """
     checkout = Path(__file__).resolve().parents[3]
     if not (checkout / "benchmarks" / "bench.py").is_file():
@@ -250,10 +213,10 @@ def bench(
             "rbee-mesh bench runs from a source checkout: benchmarks/ is not installed",
             EXIT_USAGE,
         )
-    sys.path.insert(0, str(checkout))
-    from benchmarks.bench import command
-
-    sys.exit(command(quick, modes, ops, scale, out, as_json or cli.as_json))
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), path]))}
+    argv = [sys.executable, "-m", "benchmarks.bench", *args, *(["--json"] if cli.as_json else [])]
+    os.execve(sys.executable, argv, env)
 
 
 @main.command()

@@ -26,8 +26,8 @@ import trio
 
 from rbee_mesh import __version__
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
+from rbee_mesh.actors.mesh import integrated_hive_config, running_queen
 from rbee_mesh.actors.queen.config import load_config, peer_endpoint
-from rbee_mesh.mesh import integrated_hive_config, running_queen
 
 log = logging.getLogger("rbee_mesh.daemon")
 

@@ -20,7 +20,7 @@ from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry, model_id
 from rbee_mesh.actors.hive.hive import default_hive_id
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.keeper.render import Renderer, format_table
-from rbee_mesh.mesh import integrated_mesh
+from rbee_mesh.actors.mesh import integrated_mesh
 from rbee_mesh.protocol import (
     Cancelled,
     Done,
