@@ -65,6 +65,7 @@ from rbee_mesh.protocol import (
 from rbee_mesh.protocol.constants import CLIENT_LOST_AFTER, FORWARD_ACCEPT_S, HEARTBEAT_S
 from rbee_mesh.transport import (
     Connection,
+    PeerBusy,
     PeerUnreachable,
     SocketOptions,
     TransportError,
@@ -189,9 +190,9 @@ class JobClient:
         self.info: dict[str, Any] = {}
         #: Set once the server has answered READY on the current connection.
         self.answered = trio.Event()
-        #: Set once anything at all has been heard from the server; when last (wall clock).
+        #: Set once anything at all has been heard from the server.
         self.heard_once = trio.Event()
-        self.last_heard: float | None = None
+        self._heard = False
         self._liveness = PeerLiveness(
             self.config.heartbeat_s, trio.current_time(), lost_after=self.config.lost_after
         )
@@ -223,6 +224,13 @@ class JobClient:
     def liveness(self) -> PeerLiveness | None:
         """The server's liveness, watched once it has been heard from."""
         return self._liveness if self.heard_once.is_set() else None
+
+    @property
+    def silent_s(self) -> float | None:
+        """Seconds since the server was last heard from (None: never)."""
+        if not self._heard:
+            return None
+        return trio.current_time() - self._liveness.last_seen
 
     @property
     def is_live(self) -> bool:
@@ -264,8 +272,9 @@ class JobClient:
     def heard(self, interval_s: float | None = None) -> None:
         """A frame came from the server (on this connection, or another of its sockets, such
         as a hive's heartbeats); `interval_s`: the heartbeat interval it says it keeps."""
-        self.heard_once.set()
-        self.last_heard = time.time()
+        if not self._heard:
+            self._heard = True
+            self.heard_once.set()
         if interval_s is not None:
             self._liveness.interval_s = interval_s
         was = self._liveness.seen(trio.current_time())
@@ -290,9 +299,18 @@ class JobClient:
 
     async def send_frames(self, frames: Sequence[bytes]) -> None:
         """Send frames as they are, on the current connection (once there is one)."""
-        await self._connected.wait()
+        await self._send_now(frames)
+
+    async def _send_now(self, frames: Sequence[bytes]) -> None:
+        """Send at once while the pipe has room (no task switch: a job's SUBMIT is on the path
+        of every operation), else wait for room; first wait for a connection if there is none."""
+        if self._conn is None:
+            await self._connected.wait()
         assert self._conn is not None
-        await self._conn.send(frames)
+        try:
+            self._conn.send_nowait(frames)
+        except PeerBusy:
+            await self._conn.send(frames)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and keep a connection open until `aclose`: one per epoch. Raises
@@ -380,10 +398,8 @@ class JobClient:
         answered = False
         try:
             with trio.move_on_after(wait):
-                await self._connected.wait()
-                assert self._conn is not None
                 try:
-                    await self._conn.send(frames)
+                    await self._send_now(frames)
                 except TransportError as exc:
                     raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from None
                 await job._answered.wait()
@@ -411,23 +427,39 @@ class JobClient:
             if job_id and kind is not Kind.ACCEPTED:
                 await self._job_frame(kind, job_id, frames)
                 continue
+            if kind is Kind.ACCEPTED and job_id in self._pending:
+                self._accept_forwarded(job_id)
+                continue
             try:
-                message = decode(frames)
+                message = decode(frames, (kind, job_id))
             except RemoteProtocolError as exc:
                 log.warning("ignored a malformed frame from %s (their fault): %s", self.server, exc)
                 continue
             await self._connection_frame(message)
+
+    def _accept_forwarded(self, job_id: str) -> None:
+        """ACCEPTED for a job submitted under its own id (forwarded: its ref is its id), which
+        nobody reads: it need not be opened."""
+        job = self._pending.pop(job_id)
+        job.lifecycle.receive(Kind.ACCEPTED)
+        job.job_id = job_id
+        self._jobs[job_id] = job
+        job._answered.set()
 
     async def _job_frame(self, kind: Kind, job_id: str, frames: Sequence[bytes]) -> None:
         job = self._jobs.get(job_id)
         if job is None:
             return  # a frame of a job that has ended here (lost, fenced): too late
         if kind in STREAMED and job.relay is not None:
-            if self._advance(job, kind):
+            if job.lifecycle.streaming:
                 job.relay(frames, kind)  # straight on, unopened: no task in between
+            else:
+                log.warning(
+                    "ignored a %s of job %s from %s after its end", kind.name, job_id, self.server
+                )
             return
         try:
-            message = decode(frames)
+            message = decode(frames, (kind, job_id))
         except RemoteProtocolError as exc:
             log.warning(
                 "ignored a frame of job %s from %s (their fault): %s", job_id, self.server, exc

@@ -175,7 +175,7 @@ class ServerJob:
     def relay(self, frames: Sequence[bytes], kind: Kind) -> None:
         """Pass a NARRATION, DATA or TOKEN frame of this job (from an actor it was forwarded
         to) on, unopened; dropped once the job has ended."""
-        if kind in STREAMED and self.lifecycle.allows(kind):
+        if kind in STREAMED and self.lifecycle.streaming:
             self.peer.server._send_frames(self.peer, frames)
 
     def summary(self) -> dict[str, Any]:

@@ -63,38 +63,39 @@ def encode(message: Message) -> list[bytes]:
 def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
     """The kind and job id of a message, checked, without unpacking its body.
 
-    Raises RemoteProtocolError."""
-    try:
-        return _peek_route(frames)
-    except ProtocolError as exc:
-        raise _remote(exc) from None
-
-
-def _peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:
+    Raises RemoteProtocolError (a hot path: every frame passes here, once)."""
     if len(frames) != FRAME_COUNT:
-        raise ProtocolError(f"expected {FRAME_COUNT} frames, got {len(frames)}")
+        raise RemoteProtocolError(f"expected {FRAME_COUNT} frames, got {len(frames)}")
     header, kind_frame, job_frame, _ = frames
     _check_header(header)
     if len(kind_frame) != 1:
-        raise ProtocolError(f"the kind frame must be 1 byte, got {len(kind_frame)}")
+        raise RemoteProtocolError(f"the kind frame must be 1 byte, got {len(kind_frame)}")
     kind = _KINDS.get(kind_frame[0])
     if kind is None:
-        raise ProtocolError(f"unknown message kind {kind_frame[0]}")
+        raise RemoteProtocolError(f"unknown message kind {kind_frame[0]}")
+    if not job_frame:
+        return kind, ""
     if len(job_frame) > MAX_JOB_ID:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             f"the job id frame is {len(job_frame)} bytes; the limit is {MAX_JOB_ID}"
         )
     try:
         job_id = bytes(job_frame).decode("ascii")
     except UnicodeDecodeError:
-        raise ProtocolError("the job id frame is not ASCII") from None
-    check_job_id(job_id, required=False, what=kind.name)
+        raise RemoteProtocolError("the job id frame is not ASCII") from None
+    try:
+        check_job_id(job_id, required=False, what="the job id frame")
+    except ProtocolError as exc:
+        raise _remote(exc) from None
     return kind, job_id
 
 
-def decode(frames: Sequence[bytes]) -> Message:
-    """The message these frames carry, validated in full. Raises only RemoteProtocolError."""
-    kind, job_id = peek_route(frames)
+def decode(frames: Sequence[bytes], route: tuple[Kind, str] | None = None) -> Message:
+    """The message these frames carry, validated in full. Raises only RemoteProtocolError.
+
+    `route`: what `peek_route` already said of these frames, so as not to read them twice.
+    """
+    kind, job_id = route if route is not None else peek_route(frames)
     try:
         body = _unpack(frames[3])
     except ProtocolError as exc:
@@ -180,16 +181,19 @@ def _remote(exc: ProtocolError) -> RemoteProtocolError:
 
 
 def _check_header(header: bytes) -> None:
+    if header == HEADER:
+        return
     if bytes(header[: len(MAGIC)]) != MAGIC:
-        raise ProtocolError("not an rbee-mesh message (bad magic)")
+        raise RemoteProtocolError("not an rbee-mesh message (bad magic)")
     if len(header) != len(HEADER):
-        raise ProtocolError(f"the header frame must be {len(HEADER)} bytes, got {len(header)}")
-    version = header[len(MAGIC)]
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"the peer speaks protocol version {version}; this build speaks {PROTOCOL_VERSION}",
-            ErrorCode.UNSUPPORTED_VERSION,
+        raise RemoteProtocolError(
+            f"the header frame must be {len(HEADER)} bytes, got {len(header)}"
         )
+    version = header[len(MAGIC)]
+    raise RemoteProtocolError(
+        f"the peer speaks protocol version {version}; this build speaks {PROTOCOL_VERSION}",
+        ErrorCode.UNSUPPORTED_VERSION,
+    )
 
 
 #: How every body is unpacked: no bytes or extension types, and explicit limits.

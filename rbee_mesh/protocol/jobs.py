@@ -41,6 +41,10 @@ class JobState(StrEnum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+#: The frames of a running job that stream to its submitter, between ACCEPTED and the end (a
+#: relay passes them on unopened).
+STREAMED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
+
 #: The frames a server sends about one job, by the job's state: (state, frame) -> next state.
 TRANSITIONS: dict[tuple[JobState, Kind], JobState] = {
     (JobState.SUBMITTED, Kind.ACCEPTED): JobState.RUNNING,
@@ -54,16 +58,16 @@ TRANSITIONS: dict[tuple[JobState, Kind], JobState] = {
     (JobState.RUNNING, Kind.CANCELLED): JobState.CANCELLED,
 }
 
-#: The frames of a running job that stream to its submitter, between ACCEPTED and the end (a
-#: relay passes them on unopened).
-STREAMED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
-
 #: The job states a terminal frame leads to.
 _ENDED_BY = {
     Kind.DONE: JobState.DONE,
     Kind.ERROR: JobState.FAILED,
     Kind.CANCELLED: JobState.CANCELLED,
 }
+
+
+#: The states in which a job streams (NARRATION, DATA, TOKEN may follow), read off the table.
+_STREAMING = frozenset(state for state, kind in TRANSITIONS if kind in STREAMED)
 
 
 class JobLifecycle:
@@ -75,6 +79,12 @@ class JobLifecycle:
     def allows(self, kind: Kind) -> bool:
         """Whether a frame of `kind` may follow now."""
         return (self.state, kind) in TRANSITIONS
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a streamed frame (NARRATION, DATA, TOKEN) may follow now; one never changes
+        the state. (Every relayed frame asks this: a set lookup, not the table's.)"""
+        return self.state in _STREAMING
 
     def send(self, kind: Kind) -> JobState:
         """Advance on a frame this process is about to send; LocalProtocolError if it may not

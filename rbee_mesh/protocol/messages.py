@@ -94,6 +94,8 @@ def sentence(text: str) -> str:
 
 
 def check_job_id(job_id: Any, *, required: bool, what: str) -> str:
+    if type(job_id) is str and job_id in _VALID_JOB_IDS:
+        return job_id
     if not isinstance(job_id, str):
         raise ProtocolError(f"{what}: job id must be a string")
     if not job_id:
@@ -102,7 +104,16 @@ def check_job_id(job_id: Any, *, required: bool, what: str) -> str:
         return job_id
     if len(job_id) > MAX_JOB_ID or not _JOB_ID.fullmatch(job_id):
         raise ProtocolError(f"{what}: job id {job_id[:80]!r} is not valid")
+    if len(_VALID_JOB_IDS) >= _VALID_REMEMBERED:
+        _VALID_JOB_IDS.clear()
+    _VALID_JOB_IDS.add(job_id)
     return job_id
+
+
+#: Job ids checked lately: every frame of a job carries its id, and is checked where it is read
+#: and where it is built; a set lookup instead of the pattern (a bounded memory, cleared whole).
+_VALID_JOB_IDS: set[str] = set()
+_VALID_REMEMBERED = 4_096
 
 
 @dataclass(frozen=True)

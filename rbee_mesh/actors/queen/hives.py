@@ -145,8 +145,8 @@ class HiveLink:
 
     def record(self, *, detail: bool = False) -> dict[str, Any]:
         """What `hive list` (and with `detail`, `hive get`) shows of this hive."""
-        heard = self.client.last_heard
-        age = None if heard is None else round(time.time() - heard, 3)
+        silent = self.client.silent_s
+        age = None if silent is None else round(silent, 3)
         workers = self.state.get("workers", [])
         if self.ever_seen and self.liveness is Liveness.LOST:
             workers = [{**w, "state": "unreachable"} for w in workers]
