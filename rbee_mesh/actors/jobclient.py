@@ -92,6 +92,9 @@ class ClientConfig:
     job_buffer: int = 10_000
     #: Missed heartbeat intervals after which the server counts as lost.
     lost_after: int = CLIENT_LOST_AFTER
+    #: How soon a connect is tried again: a hive's worker binds its socket once its model is
+    #: loaded, and the hive, connecting first, should find it at once.
+    reconnect_ivl_ms: int = 100
 
 
 class ServerUnreachable(MeshError):
@@ -209,11 +212,15 @@ class JobClient:
     @classmethod
     def forwarding(
         cls, endpoint: str, *, name: str, role: Actor, server: str, lost_code: ErrorCode,
-        heartbeat_s: float,
+        heartbeat_s: float, reconnect_ivl_ms: int = 100,
     ) -> JobClient:  # fmt: skip
         """A client that an actor forwards jobs through one hop down (queen to hive, hive to
         worker): it waits FORWARD_ACCEPT_S for each to be accepted."""
-        config = ClientConfig(heartbeat_s=heartbeat_s, accept_timeout_s=FORWARD_ACCEPT_S)
+        config = ClientConfig(
+            heartbeat_s=heartbeat_s,
+            accept_timeout_s=FORWARD_ACCEPT_S,
+            reconnect_ivl_ms=reconnect_ivl_ms,
+        )
         return cls(
             endpoint, name=name, role=role, server=server, lost_code=lost_code, config=config
         )
@@ -368,7 +375,10 @@ class JobClient:
     def _socket_options(self) -> SocketOptions:
         # A routing id of our own: a connection that libzmq re-establishes after a blip is the
         # same client to the server (ROUTER_HANDOVER), while each epoch is a new one.
-        return SocketOptions(routing_id=f"{self.session}.{self.epoch}".encode())
+        return SocketOptions(
+            routing_id=f"{self.session}.{self.epoch}".encode(),
+            reconnect_ivl_ms=self.config.reconnect_ivl_ms,
+        )
 
     # ---- jobs ----------------------------------------------------------------------------------
 

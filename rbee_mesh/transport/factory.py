@@ -44,11 +44,8 @@ class SocketOptions:
     tcp_keepalive_idle_s: int = 30
     tcp_keepalive_intvl_s: int = 10
     tcp_keepalive_cnt: int = 3
-    reconnect_ivl_ms: int = 10
-    """How soon a connect is tried again (doubling up to reconnect_ivl_max_ms): a worker binds
-    its socket after its model is loaded, and its hive, connecting first, should not wait
-    libzmq's default 100 ms to find it."""
-    reconnect_ivl_max_ms: int = 1_000
+    reconnect_ivl_ms: int = 100
+    """How soon a failed or lost connection is tried again (libzmq's default), every time."""
     routing_id: bytes | None = None
     """A DEALER's identity at the ROUTER it connects to (None: libzmq makes one per connection).
     With one, a connection that libzmq re-establishes after a blip is the same peer to the
@@ -132,7 +129,6 @@ def make_socket(
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, opts.tcp_keepalive_intvl_s)
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, opts.tcp_keepalive_cnt)
         sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -372,9 +372,11 @@ class WorkerPool:
             raise MeshError(
                 ErrorCode.UNAVAILABLE, f"cannot start a worker process: {exc}"
             ) from None
+        # Connects before the worker has bound its socket: tried again every 10 ms, it is found
+        # as soon as the model is loaded (libzmq's 100 ms cost a spawn 50 ms on average).
         client = JobClient.forwarding(
             endpoint, name=self.name, role=Actor.HIVE, server=f"worker {worker_id}",
-            lost_code=ErrorCode.WORKER_LOST, heartbeat_s=self.heartbeat_s,
+            lost_code=ErrorCode.WORKER_LOST, heartbeat_s=self.heartbeat_s, reconnect_ivl_ms=10,
         )  # fmt: skip
         worker = _Worker(
             id=worker_id,
