@@ -9,6 +9,11 @@ number of links from one task, and calls each link back for the third.
 With many links the work is spread: the links are taken a slice at a time, the slices spread
 over the interval, so that a queen of 1,000 hives neither holds its loop for the whole check
 (2-3 ms) nor sends 1,000 heartbeats in one burst.
+
+A schedule that was itself asleep (its process frozen or starved for longer than a heartbeat
+interval) judges no one on waking: the frames its peers sent meanwhile are still unread in the
+sockets, and counting that silence against them would declare a whole mesh lost because one
+machine was busy. It checks again half an interval later, when the frames have been read.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class HeartbeatSchedule:
         """Beat each link once per interval and check it twice per its peer's interval, until
         cancelled. A link added meanwhile is beaten within an interval."""
         next_beat: list[float] = []
+        woke = trio.current_time()
         while True:
             # Cut the slices anew each round, as links come and go.
             slices = min(_MAX_SLICES, 1 + len(self._links) // _LINKS_PER_SLICE)
@@ -73,8 +79,10 @@ class HeartbeatSchedule:
             )
             links = list(self._links)
             for n in range(slices):
-                self._tend(links[n * len(links) // slices : (n + 1) * len(links) // slices])
                 now = trio.current_time()
+                asleep, woke = now - woke > fastest, now  # it meant to sleep fastest / 2 at most
+                if not asleep:
+                    self._tend(links[n * len(links) // slices : (n + 1) * len(links) // slices])
                 if now >= next_beat[n]:
                     next_beat[n] = max(next_beat[n] + self.interval_s, now)
                     for link in links[n * len(links) // slices : (n + 1) * len(links) // slices]:

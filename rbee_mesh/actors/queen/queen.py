@@ -116,7 +116,8 @@ class Queen:
         await self.server.stop(reason)
 
     async def add_hive(self, endpoint: str, *, source: str = "static") -> HiveLink:
-        """Manage the hive whose control socket is `endpoint` (`--hive`, or the local hive)."""
+        """Manage the hive whose control socket is `endpoint` (from `--peer`, the config, mDNS, or
+        the integrated mode)."""
         return await self.hives.add(endpoint, source=source)
 
     # ---- discovery ----------------------------------------------------------------------------
