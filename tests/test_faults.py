@@ -8,6 +8,10 @@
   actor still answers.
 - Placement: a job refused by a worker that has just died is placed again; a hive that has gone
   silent is passed over.
+- At most once: a SUBMIT past its `accept_by`, frames on a dropped connection, a superseded
+  connection, a job whose deadline passed before a frozen hive answered: none runs afterwards.
+- Ends that are never silent: a job that outlasts its server's grace, a client of a queen that
+  crashed and came back, goodbyes of any length, a hive whose catalog vanished.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import gc
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,9 +45,12 @@ from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import (
     Actor,
+    Disconnect,
     Done,
     Error,
     ErrorCode,
+    Heartbeat,
+    HiveStatus,
     Infer,
     Kind,
     Liveness,
@@ -63,7 +71,12 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.protocol.codec import HEADER
-from rbee_mesh.protocol.constants import MAX_BODY_VALUES
+from rbee_mesh.protocol.constants import (
+    CLIENT_LOST_AFTER,
+    MAX_BODY_VALUES,
+    MAX_SENTENCE,
+    SERVER_LOST_AFTER,
+)
 from rbee_mesh.transport import open_connection, open_listener, open_subscriber
 from tests import clitools
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint
@@ -181,6 +194,68 @@ async def test_a_result_that_cannot_be_encoded_is_our_own_bug_and_ends_only_its_
     assert local and local[0].levelno == logging.ERROR
 
 
+async def test_a_job_that_outlasts_the_servers_grace_still_gets_its_terminal_frame(
+    tmp_path: Path,
+) -> None:
+    """Stopping cancels what is still running after `shutdown_grace_s`; a job in a section that
+    cannot be cancelled (a shielded wait, a model's prefill in a thread) ends when it leaves it,
+    with the server's reason, not with silence."""
+    entered, release = trio.Event(), trio.Event()
+
+    async def stubborn(job: ServerJob, op: Ping) -> dict[str, Any]:
+        entered.set()
+        with trio.CancelScope(shield=True):
+            await release.wait()
+        await trio.lowlevel.checkpoint()
+        return {"finished": True}
+
+    config = replace(FAST_QUEEN, shutdown_grace_s=0.05)
+    with trio.fail_after(10):
+        async with await open_listener(memory_endpoint("server")) as listener:
+            server = JobServer(
+                listener, name="stopping", actor=Actor.QUEEN, handlers={Ping: stubborn},
+                config=config,
+            )  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                async with open_keeper(listener.endpoint, FAST_KEEPER) as keeper:
+                    job = await keeper.submit(Ping())
+                    await entered.wait()
+                    await server.stop("the test stops it")  # past its grace: cancelled
+                    release.set()
+                    events = await finish(job)
+    assert [type(e) for e in events].count(Error) == 1
+    ended = error_of(job)
+    assert (ended.code, ended.message) == (ErrorCode.UNAVAILABLE, "the test stops it")
+
+
+@pytest.mark.parametrize(("server_s", "client_s"), [(0.1, 0.4), (0.4, 0.1)])
+async def test_a_client_gives_up_on_its_server_after_the_server_gives_up_on_it(
+    server_s: float, client_s: float
+) -> None:
+    """The server drops a silent client after SERVER_LOST_AFTER of the client's intervals; the
+    client waits CLIENT_LOST_AFTER of the longer of the two, so it is always the later."""
+    handlers: Any = {Status: _Handlers().ok}
+    with trio.fail_after(10):
+        async with await open_listener(memory_endpoint("server")) as listener:
+            config = replace(FAST_QUEEN, heartbeat_s=server_s)
+            server = JobServer(
+                listener, name="paced", actor=Actor.QUEEN, handlers=handlers, config=config
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                client_config = replace(FAST_KEEPER, heartbeat_s=client_s)
+                async with open_keeper(listener.endpoint, client_config) as keeper:
+                    await assert_serving(keeper)
+                    assert keeper.liveness is not None
+                    client_waits = (CLIENT_LOST_AFTER + 0.5) * keeper.liveness.interval_s
+                    [peer] = server._peers.values()
+                    server_waits = (SERVER_LOST_AFTER + 0.5) * peer.liveness.interval_s
+                await server.stop("the test is over")
+    assert server_waits < client_waits
+    assert keeper.liveness.interval_s == max(server_s, client_s)
+
+
 async def test_a_peers_bad_frame_is_logged_as_their_fault_and_answered(
     server_keeper: JobClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -256,6 +331,19 @@ def hive_processes() -> Iterator[list[HiveProcess]]:
         hive.close()
 
 
+@contextlib.asynccontextmanager
+async def queen_of(hives: list[HiveProcess]) -> AsyncIterator[tuple[Queen, JobClient]]:
+    """A queen linked to these hive processes (each has answered its READY), and a keeper."""
+    async with (
+        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=[h.control for h in hives]) as queen,
+        open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+    ):
+        with trio.fail_after(30):
+            for link in queen.hives.links:
+                await link.client.answered.wait()
+        yield queen, keeper
+
+
 def strings_in(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -303,6 +391,29 @@ async def test_a_huge_catalog_keeps_heartbeats_small_and_its_listing_fails_resul
     assert hive.process.poll() is None
 
 
+async def test_a_hive_whose_catalog_vanished_beats_and_serves_on(tmp_path: Path) -> None:
+    config = HiveConfig(
+        state_dir=tmp_path / "state", hive_id="hive-c", control=memory_endpoint("hive"),
+        heartbeats=memory_endpoint("beats"), server=FAST_QUEEN,
+    )  # fmt: skip
+    with trio.fail_after(20):
+        async with (
+            running_hive(config) as hive,
+            running_queen(memory_endpoint("queen"), FAST_QUEEN, hives=[config.control]) as queen,
+            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+        ):
+            [link] = queen.hives.links
+            await link.heard.wait()
+            model = write_tiny_gguf(tmp_path / "tiny.gguf")
+            hive.catalog.add_file("rbee-test/tiny-GGUF", "tiny.gguf", model)  # read again next
+            shutil.rmtree(hive.catalog.root)  # (by a person, or a failing disk)
+            before = link.states.value
+            await link.states.wait_value(lambda n: n > before)
+            assert link.state["models"] == {"count": 0, "digest": ""}
+            assert link.liveness is Liveness.LIVE
+            await assert_serving(keeper)
+
+
 @pytest.mark.slow
 async def test_a_merged_listing_over_the_limit_fails_at_the_queen_which_serves_on(
     tmp_path: Path, hive_processes: list[HiveProcess]
@@ -312,14 +423,8 @@ async def test_a_merged_listing_over_the_limit_fails_at_the_queen_which_serves_o
     for name in ("h1", "h2"):
         fill_catalog(tmp_path / name, entries)
         hive_processes.append(HiveProcess(tmp_path / name, name))
-    endpoints = [hive.control for hive in hive_processes]
-    async with (
-        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=endpoints) as queen,
-        open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
-    ):
+    async with queen_of(hive_processes) as (_, keeper):
         with trio.fail_after(60):
-            for link in queen.hives.links:
-                await link.client.answered.wait()
             merged = await run(keeper, ModelList())
             one = await run(keeper, ModelList(hive="h2"))
             await assert_serving(keeper)
@@ -402,14 +507,8 @@ async def test_a_hive_gone_silent_is_passed_over_for_a_live_one(
         seed_model(tmp_path / name, tiny)
         hive_processes.append(HiveProcess(tmp_path / name, name))
     quiet = hive_processes[0]
-    endpoints = [hive.control for hive in hive_processes]
-    async with (
-        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=endpoints) as queen,
-        open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
-    ):
+    async with queen_of(hive_processes) as (queen, keeper):
         with trio.fail_after(60):
-            for link in queen.hives.links:
-                await link.client.answered.wait()
             for hive in hive_processes:
                 await done(keeper, WorkerSpawn(model=MODEL, hive=hive.hive_id))
             quiet_link = queen.hives.get("quiet")
@@ -423,6 +522,28 @@ async def test_a_hive_gone_silent_is_passed_over_for_a_live_one(
     assert isinstance(job.terminal, Done), job.terminal
     assert "on hive lively" in said(messages)
     assert "on hive quiet" not in said(messages)
+
+
+@pytest.mark.slow
+async def test_a_job_that_ends_before_its_hive_answered_is_reported_only_once_it_cannot_run(
+    tmp_path: Path, hive_processes: list[HiveProcess]
+) -> None:
+    """The queen forwards a job to a frozen hive, and the job's deadline passes while the hive
+    has not answered. The keeper hears the end only once the hive can no longer start it: the
+    thawed hive refuses the SUBMIT it finds (its `accept_by` has passed), and never runs it."""
+    frozen = HiveProcess(tmp_path / "frozen", "frozen", heartbeat_s=5.0)  # not lost meanwhile
+    hive_processes.append(frozen)
+    async with queen_of(hive_processes) as (_, keeper):
+        with trio.fail_after(60):
+            frozen.process.send_signal(signal.SIGSTOP)
+            try:
+                job = await run(keeper, ModelList(hive="frozen"), timeout_s=0.5)
+            finally:
+                frozen.process.send_signal(signal.SIGCONT)
+            status = await done(keeper, HiveStatus(hive="frozen"))  # sent after the SUBMIT
+    assert [j for j in status["jobs"] if j["id"] == job.job_id] == []
+    ended = error_of(job)
+    assert ended.code is ErrorCode.UNAVAILABLE and "did not run model_list" in ended.message
 
 
 # ---- frames that cost the most to decode ---------------------------------------------------------
@@ -478,13 +599,9 @@ async def test_decode_bombs_at_a_queen_a_hive_and_a_worker_leave_each_serving(
     seed_model(tmp_path / "h", tiny)
     hive = HiveProcess(tmp_path / "h", "h")
     hive_processes.append(hive)
-    async with (
-        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=[hive.control]) as queen,
-        open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
-    ):
+    async with queen_of(hive_processes) as (queen, keeper):
         link = queen.hives.links[0]
         with trio.fail_after(60):
-            await link.client.answered.wait()
             worker = await done(keeper, WorkerSpawn(model=MODEL))
             sockets = HiveConfig(state_dir=tmp_path / "h", hive_id="h").worker_sockets
             targets = [queen.listener.endpoint, hive.control, f"{sockets}.{worker['id']}"]
@@ -649,10 +766,79 @@ async def test_what_a_dropped_connection_sends_afterwards_never_runs(mem_queen: 
         await silent.send(encode(Submit(job_id="", ref="stale", op=Ping(count=1))))
         async with open_keeper(mem_queen.listener.endpoint, FAST_KEEPER) as keeper:
             await assert_serving(keeper)  # handled after the stale SUBMIT
+        # ...and the client is told to connect again (after what the queen sent it before).
+        told = decode(await silent.receive())
+        while not isinstance(told, Disconnect):
+            told = decode(await silent.receive())
         await silent.aclose()
+    assert told.reason == "this connection was dropped"
     pings = ran(mem_queen, "ping")
     assert [p["state"] for p in pings] == ["cancelled"]
     assert "sent nothing for 2 heartbeat intervals" in pings[0]["error"]
+
+
+async def test_a_goodbye_with_the_longest_reason_ends_its_jobs_and_the_server_serves_on(
+    mem_queen: Queen,
+) -> None:
+    with trio.fail_after(10):
+        leaving = await raw_client(mem_queen, "s-verbose")
+        await leaving.send(encode(Submit(job_id="", ref="r", op=Ping(count=10_000))))
+        await mem_queen.server.job_count.wait_value(1)
+        goodbye = Disconnect(job_id="", sender="raw", reason="x" * MAX_SENTENCE)
+        await leaving.send(encode(goodbye))
+        await mem_queen.server.job_count.wait_value(0)
+        async with open_keeper(mem_queen.listener.endpoint, FAST_KEEPER) as keeper:
+            await assert_serving(keeper)
+        await leaving.aclose()
+    [ping] = ran(mem_queen, "ping")
+    assert ping["state"] == "cancelled"
+    assert len(ping["error"]) == MAX_SENTENCE and ping["error"].endswith("x…")
+
+
+async def test_a_client_that_beats_without_greeting_is_told_to_connect_again(
+    mem_queen: Queen,
+) -> None:
+    """What a client of a server that restarted sends: the new server never heard its READY."""
+    with trio.fail_after(10):
+        connection = await open_connection(mem_queen.listener.endpoint)
+        beat = Heartbeat(job_id="", sender="raw", seq=7, interval_s=0.2, ts=time.time())
+        await connection.send(encode(beat))
+        told = decode(await connection.receive())
+        await connection.aclose()
+    assert isinstance(told, Disconnect) and told.reason == "this connection was dropped"
+    assert mem_queen.server.peer_count == 0
+
+
+@pytest.mark.slow
+async def test_a_queen_that_crashed_and_came_back_ends_the_jobs_it_lost(tmp_path: Path) -> None:
+    """The keeper's job ran on a queen that was SIGKILLed; a new queen on the same port answers
+    its heartbeats before the keeper could find the silence: the job still ends, at once."""
+    mesh = clitools.Mesh(tmp_path)
+    endpoint = f"tcp://127.0.0.1:{clitools.free_port()}"
+    argv = ("queen", "start", "--foreground", "--bind", endpoint)
+    # Slow heartbeats: the keeper would take 3.5 x 5 s to give up on a silent queen.
+    patient = replace(FAST_KEEPER, heartbeat_s=5.0, accept_timeout_s=10.0)
+    queens = [mesh.popen(*argv)]
+    try:
+        with trio.fail_after(60):
+            async with open_keeper(endpoint, patient) as keeper:
+                job = await keeper.submit(Ping(count=100_000, interval_s=0.01))
+                async for message in job:
+                    if isinstance(message, Narration):
+                        break
+                queens[0].kill()
+                await trio.to_thread.run_sync(queens[0].wait)
+                queens.append(mesh.popen(*argv))
+                with trio.fail_after(10):  # well inside the 17.5 s silence would take
+                    await finish(job)
+                lost = error_of(job)
+                await assert_serving(keeper)  # connected again, to the new queen
+    finally:
+        for queen in queens:
+            queen.kill()
+            queen.wait()
+    assert lost.code is ErrorCode.UNAVAILABLE
+    assert "ended the connection: this connection was dropped" in lost.message
 
 
 async def test_a_newer_connection_of_a_session_ends_the_jobs_of_the_older(

@@ -14,16 +14,17 @@ from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.protocol import (
     HEADER,
     Accepted,
+    Actor,
     Cancelled,
     Done,
     Error,
     ErrorCode,
-    Heartbeat,
     JobCancel,
     JobList,
     Message,
     Narration,
     Ping,
+    Ready,
     Status,
     Submit,
     WorkerList,
@@ -261,7 +262,9 @@ async def test_keeper_that_vanishes_silently_has_its_jobs_cancelled(queen: Queen
     """No DISCONNECT, no more heartbeats: three silent intervals and its jobs are gone."""
     conn = await open_connection(queen_address(queen))
     with trio.fail_after(10):
-        await conn.send(encode(Heartbeat(job_id="", sender="ghost", seq=0, interval_s=0.1)))
+        hello = Ready(job_id="", sender="ghost", role=Actor.KEEPER, interval_s=0.1)
+        await conn.send(encode(hello))
+        assert isinstance(decode(await conn.receive()), Ready)
         await conn.send(encode(Submit(job_id="", ref="r1", op=Ping(count=10_000, interval_s=0.01))))
         accepted = decode(await conn.receive())
         assert isinstance(accepted, Accepted)
@@ -274,7 +277,7 @@ async def test_slow_keeper_neither_stalls_others_nor_leaks_its_job(queen: Queen)
     """A keeper that stops reading fills only its own outbox, then is dropped."""
     conn = await open_connection(queen_address(queen))
     with trio.fail_after(60):
-        await conn.send(encode(Heartbeat(job_id="", sender="slow", seq=0, interval_s=60)))
+        await conn.send(encode(Ready(job_id="", sender="slow", role=Actor.KEEPER, interval_s=60)))
         await conn.send(encode(Submit(job_id="", ref="r1", op=Ping(count=100_000))))
         async with open_keeper(queen_address(queen), FAST_KEEPER) as other:
             for _ in range(5):

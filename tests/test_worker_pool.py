@@ -230,6 +230,23 @@ async def test_worker_killed_with_sigkill_is_marked_dead_with_the_signal(
     assert pool.list() == []
 
 
+async def test_exited_workers_are_listed_up_to_a_bound_the_oldest_forgotten_first(
+    pool: WorkerPool, model: Path
+) -> None:
+    """A model that kills its worker on every job must not grow the list (and the heartbeat
+    that carries it) without end."""
+    pool.exited_kept = 1
+    with trio.fail_after(30):
+        older = await pool.spawn(model_id="tiny", model_path=model, device="cpu")
+        newer = await pool.spawn(model_id="tiny", model_path=model, device="cpu")
+        os.kill(older.pid, signal.SIGKILL)
+        await wait_for_state(pool, older.id, WorkerState.DEAD)
+        assert [w.id for w in pool.list()] == [older.id, newer.id]
+        os.kill(newer.pid, signal.SIGKILL)
+        await pool.revision.wait_value(lambda _: [w.id for w in pool.list()] == [newer.id])
+    assert pool.get(newer.id).state is WorkerState.DEAD
+
+
 async def test_worker_that_stops_heartbeating_is_declared_dead_and_killed(
     pool: WorkerPool, model: Path
 ) -> None:

@@ -63,6 +63,7 @@ from rbee_mesh.protocol import (
     peek_route,
 )
 from rbee_mesh.protocol.constants import CLIENT_LOST_AFTER, FORWARD_ACCEPT_S, HEARTBEAT_S
+from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.transport import (
     Connection,
     PeerBusy,
@@ -283,7 +284,9 @@ class JobClient:
             self._heard = True
             self.heard_once.set()
         if interval_s is not None:
-            self._liveness.interval_s = interval_s
+            # Judged by the longer of its interval and ours: the server judges us by ours, and
+            # gives up after SERVER_LOST_AFTER of them; we must give up later than it does.
+            self._liveness.interval_s = max(interval_s, self.config.heartbeat_s)
         was = self._liveness.seen(trio.current_time())
         if was is not None and self.on_liveness is not None:
             self.on_liveness(was, Liveness.LIVE)
@@ -293,7 +296,7 @@ class JobClient:
         good as gone). Submissions not accepted yet end at their own accept deadline."""
         jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
-            lost = Error(job_id=job.job_id, code=self.lost_code, message=why)
+            lost = Error(job_id=job.job_id, code=self.lost_code, message=sentence(why))
             job.lifecycle.receive(Kind.ERROR)
             job.terminal = lost
             job._answered.set()
@@ -343,8 +346,7 @@ class JobClient:
                     # The server's end went away (in memory): try again an interval later.
                     await trio.sleep(self.config.heartbeat_s)
             finally:
-                self._connected = trio.Event()
-                self._conn = None
+                self._disconnected()
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
             self.epoch += 1
@@ -357,14 +359,21 @@ class JobClient:
         if self._conn is not None:
             with trio.move_on_after(0.5), suppress(TransportError):
                 await self._conn.send(
-                    encode(Disconnect(job_id="", sender=self.name, reason=reason))
+                    encode(Disconnect(job_id="", sender=self.name, reason=sentence(reason)))
                 )
         self._fence()
 
     def _fence(self) -> None:
-        """Close this connection; `run` opens the next epoch's (unless closed)."""
+        """Close this connection; `run` opens the next epoch's (unless closed). Nothing more is
+        sent on it from now: what is sent next waits for the next connection."""
+        self._disconnected()
         if self._receiving is not None:
             self._receiving.cancel()
+
+    def _disconnected(self) -> None:
+        self._conn = None
+        if self._connected.is_set():  # (an unset one may have waiters: they wait on)
+            self._connected = trio.Event()
 
     def _ready(self) -> Ready:
         return Ready(
@@ -405,7 +414,6 @@ class JobClient:
             Submit(job_id=job_id, ref=ref, op=op, timeout_s=timeout_s, accept_by=accept_by)
         )
         self._pending[ref] = job
-        answered = False
         try:
             with trio.move_on_after(wait):
                 try:
@@ -413,11 +421,11 @@ class JobClient:
                 except TransportError as exc:
                     raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from None
                 await job._answered.wait()
-                answered = True
-                return job
         finally:
-            if not answered and self._pending.pop(ref, None) is not None:
+            if not job._answered.is_set() and self._pending.pop(ref, None) is not None:
                 self._abandoned.append(ref)
+        if job._answered.is_set():  # also when the answer came as the wait ran out
+            return job
         raise ServerUnreachable(
             f"no answer from {self.server} within {wait:g}s; it did not run {op.NAME}"
         )
@@ -520,6 +528,8 @@ class JobClient:
                 await job._deliver(message)
             case Ready():
                 self.info = dict(message.info)
+                if message.interval_s:
+                    self.heard(message.interval_s)
                 self.answered.set()
                 if self.on_ready is not None:
                     self.on_ready(message)
@@ -571,7 +581,10 @@ async def forward(
     and this returns once the server has ended it (or CANCEL_CONFIRM_S later): so that what it
     used there (a worker's slot) is free by the time the job is reported ended.
     """
-    handle = await client.submit(op, job_id=job_id, timeout_s=timeout_s, relay=relay)
+    # Not interrupted until the server has answered (FORWARD_ACCEPT_S at most): until then,
+    # whether the job runs there is unknown, and a job reported ended must not start later.
+    with trio.CancelScope(shield=True):
+        handle = await client.submit(op, job_id=job_id, timeout_s=timeout_s, relay=relay)
     try:
         terminal = await handle.end()
     finally:

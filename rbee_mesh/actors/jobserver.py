@@ -120,10 +120,17 @@ class Peer:
     #: queue behind them; while none are, a frame is sent at once (no task switch).
     backlog: int = 0
     heartbeats: int = 0
+    #: Its connection closed under a send (EHOSTUNREACH). Nothing more is sent to it; it is
+    #: dropped at its next beat, by when what it sent before closing (a DISCONNECT, which
+    #: libzmq may hold behind the news of the close) has been read.
+    unreachable: bool = False
 
     def beat(self) -> None:
         """The server's heartbeat to this client (skipped while frames queue for it), saying
         how many jobs the server runs, of how many it may."""
+        if self.unreachable:
+            self.server._drop_peer(self, "it is unreachable (its connection closed)")
+            return
         if self.backlog:
             return
         self.heartbeats += 1
@@ -293,7 +300,7 @@ class JobServer:
             if ended is not None:
                 raise MeshError(ErrorCode.CONFLICT, f"job {job_id} already ended ({ended.state})")
             raise MeshError(ErrorCode.NOT_FOUND, f"no job {job_id}")
-        self._abort(target, Cancelled(job_id=target.id, reason=f"cancelled by {by}"))
+        self._abort(target, Cancelled(job_id=target.id, reason=sentence(f"cancelled by {by}")))
         return target
 
     # ---- receiving ---------------------------------------------------------------------------
@@ -307,14 +314,7 @@ class JobServer:
             peer = self._peers.get(peer_id)
             if peer is None:
                 if peer_id in self._fenced:
-                    # Sent before the connection was dropped (it waited in a cut link or a frozen
-                    # process), or by a client that does not know yet: too late either way. Said
-                    # once per connection, not per frame.
-                    if not self._fenced[peer_id]:
-                        self._fenced[peer_id] = True
-                        log.info(
-                            "ignoring what comes on a dropped connection of a %s", self.peer_label
-                        )
+                    self._refuse_fenced(peer_id)
                     continue
                 peer = self._add_peer(peer_id)
             now = trio.current_time()
@@ -325,6 +325,12 @@ class JobServer:
                 log.warning("rejected a frame from %s (their fault): %s", peer.label, exc)
                 rejection = f"rejected: {exc.message}"
                 self._send(peer, Error(job_id="", code=exc.code, message=rejection, ref=exc.ref))
+                continue
+            if peer.unreachable and not isinstance(message, Disconnect):
+                # Its connection was re-made (a blip) after frames to it were lost: drop it, and
+                # tell it to connect again as a new epoch.
+                self._drop_peer(peer, "it is unreachable (its connection closed)")
+                self._refuse_fenced(peer.id)
                 continue
             self._dispatch(peer, message)
 
@@ -347,6 +353,13 @@ class JobServer:
                 reason = message.reason or "cancelled by its submitter"
                 self._abort(job, Cancelled(job_id=job.id, reason=reason))
             case Heartbeat():
+                if peer.role is None:
+                    # A client greets a server with READY before anything else on a connection;
+                    # one that beats without having greeted greeted another server (this one
+                    # before it restarted), and waits for jobs that no longer exist anywhere.
+                    self._drop_peer(peer, "it greeted a server that is gone (a restart)")
+                    self._refuse_fenced(peer.id)
+                    return
                 peer.liveness.interval_s = message.interval_s
                 peer.clock.sample(message.ts, time.time())
             case Ready():
@@ -377,7 +390,11 @@ class JobServer:
             peer.session, peer.epoch = ready.session, ready.epoch
             self._sessions[ready.session] = peer
         info = self.ready_info(peer)
-        self._send(peer, Ready(job_id="", sender=self.name, role=self.actor, info=info))
+        answer = Ready(
+            job_id="", sender=self.name, role=self.actor, info=info, ts=time.time(),
+            interval_s=self.config.heartbeat_s,
+        )  # fmt: skip
+        self._send(peer, answer)
 
     # ---- peers ---------------------------------------------------------------------------------
 
@@ -418,8 +435,10 @@ class JobServer:
                 except PeerBusy:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 0.05)
-                except (PeerUnreachable, TransportClosed):
-                    self._drop_peer(peer, "it is unreachable")
+                except PeerUnreachable:
+                    peer.unreachable = True
+                    return False
+                except TransportClosed:
                     return False
         self._drop_peer(peer, f"it read nothing for {self.config.peer_stall_s:g}s")
         return False
@@ -429,7 +448,7 @@ class JobServer:
         self._send_frames(peer, encode(message))
 
     def _send_frames(self, peer: Peer, frames: Sequence[bytes]) -> None:
-        if peer.gone:
+        if peer.gone or peer.unreachable:
             return
         if not peer.backlog:
             try:
@@ -437,8 +456,10 @@ class JobServer:
                 return
             except PeerBusy:
                 pass  # the sender task retries it
-            except (PeerUnreachable, TransportClosed):
-                self._drop_peer(peer, "it is unreachable")
+            except PeerUnreachable:
+                peer.unreachable = True
+                return
+            except TransportClosed:
                 return
         try:
             peer.outbox.send_nowait(frames)
@@ -467,7 +488,8 @@ class JobServer:
                 "dropping %s because %s; cancelling its %d job(s)", peer.label, why, len(peer.jobs)
             )
         for job in list(peer.jobs):
-            self._abort(job, Cancelled(job_id=job.id, reason=f"{peer.label} is gone: {why}"))
+            reason = sentence(f"{peer.label} is gone: {why}")
+            self._abort(job, Cancelled(job_id=job.id, reason=reason))
         if self.on_peer_gone is not None:
             self.on_peer_gone(peer, why, left)
 
@@ -552,23 +574,29 @@ class JobServer:
             )
         )
         terminal: Message | None = None
-        with job.scope:
-            try:
-                result = await self.handlers[type(job.op)](job, job.op)
-            except MeshError as exc:
-                terminal = self._error(job, exc.code, exc.message, started=exc.started)
-            except Exception as exc:
-                log.exception("job %s (%s) failed", job.id, job.op.NAME)
-                message = f"{job.op.NAME} failed: {type(exc).__name__}: {exc}"
-                terminal = self._error(job, ErrorCode.INTERNAL, message)
-            else:
-                terminal = self._done(job, result)
-        if job.abort is not None and (terminal is None or job.scope.cancelled_caught):
-            terminal = job.abort
-        elif terminal is None:
-            message = f"{job.op.NAME} did not finish within {job.deadline_s:g}s"
-            terminal = self._error(job, ErrorCode.TIMEOUT, message)
-        self._finish(job, terminal)
+        try:
+            with job.scope:
+                try:
+                    result = await self.handlers[type(job.op)](job, job.op)
+                except MeshError as exc:
+                    terminal = self._error(job, exc.code, exc.message, started=exc.started)
+                except Exception as exc:
+                    log.exception("job %s (%s) failed", job.id, job.op.NAME)
+                    message = f"{job.op.NAME} failed: {type(exc).__name__}: {exc}"
+                    terminal = self._error(job, ErrorCode.INTERNAL, message)
+                else:
+                    terminal = self._done(job, result)
+        finally:
+            # Also when the server itself is cancelled (its grace over, or its task cancelled):
+            # its cancellation passes through the job's scope, and the job must still end.
+            if job.abort is not None and (terminal is None or job.scope.cancelled_caught):
+                terminal = job.abort
+            elif terminal is None and job.scope.cancelled_caught:
+                message = f"{job.op.NAME} did not finish within {job.deadline_s:g}s"
+                terminal = self._error(job, ErrorCode.TIMEOUT, message)
+            elif terminal is None:
+                terminal = self._error(job, ErrorCode.UNAVAILABLE, f"the {self.actor} stopped")
+            self._finish(job, terminal)
 
     @staticmethod
     def _error(job: ServerJob, code: ErrorCode, message: str, *, started: bool = True) -> Error:

@@ -40,6 +40,9 @@ MAX_VALUE_DEPTH = 16
 
 #: Default heartbeat interval, in seconds, of every link.
 HEARTBEAT_S = 1.0
+#: The longest interval a peer may keep (and so the longest it may stay silent, a few times over,
+#: before its server forgets it).
+MAX_HEARTBEAT_S = 60.0
 #: Missed intervals after which a peer is suspect.
 SUSPECT_AFTER = 1
 #: Missed intervals after which a client gives up on its server: its jobs there end (HIVE_LOST,

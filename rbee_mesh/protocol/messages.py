@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
-from rbee_mesh.protocol.constants import MAX_JOB_ID, MAX_SENTENCE
+from rbee_mesh.protocol.constants import MAX_HEARTBEAT_S, MAX_JOB_ID, MAX_SENTENCE
 from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
 from rbee_mesh.protocol.fields import (
     Bool,
@@ -205,13 +205,13 @@ class Error(Message):
 @dataclass(frozen=True)
 class Cancel(Message):
     KIND = Kind.CANCEL
-    reason: str = spec(Text(max_len=1_024), "")
+    reason: str = spec(Text(max_len=MAX_SENTENCE), "")
 
 
 @dataclass(frozen=True)
 class Cancelled(Message):
     KIND = Kind.CANCELLED
-    reason: str = spec(Text(max_len=1_024), "")
+    reason: str = spec(Text(max_len=MAX_SENTENCE), "")
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ class Heartbeat(Message):
     NEEDS_JOB = False
     sender: str = spec(ident())
     seq: int = spec(Int(0, 2**63 - 1))
-    interval_s: float = spec(Float(0.01, 3_600.0))
+    interval_s: float = spec(Float(0.01, MAX_HEARTBEAT_S))
     ts: float = spec(Float(0.0, 1e11), 0.0)
     state: dict[str, Any] = spec(Value(mapping=True), factory=dict)
 
@@ -245,7 +245,7 @@ class Ready(Message):
     epoch: int = spec(Int(0, 2**31), 0)
     ts: float = spec(Float(0.0, 1e11), 0.0)
     #: The sender's heartbeat interval (0: not said): its silence is judged by it from the start.
-    interval_s: float = spec(Float(0.0, 3_600.0), 0.0)
+    interval_s: float = spec(Float(0.0, MAX_HEARTBEAT_S), 0.0)
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ class Disconnect(Message):
     KIND = Kind.DISCONNECT
     NEEDS_JOB = False
     sender: str = spec(ident())
-    reason: str = spec(Text(max_len=1_024), "")
+    reason: str = spec(Text(max_len=MAX_SENTENCE), "")
 
 
 #: Every message kind's class, by kind.

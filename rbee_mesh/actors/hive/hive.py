@@ -137,6 +137,7 @@ class Hive:
         )
         self.server.schedule.add(self)
         self._beats = 0
+        self._catalog_error = ""
 
     # The hive's own heartbeat is a link on its server's heartbeat schedule: one it only sends.
 
@@ -222,12 +223,22 @@ class Hive:
     def state(self) -> dict[str, Any]:
         """What every heartbeat carries: devices, a row per worker, and the catalog's digest.
         Bounded whatever this hive holds (MAX_WORKERS_PER_HIVE workers; models by count)."""
-        listing = self.catalog.listing()
+        try:
+            listing = self.catalog.listing()
+            models = {"count": len(listing.entries), "digest": listing.digest}
+        except OSError as exc:
+            # Its directory gone or unreadable: the hive still runs its workers and says so.
+            if str(exc) != self._catalog_error:
+                log.error("hive %s cannot read its model catalog: %s", self.id, exc)
+            self._catalog_error = str(exc)
+            models = {"count": 0, "digest": ""}
+        else:
+            self._catalog_error = ""
         return {
             "version": __version__,
             "devices": [d.to_record() for d in self.devices.devices],
             "workers": [w.summary() for w in self.pool.list()],
-            "models": {"count": len(listing.entries), "digest": listing.digest},
+            "models": models,
         }
 
     # ---- operations --------------------------------------------------------------------------

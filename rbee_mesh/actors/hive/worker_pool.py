@@ -80,7 +80,6 @@ from rbee_mesh.protocol import (
     WorkerSpawn,
 )
 from rbee_mesh.protocol.constants import MAX_SLOTS, MAX_WORKERS_PER_HIVE
-from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.protocol.operations import WORKER_DEVICE
 from rbee_mesh.transport import EndpointError, parse_endpoint
 
@@ -153,7 +152,6 @@ class WorkerRecord:
             "slots": self.slots,
             "busy": self.busy,
             "backend": self.info.get("backend", ""),
-            "reason": sentence(self.reason)[:256],
         }
 
 
@@ -322,6 +320,10 @@ class WorkerPool:
         self._nursery = nursery
         self._workers: dict[str, _Worker] = {}
         self._closing = False
+        #: Workers that have exited are listed (with how they ended) until deleted, or until
+        #: this many newer ones have: a model that kills its worker on every job must not grow
+        #: the list, and the heartbeat that carries it, without end.
+        self.exited_kept = MAX_WORKERS_PER_HIVE
 
     # ---- the API the hive uses ------------------------------------------------------------------
 
@@ -447,7 +449,8 @@ class WorkerPool:
         return worker.snapshot()
 
     def list(self) -> list[WorkerRecord]:
-        """Every worker the pool knows (including dead ones, until deleted), oldest first."""
+        """Every worker the pool knows (including exited ones: see `exited_kept`), oldest
+        first."""
         return [worker.snapshot() for worker in self._workers.values()]
 
     def get(self, worker_id: str) -> WorkerRecord:
@@ -628,6 +631,9 @@ class WorkerPool:
             _remove_socket_file(worker.client.endpoint)
             worker.exited.set()
             worker.settled.set()
+            exited = [w.id for w in self._workers.values() if w.exited.is_set()]
+            for forgotten in exited[: max(0, len(exited) - self.exited_kept)]:
+                del self._workers[forgotten]
             self._load_changed(worker)
 
     async def _kill(self, worker: _Worker, cause: str) -> None:

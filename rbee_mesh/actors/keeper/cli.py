@@ -48,7 +48,7 @@ from rbee_mesh.protocol import (
     ProtocolError,
     Status,
 )
-from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT
+from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT, MAX_HEARTBEAT_S
 from rbee_mesh.transport import EndpointError, local_endpoint_for
 
 EXIT_OK = 0
@@ -366,7 +366,7 @@ def hive() -> None:
     "heartbeat_s",
     default=1.0,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0.01, MAX_HEARTBEAT_S),
     help="Seconds between heartbeats.",
 )
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -96,7 +96,8 @@ class Queen:
         #: Bumped whenever a worker slot frees up: waiting jobs look again.
         self._released = AsyncValue(0)
         self._placing = trio.Lock()
-        self._spawning: defaultdict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
+        #: One download or spawn at a time per hive and model.
+        self._spawning: dict[tuple[str, str], trio.Lock] = {}
 
     @property
     def listener(self) -> Listener:
@@ -223,6 +224,7 @@ class Queen:
                 if exc.started:
                     raise
                 # Until the hive's next state says how it is, the refusing worker is passed over.
+                link.refused = {w: n for w, n in link.refused.items() if n >= link.states.value}
                 link.refused[worker] = link.states.value
                 if op.worker is not None and exc.code is not ErrorCode.BUSY:
                     raise
@@ -280,22 +282,29 @@ class Queen:
                 self._queue.remove(job)
 
     async def _provide(self, job: ServerJob, decision: Decision) -> None:
-        """Download the model or spawn a worker, as decided; the next look then uses it."""
+        """Download the model or spawn a worker, as decided; the next look then uses it. One at
+        a time per hive and model."""
         assert decision.model is not None
         link = self.hives.get(decision.hive)
-        async with self._spawning[(link.name, decision.model)]:
-            narrate("schedule", decision.reason)
-            if decision.action is Action.DOWNLOAD:
-                op: ops.Operation = ops.ModelDownload(model=decision.model, hive=link.name)
-                entry = await self.hives.forward(job, op, link)
-                # Seen at once, not at the next heartbeat, so the next look spawns a worker.
-                link.models.append(
-                    {"id": entry["id"], "status": entry["status"], "size": entry["size"]}
-                )
-            else:
-                op = ops.WorkerSpawn(model=decision.model, hive=link.name)
-                record = await self.hives.forward(job, op, link)
-                link.state.setdefault("workers", []).append(record)
+        key = (link.name, decision.model)
+        lock = self._spawning.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                narrate("schedule", decision.reason)
+                if decision.action is Action.DOWNLOAD:
+                    op: ops.Operation = ops.ModelDownload(model=decision.model, hive=link.name)
+                    entry = await self.hives.forward(job, op, link)
+                    # Seen at once, not at the next heartbeat, so the next look spawns a worker.
+                    link.models.append(
+                        {"id": entry["id"], "status": entry["status"], "size": entry["size"]}
+                    )
+                else:
+                    op = ops.WorkerSpawn(model=decision.model, hive=link.name)
+                    record = await self.hives.forward(job, op, link)
+                    link.state.setdefault("workers", []).append(record)
+        finally:
+            if not lock.locked():  # nobody waits for it any more
+                self._spawning.pop(key, None)
 
     async def _hive_views(self, op: ops.Infer) -> list[HiveView]:
         """The hives a job may go to: the pinned one, else those live now (a suspect one only
