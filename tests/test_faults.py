@@ -230,11 +230,12 @@ async def test_a_job_that_outlasts_the_servers_grace_still_gets_its_terminal_fra
 
 
 @pytest.mark.parametrize(("server_s", "client_s"), [(0.1, 0.4), (0.4, 0.1)])
-async def test_a_client_gives_up_on_its_server_after_the_server_gives_up_on_it(
+async def test_a_server_gives_up_on_a_client_before_the_client_gives_up_on_it(
     server_s: float, client_s: float
 ) -> None:
-    """The server drops a silent client after SERVER_LOST_AFTER of the client's intervals; the
-    client waits CLIENT_LOST_AFTER of the longer of the two, so it is always the later."""
+    """The server drops a silent client after SERVER_LOST_AFTER of the client's intervals, the
+    client gives up after CLIENT_LOST_AFTER of the server's: a client whose interval is longer
+    than its server's beats at the server's, so the server always gives up first."""
     handlers: Any = {Status: _Handlers().ok}
     with trio.fail_after(10):
         async with await open_listener(memory_endpoint("server")) as listener:
@@ -246,14 +247,17 @@ async def test_a_client_gives_up_on_its_server_after_the_server_gives_up_on_it(
                 await nursery.start(server.run)
                 client_config = replace(FAST_KEEPER, heartbeat_s=client_s)
                 async with open_keeper(listener.endpoint, client_config) as keeper:
-                    await assert_serving(keeper)
+                    await assert_serving(keeper)  # after the READY answer
+                    keeper.beat()  # a heartbeat at the pace it keeps now...
+                    await assert_serving(keeper)  # ...handled before this job
                     assert keeper.liveness is not None
-                    client_waits = (CLIENT_LOST_AFTER + 0.5) * keeper.liveness.interval_s
+                    client_gives_up = (CLIENT_LOST_AFTER + 0.5) * keeper.liveness.interval_s
                     [peer] = server._peers.values()
-                    server_waits = (SERVER_LOST_AFTER + 0.5) * peer.liveness.interval_s
+                    server_gives_up = (SERVER_LOST_AFTER + 0.5) * peer.liveness.interval_s
                 await server.stop("the test is over")
-    assert server_waits < client_waits
-    assert keeper.liveness.interval_s == max(server_s, client_s)
+    assert server_gives_up < client_gives_up
+    assert keeper.liveness.interval_s == server_s  # a lost server is found as soon as can be
+    assert peer.liveness.interval_s == min(server_s, client_s)
 
 
 async def test_a_peers_bad_frame_is_logged_as_their_fault_and_answered(

@@ -21,6 +21,7 @@ class Link:
 
     def __init__(self) -> None:
         self.liveness = PeerLiveness(INTERVAL, trio.current_time())
+        self.beat_interval_s: float | None = None
         self.beats: list[float] = []
         self.changes: list[tuple[float, Liveness, Liveness]] = []
 

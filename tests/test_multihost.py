@@ -339,41 +339,53 @@ def test_a_cut_hive_goes_suspect_then_lost_ends_its_job_and_comes_back(mesh: Mul
 
     cut = time.time()
     lan.cut(lan["h1"])
-    seen: list[tuple[float, str, float]] = []  # (answered - cut, liveness, heartbeat age)
-    for answered, rows in poller.answers(timeout=10):
-        assert rows["h2"]["liveness"] == "live", rows  # the other hive is untouched
-        h1 = rows["h1"]
-        if not seen or seen[-1][1] != h1["liveness"]:
-            seen.append((answered - cut, h1["liveness"], h1["heartbeat_age_s"]))
-        if h1["liveness"] == "lost":
-            break
-    poller.stop()
+    try:
+        seen: list[tuple[float, str, float]] = []  # (answered - cut, liveness, heartbeat age)
+        for answered, rows in poller.answers(timeout=10):
+            assert rows["h2"]["liveness"] == "live", rows  # the other hive is untouched
+            h1 = rows["h1"]
+            if not seen or seen[-1][1] != h1["liveness"]:
+                seen.append((answered - cut, h1["liveness"], h1["heartbeat_age_s"]))
+            if h1["liveness"] == "lost":
+                break
+        poller.stop()
 
-    states = [s for _, s, _ in seen]
-    assert states[-1:] == ["lost"], seen
-    # Only forward, never back, and never skipping a state: the queen checks each hive twice
-    # per its heartbeat interval, and suspect lasts two intervals (0.3 to 0.7 s of silence).
-    assert states in (["suspect", "lost"], ["live", "suspect", "lost"]), seen
-    lost_after = next(t for t, s, _ in seen if s == "lost")
-    # Lost means silent for over 3.5 intervals (0.7 s): within ~0.8 s of the cut, 3 s allowed
-    # for a loaded box.
-    assert lost_after < 3.0, seen
-    for t, state, age in seen:
-        print(f"\n{state:8s} {t:.3f} s after the cut (heartbeat age {age} s)", end="")
+        states = [s for _, s, _ in seen]
+        assert states[-1:] == ["lost"], seen
+        # Only forward, never back, and never skipping a state: the queen checks each hive twice
+        # per its heartbeat interval, and suspect lasts two intervals (0.3 to 0.7 s of silence).
+        assert states in (["suspect", "lost"], ["live", "suspect", "lost"]), seen
+        lost_after = next(t for t, s, _ in seen if s == "lost")
+        # Lost means silent for over 3.5 intervals (0.7 s): within ~0.8 s of the cut, 3 s allowed
+        # for a loaded box.
+        assert lost_after < 3.0, seen
+        for t, state, age in seen:
+            print(f"\n{state:8s} {t:.3f} s after the cut (heartbeat age {age} s)", end="")
 
-    out, err = job.communicate(timeout=15)
-    assert job.returncode == 1, (out, err)
-    last = json_events(out)[-1]
-    assert last["event"] == "error" and last["code"] == "HIVE_LOST", last
-    assert "hive h1 stopped answering" in str(last["message"])
+        out, err = job.communicate(timeout=15)
+        assert job.returncode == 1, (out, err)
+        last = json_events(out)[-1]
+        assert last["event"] == "error" and last["code"] == "HIVE_LOST", last
+        assert "hive h1 stopped answering" in str(last["message"])
+    finally:  # the next tests use h1 too
+        lan.restore(lan["h1"])
+        restored = time.monotonic()
 
-    restored = time.monotonic()
-    lan.restore(lan["h1"])
     back = mesh.wait_liveness("h1", "live", timeout=30)
     print(f"\nlive again {back - restored:.3f} s after the link was restored", end="")
     # The same queen, not restarted, serves jobs on h1 again.
     pong = mesh.keeper("ping", "--hive", "h1", "-n", "2", timeout=30)
     assert pong.returncode == 0, pong.stderr
+
+    # The cut-off hive gave the job up (its queen silent) before the queen reported it lost.
+    def ended(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+        [record] = [j for j in jobs if j["id"] == last["job_id"]]
+        return {"state": record["state"], "at": record["created"] + record["duration_s"]}
+
+    on_hive = ended(mesh.result("hive", "status", "h1")["jobs"])
+    on_queen = ended(mesh.result("jobs", "list"))
+    assert (on_hive["state"], on_queen["state"]) == ("cancelled", "failed"), (on_hive, on_queen)
+    assert on_hive["at"] < on_queen["at"], (on_hive, on_queen)
 
 
 # ---- discovery: nothing configured but the start commands -------------------------------------

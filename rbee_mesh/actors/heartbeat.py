@@ -37,6 +37,12 @@ class Beating(Protocol):
         """The peer's liveness, or None while it is not watched (never heard yet)."""
         ...
 
+    @property
+    def beat_interval_s(self) -> float | None:
+        """How often this link beats, if more often than the schedule's interval (None: at the
+        schedule's)."""
+        ...
+
     def beat(self) -> None:
         """Send the peer a heartbeat now, never waiting (skip it if the pipe is full)."""
         ...
@@ -51,10 +57,11 @@ class HeartbeatSchedule:
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self._links: dict[Beating, None] = {}
+        #: Each link, and when it is next due to beat.
+        self._links: dict[Beating, float] = {}
 
     def add(self, link: Beating) -> None:
-        self._links[link] = None
+        self._links[link] = trio.current_time()
 
     def discard(self, link: Beating) -> None:
         self._links.pop(link, None)
@@ -63,31 +70,31 @@ class HeartbeatSchedule:
         return len(self._links)
 
     async def run(self) -> None:
-        """Beat each link once per interval and check it twice per its peer's interval, until
-        cancelled. A link added meanwhile is beaten within an interval."""
-        next_beat: list[float] = []
+        """Beat each link once per its interval and check it twice per its peer's interval,
+        until cancelled. A link added meanwhile is beaten within one pass."""
         woke = trio.current_time()
         while True:
             # Cut the slices anew each round, as links come and go.
             slices = min(_MAX_SLICES, 1 + len(self._links) // _LINKS_PER_SLICE)
-            if len(next_beat) != slices:
-                start = trio.current_time()
-                next_beat = [start + i * self.interval_s / slices for i in range(slices)]
-            fastest = min(
-                [self.interval_s]
-                + [link.liveness.interval_s for link in self._links if link.liveness is not None]
-            )
+            fastest = self.interval_s
+            for link in self._links:
+                if link.liveness is not None:
+                    fastest = min(fastest, link.liveness.interval_s)
+                if link.beat_interval_s is not None:
+                    fastest = min(fastest, link.beat_interval_s)
             links = list(self._links)
             for n in range(slices):
+                part = links[n * len(links) // slices : (n + 1) * len(links) // slices]
                 now = trio.current_time()
                 asleep, woke = now - woke > fastest, now  # it meant to sleep fastest / 2 at most
                 if not asleep:
-                    self._tend(links[n * len(links) // slices : (n + 1) * len(links) // slices])
-                if now >= next_beat[n]:
-                    next_beat[n] = max(next_beat[n] + self.interval_s, now)
-                    for link in links[n * len(links) // slices : (n + 1) * len(links) // slices]:
-                        if link in self._links:  # not dropped by a change just now
-                            link.beat()
+                    self._tend(part)
+                for link in part:
+                    due = self._links.get(link)  # None: dropped by a change just now
+                    if due is not None and now >= due:
+                        interval = link.beat_interval_s or self.interval_s
+                        self._links[link] = max(due + interval, now)
+                        link.beat()
                 await trio.sleep(fastest / 2 / slices)
 
     def _tend(self, part: list[Beating]) -> None:

@@ -253,6 +253,15 @@ class JobClient:
         """The jobs accepted by the server and not ended yet."""
         return list(self._jobs.values())
 
+    @property
+    def beat_interval_s(self) -> float:
+        """Ours, or the server's if it is shorter: the server judges us by the interval our
+        heartbeats say, and must give up on us (SERVER_LOST_AFTER of them) before we give up on
+        it (CLIENT_LOST_AFTER of its own)."""
+        if self._heard:
+            return min(self.config.heartbeat_s, self._liveness.interval_s)
+        return self.config.heartbeat_s
+
     def beat(self) -> None:
         """READY until the server answers on this connection, then HEARTBEAT; never waits."""
         if self._conn is None:
@@ -260,7 +269,7 @@ class JobClient:
         if self.answered.is_set():
             message: Message = Heartbeat(
                 job_id="", sender=self.name, seq=next(self._beats),
-                interval_s=self.config.heartbeat_s, ts=time.time(),
+                interval_s=self.beat_interval_s, ts=time.time(),
             )  # fmt: skip
         else:
             message = self._ready()
@@ -284,9 +293,7 @@ class JobClient:
             self._heard = True
             self.heard_once.set()
         if interval_s is not None:
-            # Judged by the longer of its interval and ours: the server judges us by ours, and
-            # gives up after SERVER_LOST_AFTER of them; we must give up later than it does.
-            self._liveness.interval_s = max(interval_s, self.config.heartbeat_s)
+            self._liveness.interval_s = interval_s
         was = self._liveness.seen(trio.current_time())
         if was is not None and self.on_liveness is not None:
             self.on_liveness(was, Liveness.LIVE)

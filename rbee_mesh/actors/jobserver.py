@@ -125,6 +125,9 @@ class Peer:
     #: libzmq may hold behind the news of the close) has been read.
     unreachable: bool = False
 
+    #: The server's own interval (the schedule's).
+    beat_interval_s = None
+
     def beat(self) -> None:
         """The server's heartbeat to this client (skipped while frames queue for it), saying
         how many jobs the server runs, of how many it may."""

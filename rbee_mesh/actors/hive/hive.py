@@ -145,6 +145,8 @@ class Hive:
     def liveness(self) -> None:
         return None
 
+    beat_interval_s = None  # its server's interval
+
     def beat(self) -> None:
         """Publish a HEARTBEAT with this hive's state."""
         self.devices = self.devices.refreshed()
