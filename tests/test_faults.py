@@ -813,14 +813,31 @@ async def test_a_client_that_beats_without_greeting_is_told_to_connect_again(
     assert mem_queen.server.peer_count == 0
 
 
+async def test_a_deadline_bound_submit_without_a_greeting_is_refused_and_never_runs(
+    mem_queen: Queen,
+) -> None:
+    """What a client of a restarted server may have queued: a SUBMIT whose `accept_by` cannot
+    be judged here (nothing is known of its sender's clock). Refused as not started."""
+    with trio.fail_after(10):
+        connection = await open_connection(mem_queen.listener.endpoint)
+        stale = Submit(job_id="", ref="queued", op=Ping(count=3), accept_by=time.time() + 60)
+        await connection.send(encode(stale))
+        refused, told = decode(await connection.receive()), decode(await connection.receive())
+        await connection.aclose()
+    assert isinstance(refused, Error), refused
+    assert (refused.ref, refused.code, refused.started) == ("queued", ErrorCode.UNAVAILABLE, False)
+    assert isinstance(told, Disconnect)
+    assert ran(mem_queen, "ping") == []
+
+
 @pytest.mark.slow
 async def test_a_queen_that_crashed_and_came_back_ends_the_jobs_it_lost(tmp_path: Path) -> None:
     """The keeper's job ran on a queen that was SIGKILLed; a new queen on the same port answers
     its heartbeats before the keeper could find the silence: the job still ends, at once."""
     mesh = clitools.Mesh(tmp_path)
     endpoint = f"tcp://127.0.0.1:{clitools.free_port()}"
-    argv = ("queen", "start", "--foreground", "--bind", endpoint)
     # Slow heartbeats: the keeper would take 3.5 x 5 s to give up on a silent queen.
+    argv = ("queen", "start", "--foreground", "--bind", endpoint, "--heartbeat", "5")
     patient = replace(FAST_KEEPER, heartbeat_s=5.0, accept_timeout_s=10.0)
     queens = [mesh.popen(*argv)]
     try:

@@ -83,3 +83,23 @@ async def test_a_schedule_that_was_frozen_judges_no_one_on_waking(
         await advance(mock_clock, 4 * INTERVAL)
         nursery.cancel_scope.cancel()
     assert [now for _, _, now in link.changes] == [Liveness.SUSPECT, Liveness.LOST]
+
+
+async def test_a_link_whose_interval_shrinks_beats_at_the_new_pace_without_waiting_out_the_old(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client learns its server's shorter interval after its first beat: its next beat must
+    not wait out the longer one (the server judges it by the shorter from then on)."""
+    link = Link()
+    schedule = HeartbeatSchedule(INTERVAL)
+    schedule.add(link)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(schedule.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert link.beats == [0.0]
+        link.beat_interval_s = INTERVAL / 4
+        await advance(mock_clock, 2 * INTERVAL)
+        nursery.cancel_scope.cancel()
+    assert link.beats[1] < INTERVAL
+    gaps = [b - a for a, b in zip(link.beats[1:], link.beats[2:], strict=False)]
+    assert gaps and all(gap == INTERVAL / 4 for gap in gaps)

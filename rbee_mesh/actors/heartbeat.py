@@ -73,6 +73,7 @@ class HeartbeatSchedule:
         """Beat each link once per its interval and check it twice per its peer's interval,
         until cancelled. A link added meanwhile is beaten within one pass."""
         woke = trio.current_time()
+        skipped = False
         while True:
             # Cut the slices anew each round, as links come and go.
             slices = min(_MAX_SLICES, 1 + len(self._links) // _LINKS_PER_SLICE)
@@ -86,13 +87,20 @@ class HeartbeatSchedule:
             for n in range(slices):
                 part = links[n * len(links) // slices : (n + 1) * len(links) // slices]
                 now = trio.current_time()
-                asleep, woke = now - woke > fastest, now  # it meant to sleep fastest / 2 at most
-                if not asleep:
+                # It meant to sleep fastest / 2 at most. Once only: a loop late at every wake
+                # must still judge.
+                skipped = now - woke > fastest and not skipped
+                woke = now
+                if not skipped:
                     self._tend(part)
                 for link in part:
                     due = self._links.get(link)  # None: dropped by a change just now
-                    if due is not None and now >= due:
-                        interval = link.beat_interval_s or self.interval_s
+                    if due is None:
+                        continue
+                    interval = link.beat_interval_s or self.interval_s
+                    if due - now > interval:  # its interval shrank since: due sooner
+                        due = now
+                    if now >= due:
                         self._links[link] = max(due + interval, now)
                         link.beat()
                 await trio.sleep(fastest / 2 / slices)

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
-from rbee_mesh.actors.runtime import CANCEL_CONFIRM_S, hand_over, single_errors
+from rbee_mesh.actors.runtime import hand_over, single_errors
 from rbee_mesh.protocol import (
     STREAMED,
     TERMINAL_KINDS,
@@ -321,9 +321,8 @@ class JobClient:
     async def _send_now(self, frames: Sequence[bytes]) -> None:
         """Send at once while the pipe has room (no task switch: a job's SUBMIT is on the path
         of every operation), else wait for room; first wait for a connection if there is none."""
-        if self._conn is None:
+        while self._conn is None:  # (a fence may come between the connection and this task)
             await self._connected.wait()
-        assert self._conn is not None
         try:
             self._conn.send_nowait(frames)
         except PeerBusy:
@@ -361,7 +360,7 @@ class JobClient:
 
     async def aclose(self, reason: str = "done") -> None:
         """Say goodbye (the server cancels what it still runs for this client at once, rather
-        than after its silence) and close."""
+        than after its silence) and close; jobs still open here end with `lost_code`."""
         self._closed = True
         if self._conn is not None:
             with trio.move_on_after(0.5), suppress(TransportError):
@@ -369,6 +368,7 @@ class JobClient:
                     encode(Disconnect(job_id="", sender=self.name, reason=sentence(reason)))
                 )
         self._fence()
+        self.lose(f"the link to {self.server} was closed: {reason}")
 
     def _fence(self) -> None:
         """Close this connection; `run` opens the next epoch's (unless closed). Nothing more is
@@ -385,7 +385,7 @@ class JobClient:
     def _ready(self) -> Ready:
         return Ready(
             job_id="", sender=self.name, role=self.role, session=self.session,
-            epoch=self.epoch, ts=time.time(), interval_s=self.config.heartbeat_s,
+            epoch=self.epoch, ts=time.time(), interval_s=self.beat_interval_s,
         )  # fmt: skip
 
     def _socket_options(self) -> SocketOptions:
@@ -571,6 +571,12 @@ async def running_client(client: JobClient) -> AsyncIterator[JobClient]:
                 nursery.cancel_scope.cancel()
 
 
+#: A server answers CANCEL at once (a worker after the prefill it is in), and one that cannot is
+#: found lost within CLIENT_LOST_AFTER intervals; this bounds the wait for its answer only when
+#: nothing watches the link any more (the whole actor cancelled at once).
+_CONFIRM_BACKSTOP_S = 30.0
+
+
 async def forward(
     client: JobClient,
     op: Operation,
@@ -585,8 +591,8 @@ async def forward(
     `started=False` when it was refused, or not answered, before it began).
 
     If the job ends here first (cancelled, deadline, shutdown), the server is told to cancel it,
-    and this returns once the server has ended it (or CANCEL_CONFIRM_S later): so that what it
-    used there (a worker's slot) is free by the time the job is reported ended.
+    and this returns once the server has ended it, or has been found lost: so that nothing runs
+    there, and what it used (a worker's slot) is free, by the time the job is reported ended.
     """
     # Not interrupted until the server has answered (FORWARD_ACCEPT_S at most): until then,
     # whether the job runs there is unknown, and a job reported ended must not start later.
@@ -596,7 +602,7 @@ async def forward(
         terminal = await handle.end()
     finally:
         if handle.terminal is None:
-            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CONFIRM_S):
+            with trio.CancelScope(shield=True), trio.move_on_after(_CONFIRM_BACKSTOP_S):
                 with suppress(TransportError):
                     await handle.cancel(f"cancelled at {cancelled_by}")
                 await handle.end()

@@ -69,7 +69,7 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.protocol.constants import HEARTBEAT_S, SERVER_LOST_AFTER
+from rbee_mesh.protocol.constants import HEARTBEAT_S, MIN_HEARTBEAT_S, SERVER_LOST_AFTER
 from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.transport import Listener, PeerBusy, PeerUnreachable, TransportClosed
 
@@ -120,10 +120,11 @@ class Peer:
     #: queue behind them; while none are, a frame is sent at once (no task switch).
     backlog: int = 0
     heartbeats: int = 0
-    #: Its connection closed under a send (EHOSTUNREACH). Nothing more is sent to it; it is
-    #: dropped at its next beat, by when what it sent before closing (a DISCONNECT, which
-    #: libzmq may hold behind the news of the close) has been read.
-    unreachable: bool = False
+    #: When its connection closed under a send (EHOSTUNREACH). Nothing more is sent to it, and
+    #: nothing it sends is acted on but a DISCONNECT; it is dropped at a beat at least half an
+    #: interval later, by when what it sent before closing (a DISCONNECT, which libzmq may hold
+    #: behind the news of the close) has been read.
+    unreachable: float | None = None
 
     #: The server's own interval (the schedule's).
     beat_interval_s = None
@@ -131,8 +132,9 @@ class Peer:
     def beat(self) -> None:
         """The server's heartbeat to this client (skipped while frames queue for it), saying
         how many jobs the server runs, of how many it may."""
-        if self.unreachable:
-            self.server._drop_peer(self, "it is unreachable (its connection closed)")
+        if self.unreachable is not None:
+            if trio.current_time() - self.unreachable >= self.server.config.heartbeat_s / 2:
+                self.server._drop_peer(self, "it is unreachable (its connection closed)")
             return
         if self.backlog:
             return
@@ -329,16 +331,22 @@ class JobServer:
                 rejection = f"rejected: {exc.message}"
                 self._send(peer, Error(job_id="", code=exc.code, message=rejection, ref=exc.ref))
                 continue
-            if peer.unreachable and not isinstance(message, Disconnect):
-                # Its connection was re-made (a blip) after frames to it were lost: drop it, and
-                # tell it to connect again as a new epoch.
-                self._drop_peer(peer, "it is unreachable (its connection closed)")
-                self._refuse_fenced(peer.id)
-                continue
+            if peer.unreachable is not None and not isinstance(message, Disconnect):
+                continue  # sent before it closed, or after a blip lost what was sent to it
             self._dispatch(peer, message)
 
     def _dispatch(self, peer: Peer, message: Message) -> None:
         match message:
+            case Submit() if peer.role is None and message.accept_by is not None:
+                # A client's first frame on a connection is READY: this one greeted an earlier
+                # run of this server (it restarted), and its deadline cannot be judged here.
+                why = f"the {self.actor} does not know this connection (it restarted)"
+                self._send(
+                    peer,
+                    Error(job_id="", code=ErrorCode.UNAVAILABLE, ref=message.ref, message=why,
+                          started=False),
+                )  # fmt: skip
+                self._stranger(peer)
             case Submit():
                 self._submit(peer, message)
             case Cancel():
@@ -355,14 +363,9 @@ class JobServer:
                     return
                 reason = message.reason or "cancelled by its submitter"
                 self._abort(job, Cancelled(job_id=job.id, reason=reason))
+            case Heartbeat() if peer.role is None:
+                self._stranger(peer)  # it waits for jobs that no longer exist anywhere
             case Heartbeat():
-                if peer.role is None:
-                    # A client greets a server with READY before anything else on a connection;
-                    # one that beats without having greeted greeted another server (this one
-                    # before it restarted), and waits for jobs that no longer exist anywhere.
-                    self._drop_peer(peer, "it greeted a server that is gone (a restart)")
-                    self._refuse_fenced(peer.id)
-                    return
                 peer.liveness.interval_s = message.interval_s
                 peer.clock.sample(message.ts, time.time())
             case Ready():
@@ -382,7 +385,7 @@ class JobServer:
         peer.name, peer.role = ready.sender, ready.role
         peer.clock.sample(ready.ts, time.time())
         if ready.interval_s:
-            peer.liveness.interval_s = ready.interval_s
+            peer.liveness.interval_s = max(ready.interval_s, MIN_HEARTBEAT_S)
         if ready.session:
             older = self._sessions.get(ready.session)
             if older is not None and older is not peer:
@@ -439,7 +442,7 @@ class JobServer:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 0.05)
                 except PeerUnreachable:
-                    peer.unreachable = True
+                    peer.unreachable = trio.current_time()
                     return False
                 except TransportClosed:
                     return False
@@ -451,7 +454,7 @@ class JobServer:
         self._send_frames(peer, encode(message))
 
     def _send_frames(self, peer: Peer, frames: Sequence[bytes]) -> None:
-        if peer.gone or peer.unreachable:
+        if peer.gone or peer.unreachable is not None:
             return
         if not peer.backlog:
             try:
@@ -460,7 +463,7 @@ class JobServer:
             except PeerBusy:
                 pass  # the sender task retries it
             except PeerUnreachable:
-                peer.unreachable = True
+                peer.unreachable = trio.current_time()
                 return
             except TransportClosed:
                 return
@@ -510,6 +513,12 @@ class JobServer:
             goodbye = Disconnect(job_id="", sender=self.name, reason="this connection was dropped")
             with suppress(PeerBusy, PeerUnreachable, TransportClosed):
                 self.listener.send_nowait(peer_id, encode(goodbye))
+
+    def _stranger(self, peer: Peer) -> None:
+        """A client speaks on a connection it has not greeted on (READY comes first): it greeted
+        an earlier run of this server. Told to connect again, so that it ends what it waits for."""
+        self._drop_peer(peer, "it greeted a server that is gone (a restart)")
+        self._refuse_fenced(peer.id)
 
     def _fence(self, peer: Peer, why: str) -> None:
         """Drop a connection whose client has moved on (and so refuse what it sends later)."""

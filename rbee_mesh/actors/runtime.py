@@ -11,10 +11,6 @@ import trio
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.protocol import Ping
 
-#: How long a cancelled job waits for the actor it was forwarded to to confirm its end (normally a
-#: token's time), so that when a job has ended, what it used downstream is free again.
-CANCEL_CONFIRM_S = 2.0
-
 #: The cancel reason of jobs ended because their actor is stopping (not because a person asked).
 SHUTDOWN_REASON = "shutdown"
 

@@ -40,6 +40,9 @@ MAX_VALUE_DEPTH = 16
 
 #: Default heartbeat interval, in seconds, of every link.
 HEARTBEAT_S = 1.0
+#: The shortest interval a peer may keep: a server's heartbeat schedule wakes twice per the
+#: shortest interval among its peers, and no peer may make it spin.
+MIN_HEARTBEAT_S = 0.05
 #: The longest interval a peer may keep (and so the longest it may stay silent, a few times over,
 #: before its server forgets it).
 MAX_HEARTBEAT_S = 60.0

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
-from rbee_mesh.protocol.constants import MAX_HEARTBEAT_S, MAX_JOB_ID, MAX_SENTENCE
+from rbee_mesh.protocol.constants import (
+    MAX_HEARTBEAT_S,
+    MAX_JOB_ID,
+    MAX_SENTENCE,
+    MIN_HEARTBEAT_S,
+)
 from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
 from rbee_mesh.protocol.fields import (
     Bool,
@@ -222,7 +227,7 @@ class Heartbeat(Message):
     NEEDS_JOB = False
     sender: str = spec(ident())
     seq: int = spec(Int(0, 2**63 - 1))
-    interval_s: float = spec(Float(0.01, MAX_HEARTBEAT_S))
+    interval_s: float = spec(Float(MIN_HEARTBEAT_S, MAX_HEARTBEAT_S))
     ts: float = spec(Float(0.0, 1e11), 0.0)
     state: dict[str, Any] = spec(Value(mapping=True), factory=dict)
 
@@ -244,7 +249,8 @@ class Ready(Message):
     session: str = spec(Text(max_len=64), "")
     epoch: int = spec(Int(0, 2**31), 0)
     ts: float = spec(Float(0.0, 1e11), 0.0)
-    #: The sender's heartbeat interval (0: not said): its silence is judged by it from the start.
+    #: The sender's heartbeat interval (0: not said): its silence is judged by it from the start
+    #: (at least MIN_HEARTBEAT_S).
     interval_s: float = spec(Float(0.0, MAX_HEARTBEAT_S), 0.0)
 
 

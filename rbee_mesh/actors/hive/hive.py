@@ -224,7 +224,8 @@ class Hive:
 
     def state(self) -> dict[str, Any]:
         """What every heartbeat carries: devices, a row per worker, and the catalog's digest.
-        Bounded whatever this hive holds (MAX_WORKERS_PER_HIVE workers; models by count)."""
+        Bounded whatever this hive holds (MAX_WORKERS_PER_HIVE running workers and as many that
+        exited; models by count)."""
         try:
             listing = self.catalog.listing()
             models = {"count": len(listing.entries), "digest": listing.digest}

@@ -48,7 +48,13 @@ from rbee_mesh.protocol import (
     ProtocolError,
     Status,
 )
-from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT, MAX_HEARTBEAT_S
+from rbee_mesh.protocol.constants import (
+    HEARTBEAT_PORT,
+    HEARTBEAT_S,
+    HIVE_PORT,
+    MAX_HEARTBEAT_S,
+    MIN_HEARTBEAT_S,
+)
 from rbee_mesh.transport import EndpointError, local_endpoint_for
 
 EXIT_OK = 0
@@ -251,6 +257,18 @@ def jobs() -> None:
     """Jobs known to the queen."""
 
 
+#: `--heartbeat`, for the queen and a hive alike.
+_heartbeat_option = click.option(
+    "--heartbeat",
+    "heartbeat_s",
+    default=HEARTBEAT_S,
+    show_default=True,
+    type=click.FloatRange(MIN_HEARTBEAT_S, MAX_HEARTBEAT_S),
+    help="Seconds between heartbeats. A link silent for 3.5 intervals is lost: shorter finds "
+    "failures sooner.",
+)
+
+
 @main.group()
 def queen() -> None:
     """Start, stop and inspect the queen on this machine."""
@@ -288,6 +306,7 @@ def queen() -> None:
     show_default=True,
     help="Find hives announced on the LAN (mDNS); env RBEE_MESH_DISCOVERY=0 turns it off.",
 )
+@_heartbeat_option
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
 def queen_start(
@@ -296,6 +315,7 @@ def queen_start(
     hives: tuple[str, ...],
     integrated: bool,
     discovery: bool,
+    heartbeat_s: float,
     foreground: bool,
 ) -> None:
     """Start the queen (a daemon, unless --foreground) and return once it answers.
@@ -304,9 +324,8 @@ def queen_start(
     and (with --integrated) this machine's own, in its process.
     """
     if foreground:
-        _serve_foreground(
-            cli, bind, daemon.serve_queen_forever, bind, True, list(hives), integrated, discovery
-        )
+        serve = daemon.serve_queen_forever
+        _serve_foreground(cli, bind, serve, bind, True, hives, integrated, discovery, heartbeat_s)
         return
     for hive in hives:  # refused here, not in the daemon's log
         peer_endpoint(hive)
@@ -315,6 +334,7 @@ def queen_start(
     argv += [arg for hive in hives for arg in ("--peer", hive)]
     argv += ["--integrated"] if integrated else []
     argv += ["--discovery" if discovery else "--no-discovery"]  # explicit: not from its env
+    argv += ["--heartbeat", str(heartbeat_s)]
     _start_daemon(cli, "queen", argv)
 
 
@@ -361,14 +381,7 @@ def hive() -> None:
     show_default="this machine's name",
     help="The hive's name in the mesh.",
 )
-@click.option(
-    "--heartbeat",
-    "heartbeat_s",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(0.01, MAX_HEARTBEAT_S),
-    help="Seconds between heartbeats.",
-)
+@_heartbeat_option
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
 def hive_start(

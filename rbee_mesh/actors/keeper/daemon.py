@@ -26,8 +26,10 @@ import trio
 
 from rbee_mesh import __version__
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
+from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.mesh import integrated_hive_config, running_queen
 from rbee_mesh.actors.queen.config import load_config, peer_endpoint
+from rbee_mesh.protocol.constants import HEARTBEAT_S
 
 log = logging.getLogger("rbee_mesh.daemon")
 
@@ -181,14 +183,18 @@ async def serve_queen_forever(
     hives: Sequence[str] = (),
     integrated: bool = False,
     discover: bool = True,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> None:
     """`queen start --foreground`: serve on `bind` until SIGTERM or SIGINT, then stop gracefully.
 
     With `record`, the daemon info file says where this queen listens while it does.
     """
-    hive = integrated_hive_config(state_dir()) if integrated else None
+    config = ServerConfig(heartbeat_s=heartbeat_s)
+    hive = integrated_hive_config(state_dir(), config) if integrated else None
     peers = [peer_endpoint(h) for h in hives]
-    async with running_queen(bind, hives=peers, integrated_hive=hive, discover=discover) as queen:
+    async with running_queen(
+        bind, config, hives=peers, integrated_hive=hive, discover=discover
+    ) as queen:
         for endpoint in load_config(state_dir()).peers:
             if endpoint not in peers:
                 await queen.add_hive(endpoint, source="config")

@@ -49,7 +49,7 @@ import trio
 from rbee_mesh.actors.jobserver import JobServer, Peer, ServerConfig, ServerJob
 from rbee_mesh.actors.worker.generate import generate
 from rbee_mesh.protocol import Actor, Infer, MeshError, ProtocolError
-from rbee_mesh.protocol.constants import HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_SLOTS
+from rbee_mesh.protocol.constants import HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_SLOTS, MIN_HEARTBEAT_S
 from rbee_mesh.protocol.fields import Spec, ident
 from rbee_mesh.protocol.operations import BACKEND, WORKER_DEVICE
 from rbee_mesh.transport import open_listener
@@ -321,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hive-id", type=_checked(ident(), "the id"), help="for narration")
     parser.add_argument(
         "--heartbeat-s",
-        type=_number(float, 0.01, MAX_HEARTBEAT_S, "the heartbeat interval"),
+        type=_number(float, MIN_HEARTBEAT_S, MAX_HEARTBEAT_S, "the heartbeat interval"),
         default=HEARTBEAT_S,
     )
     return parser
