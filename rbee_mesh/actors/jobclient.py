@@ -162,8 +162,8 @@ class ClientJob:
 
 
 class JobClient:
-    """One connection to a job server and the jobs submitted over it. Run it with `run` (or
-    `open_job_client`) and keep it on a `HeartbeatSchedule`."""
+    """One connection to a job server and the jobs submitted over it. Run it with `run` and
+    keep it on a `HeartbeatSchedule` (`running_client` does both, for a client alone)."""
 
     def __init__(
         self,
