@@ -15,8 +15,9 @@ What runs, for each N:
   own code; and a heartbeat PUB (`open_publisher`) on which it publishes a HEARTBEAT every
   interval (1 s, as a real hive), the N hives spread evenly over the interval. The heartbeat's
   state is shaped like a real hive's: a CPU and two GPUs, the catalog's count and digest, and
-  a row for each of 8 workers (1.7 KB packed; their full records, 6.5 KB, answer `worker_list`). What a simulated hive lacks is what the queen cannot
-  see: processes behind its workers, a catalog on disk. The simulator is lean on purpose, since
+  a row for each of 8 workers (1.7 KB packed; their full records, 6.5 KB, answer
+  `worker_list`). What a simulated hive lacks is what the queen cannot see: processes behind
+  its workers, a catalog on disk. The simulator is lean on purpose, since
   it shares the machine's cores with the queen: one task serves all control sockets (see
   `Simulator.serve_forever` for why not a JobServer per hive), heartbeats are spliced around a
   state packed once (`SimulatedHive.heartbeat`), and it reports its own lateness.
