@@ -6,6 +6,9 @@ Intervals are powers of two so that the boundaries are exact in binary floating 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 import trio.testing
 
@@ -32,6 +35,19 @@ class Link:
         self.changes.append((trio.current_time(), was, now))
 
 
+@asynccontextmanager
+async def on_a_schedule() -> AsyncIterator[Link]:
+    """A link on a running schedule (it has beaten once) for the duration of the block."""
+    link = Link()
+    schedule = HeartbeatSchedule(INTERVAL)
+    schedule.add(link)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(schedule.run)
+        await trio.testing.wait_all_tasks_blocked()
+        yield link
+        nursery.cancel_scope.cancel()
+
+
 async def advance(clock: trio.testing.MockClock, seconds: float) -> None:
     """Let time pass in small steps, every task running at each."""
     for _ in range(round(seconds / STEP)):
@@ -42,14 +58,8 @@ async def advance(clock: trio.testing.MockClock, seconds: float) -> None:
 async def test_a_silent_peer_is_suspect_then_lost_and_beaten_every_interval(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    link = Link()
-    schedule = HeartbeatSchedule(INTERVAL)
-    schedule.add(link)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(schedule.run)
-        await trio.testing.wait_all_tasks_blocked()
+    async with on_a_schedule() as link:
         await advance(mock_clock, 4 * INTERVAL)
-        nursery.cancel_scope.cancel()
     # Suspect once silent for more than 1.5 intervals, lost after more than 2.5 (CLIENT_LOST_AFTER
     # is 3 by default: the default here), each seen within the half interval the checks allow.
     (t_suspect, *suspect), (t_lost, *lost) = link.changes
@@ -64,12 +74,7 @@ async def test_a_silent_peer_is_suspect_then_lost_and_beaten_every_interval(
 async def test_a_schedule_that_was_frozen_judges_no_one_on_waking(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    link = Link()
-    schedule = HeartbeatSchedule(INTERVAL)
-    schedule.add(link)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(schedule.run)
-        await trio.testing.wait_all_tasks_blocked()
+    async with on_a_schedule() as link:
         await advance(mock_clock, INTERVAL)
         # The process freezes for ten intervals: no task runs, the peer's frames queue unread.
         mock_clock.jump(10 * INTERVAL)
@@ -81,7 +86,6 @@ async def test_a_schedule_that_was_frozen_judges_no_one_on_waking(
         assert link.changes == []
         # Checks resumed: a peer that stays silent is still found out.
         await advance(mock_clock, 4 * INTERVAL)
-        nursery.cancel_scope.cancel()
     assert [now for _, _, now in link.changes] == [Liveness.SUSPECT, Liveness.LOST]
 
 
@@ -90,16 +94,10 @@ async def test_a_link_whose_interval_shrinks_beats_at_the_new_pace_without_waiti
 ) -> None:
     """A client learns its server's shorter interval after its first beat: its next beat must
     not wait out the longer one (the server judges it by the shorter from then on)."""
-    link = Link()
-    schedule = HeartbeatSchedule(INTERVAL)
-    schedule.add(link)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(schedule.run)
-        await trio.testing.wait_all_tasks_blocked()
+    async with on_a_schedule() as link:
         assert link.beats == [0.0]
         link.beat_interval_s = INTERVAL / 4
         await advance(mock_clock, 2 * INTERVAL)
-        nursery.cancel_scope.cancel()
     assert link.beats[1] < INTERVAL
     gaps = [b - a for a, b in zip(link.beats[1:], link.beats[2:], strict=False)]
     assert gaps and all(gap == INTERVAL / 4 for gap in gaps)

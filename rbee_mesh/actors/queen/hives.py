@@ -33,10 +33,12 @@ from rbee_mesh.protocol import (
     ErrorCode,
     Liveness,
     MeshError,
+    ModelDownload,
     ModelList,
     Operation,
     ProtocolError,
     Ready,
+    WorkerSpawn,
     decode_heartbeat,
     decode_state,
     outcome,
@@ -268,17 +270,24 @@ class HiveRegistry:
             link.fetched = None
 
     async def forward(self, job: ServerJob, op: Operation, link: HiveLink) -> Any:
-        """Run `op` as `job` on `link`'s hive: relay its frames, return its result."""
+        """Run `op` as `job` on `link`'s hive: relay its frames, return its result. A model it
+        downloaded or a worker it spawned is in the queen's view at once, not at its next
+        heartbeat, so that the next placement (the scheduler's, or a user's pin) finds it."""
         if not link.is_live:
             raise MeshError(
                 ErrorCode.HIVE_LOST if link.ever_seen else ErrorCode.UNAVAILABLE,
                 f"hive {link.name} is {link.liveness_state}; it cannot run {op.NAME}",
                 started=False,
             )
-        return await forward(
+        result = await forward(
             link.client, op, job_id=job.id, timeout_s=job.time_left_s, relay=job.relay,
             cancelled_by=self.queen_name,
         )  # fmt: skip
+        if isinstance(op, ModelDownload):
+            link.models.append({k: result[k] for k in ("id", "status", "size")})
+        elif isinstance(op, WorkerSpawn):
+            link.state.setdefault("workers", []).append(result)
+        return result
 
     # ---- what the hives say --------------------------------------------------------------------
 

@@ -291,17 +291,12 @@ class Queen:
         try:
             async with lock:
                 narrate("schedule", decision.reason)
+                op: ops.Operation
                 if decision.action is Action.DOWNLOAD:
-                    op: ops.Operation = ops.ModelDownload(model=decision.model, hive=link.name)
-                    entry = await self.hives.forward(job, op, link)
-                    # Seen at once, not at the next heartbeat, so the next look spawns a worker.
-                    link.models.append(
-                        {"id": entry["id"], "status": entry["status"], "size": entry["size"]}
-                    )
+                    op = ops.ModelDownload(model=decision.model, hive=link.name)
                 else:
                     op = ops.WorkerSpawn(model=decision.model, hive=link.name)
-                    record = await self.hives.forward(job, op, link)
-                    link.state.setdefault("workers", []).append(record)
+                await self.hives.forward(job, op, link)  # seen at once: the next look uses it
         finally:
             if not lock.locked():  # nobody waits for it any more
                 self._spawning.pop(key, None)
