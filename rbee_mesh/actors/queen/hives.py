@@ -284,9 +284,9 @@ class HiveRegistry:
             cancelled_by=self.queen_name,
         )  # fmt: skip
         if isinstance(op, ModelDownload):
-            link.models.append({k: result[k] for k in ("id", "status", "size")})
+            _put(link.models, {k: result[k] for k in ("id", "status", "size")})
         elif isinstance(op, WorkerSpawn):
-            link.state.setdefault("workers", []).append(result)
+            _put(link.state.setdefault("workers", []), result)
         return result
 
     # ---- what the hives say --------------------------------------------------------------------
@@ -358,6 +358,11 @@ class HiveRegistry:
             log.warning("hive %s is live again", link.name)
         else:
             log.warning("hive %s is %s (was %s)", link.name, now, was)
+
+
+def _put(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """`row` in `rows`, in place of one with its id (a heartbeat may have listed it already)."""
+    rows[:] = [r for r in rows if r.get("id") != row["id"]] + [row]
 
 
 def reachable_endpoint(advertised: str, *, via: str) -> str:
