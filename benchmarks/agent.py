@@ -7,7 +7,7 @@ would otherwise run inside every other mode's measurement), and lets the remote 
 run on a host of its own (a network namespace).
 
     python -m benchmarks.agent integrated STATE_DIR
-    python -m benchmarks.agent mesh ENDPOINT         # a queen (ipc://, tcp://)
+    python -m benchmarks.agent mesh ENDPOINT HOME    # a queen (ipc://, tcp://), as HOME's node
     python -m benchmarks.agent http URL              # the HTTP + SSE baseline's queen
 
 Protocol, one JSON object per line: the agent first says ``{"ready": true}`` (or
@@ -31,6 +31,7 @@ import trio
 from rbee_mesh.actors.jobclient import JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import integrated_mesh
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     Done,
     HiveList,
@@ -149,7 +150,8 @@ async def mesh_client(kind: str, target: str) -> AsyncIterator[Any]:
         ):
             yield MeshClient(keeper, queen.hives.links[0].name)
         return
-    async with open_keeper(target) as keeper:
+    endpoint, home = target.split(" ", 1)
+    async with open_keeper(endpoint, trust=Trust.load(Path(home))) as keeper:
         client = MeshClient(keeper, "")
         with trio.fail_after(30):  # the queen links its hive within a heartbeat or two
             while not client.hive:
@@ -184,7 +186,7 @@ def say(record: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    kind, target = sys.argv[1], sys.argv[2]
+    kind, target = sys.argv[1], " ".join(sys.argv[2:])
     try:
         trio.run(serve, kind, target)
     except Exception as exc:

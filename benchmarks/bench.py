@@ -214,15 +214,16 @@ def start_mode(mode: str, setup: Setup) -> Agent:
             hive=["--bind", f"{sock}/hive.sock", "--heartbeat-bind", f"{sock}/hive-hb.sock"],
             queen=["--bind", f"{sock}/queen.sock"],
         )
-        return Agent.start(mode, ["mesh", queen], setup)
+        return Agent.start(mode, ["mesh", queen, str(home)], setup)
     if mode == "tcp":
         any_port = "tcp://127.0.0.1:0"
+        home = setup.home("tcp")
         queen = setup.daemons(
-            setup.home("tcp"),
+            home,
             hive=["--bind", any_port, "--heartbeat-bind", any_port],
             queen=["--bind", any_port],
         )
-        return Agent.start(mode, ["mesh", queen], setup)
+        return Agent.start(mode, ["mesh", queen, str(home)], setup)
     if mode == "remote":
         return _start_remote(setup)
     if mode == "http":
@@ -242,16 +243,17 @@ def _start_remote(setup: Setup) -> Agent:
     setup.later(stack.close)
     hive, queen = lan["hive"], lan["queen"]
     hive_home, queen_home = setup.home("remote-hive"), setup.workdir / "remote-queen"
-    setup.cli(hive_home, "hive", "start", "--id", "bench-hive", "--lan", prefix=hive.argv([]))
-    setup.cli(
-        queen_home,
-        *("queen", "start", "--no-discovery", "--bind", "tcp://0.0.0.0:7833"),
-        *("--peer", hive.address),
-        prefix=queen.argv([]),
-    )
+    # Each host its own node: the hive joins the queen with a token, as on a real LAN; the
+    # keeper shares the queen's state directory (its owner).
+    setup.cli(queen_home, "queen", "start", "--no-discovery", prefix=queen.argv([]))
+    invite = ("queen", "invite", "--address", queen.address)
+    token = setup.cli(queen_home, *invite, prefix=queen.argv([]))["result"]["token"]
+    join = ("hive", "start", "--id", "bench-hive", "--join", token)
+    setup.cli(hive_home, *join, prefix=hive.argv([]))
     # Stopped with the LAN: closing it kills every process in its namespaces.
     target = f"tcp://{queen.address}:7833"
-    return Agent.start("remote", ["mesh", target], setup, prefix=lan["keeper"].argv([]))
+    argv = ["mesh", target, str(queen_home)]
+    return Agent.start("remote", argv, setup, prefix=lan["keeper"].argv([]))
 
 
 class ModeUnavailable(BenchError):

@@ -78,7 +78,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ from rbee_mesh.actors.hive.devices import CpuDevice, CudaDevice
 from rbee_mesh.actors.hive.worker_pool import WorkerRecord, WorkerState
 from rbee_mesh.actors.jobclient import JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -115,7 +116,13 @@ from rbee_mesh.protocol import (
     encode,
     peek_route,
 )
-from rbee_mesh.transport import Publisher, make_socket, open_publisher
+from rbee_mesh.transport import (
+    PUBSUB_OPTIONS,
+    Publisher,
+    SocketOptions,
+    make_socket,
+    open_publisher,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS_PER_HIVE = 8
@@ -416,21 +423,28 @@ async def simulated_hives(
     heartbeat_s: float = HEARTBEAT_S,
     host: str = "127.0.0.1",
     seed: int = 0,
+    trust: Trust | None = None,
 ) -> AsyncIterator[Simulator]:
-    """`count` hives, ids `sim-{first:05d}` on, serving and heartbeating for the block.
+    """`count` hives, ids `sim-{first:05d}` on, serving and heartbeating for the block, as the
+    node of `trust` (default: this process's; all of them one node, with the queen's key).
 
     Control sockets come from the transport's socket factory (`make_socket`: the options every
-    rbee-mesh ROUTER has) rather than `open_listener`, whose Listener wants a task per socket.
+    rbee-mesh ROUTER has, CURVE keys included) rather than `open_listener`, whose Listener wants
+    a task per socket.
     """
     rng = random.Random(seed + first)
+    keys = (trust or Trust.for_process()).server_keys()
     async with AsyncExitStack() as stack:
         hives = []
         for n in range(first, first + count):
-            router = make_socket(zmq.ROUTER)
+            router = make_socket(zmq.ROUTER, options=SocketOptions(curve=keys))
             stack.callback(router.close, linger=0)
             router.bind(f"tcp://{host}:*")
             control = router.getsockopt_string(zmq.LAST_ENDPOINT)
-            publisher = await stack.enter_async_context(await open_publisher(f"tcp://{host}:0"))
+            beats = replace(PUBSUB_OPTIONS, curve=keys)
+            publisher = await stack.enter_async_context(
+                await open_publisher(f"tcp://{host}:0", options=beats)
+            )
             records = hive_workers(workers, rng)
             state = hive_state(records, rng)
             hives.append(
@@ -456,8 +470,9 @@ async def serve_simulated_hives(
     heartbeat and the longest pass over the control sockets), until killed. SIGTERM ends it at
     once: the kernel closes its sockets (closing thousands one by one, each waiting for libzmq
     to release its port, would take seconds)."""
+    trust = Trust.load(Path(os.environ["RBEE_MESH_HOME"]))  # the queen's: one node
     async with simulated_hives(
-        count, first=first, workers=workers, heartbeat_s=heartbeat_s, seed=seed
+        count, first=first, workers=workers, heartbeat_s=heartbeat_s, seed=seed, trust=trust
     ) as sim:
         # Everything made so far lives as long as the process: keep the collector from walking
         # it again and again. Unfrozen, a full collection took 40 ms at 1,000 hives, during
@@ -849,7 +864,7 @@ async def running_mesh(
             children.append(queen)
             with trio.move_on_after(setup_timeout) as scope:
                 endpoint = await _queen_endpoint(home / "queen.json", queen)
-                async with open_keeper(endpoint) as keeper:
+                async with open_keeper(endpoint, trust=Trust.load(home)) as keeper:
                     await _all_live(keeper, hives, queen)
                     mesh = Mesh(hives, queen, simulators, keeper, queen_log, hive_ids)
                     mesh.setup_s = time.monotonic() - queen.started

@@ -64,7 +64,7 @@ def test_a_mode_whose_queen_never_answers_fails_with_the_agents_reason(tmp_path:
     nobody = f"ipc://{tmp_path}/nobody.sock"
     try:
         with pytest.raises(bench.BenchError) as failure:
-            bench.Agent.start("ipc", ["mesh", nobody], setup)
+            bench.Agent.start("ipc", ["mesh", nobody, str(tmp_path / "home")], setup)
     finally:
         setup.close()
     message = str(failure.value)

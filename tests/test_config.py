@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_mesh.actors.queen.config import Config, load_config, peer_endpoint
+from rbee_mesh.actors.queen.config import Config, load_config, peer_endpoint, peer_spec
 from rbee_mesh.protocol import MeshError
 
 
@@ -34,9 +34,20 @@ def test_no_config_file_is_an_empty_config(tmp_path: Path) -> None:
     assert load_config(tmp_path) == Config()
 
 
-def test_peers_are_read_from_the_queen_section(tmp_path: Path) -> None:
-    (tmp_path / "config.toml").write_text('[queen]\npeers = ["10.0.0.7", "b:7900"]\n')
-    assert load_config(tmp_path).peers == ("tcp://10.0.0.7:7835", "tcp://b:7900")
+KEY = "9?@gr!a]vwRHx(ETfD.?@Ya(RBnS@Eh*OPzrBpRZ"
+
+
+def test_peers_are_read_from_the_queen_section_with_their_keys(tmp_path: Path) -> None:
+    peers = f'["10.0.0.7", "b:7900#{KEY}"]'
+    (tmp_path / "config.toml").write_text(f"[queen]\npeers = {peers}\n")
+    assert load_config(tmp_path).peers == (("tcp://10.0.0.7:7835", ""), ("tcp://b:7900", KEY))
+
+
+def test_a_peer_whose_key_is_not_a_key_is_refused_naming_it() -> None:
+    peer = "b:7900#" + "x" * 39 + "~"
+    with pytest.raises(MeshError) as err:
+        peer_spec(peer)
+    assert repr(peer) in err.value.message and "not a public key" in err.value.message
 
 
 @pytest.mark.parametrize(

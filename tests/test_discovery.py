@@ -49,7 +49,7 @@ HIVE = HiveAnnouncement(
     host="127.0.0.1",
     control_port=7835,
     heartbeat_port=7836,
-    key_fingerprint="",
+    key="9?@gr!a]vwRHx(ETfD.?@Ya(RBnS@Eh*OPzrBpRZ",
     version="0.1.0",
 )
 _namespaces = itertools.count()
@@ -299,6 +299,8 @@ def test_control_endpoint_brackets_ipv6_hosts() -> None:
         ({**HIVE.txt(), b"heartbeat": b"70000"}, ["127.0.0.1"], "'heartbeat' is not a number"),
         ({b"path": b"/printer"}, ["127.0.0.1"], "no 'hive_id'"),
         (HIVE.txt(), [], "no address"),
+        ({**HIVE.txt(), b"key": b"not-a-key"}, ["127.0.0.1"], "'key' is not a public key"),
+        ({**HIVE.txt(), b"key": None}, ["127.0.0.1"], "no 'key'"),
     ],
 )
 def test_malformed_txt_records_are_rejected_with_a_reason(

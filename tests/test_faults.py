@@ -42,6 +42,7 @@ from rbee_mesh.actors.jobserver import JobServer, ServerConfig, ServerJob
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import integrated_hive_config, memory_endpoint, running_queen
 from rbee_mesh.actors.queen.queen import Queen
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import (
     Actor,
@@ -77,9 +78,9 @@ from rbee_mesh.protocol.constants import (
     MAX_SENTENCE,
     SERVER_LOST_AFTER,
 )
-from rbee_mesh.transport import open_connection, open_listener, open_subscriber
 from tests import clitools
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint
+from tests.keyed import NODE, open_connection, open_listener, open_subscriber, pair
 
 #: Values a catalog entry takes in a listing (its fields, and the map).
 VALUES_PER_ENTRY = 12
@@ -305,6 +306,7 @@ class HiveProcess:
         ]  # fmt: skip
         env = {**os.environ, "RBEE_MESH_HOME": str(state_dir)}
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.key = pair(state_dir)
         log = (state_dir / "hive-test.log").open("wb")
         self.process = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -339,7 +341,9 @@ def hive_processes() -> Iterator[list[HiveProcess]]:
 async def queen_of(hives: list[HiveProcess]) -> AsyncIterator[tuple[Queen, JobClient]]:
     """A queen linked to these hive processes (each has answered its READY), and a keeper."""
     async with (
-        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=[h.control for h in hives]) as queen,
+        running_queen(
+            "tcp://127.0.0.1:0", FAST_QUEEN, hives=[(h.control, h.key) for h in hives]
+        ) as queen,
         open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
     ):
         with trio.fail_after(30):
@@ -367,12 +371,12 @@ async def test_a_huge_catalog_keeps_heartbeats_small_and_its_listing_fails_resul
     hive = HiveProcess(tmp_path / "big", "big")
     hive_processes.append(hive)
     async with (
-        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=[hive.control]) as queen,
+        running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=[(hive.control, hive.key)]) as queen,
         open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
-        open_keeper(hive.control, FAST_KEEPER) as straight,
+        open_keeper(hive.control, FAST_KEEPER, server_key=hive.key) as straight,
         await open_subscriber() as heartbeats,
     ):
-        await heartbeats.connect(hive.heartbeats)
+        await heartbeats.connect(hive.heartbeats, hive.key)
         with trio.fail_after(60):
             frames = await heartbeats.receive()
             await queen.hives.links[0].client.answered.wait()
@@ -608,9 +612,17 @@ async def test_decode_bombs_at_a_queen_a_hive_and_a_worker_leave_each_serving(
         with trio.fail_after(60):
             worker = await done(keeper, WorkerSpawn(model=MODEL))
             sockets = HiveConfig(state_dir=tmp_path / "h", hive_id="h").worker_sockets
-            targets = [queen.listener.endpoint, hive.control, f"{sockets}.{worker['id']}"]
-            for endpoint in targets:
-                async with await open_connection(endpoint) as attacker:
+            # Peers that passed the handshake: this test as the queen's node, as the hive's
+            # queen, and (with the hive's own key, which it reads from the hive's directory)
+            # as the hive at its worker.
+            hive_node = Trust.load(tmp_path / "h")
+            targets = [
+                (queen.listener.endpoint, NODE, ""),
+                (hive.control, NODE, hive.key),
+                (f"{sockets}.{worker['id']}", hive_node, ""),
+            ]
+            for endpoint, node, key in targets:
+                async with await open_connection(endpoint, node=node, server_key=key) as attacker:
                     for _ in range(3):
                         for body in worst_bodies().values():
                             await attacker.send([HEADER, bytes([Kind.SUBMIT]), b"", body])
@@ -633,7 +645,8 @@ async def test_decode_bombs_at_a_queen_a_hive_and_a_worker_leave_each_serving(
 class RawSubscriber:
     """A subscriber that speaks ZMTP 3.0 itself over a plain TCP socket, as an attacker may:
     libzmq's own SUB keeps what it subscribes to in a trie, and a 12 MiB topic overflows the
-    stack of the process that sends it."""
+    stack of the process that sends it. It offers the NULL mechanism (no keys): a hive's
+    publisher, a CURVE server, hangs up on it at the handshake."""
 
     def __init__(self, endpoint: str) -> None:
         host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
@@ -656,7 +669,8 @@ class RawSubscriber:
         """Whatever has arrived so far."""
         data = b""
         self.sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):  # nothing more, for now
+        # Nothing more for now, or the peer hung up.
+        with contextlib.suppress(BlockingIOError, ConnectionResetError):
             while chunk := self.sock.recv(65536):
                 data += chunk
         return data
@@ -674,7 +688,9 @@ async def test_huge_and_many_subscriptions_neither_grow_nor_stall_a_hive(
     attackers: list[RawSubscriber] = []
     try:
         async with (
-            running_queen("tcp://127.0.0.1:0", FAST_QUEEN, hives=[hive.control]) as queen,
+            running_queen(
+                "tcp://127.0.0.1:0", FAST_QUEEN, hives=[(hive.control, hive.key)]
+            ) as queen,
             await open_subscriber() as everything,
         ):
             link = queen.hives.links[0]
@@ -693,7 +709,7 @@ async def test_huge_and_many_subscriptions_neither_grow_nor_stall_a_hive(
                 async with trio.open_nursery() as nursery:
                     for attacker in attackers[1:]:
                         nursery.start_soon(trio.to_thread.run_sync, flood, attacker)
-                await everything.connect(hive.heartbeats)
+                await everything.connect(hive.heartbeats, hive.key)
                 heard = [await everything.receive() for _ in range(3)]
                 seq = link.states.value
                 await link.states.wait_value(lambda now: now >= seq + 3)
@@ -713,10 +729,12 @@ async def test_huge_and_many_subscriptions_neither_grow_nor_stall_a_hive(
 
 
 def flood(attacker: RawSubscriber) -> None:
-    """1,000 distinct subscriptions, then one to a topic of our frames' first bytes."""
-    for n in range(1_000):
-        attacker.subscribe(b"%060d" % n)
-    attacker.subscribe(b"RBEE")
+    """1,000 distinct subscriptions, then one to a topic of our frames' first bytes (until the
+    hive hangs up on a peer that did not pass the CURVE handshake)."""
+    with contextlib.suppress(OSError):
+        for n in range(1_000):
+            attacker.subscribe(b"%060d" % n)
+        attacker.subscribe(b"RBEE")
 
 
 # ---- at most once: what arrives too late never runs ---------------------------------------------
@@ -842,7 +860,7 @@ async def test_a_queen_that_crashed_and_came_back_ends_the_jobs_it_lost(tmp_path
     queens = [mesh.popen(*argv)]
     try:
         with trio.fail_after(60):
-            async with open_keeper(endpoint, patient) as keeper:
+            async with open_keeper(endpoint, patient, Trust.load(mesh.home)) as keeper:
                 job = await keeper.submit(Ping(count=100_000, interval_s=0.01))
                 async for message in job:
                     if isinstance(message, Narration):

@@ -49,6 +49,7 @@ from rbee_mesh.protocol import (
 )
 from tests import hub as fake_hub
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint, queen_address
+from tests.keyed import pair
 
 hub = fake_hub.hub
 
@@ -331,10 +332,12 @@ async def test_hive_killed_is_lost_its_jobs_end_hive_lost_and_it_comes_back(
     worker (killed with it) shows unreachable; a new hive on the same endpoints is live again."""
     control = bind_endpoint(transport, tmp_path).replace(":0", f":{_free_port()}")
     heartbeats = bind_endpoint(transport, tmp_path).replace(":0", f":{_free_port()}")
+    key = pair(tmp_path / "state")  # the hive process obeys this test's queen
     process = start_hive_process(tmp_path / "state", control, heartbeats)
     try:
+        linked = [(control, key)]
         async with (
-            running_queen(bind_endpoint(transport, tmp_path), FAST_QUEEN, hives=[control]) as queen,
+            running_queen(bind_endpoint(transport, tmp_path), FAST_QUEEN, hives=linked) as queen,
             open_keeper(queen_address(queen), FAST_KEEPER) as keeper,
         ):
             mesh = HiveMesh(queen, keeper, None)

@@ -35,8 +35,8 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.transport import open_connection
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint, queen_address
+from tests.keyed import open_connection
 
 REPO = "rbee-test/tiny-GGUF"
 FILE = "tiny.gguf"

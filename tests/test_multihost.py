@@ -61,13 +61,16 @@ hub.close()
 #: starve the very daemons under test. So one keeper process asks the same operation in a loop.
 POLLER_SCRIPT = """
 import json, sys, time
+import os, pathlib
 import trio
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import Done, HiveList
 
 async def main(endpoint: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    async with open_keeper(endpoint) as keeper:
+    node = Trust.load(pathlib.Path(os.environ["RBEE_MESH_HOME"]))  # the queen's own node
+    async with open_keeper(endpoint, trust=node) as keeper:
         while time.monotonic() < deadline:
             asked = time.time()
             job = await keeper.submit(HiveList())
@@ -180,10 +183,16 @@ class MultiHost:
             )
         )
 
-    def start_hive(self, host: str, **env: str) -> subprocess.Popen[str]:
+    def invite(self) -> str:
+        """A join token of the queen on q, for a hive."""
+        token = self.result("queen", "invite", "--address", self.lan["q"].address)["token"]
+        return str(token)
+
+    def start_hive(self, host: str, *args: str, **env: str) -> subprocess.Popen[str]:
+        """`hive start` on `host` (its defaults: the LAN, announced), with `args` (--join)."""
         return self.lan[host].popen(
-            [sys.executable, "-m", "rbee_mesh", "hive", "start", "--lan", "--id", host,
-             "--heartbeat", str(HEARTBEAT_S)],
+            [sys.executable, "-m", "rbee_mesh", "hive", "start", "--id", host,
+             "--heartbeat", str(HEARTBEAT_S), *args],
             env=self.env(host, **env),
             cwd=REPO_ROOT,
         )  # fmt: skip
@@ -217,17 +226,18 @@ def _start(m: MultiHost, gguf: Path) -> Iterator[MultiHost]:
     m.hub_endpoint = read_line(hub, 30).strip()
     assert m.hub_endpoint.startswith("http://127.0.0.1:"), m.hub_endpoint
 
-    # Nothing configured but the start commands: the queen finds the hives on the LAN.
+    # Nothing configured but the start commands and a join token for each hive.
     queen = m.rbee("q", "queen", "start", "--discovery")
     assert queen.returncode == 0, queen.stderr
+    tokens = {host: m.invite() for host in ("h1", "h2")}
 
     # One keeper asking `hive list` every 20 ms, from before the hives start: when each is
     # first listed live, to within a poll.
     poller = m.poll_hives(seconds=60)
     started = time.time()
     hives = {
-        "h1": m.start_hive("h1", HF_ENDPOINT=m.hub_endpoint),
-        "h2": m.start_hive("h2"),
+        "h1": m.start_hive("h1", "--join", tokens["h1"], HF_ENDPOINT=m.hub_endpoint),
+        "h2": m.start_hive("h2", "--join", tokens["h2"]),
     }
     returned: dict[str, float] = {}
     deadline = time.time() + 60
@@ -260,8 +270,8 @@ def _start(m: MultiHost, gguf: Path) -> Iterator[MultiHost]:
 def test_both_remote_hives_are_listed_live(mesh: MultiHost) -> None:
     rows = mesh.result("hive", "list")
     assert sorted((r["hive"], r["source"], r["endpoint"], r["liveness"]) for r in rows) == [
-        ("h1", "mdns", f"tcp://{mesh.lan['h1'].address}:7835", "live"),
-        ("h2", "mdns", f"tcp://{mesh.lan['h2'].address}:7835", "live"),
+        ("h1", "joined", f"tcp://{mesh.lan['h1'].address}:7835", "live"),
+        ("h2", "joined", f"tcp://{mesh.lan['h2'].address}:7835", "live"),
     ]
     for row in rows:
         assert row["heartbeat_age_s"] is not None and row["heartbeat_age_s"] < 1.0, row
@@ -397,7 +407,7 @@ def lan() -> Iterator[netns.Lan]:
         yield made
 
 
-def test_hives_started_with_no_address_are_discovered_and_dropped_on_goodbye(
+def test_hives_found_on_the_lan_are_pending_until_paired_then_dropped_on_goodbye(
     lan: netns.Lan, tmp_path: Path
 ) -> None:
     m = MultiHost(lan, tmp_path)
@@ -408,23 +418,49 @@ def test_hives_started_with_no_address_are_discovered_and_dropped_on_goodbye(
         timeout=60,
     )
     assert queen.returncode == 0, queen.stderr
-    poller = m.poll_hives(seconds=60)
+    poller = m.poll_hives(seconds=90)
     started = time.time()
     for host in ("h1", "h2"):
-        proc = m.start_hive(host)
+        proc = m.start_hive(host)  # no token: found by mDNS, trusted by nobody yet
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
+    ids = {host: json_events(m.rbee(host, "--json", "id").stdout)[-1] for host in ("h1", "h2")}
+    pending: dict[str, float] = {}
+    for answered, rows in poller.answers(timeout=30):
+        for host in ("h1", "h2"):
+            row = rows.get(host)
+            if row and row["liveness"] == "pending":
+                # Listed with the key it announced: the one `rbee-mesh id` shows on its machine.
+                assert row["fingerprint"] == ids[host]["fingerprint"], row
+                assert row["endpoint"] == f"tcp://{lan[host].address}:7835", row
+                pending.setdefault(host, answered - started)
+        if len(pending) == 2:
+            break
+    print(f"\nlisted pending after {pending} s from the first hive start", end="")
+    doctor = m.rbee("q", "--json", "doctor", "--discovery")
+    checks = {c["check"]: c for c in json_events(doctor.stdout)}
+    assert doctor.returncode == 1 and not checks["hive h1"]["ok"], checks
+    assert "hive trust h1" in checks["hive h1"]["advice"], checks
+
+    # A wrong code: refused at the hive's handshake; nothing is trusted on either side.
+    wrong = m.rbee("q", "hive", "trust", "h1", "--code", "AAAAA-AAAAA")
+    assert wrong.returncode == 6, (wrong.stdout, wrong.stderr)
+    assert "did not take the pairing code" in wrong.stderr
+    for host in ("h1", "h2"):
+        code = m.rbee(host, "hive", "pair")
+        assert code.returncode == 0, code.stderr
+        trusted = m.rbee("q", "hive", "trust", host, "--code", code.stdout.strip())
+        assert trusted.returncode == 0, trusted.stderr
+        assert ids[host]["fingerprint"] in trusted.stderr  # shown before it is trusted
     found: dict[str, float] = {}
     for answered, rows in poller.answers(timeout=30):
         for host in ("h1", "h2"):
             row = rows.get(host)
             if row and row["liveness"] == "live":
                 assert row["source"] == "mdns", row
-                assert row["endpoint"] == f"tcp://{lan[host].address}:7835", row
                 found.setdefault(host, answered - started)
         if len(found) == 2:
             break
-    print(f"\ndiscovered and live after {found} s from the first hive start", end="")
 
     doctor = m.rbee("q", "--json", "doctor", "--discovery")
     checks = {c["check"]: c for c in json_events(doctor.stdout)}

@@ -28,10 +28,8 @@ from rbee_mesh.transport import (
     TransportClosed,
     local_endpoint_for,
     make_socket,
-    open_listener,
-    open_publisher,
-    open_subscriber,
 )
+from tests.keyed import open_listener, open_publisher, open_subscriber
 
 TRANSPORTS = ["mem", "inproc", "ipc", "tcp"]
 

@@ -31,8 +31,8 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.transport import open_connection
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, queen_address
+from tests.keyed import open_connection
 
 
 async def collect(job: ClientJob) -> list[Message]:

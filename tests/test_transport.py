@@ -31,11 +31,10 @@ from rbee_mesh.transport import (
     TransportClosed,
     local_endpoint_for,
     make_socket,
-    open_connection,
-    open_listener,
     parse_endpoint,
     shared_context,
 )
+from tests.keyed import open_connection, open_listener
 from tests.skips import skip_or_fail
 
 TRANSPORTS = ["mem", "inproc", "ipc", "tcp"]
@@ -84,7 +83,7 @@ async def mesh(bind_endpoint: str) -> AsyncIterator[tuple[Listener, Connect]]:
 async def introduce(listener: Listener, connection: Connection) -> bytes:
     """Make the listener learn the connection's peer id (it only does from a message)."""
     await connection.send([b"hello"])
-    peer, frames = await listener.receive()
+    peer, frames, _ = await listener.receive()
     assert frames == [b"hello"]
     return peer
 
@@ -106,7 +105,7 @@ async def test_round_trip_from_connection_to_listener_and_back(
     with trio.fail_after(10):
         connection = await connect()
         await connection.send(MESSAGE)
-        peer, frames = await listener.receive()
+        peer, frames, _ = await listener.receive()
         assert frames == MESSAGE
         assert all(type(frame) is bytes for frame in frames)
 
@@ -127,7 +126,7 @@ async def test_listener_routes_replies_by_peer_id_among_three_connections(
             await connection.send([b"hello", b"%d" % index])
         peer_of: dict[bytes, bytes] = {}
         for _ in connections:
-            peer, frames = await listener.receive()
+            peer, frames, _ = await listener.receive()
             peer_of[frames[1]] = peer
         assert len(set(peer_of.values())) == 3
 
@@ -424,7 +423,7 @@ async def test_zmq_connection_queues_messages_until_the_listener_appears(
         async with await open_connection(endpoint) as connection:
             await connection.send([b"early"])
             async with await open_listener(endpoint) as listener:
-                _, frames = await listener.receive()
+                _, frames, _ = await listener.receive()
                 assert frames == [b"early"]
 
 
@@ -449,7 +448,7 @@ async def test_zmq_peer_sending_an_oversized_message_is_cut_off_without_deliveri
                         await trio.sleep(0.01)
 
                 nursery.start_soon(probe)
-                _, frames = await listener.receive()
+                _, frames, _ = await listener.receive()
                 assert frames[0] == b"probe"
                 nursery.cancel_scope.cancel()
 
@@ -531,7 +530,7 @@ async def test_mem_transport_copies_frames_so_sender_and_receiver_share_nothing(
             await connection.send(frames)
             frame[:] = b"mutated!"
             frames.append(b"appended")
-            peer, received = await listener.receive()
+            peer, received, _ = await listener.receive()
             assert received == [b"kind", b"original"]
             assert all(type(f) is bytes for f in received)
 

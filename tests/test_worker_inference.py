@@ -57,7 +57,8 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.transport import Connection, open_connection
+from rbee_mesh.transport import Connection
+from tests.keyed import NODE, open_connection
 from tests.skips import needs
 
 HEARTBEAT_S = 0.2
@@ -218,7 +219,12 @@ async def direct_worker(
         "--slots", str(slots), "--heartbeat-s", repr(heartbeat_s),
     ]  # fmt: skip
     with (short_dir / "direct.log").open("wb") as log:
-        process = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=log, stderr=log
+        )
+    assert process.stdin is not None
+    await process.stdin.send_all(NODE.keypair.secret.encode() + b"\n")  # its hive's key
+    await process.stdin.aclose()
     try:
         async with await open_connection(endpoint) as connection:
             hello = Ready(job_id="", sender="h", role=Actor.HIVE, session="s", ts=time.time())

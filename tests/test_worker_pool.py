@@ -37,8 +37,11 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.protocol.constants import SERVER_LOST_AFTER
-from rbee_mesh.transport import EndpointError, open_connection
+from rbee_mesh.transport import EndpointError
+from tests.keyed import NODE, open_connection
 
+#: What a hive hands a worker it starts on its stdin: its key (this process's node's).
+SECRET = NODE.keypair.secret.encode() + b"\n"
 #: Short enough that liveness tests finish in about a second; real time throughout.
 HEARTBEAT_S = 0.2
 
@@ -299,7 +302,7 @@ async def test_worker_exits_by_itself_when_no_hive_comes(model: Path, short_dir:
         "0.1",
     ]
     with trio.fail_after(20):
-        result = await trio.run_process(argv, capture_stderr=True, check=False)
+        result = await trio.run_process(argv, stdin=SECRET, capture_stderr=True, check=False)
     assert result.returncode == WorkerExit.HIVE_LOST
     last_line = result.stderr.decode().strip().splitlines()[-1]
     silent = re.search(r"no hive came .* sent nothing for (\d+) heartbeat intervals", last_line)
@@ -321,7 +324,10 @@ async def test_worker_exits_by_itself_when_its_hive_falls_silent(
         results: list[subprocess.CompletedProcess[bytes]] = []
 
         async def run() -> None:
-            results.append(await trio.run_process(argv, capture_stderr=True, check=False))
+            done_process = await trio.run_process(
+                argv, stdin=SECRET, capture_stderr=True, check=False
+            )
+            results.append(done_process)
             done.set()
 
         nursery.start_soon(run)

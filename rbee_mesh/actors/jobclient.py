@@ -37,6 +37,7 @@ import trio
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.runtime import hand_over, single_errors
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     STREAMED,
     TERMINAL_KINDS,
@@ -72,6 +73,7 @@ from rbee_mesh.transport import (
     TransportError,
     open_connection,
 )
+from rbee_mesh.transport.curve import ClientKeys
 
 log = logging.getLogger("rbee_mesh.jobs")
 
@@ -176,11 +178,14 @@ class JobClient:
         config: ClientConfig | None = None,
         on_ready: Callable[[Ready], None] | None = None,
         on_liveness: Callable[[Liveness, Liveness], None] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         """`server` names the server for messages ("the queen at ...", "hive h1");
         `lost_code` ends this client's running jobs when the server is lost. `on_ready` and
-        `on_liveness` are told of the server's READY and of changes of its liveness."""
+        `on_liveness` are told of the server's READY and of changes of its liveness. `keys`:
+        this node's and the server's CURVE keys (default: a server of this process's node)."""
         self.endpoint = endpoint
+        self.keys = keys or Trust.for_process().client_keys()
         self.name = name
         self.role = role
         self.server = server
@@ -213,7 +218,7 @@ class JobClient:
     @classmethod
     def forwarding(
         cls, endpoint: str, *, name: str, role: Actor, server: str, lost_code: ErrorCode,
-        heartbeat_s: float, reconnect_ivl_ms: int = 100,
+        heartbeat_s: float, keys: ClientKeys, reconnect_ivl_ms: int = 100,
     ) -> JobClient:  # fmt: skip
         """A client that an actor forwards jobs through one hop down (queen to hive, hive to
         worker): it waits FORWARD_ACCEPT_S for each to be accepted."""
@@ -223,8 +228,9 @@ class JobClient:
             reconnect_ivl_ms=reconnect_ivl_ms,
         )
         return cls(
-            endpoint, name=name, role=role, server=server, lost_code=lost_code, config=config
-        )
+            endpoint, name=name, role=role, server=server, lost_code=lost_code, config=config,
+            keys=keys,
+        )  # fmt: skip
 
     # ---- the link ------------------------------------------------------------------------------
 
@@ -394,6 +400,7 @@ class JobClient:
         return SocketOptions(
             routing_id=f"{self.session}.{self.epoch}".encode(),
             reconnect_ivl_ms=self.config.reconnect_ivl_ms,
+            curve=self.keys,
         )
 
     # ---- jobs ----------------------------------------------------------------------------------

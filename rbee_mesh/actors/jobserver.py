@@ -41,6 +41,7 @@ from trio_util import AsyncValue
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.narration import JobContext, current_job
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
+from rbee_mesh.actors.trust import Role, Trust
 from rbee_mesh.protocol import (
     STREAMED,
     Accepted,
@@ -105,6 +106,9 @@ class Peer:
     id: bytes
     label: str
     server: JobServer
+    #: Its CURVE key ("" in this process) and the role the server trusts it in.
+    key: str
+    trusted_as: Role
     liveness: PeerLiveness
     outbox: trio.MemorySendChannel[Sequence[bytes]]
     inbox: trio.MemoryReceiveChannel[Sequence[bytes]]
@@ -223,12 +227,16 @@ class JobServer:
         hive_id: str = "",
         worker_id: str = "",
         on_peer_gone: Callable[[Peer, str, bool], None] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         """`assigns_job_ids`: refuse SUBMITs that carry a job id (the queen) or adopt it (a hive
         or a worker, whose jobs keep the queen's id so narration is routed without
         translation). `ready_info`: what to answer a client's READY with. `on_peer_gone`: told
-        when a client is dropped, why, and whether it left on purpose (DISCONNECT)."""
+        when a client is dropped, why, and whether it left on purpose (DISCONNECT). `trust`:
+        whose messages are taken, and what each role may submit (the listener's keys must be
+        this trust's)."""
         self.listener = listener
+        self.trust = trust or Trust.for_process()
         self.name = name
         self.actor = actor
         self.handlers = handlers
@@ -297,6 +305,13 @@ class JobServer:
             jobs += [j.summary() for j in self._history]
         return sorted(jobs, key=lambda j: float(j["created"]))
 
+    def drop_peers_with_key(self, key: str, why: str) -> int:
+        """Cut off every connection of the peer with `key` (its jobs cancelled); how many."""
+        peers = [p for p in self._peers.values() if p.key == key]
+        for peer in peers:
+            self._drop_peer(peer, why)
+        return len(peers)
+
     def cancel(self, job_id: str, *, by: str) -> ServerJob:
         """Cancel a running job on behalf of `by`; NOT_FOUND or CONFLICT if it is not running."""
         target = self._jobs.get(job_id)
@@ -313,15 +328,19 @@ class JobServer:
     async def _receive_loop(self) -> None:
         while True:
             try:
-                peer_id, frames = await self.listener.receive()
+                peer_id, frames, key = await self.listener.receive()
             except TransportClosed:
                 return
             peer = self._peers.get(peer_id)
+            role = self.trust.role_of(key)
+            if role is None or (peer is not None and peer.key != key):
+                self._untrusted(peer, key)
+                continue
             if peer is None:
                 if peer_id in self._fenced:
                     self._refuse_fenced(peer_id)
                     continue
-                peer = self._add_peer(peer_id)
+                peer = self._add_peer(peer_id, key, role)
             now = trio.current_time()
             peer.liveness.seen(now)
             try:
@@ -404,12 +423,22 @@ class JobServer:
 
     # ---- peers ---------------------------------------------------------------------------------
 
-    def _add_peer(self, peer_id: bytes) -> Peer:
+    def _untrusted(self, peer: Peer | None, key: str) -> None:
+        """A message whose key is not trusted (any more): nothing it says is acted on or
+        answered, and the connection it came on is dropped, with the jobs it started (a key
+        revoked since the handshake; or another key taking a connection's routing id over)."""
+        self.trust.admits(key)  # counted, and logged once per key
+        if peer is not None:
+            self._drop_peer(peer, "its key is not trusted (any more)")
+
+    def _add_peer(self, peer_id: bytes, key: str, role: Role) -> Peer:
         send, receive = trio.open_memory_channel[Sequence[bytes]](self.config.peer_backlog)
         peer = Peer(
             id=peer_id,
             label=f"{self.peer_label}-{next(self._peer_numbers)}",
             server=self,
+            key=key,
+            trusted_as=role,
             liveness=PeerLiveness(
                 self.config.heartbeat_s, trio.current_time(), lost_after=self.config.lost_after
             ),
@@ -552,6 +581,11 @@ class JobServer:
             return ErrorCode.UNAVAILABLE, f"the {self.actor} is shutting down"
         if type(submit.op) not in self.handlers:
             return ErrorCode.INVALID_REQUEST, f"a {self.actor} does not run {submit.op.NAME} jobs"
+        if not self.trust.permits(self.actor, peer.trusted_as, submit.op):
+            return (
+                ErrorCode.FORBIDDEN,
+                f"a {peer.trusted_as} may not submit {submit.op.NAME} to a {self.actor}",
+            )
         if submit.job_id and self.assigns_job_ids:
             return ErrorCode.INVALID_REQUEST, f"the {self.actor} assigns job ids; leave it empty"
         if submit.job_id in self._jobs:

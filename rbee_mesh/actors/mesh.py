@@ -12,6 +12,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -20,11 +21,20 @@ from rbee_mesh.actors.hive.hive import Hive, HiveConfig, running_hive
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol.constants import QUEEN_PORT
-from rbee_mesh.transport import local_endpoint_for, open_listener, open_subscriber
+from rbee_mesh.transport import (
+    PUBSUB_OPTIONS,
+    SocketOptions,
+    local_endpoint_for,
+    open_listener,
+    open_subscriber,
+)
 
-#: Where a queen serves keepers unless told otherwise: this machine only.
-DEFAULT_QUEEN_BIND = f"tcp://127.0.0.1:{QUEEN_PORT}"
+#: Where a queen serves keepers unless told otherwise: the LAN (CURVE admits only the keys it
+#: trusts), and with `--local-only` this machine alone.
+DEFAULT_QUEEN_BIND = f"tcp://0.0.0.0:{QUEEN_PORT}"
+LOCAL_QUEEN_BIND = f"tcp://127.0.0.1:{QUEEN_PORT}"
 
 _names = itertools.count(1)
 
@@ -39,26 +49,36 @@ async def running_queen(
     endpoint: str,
     config: ServerConfig | None = None,
     *,
-    hives: Sequence[str] = (),
+    hives: Sequence[str | tuple[str, str]] = (),
     integrated_hive: HiveConfig | None = None,
     max_queued: int = 64,
     discover: bool = False,
+    trust: Trust | None = None,
 ) -> AsyncIterator[Queen]:
     """A queen serving on `endpoint` for the duration of the block, stopped gracefully after.
 
-    `hives`: control endpoints of hives to manage. `integrated_hive`: also run this hive in the
-    same process, linked over the in-memory transport (the integrated mode). `max_queued`:
-    inference jobs that may wait for a worker at once.
+    `hives`: control endpoints of hives to manage (`(endpoint, key)` pins a key; an endpoint
+    alone takes the one trusted there, else this node's). `integrated_hive`: also run this hive
+    in the same process, linked over the in-memory transport (the integrated mode).
+    `max_queued`: inference jobs that may wait for a worker at once. `trust`: this node's keys
+    and whom it trusts (default: this process's node).
     """
+    trust = trust or Trust.for_process()
+    listening = SocketOptions(curve=trust.server_keys())
+    subscribing = replace(PUBSUB_OPTIONS, curve=trust.client_keys())
     with single_errors():
         async with AsyncExitStack() as stack:
-            listener = await stack.enter_async_context(await open_listener(endpoint))
-            subscriber = await stack.enter_async_context(await open_subscriber())
+            listener = await stack.enter_async_context(
+                await open_listener(endpoint, options=listening)
+            )
+            subscriber = await stack.enter_async_context(await open_subscriber(options=subscribing))
             local: Hive | None = None
             if integrated_hive is not None:
                 local = await stack.enter_async_context(running_hive(integrated_hive))
             nursery = await stack.enter_async_context(trio.open_nursery())
-            queen = Queen(listener, subscriber, config, max_queued=max_queued, discover=discover)
+            queen = Queen(
+                listener, subscriber, config, max_queued=max_queued, discover=discover, trust=trust
+            )
             await nursery.start(queen.run)
             stack.push_async_callback(_stop_shielded, queen)
             if local is not None:
@@ -67,7 +87,8 @@ async def running_queen(
                 with trio.move_on_after(5):
                     await link.client.answered.wait()
             for hive in hives:
-                await queen.add_hive(hive, source="static")
+                hive_endpoint, key = hive if isinstance(hive, tuple) else (hive, "")
+                await queen.add_hive(hive_endpoint, source="static", key=key)
             yield queen
 
 
@@ -76,23 +97,28 @@ async def _stop_shielded(queen: Queen) -> None:
         await queen.stop()
 
 
-def integrated_hive_config(state_dir: Path, config: ServerConfig | None = None) -> HiveConfig:
+def integrated_hive_config(
+    state_dir: Path, config: ServerConfig | None = None, trust: Trust | None = None
+) -> HiveConfig:
     """This machine's hive in the integrated mode: in-memory control and heartbeats."""
     return HiveConfig(
         state_dir=state_dir,
         control=memory_endpoint("integrated-hive"),
         heartbeats=memory_endpoint("integrated-hive-heartbeats"),
         server=config or ServerConfig(),
+        trust=trust or Trust.for_process(),
     )
 
 
 @asynccontextmanager
 async def integrated_mesh(
-    state_dir: Path, config: ServerConfig | None = None
+    state_dir: Path, config: ServerConfig | None = None, trust: Trust | None = None
 ) -> AsyncIterator[Queen]:
     """A whole mesh inside this process: a queen and this machine's hive, in memory."""
-    hive = integrated_hive_config(state_dir, config)
-    async with running_queen(memory_endpoint("queen"), config, integrated_hive=hive) as queen:
+    hive = integrated_hive_config(state_dir, config, trust)
+    async with running_queen(
+        memory_endpoint("queen"), config, integrated_hive=hive, trust=trust
+    ) as queen:
         yield queen
 
 
@@ -100,13 +126,14 @@ async def integrated_mesh(
 async def mesh_for_one_command(state_dir: Path, hive_endpoint: str | None) -> AsyncIterator[Queen]:
     """A queen for one command (no queen daemon runs): with the hive daemon at `hive_endpoint`
     if one runs on this machine, else integrated with this machine's hive (over the user's own
-    catalog)."""
+    catalog). Either is this state directory's node."""
+    trust = Trust.load(state_dir)
     if hive_endpoint is None:
-        async with integrated_mesh(state_dir) as queen:
+        async with integrated_mesh(state_dir, trust=trust) as queen:
             yield queen
         return
     endpoint = local_endpoint_for(hive_endpoint)
-    async with running_queen(memory_endpoint("queen"), hives=[endpoint]) as queen:
+    async with running_queen(memory_endpoint("queen"), hives=[endpoint], trust=trust) as queen:
         with trio.move_on_after(5):  # a hive that does not answer shows up as such in the job
             await queen.hives.links[0].client.answered.wait()
         yield queen

@@ -9,7 +9,8 @@ from __future__ import annotations
 #: The first frame of every message: this magic, then one byte, PROTOCOL_VERSION.
 MAGIC = b"RBEE"
 #: 2: SUBMIT carries `accept_by`, ERROR carries `started`, READY carries a client's session.
-PROTOCOL_VERSION = 2
+#: 3: every socket beyond a process is CURVE; the FORBIDDEN error code; trust operations.
+PROTOCOL_VERSION = 3
 
 # ---- well-known ports ---------------------------------------------------------------------------
 

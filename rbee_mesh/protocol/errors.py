@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "INVALID_REQUEST"
     UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
     NOT_FOUND = "NOT_FOUND"
+    FORBIDDEN = "FORBIDDEN"
     CONFLICT = "CONFLICT"
     UNAVAILABLE = "UNAVAILABLE"
     BUSY = "BUSY"
@@ -39,6 +40,7 @@ _DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_REQUEST: "the request is malformed or a parameter is out of range",
     ErrorCode.UNSUPPORTED_VERSION: "the peer speaks a protocol version this build does not",
     ErrorCode.NOT_FOUND: "the named job, hive, worker or model does not exist",
+    ErrorCode.FORBIDDEN: "the sender's role may not ask this actor for this operation",
     ErrorCode.CONFLICT: "the request contradicts the current state (for example: already done)",
     ErrorCode.UNAVAILABLE: "no actor that can serve the request is reachable",
     ErrorCode.BUSY: "the actor is at capacity; try again later",

@@ -357,6 +357,136 @@ class JobCancel(Operation):
     job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
 
 
+#: A CURVE public key in z85 (what `rbee-mesh id` prints).
+PUBLIC_KEY = Text(
+    max_len=40,
+    min_len=40,
+    pattern=re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}"),
+    hint=" (expected a 40-character public key, as `rbee-mesh id` prints it)",
+)
+#: A tcp endpoint another node can connect to.
+TCP_ENDPOINT = Text(
+    max_len=128,
+    min_len=1,
+    pattern=re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"),
+    hint=" (expected tcp://HOST:PORT)",
+)
+#: A trusted node: its name, fingerprint or key.
+NODE = Text(max_len=64, min_len=1, pattern=re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=-]*"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Invite(Operation):
+    """Print a join token: one line, good once, until it expires. On another box,
+    `rbee-mesh hive start --join TOKEN` (or `rbee-mesh keeper join TOKEN`) joins this queen with
+    no other step: it pins this queen's key, and this queen trusts its key."""
+
+    NAME = "invite"
+    TARGET = Actor.QUEEN
+    COMMAND = ("queen", "invite")
+    role: str = spec(Choice(("hive", "keeper")), "hive", arg=Arg("Who joins with it.", name="for"))
+    ttl_s: float = spec(
+        Float(10.0, 7 * 86400.0), 600.0, arg=Arg("Seconds the token is good for.", name="ttl")
+    )
+    address: str | None = spec(
+        Optional(Text(max_len=64, min_len=1, pattern=re.compile(r"[A-Za-z0-9.:\[\]-]+"))),
+        None,
+        arg=Arg("The queen's address as the joiner reaches it (default: this box's own).",
+                metavar="HOST"),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Join(Operation):
+    """Sent with a join token's one-time key: trust this node (and, for a hive, manage it)."""
+
+    NAME = "join"
+    TARGET = Actor.QUEEN
+    name: str = spec(ident())
+    key: str = spec(PUBLIC_KEY)
+    #: A hive's control and heartbeat endpoints, as the queen reaches them.
+    control: str | None = spec(Optional(TCP_ENDPOINT), None)
+    heartbeats: str | None = spec(Optional(TCP_ENDPOINT), None)
+
+
+#: A pairing code as `rbee-mesh hive pair` prints it (dashes and case do not matter).
+PAIRING_CODE = Text(
+    max_len=16,
+    min_len=10,
+    pattern=re.compile(r"[A-Za-z0-9]{5}-?[A-Za-z0-9]{5}"),
+    hint=" (expected the code `rbee-mesh hive pair` printed on the hive's machine)",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HiveTrust(Operation):
+    """Trust HIVE, found on the LAN and pending in `hive list`: with the pairing code that
+    `rbee-mesh hive pair` printed on its machine, the hive trusts this queen in turn and the
+    queen manages it at once. Compare the fingerprint it shows with `rbee-mesh id` there."""
+
+    NAME = "hive_trust"
+    TARGET = Actor.QUEEN
+    COMMAND = ("hive", "trust")
+    hive: str = spec(ident(), arg=Arg(argument=True, metavar="HIVE"))
+    code: str | None = spec(
+        Optional(PAIRING_CODE),
+        None,
+        arg=Arg("The hive's pairing code (`rbee-mesh hive pair` there).", metavar="CODE"),
+    )
+    fingerprint: str | None = spec(
+        Optional(NODE), None, arg=Arg("Trust it only if its fingerprint is this one.")
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HivePair(Operation):
+    """Open a pairing window on this machine's hive: a short code, good once, for a few
+    minutes, which a queen's `hive trust HIVE --code CODE` takes."""
+
+    NAME = "hive_pair"
+    TARGET = Actor.HIVE
+    ttl_s: float = spec(Float(10.0, 86400.0), 600.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pair(Operation):
+    """Sent by a queen with a pairing code's one-time key: the hive trusts this queen."""
+
+    NAME = "pair"
+    TARGET = Actor.HIVE
+    name: str = spec(ident())
+    key: str = spec(PUBLIC_KEY)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HiveUntrust(Operation):
+    """Stop trusting HIVE: the queen cuts it off at once and forgets its key."""
+
+    NAME = "hive_untrust"
+    TARGET = Actor.QUEEN
+    COMMAND = ("hive", "untrust")
+    hive: str = spec(NODE, arg=Arg(argument=True, metavar="HIVE"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeeperList(Operation):
+    """Keepers of other machines that joined this queen."""
+
+    NAME = "keeper_list"
+    TARGET = Actor.QUEEN
+    COMMAND = ("keeper", "list")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeeperRevoke(Operation):
+    """Stop trusting KEEPER (its name or fingerprint): it is cut off at once."""
+
+    NAME = "keeper_revoke"
+    TARGET = Actor.QUEEN
+    COMMAND = ("keeper", "revoke")
+    keeper: str = spec(NODE, arg=Arg(argument=True, metavar="KEEPER"))
+
+
 def operation_from_body(body: Any) -> Operation:
     """Build an Operation from the `op` map of a SUBMIT body, validating every argument."""
     if not isinstance(body, dict) or set(body) != {"name", "args"}:

@@ -6,7 +6,7 @@ Frames are the application frames only, as ``bytes``; the ROUTER identity envelo
 actor code. All are async context managers that close on exit, used the trio way::
 
     async with await open_listener("tcp://0.0.0.0:7833") as listener:
-        peer, frames = await listener.receive()
+        peer, frames, key = await listener.receive()
 
 Implementations inherit ``__aenter__``/``__aexit__`` by subclassing these protocols explicitly;
 a structural implementation (a test fake) must define them itself.
@@ -85,8 +85,12 @@ class Listener(Closing, Protocol):
         self.send_nowait(peer, frames)
         await trio.lowlevel.checkpoint()
 
-    async def receive(self) -> tuple[bytes, list[bytes]]:
-        """Wait for the next message: (peer id, frames without the identity frame)."""
+    async def receive(self) -> tuple[bytes, list[bytes], str]:
+        """Wait for the next message: (peer id, frames without the identity frame, the
+        sender's CURVE public key in z85; "" for a peer in this process, which has none).
+
+        The key is that of the message, not of the connection's first: a server checks it
+        against what it trusts now, so a key revoked since the handshake is refused."""
         ...
 
     async def aclose(self) -> None:
@@ -127,10 +131,12 @@ class Subscriber(Closing, Protocol):
     again without a new connect (after libzmq's reconnect interval, 100 ms, over tcp and ipc).
     """
 
-    async def connect(self, endpoint: str) -> None:
+    async def connect(self, endpoint: str, server_key: str = "") -> None:
         """Subscribe to the publisher at ``endpoint`` too; connecting twice is a no-op.
+        ``server_key``: the publisher's CURVE key, pinned (needed beyond this process).
 
-        Raises EndpointError for a malformed endpoint or one naming no particular host:port.
+        Raises EndpointError for a malformed endpoint, one naming no particular host:port, or
+        one beyond this process without a key.
         """
         ...
 

@@ -2,8 +2,9 @@
 
 A hive announces `_rbee-hive._tcp.local.` while it runs (`announcing`); a queen browses for it
 (`browsing`) and links to each hive it finds by its control endpoint (`HiveRegistry.add`). An
-announcement is a hint, not a credential: anyone on the LAN can send one, so trust comes from keys
-(`key_fingerprint`), never from mDNS.
+announcement is a hint, not a credential: anyone on the LAN can send one. It carries the hive's
+public key, which a queen links to only once a person has trusted it (`hive trust`), and which
+the CURVE handshake then proves: an impostor announcing a trusted key cannot complete it.
 
 Liveness does not come from mDNS either. A hive that exits cleanly sends a goodbye and browsers
 report it `Gone` at once; a hive that crashes sends nothing, and its record lingers in every
@@ -42,6 +43,7 @@ from zeroconf import (
 )
 
 from rbee_mesh.protocol import PROTOCOL_VERSION, ErrorCode, MeshError
+from rbee_mesh.transport.curve import check_key, fingerprint
 
 log = logging.getLogger("rbee_mesh.transport.discovery")
 
@@ -66,8 +68,8 @@ class HiveAnnouncement:
     host: str
     control_port: int
     heartbeat_port: int
-    #: The hive's public key fingerprint; empty until hives have keys.
-    key_fingerprint: str
+    #: The hive's CURVE public key (z85): the server key a queen pins when it links to it.
+    key: str
     #: The rbee-mesh version of the hive.
     version: str
 
@@ -87,7 +89,8 @@ class HiveAnnouncement:
             b"proto": str(self.protocol).encode(),
             b"control": str(self.control_port).encode(),
             b"heartbeat": str(self.heartbeat_port).encode(),
-            b"fp": self.key_fingerprint.encode(),
+            b"key": self.key.encode(),
+            b"fp": fingerprint(self.key).encode(),
             b"version": self.version.encode(),
         }
 
@@ -153,7 +156,7 @@ def parse_announcement(
         host=_reachable(addresses)[0],
         control_port=number("control", 1, 65535),
         heartbeat_port=number("heartbeat", 1, 65535),
-        key_fingerprint=text("fp", required=False),
+        key=_key(text("key")),
         version=text("version", required=False),
     )
 
@@ -172,7 +175,7 @@ async def announcing(
     """
     addresses = [ann.host]
     if ipaddress.ip_address(ann.host).is_unspecified:
-        addresses = _reachable(interfaces or _machine_ipv4_addresses())
+        addresses = _reachable(interfaces or machine_ipv4_addresses())
     info = ServiceInfo(
         SERVICE_TYPE,
         f"{ann.hive_id}.{SERVICE_TYPE}",
@@ -300,7 +303,14 @@ def _interface_choice(interfaces: list[str] | None) -> InterfaceChoice | list[st
     return InterfaceChoice.All if interfaces is None else list(interfaces)
 
 
-def _machine_ipv4_addresses() -> list[str]:
+def _key(text: str) -> str:
+    try:
+        return check_key(text)
+    except ValueError as exc:
+        raise MalformedAnnouncement(f"'key' is not a public key: {exc}") from None
+
+
+def machine_ipv4_addresses() -> list[str]:
     return [
         ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
     ]

@@ -1,7 +1,6 @@
-"""The one place where ZeroMQ sockets are made, so every socket gets the same safety options.
-
-CURVE keys (server key on listeners, client keys and the server's public key on connections)
-will be applied here too, so that no socket can be created without them.
+"""The one place where ZeroMQ sockets are made, so every socket gets the same safety options,
+CURVE keys included: a socket that reaches beyond this process (tcp, ipc) is made with keys
+(`SocketOptions.curve`), or explicitly `plaintext` (benchmarks measuring what CURVE costs).
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ import resource
 from dataclasses import dataclass
 
 import zmq
+
+from .curve import ClientKeys, ServerKeys, apply_client, apply_server
 
 DEFAULT_HWM = 10_000
 """Messages queued per pipe and direction before senders wait (or get PeerBusy)."""
@@ -50,15 +51,23 @@ class SocketOptions:
     """A DEALER's identity at the ROUTER it connects to (None: libzmq makes one per connection).
     With one, a connection that libzmq re-establishes after a blip is the same peer to the
     ROUTER, which hands the identity over to it (ROUTER_HANDOVER)."""
+    curve: ServerKeys | ClientKeys | None = None
+    """CURVE keys: a listener's or publisher's own (ServerKeys), a connection's or subscriber's
+    (ClientKeys; a subscriber's server key is given at each connect). Required beyond one
+    process (tcp, ipc) unless `plaintext`."""
+    plaintext: bool = False
+    """Allow a tcp or ipc socket without CURVE: only for measuring what CURVE costs."""
 
 
 PUBSUB_OPTIONS = SocketOptions(sndhwm=PUBSUB_HWM, rcvhwm=PUBSUB_HWM)
 """The options PUB and SUB sockets get when none are given (see PUBSUB_HWM)."""
 
-MAX_SUBSCRIPTION_BYTES = 64
+MAX_SUBSCRIPTION_BYTES = 1_024
 """The largest message a publisher takes from a subscriber. What a SUB sends a PUB is its
-subscriptions: one byte and a topic. Ours use the empty topic; a larger one is a peer's attempt
-to make the publisher store megabytes of topics, and libzmq drops that peer's connection."""
+subscriptions: one byte and a topic (ours use the empty topic). libzmq applies the limit to the
+handshake's commands too, and CURVE's are several hundred bytes (its INITIATE carries the
+client's vouch and metadata); a larger message is a peer's attempt to make the publisher store
+megabytes of topics, and libzmq drops that peer's connection."""
 
 _PUBSUB_KINDS = frozenset({zmq.PUB, zmq.SUB, zmq.XPUB, zmq.XSUB})
 
@@ -139,6 +148,10 @@ def make_socket(
         if kind == zmq.XPUB:
             sock.setsockopt(zmq.XPUB_MANUAL, 1)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+        if isinstance(opts.curve, ServerKeys):
+            apply_server(sock, opts.curve)
+        elif isinstance(opts.curve, ClientKeys):
+            apply_client(sock, opts.curve)
     except BaseException:
         sock.close(linger=0)
         raise

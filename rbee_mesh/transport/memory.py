@@ -82,10 +82,11 @@ class MemoryListener(Listener):
         except trio.WouldBlock:
             raise PeerBusy(f"peer {peer.hex()} on {self.endpoint} is not keeping up") from None
 
-    async def receive(self) -> tuple[bytes, list[bytes]]:
-        """Wait for the next message: (peer id, frames)."""
+    async def receive(self) -> tuple[bytes, list[bytes], str]:
+        """Wait for the next message: (peer id, frames, "": a peer in this process has no key)."""
         try:
-            return await self._inbound.receive()
+            peer, frames = await self._inbound.receive()
+            return peer, frames, ""
         except trio.ClosedResourceError:
             raise TransportClosed(f"{self.endpoint} is closed") from None
 

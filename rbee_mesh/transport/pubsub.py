@@ -71,8 +71,9 @@ class MeshSubscriber(Subscriber):
         self._waiters: dict[trio.CancelScope, None] = {}
         self._closed = False
 
-    async def connect(self, endpoint: str) -> None:
-        """Subscribe to the publisher at ``endpoint``, bound or not yet; again is a no-op."""
+    async def connect(self, endpoint: str, server_key: str = "") -> None:
+        """Subscribe to the publisher at ``endpoint``, bound or not yet, whose CURVE key is
+        ``server_key`` (beyond this process); again is a no-op."""
         parsed = parse_connect_endpoint(endpoint)
         await trio.lowlevel.checkpoint()
         self._check_open()
@@ -83,7 +84,7 @@ class MeshSubscriber(Subscriber):
             self._zmq = ZmqSubscription.open(self._options)
             # Receivers waiting for memory messages only must now watch the SUB socket too.
             self._wake_all()
-        self._zmq.connect(parsed)
+        self._zmq.connect(parsed, server_key)
 
     async def disconnect(self, endpoint: str) -> None:
         """Unsubscribe from ``endpoint``; a no-op if not subscribed to it."""

@@ -15,12 +15,14 @@ import stat
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .base import Connection, Listener, Publisher
+from .curve import ClientKeys, ServerKeys, release_server, set_server_key
 from .endpoints import Endpoint
 from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportClosed, TransportError
 from .factory import SocketOptions, make_socket
@@ -44,7 +46,7 @@ class ZmqConnection(Connection):
     @classmethod
     def connect(cls, endpoint: Endpoint, options: SocketOptions | None = None) -> ZmqConnection:
         """Create a DEALER and connect it to ``endpoint``."""
-        sock = make_socket(zmq.DEALER, options=options)
+        sock = make_socket(zmq.DEALER, options=_keys_for(endpoint, options, ClientKeys))
         try:
             if endpoint.is_ipv6:
                 sock.setsockopt(zmq.IPV6, 1)
@@ -85,12 +87,16 @@ class ZmqConnection(Connection):
 
 
 class ZmqListener(Listener):
-    """A ROUTER socket bound to one endpoint; peers are named by their ZeroMQ routing id."""
+    """A ROUTER socket bound to one endpoint; peers are named by their ZeroMQ routing id, and
+    each message comes with its sender's CURVE key (the ZAP handler's User-Id)."""
 
-    def __init__(self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None) -> None:
+    def __init__(
+        self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None, curve: bool
+    ) -> None:
         self._sock = sock
         self.endpoint = endpoint
         self._ipc_file = ipc_file
+        self._curve = curve
 
     @classmethod
     def bind(cls, endpoint: Endpoint, options: SocketOptions | None = None) -> ZmqListener:
@@ -99,7 +105,8 @@ class ZmqListener(Listener):
         A tcp port 0 binds an ephemeral port; ``self.endpoint`` then names the real one.
         """
         sock, bound, ipc_file = _bind_socket(zmq.ROUTER, endpoint, options, "listener")
-        return cls(TrioSocket(sock), bound, ipc_file)
+        curve = endpoint.scheme in _BEYOND_PROCESS and options is not None and not options.plaintext
+        return cls(TrioSocket(sock), bound, ipc_file, curve)
 
     def send_nowait(self, peer: bytes, frames: Sequence[bytes]) -> None:
         """Send to ``peer`` now or fail: PeerBusy if its pipe is full, PeerUnreachable if gone."""
@@ -114,13 +121,17 @@ class ZmqListener(Listener):
                 raise PeerUnreachable(message) from None
             raise TransportError(f"send on {self.endpoint} failed: {exc.strerror}") from exc
 
-    async def receive(self) -> tuple[bytes, list[bytes]]:
-        """Wait for the next message: (peer id, frames after the identity frame)."""
+    async def receive(self) -> tuple[bytes, list[bytes], str]:
+        """Wait for the next message: (peer id, frames after the identity frame, the sender's
+        key; "" without CURVE)."""
         try:
-            peer, *frames = await self._sock.recv_multipart()
+            if self._curve:
+                key, (peer, *frames) = await self._sock.recv_multipart_keyed()
+            else:
+                key, (peer, *frames) = "", await self._sock.recv_multipart()
         except zmq.ZMQError as exc:
             raise TransportError(f"receive on {self.endpoint} failed: {exc.strerror}") from exc
-        return peer, frames
+        return peer, frames, key
 
     async def aclose(self) -> None:
         """Unbind (so the endpoint can be bound again at once), remove this listener's ipc
@@ -205,25 +216,40 @@ class ZmqSubscription:
     reconnects this process's subscriptions to its name.
     """
 
-    def __init__(self, sock: TrioSocket) -> None:
+    def __init__(self, sock: TrioSocket, *, curve: bool, plaintext: bool) -> None:
         self._sock = sock
+        self._curve = curve
+        self._plaintext = plaintext
         self._endpoints: set[str] = set()
         self._token = trio.lowlevel.current_trio_token()
 
     @classmethod
     def open(cls, options: SocketOptions | None = None) -> ZmqSubscription:
-        """Create a SUB socket (subscribed to everything by make_socket), connected to nothing."""
-        return cls(TrioSocket(make_socket(zmq.SUB, options=options)))
+        """Create a SUB socket (subscribed to everything by make_socket), connected to nothing.
+        Without CURVE keys it may connect within this process only (unless `plaintext`)."""
+        curve = options is not None and isinstance(options.curve, ClientKeys)
+        plaintext = options is not None and options.plaintext
+        sock = TrioSocket(make_socket(zmq.SUB, options=options))
+        return cls(sock, curve=curve, plaintext=plaintext)
 
-    def connect(self, endpoint: Endpoint) -> None:
-        """Connect to ``endpoint``, bound or not yet; a no-op if already connected to it."""
+    def connect(self, endpoint: Endpoint, server_key: str = "") -> None:
+        """Connect to ``endpoint``, bound or not yet, pinning the publisher's CURVE key; a
+        no-op if already connected to it."""
         address = str(endpoint)
         if address in self._endpoints:
             return
+        if endpoint.scheme in _BEYOND_PROCESS and not self._plaintext:
+            if not self._curve:
+                raise EndpointError(f"cannot subscribe to {endpoint} without CURVE keys")
+            if not server_key:
+                raise EndpointError(f"cannot subscribe to {endpoint}: its key is not known")
 
         def connect(sock: zmq.Socket[bytes]) -> None:
-            # Read at connect time, per connection: only bracketed addresses want IPv6.
+            # Read at connect time, per connection: only bracketed addresses want IPv6, and
+            # each publisher has its own key.
             sock.setsockopt(zmq.IPV6, 1 if endpoint.is_ipv6 else 0)
+            if server_key and self._curve:
+                set_server_key(sock, server_key)
             sock.connect(address)
 
         try:
@@ -329,7 +355,7 @@ def _bind_socket(
         _check_ipc_path_is_free(endpoint, holder)
     # libzmq spells "any free port" as "*".
     address = str(endpoint) if endpoint.port != 0 else f"tcp://{endpoint.host}:*"
-    sock = make_socket(kind, options=options)
+    sock = make_socket(kind, options=_keys_for(endpoint, options, ServerKeys))
     try:
         if endpoint.is_ipv6:
             sock.setsockopt(zmq.IPV6, 1)
@@ -354,6 +380,7 @@ async def _close_bound(sock: TrioSocket, bound: str, ipc_file: os.stat_result | 
     if sock.closed:
         await trio.lowlevel.checkpoint()
         return
+    release_server(sock.socket)
     try:
         if ipc_file is not None:
             _remove_own_ipc_file(bound.removeprefix("ipc://"), ipc_file)
@@ -397,6 +424,24 @@ async def _unbind(sock: TrioSocket, bound: str) -> None:
         with contextlib.suppress(zmq.ZMQError, TransportClosed):
             sock.call_sync(lambda s: s.disable_monitor())
         await events.aclose()
+
+
+_BEYOND_PROCESS = frozenset({"tcp", "ipc"})
+"""The schemes whose sockets other processes can reach: CURVE on every one."""
+
+
+def _keys_for(
+    endpoint: Endpoint, options: SocketOptions | None, kind: type[ServerKeys | ClientKeys]
+) -> SocketOptions:
+    """The options to make a socket for ``endpoint`` with: CURVE keys of ``kind`` beyond this
+    process (EndpointError if there are none and the options do not say `plaintext`), none
+    within it (inproc)."""
+    opts = options if options is not None else SocketOptions()
+    if endpoint.scheme not in _BEYOND_PROCESS:
+        return replace(opts, curve=None) if opts.curve is not None else opts
+    if not opts.plaintext and not isinstance(opts.curve, kind):
+        raise EndpointError(f"{endpoint} reaches beyond this process: it needs CURVE keys")
+    return replace(opts, curve=None) if opts.plaintext else opts
 
 
 def _check_frames(frames: Sequence[bytes]) -> None:

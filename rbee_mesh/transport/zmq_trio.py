@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar, cast
 
 import trio
@@ -59,6 +60,16 @@ def _recv_now(sock: zmq.Socket[bytes]) -> list[bytes]:
     while sock.get(_RCVMORE):
         frames.append(sock.recv(_NOBLOCK))
     return frames
+
+
+def _recv_keyed_now(sock: zmq.Socket[bytes]) -> tuple[str, list[bytes]]:
+    """`_recv_now` on a CURVE server socket, with the sender's key: the User-Id its ZAP
+    handler gave the connection (pyzmq's zmq.auth: the client's public key in z85)."""
+    first = sock.recv(_NOBLOCK, copy=False)
+    frames = [first.bytes]
+    while sock.get(_RCVMORE):
+        frames.append(sock.recv(_NOBLOCK))
+    return str(first.get("User-Id")), frames
 
 
 class TrioSocket:
@@ -130,6 +141,10 @@ class TrioSocket:
             return _recv_now(self._sock)
 
         return await self._perform(recv, _POLLIN, block=block)
+
+    async def recv_multipart_keyed(self) -> tuple[str, list[bytes]]:
+        """`recv_multipart` on a CURVE server socket: (the sender's key, the frames)."""
+        return await self._perform(partial(_recv_keyed_now, self._sock), _POLLIN, block=True)
 
     def call_sync(self, op: Callable[[zmq.Socket[bytes]], _T]) -> _T:
         """Run ``op(socket)`` (connect, disconnect, unbind, an option...) while tasks may wait.

@@ -23,7 +23,6 @@ heartbeat every second reads nothing from disk; `entries` reads the disk afresh.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import hashlib
@@ -32,14 +31,14 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from rbee_mesh.files import fsync_dir, write_atomic
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
 
 SCHEMA_VERSION = 1
@@ -551,38 +550,3 @@ def _field(data: dict[str, Any], key: str, kind: Any, *, optional: bool = False)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise _Corrupt(f"field {key!r} has the wrong type ({type(value).__name__})")
     return value
-
-
-def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Replace `path` with `data` (bytes, or chunks of them) so that a crash leaves the old
-    content or the new, never a mix.
-
-    Write a temporary file in the same directory, fsync it, rename it over `path`, fsync the
-    directory (without that, the rename itself may not survive a power cut).
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in [data] if isinstance(data, bytes) else data:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the entries of `directory` (renames, new files) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems cannot fsync a directory; their renames are as durable as they get.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)

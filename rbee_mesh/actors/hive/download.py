@@ -47,12 +47,12 @@ from rbee_mesh.actors.hive.catalog import (
     Catalog,
     ModelEntry,
     ModelStatus,
-    fsync_dir,
     model_id,
     parse_ref,
 )
 from rbee_mesh.actors.narration import emit_record, narrate
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
+from rbee_mesh.files import fsync_dir
 from rbee_mesh.protocol import Level
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
 from rbee_mesh.units import human_bytes, human_duration

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from rbee_mesh.actors.hive.worker_pool import (
 from rbee_mesh.actors.jobserver import Handler, JobServer, Peer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping, single_errors
+from rbee_mesh.actors.trust import Role, Trust, new_pairing_code, pairing_keypair
 from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
@@ -53,8 +54,10 @@ from rbee_mesh.protocol import (
 from rbee_mesh.protocol import operations as ops
 from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT
 from rbee_mesh.transport import (
+    PUBSUB_OPTIONS,
     Listener,
     Publisher,
+    SocketOptions,
     open_listener,
     open_publisher,
     parse_endpoint,
@@ -82,6 +85,8 @@ class HiveConfig:
     hub_endpoint: str | None = None
     #: Announce the hive on the LAN (mDNS) when its control endpoint is reachable from there.
     announce: bool = True
+    #: This node's keys and whom it admits (its queen, its own node); see actors/trust.py.
+    trust: Trust = field(default_factory=Trust.for_process)
 
     @property
     def worker_sockets(self) -> str:
@@ -123,6 +128,8 @@ class Hive:
             ops.WorkerGet: self._op_worker_get,
             ops.WorkerDelete: self._op_worker_delete,
             ops.Infer: self._op_infer,
+            ops.HivePair: self._op_hive_pair,
+            ops.Pair: self._op_pair,
         }
         self.server = JobServer(
             control,
@@ -134,6 +141,7 @@ class Hive:
             ready_info=self._ready_info,
             peer_label="client",
             hive_id=self.id,
+            trust=config.trust,
         )
         self.server.schedule.add(self)
         self._beats = 0
@@ -192,7 +200,7 @@ class Hive:
             host=host,
             control_port=control.port,
             heartbeat_port=beats.port,
-            key_fingerprint="",
+            key=self.config.trust.public,
             version=__version__,
         )
 
@@ -382,6 +390,29 @@ class Hive:
             started=False,
         )
 
+    async def _op_hive_pair(self, job: ServerJob, op: ops.HivePair) -> dict[str, Any]:
+        trust = self.config.trust
+        code = new_pairing_code()
+        invite = trust.invite(Role.QUEEN, op.ttl_s, pairing_keypair(code, trust.public))
+        narrate(
+            "hive_pair",
+            f"pairing code for hive {self.id}, good once for {op.ttl_s:g} s: on the queen, "
+            f"rbee-mesh hive trust {self.id} --code {code}",
+        )
+        return {
+            "hive": self.id,
+            "code": code,
+            "expires": invite.expires,
+            "fingerprint": trust.keypair.fingerprint,
+        }
+
+    async def _op_pair(self, job: ServerJob, op: ops.Pair) -> dict[str, Any]:
+        trust = self.config.trust
+        trust.redeem(job.peer.key)
+        entry = trust.trust(op.key, Role.QUEEN, op.name)
+        narrate("pair", f"hive {self.id} now trusts queen {op.name} ({entry.fingerprint})")
+        return {"hive": self.id, "fingerprint": trust.keypair.fingerprint}
+
     async def _op_worker_list(self, job: ServerJob, op: ops.WorkerList) -> list[dict[str, Any]]:
         workers = self.pool.list()
         narrate("worker_list", f"{len(workers)} worker(s) on hive {self.id}")
@@ -413,12 +444,15 @@ async def running_hive(config: HiveConfig) -> AsyncIterator[Hive]:
     catalog = Catalog(hive_dir / "models")
     for entry in catalog.mark_interrupted():
         log.warning("model %s: its download was interrupted; download it again to resume", entry.id)
+    keys = config.trust.server_keys()
+    pubsub_keys = replace(PUBSUB_OPTIONS, curve=keys)
     with single_errors():
         async with (
-            await open_listener(config.control) as control,
-            await open_publisher(config.heartbeats) as publisher,
+            await open_listener(config.control, options=SocketOptions(curve=keys)) as control,
+            await open_publisher(config.heartbeats, options=pubsub_keys) as publisher,
             open_worker_pool(
                 config.worker_sockets,
+                keypair=config.trust.keypair,
                 heartbeat_s=config.server.heartbeat_s,
                 log_dir=hive_dir / "logs",
                 name=config.hive_id,

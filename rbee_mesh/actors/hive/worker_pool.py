@@ -43,6 +43,7 @@ the hive only, and the hive stops them in order. Each worker's stdout and stderr
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import logging
 import os
@@ -68,6 +69,7 @@ from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.jobclient import JobClient, Relay, forward
 from rbee_mesh.actors.narration import current_job, narrate
 from rbee_mesh.actors.runtime import single_errors
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.actors.worker.worker import WorkerExit
 from rbee_mesh.protocol import (
     Actor,
@@ -82,6 +84,7 @@ from rbee_mesh.protocol import (
 from rbee_mesh.protocol.constants import MAX_SLOTS, MAX_WORKERS_PER_HIVE
 from rbee_mesh.protocol.operations import WORKER_DEVICE
 from rbee_mesh.transport import EndpointError, parse_endpoint
+from rbee_mesh.transport.curve import ClientKeys, Keypair
 
 log = logging.getLogger("rbee_mesh.worker_pool")
 
@@ -204,8 +207,10 @@ def _die_with_this_thread(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-def _start_process(argv: list[str], log_path: Path) -> _Process:
-    """Fork and exec `argv` from this thread, its output appended to `log_path`.
+def _start_process(argv: list[str], log_path: Path, secret: str) -> _Process:
+    """Fork and exec `argv` from this thread, its output appended to `log_path`; the worker
+    reads `secret` (the hive's key, which it serves with) from its stdin, never from its argv
+    or environment, which other users of the machine can read.
 
     Blocking (a fork and an exec, milliseconds) on purpose: PR_SET_PDEATHSIG is tied to the
     forking thread, and this one (trio's) lives as long as the pool. See the module docstring.
@@ -213,12 +218,16 @@ def _start_process(argv: list[str], log_path: Path) -> _Process:
     with log_path.open("ab") as log_file:
         popen = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
             preexec_fn=_die_with_this_thread(os.getpid()),
         )
+    assert popen.stdin is not None
+    # One line, far below a pipe's buffer: never blocks. (A worker that died at once broke it.)
+    with contextlib.suppress(BrokenPipeError), popen.stdin:
+        popen.stdin.write(secret.encode("ascii") + b"\n")
     return _Process(popen)
 
 
@@ -308,8 +317,10 @@ class WorkerPool:
         heartbeat_s: float,
         log_dir: Path,
         name: str,
+        keypair: Keypair,
     ) -> None:
         self.socket_prefix = socket_prefix
+        self.keypair = keypair
         self.heartbeat_s = heartbeat_s
         self.log_dir = log_dir
         self.name = name
@@ -369,7 +380,7 @@ class WorkerPool:
             "--heartbeat-s", repr(self.heartbeat_s),
         ]  # fmt: skip
         try:
-            process = _start_process(argv, log_path)
+            process = _start_process(argv, log_path, self.keypair.secret)
         except (OSError, subprocess.SubprocessError) as exc:
             raise MeshError(
                 ErrorCode.UNAVAILABLE, f"cannot start a worker process: {exc}"
@@ -379,6 +390,7 @@ class WorkerPool:
         client = JobClient.forwarding(
             endpoint, name=self.name, role=Actor.HIVE, server=f"worker {worker_id}",
             lost_code=ErrorCode.WORKER_LOST, heartbeat_s=self.heartbeat_s, reconnect_ivl_ms=10,
+            keys=ClientKeys(self.keypair, self.keypair.public),
         )  # fmt: skip
         worker = _Worker(
             id=worker_id,
@@ -697,6 +709,7 @@ async def open_worker_pool(
     log_dir: Path | None = None,
     grace_s: float = 5.0,
     name: str = "hive",
+    keypair: Keypair | None = None,
 ) -> AsyncIterator[WorkerPool]:
     """A worker pool for the duration of the block; each worker serves at
     `<socket_prefix>.<worker id>` (an ipc:// endpoint: a path, or @name for a Linux abstract
@@ -705,7 +718,8 @@ async def open_worker_pool(
     `log_dir` receives one log file per worker; without it the pool uses a temporary directory
     and removes it on exit. `name` is the sender id of the pool's frames (the hive's id). On
     exit every worker is stopped (SIGKILL after `grace_s`) and reaped, even when the block is
-    cancelled.
+    cancelled. `keypair`: the hive's, which its workers serve with and admit alone (default:
+    this process's node's).
     """
     if parse_endpoint(socket_prefix).scheme != "ipc":
         raise EndpointError(
@@ -718,8 +732,9 @@ async def open_worker_pool(
         with single_errors():
             async with trio.open_nursery() as nursery:
                 pool = WorkerPool(
-                    socket_prefix, nursery, heartbeat_s=heartbeat_s, log_dir=logs, name=name
-                )
+                    socket_prefix, nursery, heartbeat_s=heartbeat_s, log_dir=logs, name=name,
+                    keypair=keypair or Trust.for_process().keypair,
+                )  # fmt: skip
                 nursery.start_soon(pool.schedule.run)
                 try:
                     yield pool

@@ -1,7 +1,8 @@
 """`rbee-mesh`: the keeper, the command line a person types into.
 
 Exit codes (docs/cli.md): 0 done; 1 the job failed; 2 invalid usage or request; 3 the queen (or
-the actor a job needs) is unreachable; 4 not found; 5 timed out; 130 cancelled (Ctrl-C).
+the actor a job needs) is unreachable; 4 not found; 5 timed out; 6 not permitted; 130 cancelled
+(Ctrl-C).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from rbee_mesh.actors.hive.hive import HiveConfig, default_hive_id
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, ServerUnreachable
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import daemon
-from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.keeper.client import join_queen, open_keeper
 from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operation
 from rbee_mesh.actors.keeper.demo import run_demo
 from rbee_mesh.actors.keeper.doctor import run_doctor
 from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
-from rbee_mesh.actors.mesh import DEFAULT_QUEEN_BIND, mesh_for_one_command
-from rbee_mesh.actors.queen.config import load_config, peer_endpoint
+from rbee_mesh.actors.mesh import DEFAULT_QUEEN_BIND, LOCAL_QUEEN_BIND, mesh_for_one_command
+from rbee_mesh.actors.queen.config import load_config, peer_spec
+from rbee_mesh.actors.trust import JoinToken, Role, Trust
 from rbee_mesh.protocol import (
     Cancelled,
     Done,
@@ -55,7 +57,8 @@ from rbee_mesh.protocol.constants import (
     MAX_HEARTBEAT_S,
     MIN_HEARTBEAT_S,
 )
-from rbee_mesh.transport import EndpointError, local_endpoint_for
+from rbee_mesh.protocol.operations import HivePair
+from rbee_mesh.transport import EndpointError, local_endpoint_for, parse_endpoint
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -63,6 +66,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
 EXIT_TIMEOUT = 5
+EXIT_FORBIDDEN = 6
 EXIT_CANCELLED = 130
 
 _EXIT_FOR_CODE = {
@@ -71,6 +75,7 @@ _EXIT_FOR_CODE = {
     ErrorCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
     ErrorCode.TIMEOUT: EXIT_TIMEOUT,
+    ErrorCode.FORBIDDEN: EXIT_FORBIDDEN,
     ErrorCode.CANCELLED: EXIT_CANCELLED,
 }
 
@@ -93,12 +98,31 @@ class Cli:
     queen: str | None
     as_json: bool
 
+    @functools.cached_property
+    def trust(self) -> Trust:
+        """This node (the state directory's): its keys, and whom it trusts."""
+        return Trust.load(daemon.state_dir())
+
+    @property
+    def joined(self) -> str | None:
+        """The endpoint of the queen this keeper joined (`keeper join`), if any."""
+        queens = self.trust.entries(Role.QUEEN)
+        return queens[-1].endpoint if queens else None
+
+    @property
+    def queen_known(self) -> bool:
+        """Whether there is a queen to talk to: named, running here, or joined."""
+        return bool(self.queen or daemon.read_info("queen") or self.joined)
+
     @property
     def endpoint(self) -> str:
-        """--queen / RBEE_MESH_QUEEN, else the local queen daemon's endpoint, else the default."""
+        """--queen / RBEE_MESH_QUEEN, else the local queen daemon's endpoint, else the queen
+        this keeper joined, else the default."""
         if self.queen:
             return self.queen
         info = daemon.read_info("queen")
+        if info is None and self.joined:
+            return self.joined
         return local_endpoint_for(info.endpoint if info else DEFAULT_QUEEN_BIND)
 
     def renderer(self) -> Renderer:
@@ -111,15 +135,15 @@ class Cli:
     ) -> NoReturn:
         """Submit `op` to the queen, render its events live, exit with its outcome."""
         renderer = self.renderer()
-        code = trio.run(_run_job, self.endpoint, op, renderer, timeout_s)
+        code = trio.run(_run_job, self.endpoint, op, renderer, timeout_s, self.trust)
         sys.exit(code)
 
 
 async def _run_job(
-    endpoint: str, op: Operation, renderer: Renderer, timeout_s: float | None
+    endpoint: str, op: Operation, renderer: Renderer, timeout_s: float | None, trust: Trust
 ) -> int:
     try:
-        async with open_keeper(endpoint) as keeper:
+        async with open_keeper(endpoint, trust=trust) as keeper:
             return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
     except ServerUnreachable as exc:
         renderer.problem(exc.code, exc.message)
@@ -240,7 +264,8 @@ def doctor(cli: Cli, discovery: bool) -> None:
     Checks the queen, multicast on this machine, what mDNS announces against what the queen has
     linked, and for each hive: liveness, its port from here, its protocol, its clock.
     """
-    checks = trio.run(functools.partial(run_doctor, cli.endpoint, discovery=discovery))
+    doctor = functools.partial(run_doctor, cli.endpoint, discovery=discovery, trust=cli.trust)
+    checks = trio.run(doctor)
     for check in checks:
         if cli.as_json:
             click.echo(json.dumps(check.to_record()))
@@ -269,6 +294,63 @@ _heartbeat_option = click.option(
 )
 
 
+#: `--local-only`, for the queen and a hive alike.
+_local_only_option = click.option(
+    "--local-only",
+    is_flag=True,
+    help="Serve this machine only (bind 127.0.0.1), and do not announce on the LAN.",
+)
+
+
+@main.command("id")
+@pass_cli
+def node_id(cli: Cli) -> None:
+    """This node's public key and its fingerprint, for a person to compare.
+
+    One per state directory (the queen, the hive and this command started by one user share
+    it), made on first use; the secret half stays in <state>/node.key (mode 0600) and never
+    leaves this machine. Another node pins the public key: `queen start --peer HOST#KEY`.
+    """
+    keys = cli.trust.keypair
+    where = str(daemon.state_dir())
+    record = {"public_key": keys.public, "fingerprint": keys.fingerprint, "state_dir": where}
+    _say(
+        cli,
+        f"public key   {keys.public}\nfingerprint  {keys.fingerprint}\nstate        {where}",
+        record,
+    )
+
+
+@main.group()
+def keeper() -> None:
+    """This command line as a keeper of another machine's queen: join it, list and revoke."""
+
+
+@keeper.command("join")
+@click.argument("token")
+@pass_cli
+def keeper_join(cli: Cli, token: str) -> None:
+    """Join the queen that printed TOKEN (`rbee-mesh queen invite --for keeper`): from then on
+    this command talks to that queen (unless --queen says otherwise, or a queen runs here)."""
+    _join(cli, token, f"keeper-{default_hive_id()}")
+
+
+def _join(cli: Cli, text: str, name: str, control_port: int | None = None) -> None:
+    """Redeem a join token as this node, named `name` (a hive: with its control port)."""
+    try:
+        token = JoinToken.decode(text)
+        result = trio.run(join_queen, token, cli.trust, name, control_port)
+    except MeshError as exc:
+        _fail(cli, exc.code, exc.message, _EXIT_FOR_CODE.get(exc.code, EXIT_FAILED))
+    fingerprint = result["queen_fingerprint"]
+    _say(
+        cli,
+        f"joined queen {result['queen']} (fingerprint {fingerprint}) as {token.role} "
+        f"{result['name']}",
+        {"event": "joined", **result},
+    )
+
+
 @main.group()
 def queen() -> None:
     """Start, stop and inspect the queen on this machine."""
@@ -277,19 +359,21 @@ def queen() -> None:
 @queen.command("start")
 @click.option(
     "--bind",
-    default=DEFAULT_QUEEN_BIND,
-    show_default=True,
     metavar="ENDPOINT",
-    help="Where keepers reach the queen. tcp://0.0.0.0:7833 admits other machines.",
+    help=f"Where keepers reach the queen. Default: {DEFAULT_QUEEN_BIND}, the LAN (only keys "
+    f"it trusts get in); with --local-only {LOCAL_QUEEN_BIND}.",
 )
+@_local_only_option
 @click.option(
     "--peer",
     "--hive",
     "hives",
     multiple=True,
-    metavar="HOST[:PORT]",
+    metavar="HOST[:PORT][#KEY]",
     help="A hive to manage without discovery: HOST, HOST:PORT (port 7835 by default) or "
-    "tcp://HOST:PORT. Repeatable; also read from [queen] peers in <state>/config.toml.",
+    "tcp://HOST:PORT, then #KEY, the hive's public key (`rbee-mesh id` there; not needed for "
+    "a hive of this machine and state directory). Repeatable; also read from [queen] peers in "
+    "<state>/config.toml.",
 )
 @click.option(
     "--integrated",
@@ -311,7 +395,8 @@ def queen() -> None:
 @pass_cli
 def queen_start(
     cli: Cli,
-    bind: str,
+    bind: str | None,
+    local_only: bool,
     hives: tuple[str, ...],
     integrated: bool,
     discovery: bool,
@@ -320,15 +405,17 @@ def queen_start(
 ) -> None:
     """Start the queen (a daemon, unless --foreground) and return once it answers.
 
-    It manages the hives it finds on the LAN, those named with --peer or in the config file,
-    and (with --integrated) this machine's own, in its process.
+    It manages the hives it finds on the LAN and trusts (`hive list` shows the others as
+    pending: `hive trust`), those that joined it (`queen invite`), those named with --peer or in
+    the config file, and (with --integrated) this machine's own, in its process.
     """
+    bind = bind or (LOCAL_QUEEN_BIND if local_only else DEFAULT_QUEEN_BIND)
     if foreground:
         serve = daemon.serve_queen_forever
         _serve_foreground(cli, bind, serve, bind, True, hives, integrated, discovery, heartbeat_s)
         return
     for hive in hives:  # refused here, not in the daemon's log
-        peer_endpoint(hive)
+        peer_spec(hive)
     load_config(daemon.state_dir())
     argv = ["queen", "start", "--foreground", "--bind", bind]
     argv += [arg for hive in hives for arg in ("--peer", hive)]
@@ -355,24 +442,23 @@ def hive() -> None:
 @hive.command("start")
 @click.option(
     "--bind",
-    default=f"tcp://127.0.0.1:{HIVE_PORT}",
-    show_default=True,
     metavar="ENDPOINT",
-    help="Control endpoint the queen connects to. tcp://0.0.0.0:7835 admits other machines.",
+    help=f"Control endpoint the queen connects to. Default: tcp://0.0.0.0:{HIVE_PORT}, the LAN "
+    f"(only queens it trusts get in); with --local-only tcp://127.0.0.1:{HIVE_PORT}.",
 )
 @click.option(
     "--heartbeat-bind",
-    default=f"tcp://127.0.0.1:{HEARTBEAT_PORT}",
-    show_default=True,
     metavar="ENDPOINT",
-    help="Where the hive publishes its heartbeats.",
+    help=f"Where the hive publishes its heartbeats (port {HEARTBEAT_PORT}, on the same "
+    "interfaces as --bind by default).",
 )
+@_local_only_option
 @click.option(
-    "--lan",
-    is_flag=True,
-    help="Serve the LAN: bind both ports on all interfaces (0.0.0.0), so that queens on other "
-    "machines can reach the hive and find it (mDNS). Nodes do not authenticate each other yet: "
-    "use it on a network you trust.",
+    "--join",
+    "token",
+    metavar="TOKEN",
+    help="Join the queen that printed TOKEN (`rbee-mesh queen invite`): this hive trusts "
+    "that queen, and the queen manages this hive. Good once.",
 )
 @click.option(
     "--id",
@@ -386,28 +472,34 @@ def hive() -> None:
 @pass_cli
 def hive_start(
     cli: Cli,
-    bind: str,
-    heartbeat_bind: str,
-    lan: bool,
+    bind: str | None,
+    heartbeat_bind: str | None,
+    local_only: bool,
+    token: str | None,
     hive_id: str,
     heartbeat_s: float,
     foreground: bool,
 ) -> None:
     """Start this machine's hive (a daemon, unless --foreground); return once it answers.
 
-    With --lan, queens on the LAN find it by themselves; otherwise tell a queen where it is
-    (queen start --peer HOST).
+    It serves the LAN and announces itself there (mDNS): a queen lists it as pending until a
+    person trusts it (`hive trust` there). With --join TOKEN it joins that queen at once. It
+    obeys the queens it trusts only: one of this machine's state directory, or one it joined.
     """
-    if lan:
-        bind = bind.replace("127.0.0.1", "0.0.0.0")
-        heartbeat_bind = heartbeat_bind.replace("127.0.0.1", "0.0.0.0")
+    host = "127.0.0.1" if local_only else "0.0.0.0"
+    bind = bind or f"tcp://{host}:{HIVE_PORT}"
+    heartbeat_bind = heartbeat_bind or f"tcp://{host}:{HEARTBEAT_PORT}"
+    hive_id = _valid_id(hive_id)
+    if token is not None:
+        _join(cli, token, hive_id, control_port=parse_endpoint(bind).port)
     if foreground:
         config = HiveConfig(
             state_dir=daemon.state_dir(),
-            hive_id=_valid_id(hive_id),
+            hive_id=hive_id,
             control=bind,
             heartbeats=heartbeat_bind,
             server=ServerConfig(heartbeat_s=heartbeat_s),
+            trust=cli.trust,
         )
         _serve_foreground(cli, bind, daemon.serve_hive_forever, config, True)
         return
@@ -420,7 +512,7 @@ def hive_start(
         "--heartbeat-bind",
         heartbeat_bind,
         "--id",
-        _valid_id(hive_id),
+        hive_id,
         "--heartbeat",
         str(heartbeat_s),
     ]
@@ -439,6 +531,25 @@ def hive_status(cli: Cli, hive_id: str | None) -> None:
     info = _local_daemon(cli, "hive")
     cli.queen = local_endpoint_for(info.endpoint)
     cli.run_job(HiveStatus(hive=info.ident))
+
+
+@hive.command("pair")
+@click.option(
+    "--ttl",
+    "ttl_s",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(10, 86400),
+    help="Seconds the code is good for.",
+)
+@pass_cli
+def hive_pair(cli: Cli, ttl_s: float) -> None:
+    """Print a pairing code for this machine's hive: on the queen's machine, `rbee-mesh hive
+    trust HIVE --code CODE` then makes the queen and this hive trust each other (the hive shows
+    there as pending, found on the LAN). The code is good once, for --ttl seconds."""
+    info = _local_daemon(cli, "hive")
+    cli.queen = local_endpoint_for(info.endpoint)
+    cli.run_job(HivePair(ttl_s=ttl_s))
 
 
 def _add_stop(group: click.Group, name: str, help: str) -> None:
@@ -474,7 +585,7 @@ def _run_infer(ctx: click.Context, op: Operation, timeout_s: float | None) -> No
     """`infer`: with no queen running (and no --queen), in a mesh made for this command."""
     cli = ctx.find_object(Cli)
     assert cli is not None
-    if cli.queen is None and daemon.read_info("queen") is None:
+    if not cli.queen_known:
         sys.exit(trio.run(_run_one_command, op, cli.renderer(), timeout_s))
     cli.run_job(op, timeout_s)
 
@@ -561,12 +672,14 @@ async def _wait_until_serving(
 ) -> daemon.DaemonInfo | None:
     """Wait for the daemon `pid` to record its endpoint and answer a ping there."""
     quick = ClientConfig(accept_timeout_s=1.0)
+    trust = Trust.load(daemon.state_dir())
     with trio.move_on_after(timeout_s):
         while poll() is None:
             info = daemon.read_info(name)
             if info is not None and info.pid == pid:
                 try:
-                    async with open_keeper(local_endpoint_for(info.endpoint), quick) as keeper:
+                    endpoint = local_endpoint_for(info.endpoint)
+                    async with open_keeper(endpoint, quick, trust) as keeper:
                         job = await keeper.submit(Ping())
                         async for _ in job:
                             pass

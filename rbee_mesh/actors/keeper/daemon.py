@@ -28,7 +28,8 @@ from rbee_mesh import __version__
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.mesh import integrated_hive_config, running_queen
-from rbee_mesh.actors.queen.config import load_config, peer_endpoint
+from rbee_mesh.actors.queen.config import load_config, peer_spec
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol.constants import HEARTBEAT_S
 
 log = logging.getLogger("rbee_mesh.daemon")
@@ -190,14 +191,15 @@ async def serve_queen_forever(
     With `record`, the daemon info file says where this queen listens while it does.
     """
     config = ServerConfig(heartbeat_s=heartbeat_s)
-    hive = integrated_hive_config(state_dir(), config) if integrated else None
-    peers = [peer_endpoint(h) for h in hives]
+    trust = Trust.load(state_dir())
+    hive = integrated_hive_config(state_dir(), config, trust) if integrated else None
+    peers = [peer_spec(h) for h in hives]
     async with running_queen(
-        bind, config, hives=peers, integrated_hive=hive, discover=discover
+        bind, config, hives=peers, integrated_hive=hive, discover=discover, trust=trust
     ) as queen:
-        for endpoint in load_config(state_dir()).peers:
-            if endpoint not in peers:
-                await queen.add_hive(endpoint, source="config")
+        for endpoint, key in load_config(state_dir()).peers:
+            if endpoint not in (p[0] for p in peers):
+                await queen.add_hive(endpoint, source="config", key=key)
         # What is made by now lives as long as the queen (its links, their sockets and tasks):
         # the collector need not walk it again. At 1,000 hives each full collection walked it
         # for 100-165 ms, during which the queen answered nothing.

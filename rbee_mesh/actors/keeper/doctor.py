@@ -13,6 +13,7 @@ Each check says ok, or what is wrong and what to do about it:
 from __future__ import annotations
 
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import trio
 from rbee_mesh import __version__
 from rbee_mesh.actors.jobclient import ClientConfig, ServerUnreachable
 from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import PROTOCOL_VERSION, Done, HiveGet, HiveList, Operation, Status
 from rbee_mesh.transport import parse_endpoint
 from rbee_mesh.transport.discovery import Found, HiveAnnouncement, browsing, protocol_compatible
@@ -45,12 +47,14 @@ class Check:
         return {"check": self.name, "ok": self.ok, "message": self.message, "advice": self.advice}
 
 
-async def run_doctor(endpoint: str, *, discovery: bool) -> list[Check]:
-    """Every check, in order; mDNS is listened to only when `discovery` is on."""
+async def run_doctor(endpoint: str, *, discovery: bool, trust: Trust) -> list[Check]:
+    """Every check, in order, as the node of `trust`; mDNS is listened to only when
+    `discovery` is on."""
     checks = [multicast_check()]
     quick = ClientConfig(accept_timeout_s=3.0)
+    pending: list[dict[str, Any]] = []
     try:
-        async with open_keeper(endpoint, quick) as keeper:
+        async with open_keeper(endpoint, quick, trust) as keeper:
             status = await _result(keeper, Status())
             q = status["queen"]
             checks.insert(
@@ -61,16 +65,22 @@ async def run_doctor(endpoint: str, *, discovery: bool) -> list[Check]:
                     f"answers at {endpoint} (v{q['version']}, protocol {q['protocol']})",
                 ),
             )
+            rows = await _result(keeper, HiveList())
+            pending = [row for row in rows if row["liveness"] == "pending"]
             hives = {
                 row["hive"]: await _result(keeper, HiveGet(hive=row["hive"]))
-                for row in await _result(keeper, HiveList())
+                for row in rows
+                if row["liveness"] != "pending"
             }
     except ServerUnreachable as exc:
-        advice = "start one: rbee-mesh queen start (or name it with --queen)"
+        advice = (
+            "start one: rbee-mesh queen start (or name it with --queen); a queen of another "
+            "machine answers only keepers it trusts: rbee-mesh keeper join TOKEN"
+        )
         checks.insert(0, Check("queen", False, exc.message, advice))
         hives = {}
     if discovery:
-        checks.append(await mdns_check(hives))
+        checks.append(await mdns_check(hives, {row["hive"] for row in pending}))
     else:
         checks.append(Check("mdns", True, "skipped: discovery is off (RBEE_MESH_DISCOVERY)"))
     if not hives and checks[0].ok:
@@ -79,11 +89,22 @@ async def run_doctor(endpoint: str, *, discovery: bool) -> list[Check]:
                 "hives",
                 False,
                 "the queen knows no hive",
-                "start one on each machine (rbee-mesh hive start --lan), or name them: "
-                "queen start --peer HOST",
+                "start one on each machine (rbee-mesh hive start --join TOKEN, with a token "
+                "of rbee-mesh queen invite), or name them: queen start --peer HOST#KEY",
             )
         )
     checks += [await hive_check(name, detail) for name, detail in hives.items()]
+    checks += [
+        Check(
+            f"hive {row['hive']}",
+            False,
+            f"found on the LAN at {row['endpoint']} with a key the queen does not trust "
+            f"(fingerprint {row['fingerprint']})",
+            f"compare the fingerprint with `rbee-mesh id` on that machine, then: rbee-mesh "
+            f"hive trust {row['hive']}; the hive must trust this queen too (hive start --join)",
+        )
+        for row in pending
+    ]
     return checks
 
 
@@ -120,8 +141,9 @@ def multicast_check(net: Path = Path("/sys/class/net")) -> Check:
     )
 
 
-async def mdns_check(linked: dict[str, dict[str, Any]]) -> Check:
-    """Listen for announcements and compare them with the hives the queen has linked."""
+async def mdns_check(linked: dict[str, dict[str, Any]], pending: Collection[str] = ()) -> Check:
+    """Listen for announcements and compare them with the hives the queen has linked (or lists
+    as pending: a key it does not trust, said by their own checks)."""
     seen: dict[str, HiveAnnouncement] = {}
     try:
         async with browsing() as events:
@@ -141,8 +163,8 @@ async def mdns_check(linked: dict[str, dict[str, Any]]) -> Check:
             "mdns",
             not linked or all(h["source"] != "mdns" for h in linked.values()),
             f"no hive announced itself in {LISTEN_S:g} s",
-            "hives bound to 127.0.0.1 are not announced: start them with "
-            "rbee-mesh hive start --lan; a firewall may drop mDNS (UDP 5353)",
+            "hives started with --local-only are not announced; a firewall may drop mDNS "
+            "(UDP 5353)",
         )
     wrong = [a for a in seen.values() if not protocol_compatible(a)]
     if wrong:
@@ -153,7 +175,7 @@ async def mdns_check(linked: dict[str, dict[str, Any]]) -> Check:
             f"hives that speak another protocol: {names}; this build speaks {PROTOCOL_VERSION}",
             f"run the same rbee-mesh version (this is {__version__}) on every machine",
         )
-    missing = [h for h in seen if h not in linked]
+    missing = [h for h in seen if h not in linked and h not in pending]
     if missing:
         return Check(
             "mdns",
@@ -173,7 +195,7 @@ async def hive_check(name: str, detail: dict[str, Any]) -> Check:
     reachable = await _port_reachable(detail["endpoint"])
     if reachable is not None:
         problems.append(f"control port not reachable from here: {reachable}")
-        advice.append("a firewall, or the hive serves only its own machine (hive start --lan)")
+        advice.append("a firewall, or the hive serves only its own machine (--local-only)")
     protocol = detail.get("protocol")
     if protocol is not None and protocol != PROTOCOL_VERSION:
         problems.append(f"speaks protocol {protocol}, this build {PROTOCOL_VERSION}")

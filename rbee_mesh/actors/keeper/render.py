@@ -160,6 +160,8 @@ def _format_status(result: dict[str, Any]) -> str:
         f"queen   {q['name']} {q['endpoint']} (pid {q['pid']}, v{q['version']}, "
         f"protocol {q['protocol']}, up {q['uptime_s']:.0f}s)",
         f"jobs    {q['jobs_running']} running; {q['keepers']} keeper(s) connected",
+        f"keys    fingerprint {q['fingerprint']}; {q['refused_handshakes']} handshake(s) "
+        f"refused; {q['pending_hives']} hive(s) pending",
     ]
     if not result["hives"]:
         return "\n".join([*lines, "hives   none connected"])
@@ -169,7 +171,8 @@ def _format_status(result: dict[str, Any]) -> str:
 def _format_hives(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no hives"
-    cols = ["hive", "source", "liveness", "heartbeat_age_s", "devices", "workers", "models"]
+    cols = ["hive", "source", "liveness", "heartbeat_age_s", "devices", "workers", "models",
+            "fingerprint"]  # fmt: skip
     return format_table([{**r, "devices": ",".join(r["devices"])} for r in rows], cols)
 
 
@@ -213,6 +216,13 @@ def _sized(row: dict[str, Any], *keys: str) -> dict[str, Any]:
 _JOB_COLUMNS = ["id", "op", "state", "keeper", "duration_s", "error"]
 
 
+def _format_nodes(rows: list[dict[str, Any]]) -> str:
+    when = [
+        {**r, "added": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["added"]))} for r in rows
+    ]
+    return format_table(when, ["name", "fingerprint", "added"])
+
+
 def _format_jobs(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no jobs"
@@ -250,6 +260,12 @@ RESULT_FORMATTERS: dict[str, Callable[[Any], str]] = {
         + (f", sha256 {r['sha256'][:16]}..." if r.get("sha256") else "")
     ),
     "model_delete": lambda r: f"deleted {r['model']}",
+    "invite": lambda r: r["token"],
+    "hive_pair": lambda r: r["code"],
+    "hive_trust": lambda r: f"trusting hive {r['hive']} ({r['fingerprint']}): {r['liveness']}",
+    "hive_untrust": lambda r: f"hive {r['name']} ({r['fingerprint']}) is no longer trusted",
+    "keeper_list": lambda rows: _format_nodes(rows) if rows else "no keepers",
+    "keeper_revoke": lambda r: f"keeper {r['name']} ({r['fingerprint']}) is revoked",
 }
 
 

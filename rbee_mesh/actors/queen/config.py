@@ -2,8 +2,10 @@
 
     [queen]
     # Hives to manage without discovery (networks without multicast): HOST, HOST:PORT or an
-    # endpoint (tcp://HOST:PORT). The port defaults to the hive's, 7835.
-    peers = ["10.0.0.7", "gpu-box:7835"]
+    # endpoint (tcp://HOST:PORT), then `#` and the hive's public key (`rbee-mesh id` on that
+    # box prints it; without one, the key of this state directory: a hive of this machine).
+    # The port defaults to the hive's, 7835.
+    peers = ["10.0.0.7#9?@gr!a]vwRHx(ETfD.?@Ya(RBnS@Eh*OPzrBpRZ", "gpu-box:7835#..."]
 
 A missing file is an empty config; a malformed one is a clear error naming the file and the
 problem, never a traceback.
@@ -17,13 +19,15 @@ from pathlib import Path
 
 from rbee_mesh.protocol import ErrorCode, MeshError
 from rbee_mesh.protocol.constants import HIVE_PORT
+from rbee_mesh.transport.curve import KEY_CHARS, check_key
 
 CONFIG_NAME = "config.toml"
 
 
 @dataclass(frozen=True)
 class Config:
-    peers: tuple[str, ...] = field(default_factory=tuple)
+    #: (endpoint, key) of each peer; key "" for a hive of this state directory.
+    peers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
 def load_config(state_dir: Path) -> Config:
@@ -40,7 +44,21 @@ def load_config(state_dir: Path) -> Config:
         raise MeshError(
             ErrorCode.INVALID_REQUEST, f"{path}: [queen] peers must be a list of strings"
         )
-    return Config(peers=tuple(peer_endpoint(p) for p in peers))
+    return Config(peers=tuple(peer_spec(p) for p in peers))
+
+
+def peer_spec(peer: str) -> tuple[str, str]:
+    """`WHERE` or `WHERE#KEY` as (endpoint, key): WHERE as `peer_endpoint` takes it, KEY the
+    hive's public key ("" if not given)."""
+    if len(peer) <= KEY_CHARS + 1 or peer[-KEY_CHARS - 1] != "#":
+        return peer_endpoint(peer), ""
+    where, key = peer[: -KEY_CHARS - 1], peer[-KEY_CHARS:]
+    try:
+        return peer_endpoint(where), check_key(key)
+    except ValueError:
+        raise MeshError(
+            ErrorCode.INVALID_REQUEST, f"{peer!r}: what follows # is not a public key"
+        ) from None
 
 
 def peer_endpoint(peer: str) -> str:

@@ -28,6 +28,7 @@ from trio_util import AsyncValue
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.jobclient import JobClient, forward
 from rbee_mesh.actors.jobserver import ServerJob
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     Actor,
     ErrorCode,
@@ -44,6 +45,7 @@ from rbee_mesh.protocol import (
     outcome,
 )
 from rbee_mesh.transport import Subscriber, TransportError, parse_endpoint
+from rbee_mesh.transport.curve import fingerprint
 
 log = logging.getLogger("rbee_mesh.hives")
 
@@ -58,6 +60,8 @@ class HiveLink:
     endpoint: str
     source: str
     client: JobClient
+    #: The hive's CURVE key, pinned: a server at `endpoint` with another key is not this hive.
+    key: str = ""
     hive_id: str = ""
     heartbeat_endpoint: str = ""
     #: The state of the hive's last heartbeat as it came (msgpack) until `state` reads it.
@@ -155,6 +159,7 @@ class HiveLink:
         rec: dict[str, Any] = {
             "hive": self.name,
             "endpoint": self.endpoint,
+            "fingerprint": fingerprint(self.key) if self.key else "",
             "source": self.source,
             "liveness": self.liveness_state,
             "heartbeat_age_s": age,
@@ -178,8 +183,11 @@ class HiveLink:
 class HiveRegistry:
     """All hives of one queen. Runs its loops in the nursery given to `run`."""
 
-    def __init__(self, *, queen_name: str, heartbeat_s: float, subscriber: Subscriber) -> None:
+    def __init__(
+        self, *, queen_name: str, heartbeat_s: float, subscriber: Subscriber, trust: Trust
+    ) -> None:
         self.queen_name = queen_name
+        self.trust = trust
         self.heartbeat_s = heartbeat_s
         self.subscriber = subscriber
         self.links: list[HiveLink] = []
@@ -196,14 +204,18 @@ class HiveRegistry:
             nursery.start_soon(self.schedule.run)
             task_status.started()
 
-    async def add(self, endpoint: str, *, source: str) -> HiveLink:
-        """Connect to the hive whose control socket is `endpoint` (it may not be up yet)."""
+    async def add(self, endpoint: str, *, source: str, key: str = "") -> HiveLink:
+        """Connect to the hive whose control socket is `endpoint` (it may not be up yet) and
+        whose key is `key` (default: the one trusted at that endpoint, else this node's own: a
+        hive of this state directory)."""
         assert self._nursery is not None, "run() the registry first"
+        key = key or self.trust.pinned(endpoint) or self.trust.public
         client = JobClient.forwarding(
             endpoint, name=self.queen_name, role=Actor.QUEEN, server=f"the hive at {endpoint}",
             lost_code=ErrorCode.HIVE_LOST, heartbeat_s=self.heartbeat_s,
+            keys=self.trust.client_keys(key),
         )  # fmt: skip
-        link = HiveLink(endpoint=endpoint, source=source, client=client)
+        link = HiveLink(endpoint=endpoint, source=source, client=client, key=key)
         client.on_ready = lambda ready: self._on_ready(link, ready)
         client.on_liveness = lambda was, now: self._changed(link, was, now)
         self.links.append(link)
@@ -318,7 +330,7 @@ class HiveRegistry:
                 if link.heartbeat_endpoint:
                     self._start(self.subscriber.disconnect, link.heartbeat_endpoint)
                 link.heartbeat_endpoint = endpoint
-                self._start(self.subscriber.connect, endpoint)
+                self._start(self.subscriber.connect, endpoint, link.key)
                 first = True
         if first:
             log.info("hive %s answered at %s", hive_id, link.endpoint)

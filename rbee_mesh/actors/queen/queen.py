@@ -11,6 +11,7 @@ before it started).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -22,11 +23,13 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh import __version__
+from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, running_client
 from rbee_mesh.actors.jobserver import Handler, JobServer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.actors.runtime import run_ping
+from rbee_mesh.actors.trust import JoinToken, Role, Trust, pairing_keypair
 from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -35,19 +38,25 @@ from rbee_mesh.protocol import (
     Level,
     Liveness,
     MeshError,
+    outcome,
 )
 from rbee_mesh.protocol import operations as ops
-from rbee_mesh.transport import Listener, Subscriber
+from rbee_mesh.transport import Listener, Subscriber, parse_endpoint
+from rbee_mesh.transport.curve import ClientKeys, fingerprint
 from rbee_mesh.transport.discovery import (
     SERVICE_TYPE,
     Found,
     Gone,
     HiveAnnouncement,
     browsing,
+    machine_ipv4_addresses,
     protocol_compatible,
 )
 
 log = logging.getLogger("rbee_mesh.queen")
+
+#: How long `hive trust --code` waits for the hive to take the code.
+PAIR_TIMEOUT_S = 5.0
 
 
 class Queen:
@@ -61,9 +70,13 @@ class Queen:
         *,
         max_queued: int = 64,
         discover: bool = False,
+        trust: Trust | None = None,
     ) -> None:
-        """`discover`: link hives announced on the LAN (mDNS), and drop them on goodbye."""
+        """`discover`: link hives announced on the LAN (mDNS) that are trusted, list the others
+        as pending, and drop them on goodbye. `trust`: this node's keys and whom it trusts
+        (the listener's and subscriber's keys must be its)."""
         self.name = f"queen-{os.uname().nodename}"
+        self.trust = trust or Trust.for_process()
         self.started = time.time()
         handlers: dict[type[ops.Operation], Handler] = {
             op: self._route for op in OPERATIONS.values() if op.TARGET is not Actor.QUEEN
@@ -77,18 +90,28 @@ class Queen:
                 ops.JobList: self._op_job_list,
                 ops.JobCancel: self._op_job_cancel,
                 ops.Infer: self._op_infer,
+                ops.Invite: self._op_invite,
+                ops.Join: self._op_join,
+                ops.HiveTrust: self._op_hive_trust,
+                ops.HiveUntrust: self._op_hive_untrust,
+                ops.KeeperList: self._op_keeper_list,
+                ops.KeeperRevoke: self._op_keeper_revoke,
             }
         )
         self.server = JobServer(
-            listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config
-        )
+            listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config,
+            trust=self.trust,
+        )  # fmt: skip
         self.hives = HiveRegistry(
-            queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s, subscriber=subscriber
-        )
+            queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
+            subscriber=subscriber, trust=self.trust,
+        )  # fmt: skip
         self.max_queued = max_queued
         self.discover = discover
         #: Hives announced on the LAN that speak another protocol version (for `doctor`).
         self.incompatible: dict[str, HiveAnnouncement] = {}
+        #: Hives announced on the LAN with a key this queen does not trust: listed, not used.
+        self.pending: dict[str, HiveAnnouncement] = {}
         #: Inference jobs this queen has running on each worker (by worker id).
         self._inflight: Counter[str] = Counter()
         #: Jobs waiting for a worker, in arrival order.
@@ -107,6 +130,9 @@ class Queen:
         """Serve until `stop()`, which returns from the server's run, or until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hives.run)
+            for hive in self.trust.entries(Role.HIVE):
+                if hive.endpoint:  # joined or trusted before this queen's restart
+                    await self.hives.add(hive.endpoint, source="trusted", key=hive.key)
             if self.discover:
                 nursery.start_soon(self._discover)
             await self.server.run(task_status=task_status)
@@ -116,10 +142,10 @@ class Queen:
         """End every running job with ERROR UNAVAILABLE, then stop."""
         await self.server.stop(reason)
 
-    async def add_hive(self, endpoint: str, *, source: str = "static") -> HiveLink:
-        """Manage the hive whose control socket is `endpoint` (from `--peer`, the config, mDNS, or
-        the integrated mode)."""
-        return await self.hives.add(endpoint, source=source)
+    async def add_hive(self, endpoint: str, *, source: str = "static", key: str = "") -> HiveLink:
+        """Manage the hive whose control socket is `endpoint` (from `--peer`, the config, mDNS,
+        a join, or the integrated mode) and whose key is `key` (default: see HiveRegistry.add)."""
+        return await self.hives.add(endpoint, source=source, key=key)
 
     # ---- discovery ----------------------------------------------------------------------------
 
@@ -133,6 +159,7 @@ class Queen:
                         case Found():
                             await self._found(event.announcement)
                         case Gone():
+                            self.pending.pop(event.hive_id, None)
                             for link in list(self.hives.links):
                                 if link.hive_id == event.hive_id and link.source == "mdns":
                                     await self.hives.remove(link, "it said goodbye")
@@ -151,13 +178,31 @@ class Queen:
             )
             return
         self.incompatible.pop(ann.hive_id, None)
+        if self.trust.role_of(ann.key) not in (Role.HIVE, Role.OWNER):
+            if ann.hive_id not in self.pending:
+                log.warning("%s", self._pending_note(ann))
+            self.pending[ann.hive_id] = ann
+            return
+        self.pending.pop(ann.hive_id, None)
         for link in list(self.hives.links):
-            if ann.control_endpoint == link.endpoint:
+            if ann.control_endpoint == link.endpoint and ann.key == link.key:
                 return  # known already (a static peer, or this announcement again)
-            if link.hive_id == ann.hive_id and link.source == "mdns":
+            if link.key == ann.key and link.source in ("mdns", "trusted"):
                 await self.hives.remove(link, f"it moved to {ann.control_endpoint}")
         log.info("found hive %s at %s", ann.hive_id, ann.control_endpoint)
-        await self.add_hive(ann.control_endpoint, source="mdns")
+        await self.add_hive(ann.control_endpoint, source="mdns", key=ann.key)
+
+    def _pending_note(self, ann: HiveAnnouncement) -> str:
+        """Why a hive found on the LAN is not used, and what a person can do about it."""
+        found = f"hive {ann.hive_id} at {ann.control_endpoint} (fingerprint {fingerprint(ann.key)})"
+        known = [t for t in self.trust.entries(Role.HIVE) if t.name == ann.hive_id]
+        if known:
+            return (
+                f"{found} announces a key that is not the one trusted for it "
+                f"({known[0].fingerprint}): not used. If it made a new key, "
+                f"`rbee-mesh hive trust {ann.hive_id}` trusts the new one"
+            )
+        return f"{found} is pending: `rbee-mesh hive trust {ann.hive_id}` after comparing it"
 
     # ---- routing to hives -----------------------------------------------------------------------
 
@@ -345,6 +390,9 @@ class Queen:
                 "jobs_running": len(self.server.running_jobs),
                 "keepers": self.server.peer_count,
                 "heartbeats_received": self.hives.heartbeats_received,
+                "fingerprint": self.trust.keypair.fingerprint,
+                "refused_handshakes": self.trust.refusals,
+                "pending_hives": len(self.pending),
             },
             "hives": hives,
         }
@@ -356,8 +404,21 @@ class Queen:
         return await run_ping(op)
 
     async def _op_hive_list(self, job: ServerJob, op: ops.HiveList) -> list[dict[str, Any]]:
-        narrate("hive_list", f"{len(self.hives.links)} hive(s) known to this queen")
-        return [link.record() for link in self.hives.links]
+        pending = [self._pending_record(ann) for ann in self.pending.values()]
+        narrate(
+            "hive_list",
+            f"{len(self.hives.links)} hive(s) known to this queen"
+            + (f", {len(pending)} pending (found on the LAN, not trusted)" if pending else ""),
+        )
+        return [link.record() for link in self.hives.links] + pending
+
+    @staticmethod
+    def _pending_record(ann: HiveAnnouncement) -> dict[str, Any]:
+        return {
+            "hive": ann.hive_id, "endpoint": ann.control_endpoint,
+            "fingerprint": fingerprint(ann.key), "source": "mdns", "liveness": "pending",
+            "heartbeat_age_s": None, "devices": [], "workers": 0, "models": 0,
+        }  # fmt: skip
 
     async def _op_hive_get(self, job: ServerJob, op: ops.HiveGet) -> dict[str, Any]:
         link = self.hives.get(op.hive)
@@ -380,6 +441,147 @@ class Queen:
             level=Level.WARN,
         )
         return {"job": target.id, "state": "cancelled"}
+
+    # ---- trust ----------------------------------------------------------------------------------
+
+    async def _op_invite(self, job: ServerJob, op: ops.Invite) -> dict[str, Any]:
+        role = Role(op.role)
+        endpoints = self._joinable_endpoints(op.address)
+        invite = self.trust.invite(role, op.ttl_s)
+        token = JoinToken(self.trust.public, endpoints, invite.keypair, role, invite.expires)
+        narrate(
+            "invite",
+            f"a join token for a {role} at {', '.join(endpoints)}: good once, for {op.ttl_s:g} s",
+        )
+        return {
+            "token": token.encode(),
+            "role": str(role),
+            "expires": invite.expires,
+            "queen_fingerprint": self.trust.keypair.fingerprint,
+        }
+
+    def _joinable_endpoints(self, address: str | None) -> tuple[str, ...]:
+        """Where a node of another machine reaches this queen's listener."""
+        bound = parse_endpoint(self.listener.endpoint)
+        if bound.scheme != "tcp":
+            raise MeshError(
+                ErrorCode.CONFLICT, f"this queen serves {bound} only: nothing can join it"
+            )
+        if address is not None:
+            host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+            return (f"tcp://{host}:{bound.port}",)
+        assert bound.host is not None
+        if bound.host in ("*", "0.0.0.0", "[::]"):
+            hosts = [a for a in machine_ipv4_addresses() if not a.startswith("127.")]
+        elif bound.host.startswith("127.") or bound.host in ("localhost", "[::1]"):
+            hosts = []
+        else:
+            hosts = [bound.host]
+        if not hosts:
+            raise MeshError(
+                ErrorCode.CONFLICT,
+                f"this queen listens on {bound} only, which other machines cannot reach: "
+                "start it without --local-only (or give --address)",
+            )
+        return tuple(f"tcp://{h}:{bound.port}" for h in hosts)
+
+    async def _op_join(self, job: ServerJob, op: ops.Join) -> dict[str, Any]:
+        invite = self.trust.redeem(job.peer.key)
+        if invite.role is Role.HIVE and op.control is None:
+            raise MeshError(ErrorCode.INVALID_REQUEST, "a hive joins with its control endpoint")
+        taken = {t.name for t in self.trust.entries(invite.role) if t.key != op.key}
+        name = op.name
+        for n in itertools.count(2):
+            if name not in taken:
+                break
+            name = f"{op.name}-{n}"
+        entry = self.trust.trust(op.key, invite.role, name, endpoint=op.control or "")
+        narrate("join", f"{invite.role} {name} joined (fingerprint {entry.fingerprint})")
+        if op.control is not None:
+            for link in list(self.hives.links):
+                if link.endpoint == op.control:
+                    await self.hives.remove(link, "it joined again")
+            await self.add_hive(op.control, source="joined", key=op.key)
+        return {
+            "queen": self.name,
+            "queen_fingerprint": self.trust.keypair.fingerprint,
+            "name": name,
+            "role": str(invite.role),
+        }
+
+    async def _op_hive_trust(self, job: ServerJob, op: ops.HiveTrust) -> dict[str, Any]:
+        ann = self.pending.get(op.hive)
+        if ann is None:
+            raise MeshError(
+                ErrorCode.NOT_FOUND,
+                f"no hive {op.hive!r} is pending (`rbee-mesh hive list` shows those found on "
+                "the LAN and not trusted yet)",
+            )
+        found = fingerprint(ann.key)
+        if op.fingerprint is not None and op.fingerprint != found:
+            raise MeshError(
+                ErrorCode.CONFLICT,
+                f"hive {op.hive} has fingerprint {found}, not {op.fingerprint}: not trusted",
+            )
+        narrate("hive_trust", f"hive {op.hive} at {ann.control_endpoint}: fingerprint {found}")
+        if op.code is not None:
+            await self._pair(ann, op.code)
+        else:
+            narrate(
+                "hive_trust",
+                f"no pairing code: hive {op.hive} answers only if it trusts this queen already",
+                level=Level.WARN,
+            )
+        self.trust.trust(ann.key, Role.HIVE, ann.hive_id, endpoint=ann.control_endpoint)
+        self.pending.pop(op.hive, None)
+        for link in list(self.hives.links):
+            if link.endpoint == ann.control_endpoint:
+                await self.hives.remove(link, "its key changed, and the new one is trusted")
+        link = await self.add_hive(ann.control_endpoint, source="mdns", key=ann.key)
+        return link.record()
+
+    async def _pair(self, ann: HiveAnnouncement, code: str) -> None:
+        """Prove the hive's pairing code to it (its one-time key), so that it trusts this
+        queen: the hive's side of `hive trust`."""
+        keys = ClientKeys(pairing_keypair(code, ann.key), ann.key)
+        client = JobClient(
+            ann.control_endpoint, name=self.name, role=Actor.QUEEN,
+            server=f"hive {ann.hive_id}", lost_code=ErrorCode.UNAVAILABLE,
+            config=ClientConfig(accept_timeout_s=PAIR_TIMEOUT_S), keys=keys,
+        )  # fmt: skip
+        try:
+            async with running_client(client):
+                paired = await client.submit(ops.Pair(name=self.name, key=self.trust.public))
+                outcome(await paired.end(), f"hive {ann.hive_id}")
+        except ServerUnreachable:
+            raise MeshError(
+                ErrorCode.FORBIDDEN,
+                f"hive {ann.hive_id} did not take the pairing code: a wrong or used code, or "
+                "one past its time, is refused at the handshake (`rbee-mesh hive pair` on its "
+                "machine prints a new one)",
+            ) from None
+        narrate("hive_trust", f"hive {ann.hive_id} took the pairing code: it trusts this queen")
+
+    async def _op_hive_untrust(self, job: ServerJob, op: ops.HiveUntrust) -> dict[str, Any]:
+        entry = self.trust.find(op.hive, Role.HIVE)
+        self.trust.untrust(entry)
+        for link in list(self.hives.links):
+            if link.key == entry.key:
+                await self.hives.remove(link, "it is no longer trusted")
+        narrate("hive_untrust", f"hive {entry.name} ({entry.fingerprint}) is cut off")
+        return entry.record()
+
+    async def _op_keeper_list(self, job: ServerJob, op: ops.KeeperList) -> list[dict[str, Any]]:
+        keepers = self.trust.entries(Role.KEEPER)
+        narrate("keeper_list", f"{len(keepers)} keeper(s) of other machines trusted")
+        return [k.record() for k in keepers]
+
+    async def _op_keeper_revoke(self, job: ServerJob, op: ops.KeeperRevoke) -> dict[str, Any]:
+        entry = self.trust.find(op.keeper, Role.KEEPER)
+        self.trust.untrust(entry)
+        cut = self.server.drop_peers_with_key(entry.key, "its key was revoked")
+        narrate("keeper_revoke", f"keeper {entry.name} revoked; {cut} connection(s) cut")
+        return entry.record()
 
 
 def _names(rows: list[dict[str, Any]], ident: str) -> bool:

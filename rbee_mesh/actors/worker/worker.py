@@ -47,12 +47,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from rbee_mesh.actors.jobserver import JobServer, Peer, ServerConfig, ServerJob
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.actors.worker.generate import generate
 from rbee_mesh.protocol import Actor, Infer, MeshError, ProtocolError
 from rbee_mesh.protocol.constants import HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_SLOTS, MIN_HEARTBEAT_S
 from rbee_mesh.protocol.fields import Spec, ident
 from rbee_mesh.protocol.operations import BACKEND, WORKER_DEVICE
-from rbee_mesh.transport import open_listener
+from rbee_mesh.transport import SocketOptions, open_listener
+from rbee_mesh.transport.curve import Keypair
 
 if TYPE_CHECKING:
     # Only a worker process needs the inference libraries (numpy, gguf, the backends).
@@ -89,6 +91,8 @@ class WorkerConfig:
     slots: int = 1
     #: The hive's id, for the `hive_id` of the worker's narration.
     hive_id: str = ""
+    #: The hive's keypair: the worker serves with it and admits its hive (that key) alone.
+    keypair: Keypair = dataclasses.field(default_factory=lambda: Trust.for_process().keypair)
 
 
 class Worker:
@@ -183,7 +187,9 @@ class Worker:
 
     async def _serve(self) -> None:
         config = self.config
-        async with await open_listener(config.listen) as listener:
+        trust = Trust(config.keypair)
+        options = SocketOptions(curve=trust.server_keys())
+        async with await open_listener(config.listen, options=options) as listener:
             self.server = JobServer(
                 listener,
                 name=config.worker_id,
@@ -198,6 +204,7 @@ class Worker:
                 ready_info=self._ready_info,
                 peer_label="hive",
                 hive_id=config.hive_id,
+                trust=trust,
                 worker_id=config.worker_id,
                 on_peer_gone=self._peer_gone,
             )
@@ -336,6 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s worker {args.worker_id} %(levelname)s %(message)s",
     )
     args.hive_id = args.hive_id or ""
+    try:
+        # The hive's key comes on stdin, one line (never in argv or the environment).
+        args.keypair = Keypair.from_secret(sys.stdin.readline().strip())
+    except ValueError:
+        print("no key on stdin: a worker serves with its hive's key", file=sys.stderr)
+        return int(WorkerExit.LOAD_FAILED)
     # The options are named as the config's fields.
     config = WorkerConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig)}
