@@ -348,7 +348,10 @@ class JobServer:
             except RemoteProtocolError as exc:
                 log.warning("rejected a frame from %s (their fault): %s", peer.label, exc)
                 rejection = f"rejected: {exc.message}"
-                self._send(peer, Error(job_id="", code=exc.code, message=rejection, ref=exc.ref))
+                refusal = Error(
+                    job_id="", code=exc.code, message=rejection, ref=exc.ref, started=False
+                )  # nothing it asked for ran
+                self._send(peer, refusal)
                 continue
             if peer.unreachable is not None and not isinstance(message, Disconnect):
                 continue  # sent before it closed, or after a blip lost what was sent to it

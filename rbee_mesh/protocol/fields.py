@@ -20,7 +20,8 @@ from typing import Any, ClassVar, Self, TypeVar
 from rbee_mesh.protocol.constants import MAX_BODY_VALUES, MAX_VALUE_DEPTH
 from rbee_mesh.protocol.errors import ProtocolError, TooLarge
 
-_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+#: Never "..": no identifier can name a parent directory, wherever one ends up.
+_IDENT = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 
 
 class Spec:
@@ -64,7 +65,7 @@ def ident(max_len: int = 64) -> Text:
         max_len=max_len,
         min_len=1,
         pattern=_IDENT,
-        hint=" (letters, digits and . _ : / @ + -, starting with a letter or digit)",
+        hint=" (letters, digits and . _ : / @ + -, starting with a letter or digit, no '..')",
     )
 
 

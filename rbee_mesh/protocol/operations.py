@@ -44,12 +44,13 @@ class Actor(StrEnum):
     WORKER = "worker"
 
 
-#: A model reference: a catalog id or a hub reference "OWNER/REPO[:FILE]".
+#: A model reference: a catalog id or a hub reference "OWNER/REPO[:FILE]". Never "..": a
+#: reference becomes directory and file names on a hive (which checks it again, as paths).
 MODEL_REF = Text(
     max_len=256,
     min_len=1,
-    pattern=re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._/-]*)?"),
-    hint=" (expected a model id or OWNER/REPO[:FILE])",
+    pattern=re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._/-]*)?"),
+    hint=" (expected a model id or OWNER/REPO[:FILE], without '..')",
 )
 DEVICE = Text(
     max_len=16,

@@ -1,0 +1,191 @@
+"""A node's keys and trust (actors/trust.py), and CURVE on the transport (transport/curve.py):
+files, roles, invites, pairing codes, join tokens, and sockets that refuse what they should."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from rbee_mesh.actors.trust import (
+    KEY_FILE,
+    MAX_REFUSED_KEYS,
+    TRUST_FILE,
+    JoinToken,
+    Role,
+    Trust,
+    pairing_keypair,
+)
+from rbee_mesh.protocol import Actor, ErrorCode, MeshError, Ping, Status, WorkerSpawn
+from rbee_mesh.protocol.operations import Invite, Join, Pair
+from rbee_mesh.transport import EndpointError, SocketOptions, open_connection, open_listener
+from rbee_mesh.transport.curve import ClientKeys, Keypair, fingerprint
+
+
+def test_a_node_key_is_made_once_private_and_never_shown(tmp_path: Path) -> None:
+    first = Trust.load(tmp_path)
+    again = Trust.load(tmp_path)
+    assert first.keypair == again.keypair
+    assert stat.S_IMODE(os.stat(tmp_path / KEY_FILE).st_mode) == 0o600
+    assert first.keypair.secret not in repr(first.keypair)
+    assert first.keypair.fingerprint == fingerprint(first.public)
+    assert len(first.keypair.fingerprint) == 19  # XXXX-XXXX-XXXX-XXXX
+
+
+def test_a_key_file_others_can_read_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    Trust.load(tmp_path)
+    os.chmod(tmp_path / KEY_FILE, 0o644)
+    with pytest.raises(MeshError) as refused:
+        Trust.load(tmp_path)
+    assert "can be read by others" in refused.value.message and "chmod 600" in refused.value.message
+
+
+def test_what_one_process_trusts_another_of_the_same_node_sees_and_neither_loses(
+    tmp_path: Path,
+) -> None:
+    daemon, command = Trust.load(tmp_path), Trust.load(tmp_path)
+    hive, keeper = Keypair.generate().public, Keypair.generate().public
+    daemon.trust(hive, Role.HIVE, "gpu-box", endpoint="tcp://10.0.0.7:7835")
+    command.trust(keeper, Role.KEEPER, "laptop")  # made on what the file holds now
+    assert daemon.role_of(keeper) is Role.KEEPER  # an unknown key: the file is read again
+    assert {t.name for t in Trust.load(tmp_path).entries()} == {"gpu-box", "laptop"}
+    assert stat.S_IMODE(os.stat(tmp_path / TRUST_FILE).st_mode) == 0o600
+    assert daemon.pinned("tcp://10.0.0.7:7835") == hive
+
+
+def test_a_node_that_made_a_new_key_replaces_its_old_one(tmp_path: Path) -> None:
+    trust = Trust.load(tmp_path)
+    old, new = Keypair.generate().public, Keypair.generate().public
+    trust.trust(old, Role.HIVE, "gpu-box")
+    trust.trust(new, Role.HIVE, "gpu-box")
+    assert trust.role_of(old) is None and trust.role_of(new) is Role.HIVE
+    trust.untrust(trust.find("gpu-box", Role.HIVE))
+    assert trust.role_of(new) is None
+
+
+def test_an_invite_admits_one_handshake_then_only_the_connection_that_used_it() -> None:
+    trust = Trust(Keypair.generate())
+    invite = trust.invite(Role.HIVE)
+    key = invite.keypair.public
+    assert trust.admits(key) and trust.role_of(key) is Role.INVITE
+    assert trust.redeem(key) == invite
+    assert not trust.admits(key)  # no new handshake with it
+    assert trust.role_of(key) is Role.INVITE  # the connection that redeemed it hears the answer
+    with pytest.raises(MeshError) as again:
+        trust.redeem(key)
+    assert again.value.code is ErrorCode.CONFLICT
+    expired = trust.invite(Role.KEEPER, ttl_s=-1).keypair.public
+    assert not trust.admits(expired) and trust.role_of(expired) is None
+
+
+def test_each_role_may_submit_only_what_is_meant_for_it() -> None:
+    trust = Trust(Keypair.generate())
+    key = Keypair.generate().public
+    spawn, status = WorkerSpawn(model="a/b"), Status()
+    invite, join = Invite(), Join(name="h", key=key)
+    pair = Pair(name="q", key=key)
+    allowed = {
+        (actor, role, op.NAME)
+        for actor in (Actor.QUEEN, Actor.HIVE, Actor.WORKER)
+        for role in Role
+        for op in (spawn, status, invite, join, pair, Ping())
+        if trust.permits(actor, role, op)
+    }
+    assert (Actor.QUEEN, Role.KEEPER, "worker_spawn") in allowed
+    assert (Actor.QUEEN, Role.KEEPER, "invite") not in allowed  # the owner's only
+    assert (Actor.QUEEN, Role.OWNER, "invite") in allowed
+    assert {op for a, r, op in allowed if (a, r) == (Actor.QUEEN, Role.HIVE)} == set()
+    assert {op for a, r, op in allowed if (a, r) == (Actor.QUEEN, Role.INVITE)} == {"join"}
+    assert {op for a, r, op in allowed if (a, r) == (Actor.HIVE, Role.INVITE)} == {"pair"}
+    assert {op for a, r, op in allowed if (a, r) == (Actor.HIVE, Role.KEEPER)} == set()
+    assert (Actor.HIVE, Role.QUEEN, "worker_spawn") in allowed
+    assert {r for a, r, _ in allowed if a is Actor.WORKER} == {Role.OWNER}
+
+
+def test_a_refused_key_is_logged_once_and_counted_every_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    trust = Trust(Keypair.generate())
+    stranger = Keypair.generate().public
+    with caplog.at_level(logging.WARNING, "rbee_mesh.trust"):
+        for _ in range(5):
+            assert not trust.admits(stranger)
+    assert trust.refusals == 5
+    assert [r.getMessage() for r in caplog.records] == [
+        f"refused a peer with an unknown key {fingerprint(stranger)}"
+    ]
+    for _ in range(MAX_REFUSED_KEYS + 10):  # a flood of keys: counted, not remembered
+        trust.admits(Keypair.generate().public)
+    assert len(trust._refused) == MAX_REFUSED_KEYS
+
+
+def test_a_pairing_code_stands_for_one_keypair_at_one_hive() -> None:
+    hive, other = Keypair.generate().public, Keypair.generate().public
+    typed = pairing_keypair("kx7rt-m4pqa", hive)
+    assert typed == pairing_keypair("KX7RTM4PQA", hive)  # dashes and case do not matter
+    assert typed != pairing_keypair("KX7RT-M4PQB", hive)
+    assert typed != pairing_keypair("KX7RT-M4PQA", other)
+
+
+def test_a_join_token_round_trips_and_a_bad_one_says_why() -> None:
+    invite = Keypair.generate()
+    queen = Keypair.generate().public
+    token = JoinToken(queen, ("tcp://10.0.0.5:7833",), invite, Role.HIVE, time.time() + 60)
+    text = token.encode()
+    assert text.startswith("rbee-join-") and "\n" not in text and len(text) < 300
+    assert JoinToken.decode(f"  {text}\n") == JoinToken(
+        queen, token.endpoints, invite, Role.HIVE, float(round(token.expires))
+    )
+    for bad in ("", "rbee-join-", "rbee-join-!!!", text[:-10], "hello"):
+        with pytest.raises(MeshError) as err:
+            JoinToken.decode(bad)
+        assert err.value.code is ErrorCode.INVALID_REQUEST, bad
+    late = JoinToken(queen, token.endpoints, invite, Role.HIVE, time.time() - 1).encode()
+    with pytest.raises(MeshError) as err:
+        JoinToken.decode(late)
+    assert err.value.code is ErrorCode.CONFLICT and "expired" in err.value.message
+
+
+# ---- CURVE on the transport ----------------------------------------------------------------------
+
+
+async def test_a_socket_beyond_this_process_is_not_made_without_keys() -> None:
+    for endpoint in ("tcp://127.0.0.1:0", "ipc://@rbee-test-no-keys"):
+        with pytest.raises(EndpointError) as refused:
+            await open_listener(endpoint)
+        assert "needs CURVE keys" in str(refused.value)
+    with pytest.raises(EndpointError):
+        await open_connection("tcp://127.0.0.1:9")
+    async with await open_listener("inproc://rbee-test-no-keys-needed"):
+        pass  # within one process: none needed
+
+
+async def test_a_listener_hands_up_each_message_with_its_senders_key() -> None:
+    server = Trust(Keypair.generate())
+    friend = Keypair.generate()
+    server.trust(friend.public, Role.KEEPER, "friend")
+    stranger = Keypair.generate()
+    options = SocketOptions(curve=server.server_keys())
+    with trio.fail_after(10):
+        async with (
+            await open_listener("tcp://127.0.0.1:0", options=options) as listener,
+            # The stranger connects and sends first: its message must never arrive.
+            await open_connection(
+                listener.endpoint, options=SocketOptions(curve=ClientKeys(stranger, server.public))
+            ) as theirs,
+            await open_connection(
+                listener.endpoint, options=SocketOptions(curve=ClientKeys(friend, server.public))
+            ) as ours,
+        ):
+            await theirs.send([b"from", b"stranger"])
+            await ours.send([b"from", b"friend"])
+            first = await listener.receive()
+            await ours.send([b"again"])
+            second = await listener.receive()
+    assert first[1:] == ([b"from", b"friend"], friend.public)
+    assert second[1:] == ([b"again"], friend.public)
