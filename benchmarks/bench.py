@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import trio
+
+from benchmarks import curve
 from benchmarks.agent import MODEL_FILE, MODEL_REPO, NARRATION_EVENTS, TOKENS
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
@@ -366,6 +369,18 @@ def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def curve_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CURVE cheap enough never to be the reason to turn it off: a control exchange at most
+    1.5x its plaintext time per hop, a handshake (once per connection) within 5 ms."""
+    by = {(r["op"], r["mode"]): r for r in rows}
+    return [
+        _target("CURVE control vs plaintext, one tcp hop", by["control", "curve"]["vs_plaintext"],
+                1.5, "x"),
+        _target("CURVE handshake p50, one tcp hop", by["handshake", "curve"]["p50_us"], 5000,
+                "us"),
+    ]  # fmt: skip
+
+
 def _target(name: str, value: float, limit: float, unit: str) -> dict[str, Any]:
     return {"target": name, "value": value, "goal": f"<= {limit:g} {unit}", "met": value <= limit}
 
@@ -466,16 +481,19 @@ def run(
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
         samples, notes = measure(modes, ops, plan, Path(tmp), progress)
     rows = summarise(samples)
+    curve_rounds, curve_batch = curve.plan(quick)
+    curve_rows = trio.run(curve.measure, curve_rounds, curve_batch, progress)
     report = write_report(
         "modes",
         out_dir,
         quick=quick,
         started=started,
         rows=rows,
-        found=targets(rows),
+        found=targets(rows) + curve_targets(curve_rows),
         notes=notes,
         plan={"rounds": plan.rounds, "runs_per_batch": plan.batch},
         workload={"narration_events": NARRATION_EVENTS, "tokens": TOKENS},
+        curve=curve_rows,
     )
     chart(rows, out_dir / "modes.png", f"rbee-mesh transport modes ({machine()['cpus']} CPUs)")
     return report
@@ -541,6 +559,8 @@ def command(
         print_table(report["results"])
     else:
         print(table(report["results"]))
+        print()
+        print(curve.table(report["curve"]))
     for t in report["targets"]:
         verdict = "met" if t["met"] else "MISSED"
         print(f"target: {t['target']}: {t['value']:g} (goal {t['goal']}): {verdict}")

@@ -100,6 +100,14 @@ def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> N
         "control p50, localhost tcp, both hops",
         "control p50, localhost tcp vs HTTP + SSE",
         "control p50, integrated",
+        "CURVE control vs plaintext, one tcp hop",
+        "CURVE handshake p50, one tcp hop",
     }
+    # What CURVE costs, measured in the same run: each exchange with and without it.
+    curve = {(r["op"], r["mode"]): r for r in report["curve"]}
+    assert set(curve) == {(op, mode) for op in ("handshake", "control", "tokens")
+                          for mode in ("curve", "plaintext")}  # fmt: skip
+    for row in curve.values():
+        assert 0 < row["p50_us"] <= row["p99_us"] and row["vs_plaintext"] > 0, row
     assert json.loads((tmp_path / "modes.json").read_text())["results"] == report["results"]
     assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,11 +7,16 @@ import logging
 import os
 import stat
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 import trio
 
+from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
+from rbee_mesh.actors.jobserver import ServerConfig
+from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.trust import (
     KEY_FILE,
     MAX_REFUSED_KEYS,
@@ -21,10 +26,28 @@ from rbee_mesh.actors.trust import (
     Trust,
     pairing_keypair,
 )
-from rbee_mesh.protocol import Actor, ErrorCode, MeshError, Ping, Status, WorkerSpawn
-from rbee_mesh.protocol.operations import Invite, Join, Pair
+from rbee_mesh.protocol import (
+    Actor,
+    Disconnect,
+    Done,
+    Error,
+    ErrorCode,
+    HiveList,
+    MeshError,
+    Narration,
+    Ping,
+    Ready,
+    Status,
+    WorkerSpawn,
+    decode,
+    encode,
+)
+from rbee_mesh.protocol.operations import HiveUntrust, Invite, Join, Pair
 from rbee_mesh.transport import EndpointError, SocketOptions, open_connection, open_listener
 from rbee_mesh.transport.curve import ClientKeys, Keypair, fingerprint
+from tests import keyed
+from tests.clitools import free_port
+from tests.conftest import FAST_KEEPER, FAST_QUEEN
 
 
 def test_a_node_key_is_made_once_private_and_never_shown(tmp_path: Path) -> None:
@@ -189,3 +212,75 @@ async def test_a_listener_hands_up_each_message_with_its_senders_key() -> None:
             second = await listener.receive()
     assert first[1:] == ([b"from", b"friend"], friend.public)
     assert second[1:] == ([b"again"], friend.public)
+
+
+# ---- limits per key and per connection, and a hive cut off ---------------------------------------
+
+
+async def test_a_key_may_hold_only_so_many_connections_at_once() -> None:
+    config = ServerConfig(heartbeat_s=0.2, max_connections_per_key=2)
+    hello = Ready(job_id="", sender="k", role=Actor.KEEPER, session="", ts=time.time())
+    with trio.fail_after(10):
+        async with running_queen("tcp://127.0.0.1:0", config) as queen:
+            endpoint = queen.listener.endpoint
+            answers = []
+            async with AsyncExitStack() as stack:
+                for _ in range(3):  # one after the other: each greeted before the next
+                    conn = await stack.enter_async_context(await keyed.open_connection(endpoint))
+                    await conn.send(encode(hello))
+                    answers.append(decode(await conn.receive()))
+            assert queen.server.peer_count <= 2
+    assert [type(a) for a in answers] == [Ready, Ready, Disconnect]
+    assert "holds 2 connections" in answers[2].reason
+
+
+async def test_a_keeper_may_run_only_so_many_jobs_at_once() -> None:
+    config = ServerConfig(heartbeat_s=0.2, max_jobs_per_peer=2)
+    with trio.fail_after(10):
+        async with (
+            running_queen(memory_endpoint("queen"), config) as queen,
+            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+        ):
+            running = [await keeper.submit(Ping(count=1_000, interval_s=0.1)) for _ in range(2)]
+            third = await keeper.submit(Ping())
+            refused = await third.end()
+            await running[0].cancel()
+            await running[0].end()
+            fourth = await keeper.submit(Ping())
+            ended = await fourth.end()
+    assert isinstance(refused, Error) and refused.code is ErrorCode.BUSY
+    assert "the most one may" in refused.message and not refused.started
+    assert isinstance(ended, Done)
+
+
+async def test_an_untrusted_hive_is_cut_off_at_once_with_its_jobs(tmp_path: Path) -> None:
+    queen_node, hive_node = Trust(Keypair.generate()), Trust(Keypair.generate())
+    hive_node.trust(queen_node.public, Role.QUEEN, "the queen")
+    control = f"tcp://127.0.0.1:{free_port()}"
+    queen_node.trust(hive_node.public, Role.HIVE, "h", endpoint=control)  # as a join leaves it
+    hive = HiveConfig(
+        state_dir=tmp_path, hive_id="h", control=control, heartbeats="tcp://127.0.0.1:0",
+        server=FAST_QUEEN, trust=hive_node, announce=False,
+    )  # fmt: skip
+    with trio.fail_after(20):
+        async with (
+            running_hive(hive) as running,
+            running_queen(memory_endpoint("q"), FAST_QUEEN, trust=queen_node) as queen,
+            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+        ):
+            [link] = queen.hives.links  # linked at start, from the trust table
+            assert link.source == "trusted"
+            await link.client.answered.wait()
+            job = await keeper.submit(Ping(count=1_000, interval_s=0.05, hive="h"))
+            async for message in job:
+                if isinstance(message, Narration):
+                    break  # running on the hive
+            untrust = await keeper.submit(HiveUntrust(hive="h"))
+            gone = await untrust.end()
+            lost = await job.end()
+            listed = await (await keeper.submit(HiveList())).end()
+            await running.server.job_count.wait_value(0)  # the hive cancelled it too
+    assert isinstance(gone, Done) and gone.result["fingerprint"] == hive_node.keypair.fingerprint
+    assert isinstance(lost, Error) and lost.code is ErrorCode.HIVE_LOST, lost
+    assert isinstance(listed, Done) and listed.result == []
+    assert queen_node.role_of(hive_node.public) is None

@@ -29,7 +29,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -70,7 +70,12 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.protocol.constants import HEARTBEAT_S, MIN_HEARTBEAT_S, SERVER_LOST_AFTER
+from rbee_mesh.protocol.constants import (
+    HEARTBEAT_S,
+    MAX_CONNECTIONS_PER_KEY,
+    MIN_HEARTBEAT_S,
+    SERVER_LOST_AFTER,
+)
 from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.transport import Listener, PeerBusy, PeerUnreachable, TransportClosed
 
@@ -91,6 +96,10 @@ class ServerConfig:
     peer_stall_s: float = 10.0
     #: Jobs running at once; past this, SUBMIT is refused with BUSY.
     max_running_jobs: int = 10_000
+    #: Jobs one connection may run at once (None: only `max_running_jobs`); past this, BUSY.
+    max_jobs_per_peer: int | None = None
+    #: Connections one key may hold open at once; past this a new one is told DISCONNECT.
+    max_connections_per_key: int = MAX_CONNECTIONS_PER_KEY
     #: Finished jobs kept for job listings.
     job_history: int = 200
     #: Grace given to running jobs to end on shutdown.
@@ -250,6 +259,9 @@ class JobServer:
         #: How many jobs are running; `await server.job_count.wait_value(0)` waits for none.
         self.job_count = AsyncValue(0)
         self._peers: dict[bytes, Peer] = {}
+        #: Connections open per key, and the keys told they hold too many (logged once).
+        self._connections: Counter[str] = Counter()
+        self._crowded: set[str] = set()
         self._sessions: dict[str, Peer] = {}
         #: Dropped connections, and when a late frame from each was last answered (None: never).
         self._fenced: dict[bytes, float | None] = {}
@@ -339,6 +351,9 @@ class JobServer:
             if peer is None:
                 if peer_id in self._fenced:
                     self._refuse_fenced(peer_id)
+                    continue
+                if key and self._connections[key] >= self.config.max_connections_per_key:
+                    self._too_many(peer_id, key)
                     continue
                 peer = self._add_peer(peer_id, key, role)
             now = trio.current_time()
@@ -434,6 +449,22 @@ class JobServer:
         if peer is not None:
             self._drop_peer(peer, "its key is not trusted (any more)")
 
+    def _too_many(self, peer_id: bytes, key: str) -> None:
+        """A connection past `max_connections_per_key` for its key: told to go, and fenced
+        (what else it sends is answered with DISCONNECT, at most once an interval)."""
+        limit = self.config.max_connections_per_key
+        if key not in self._crowded:
+            self._crowded.add(key)
+            log.warning("a key holds %d connections, the most one key may; refusing more", limit)
+        self._fenced[peer_id] = trio.current_time()
+        if len(self._fenced) > _FENCED_REMEMBERED:
+            del self._fenced[next(iter(self._fenced))]
+        why = f"this key holds {limit} connections to {self.name}, the most one key may"
+        with suppress(PeerBusy, PeerUnreachable, TransportClosed):
+            self.listener.send_nowait(
+                peer_id, encode(Disconnect(job_id="", sender=self.name, reason=why))
+            )
+
     def _add_peer(self, peer_id: bytes, key: str, role: Role) -> Peer:
         send, receive = trio.open_memory_channel[Sequence[bytes]](self.config.peer_backlog)
         peer = Peer(
@@ -449,6 +480,7 @@ class JobServer:
             inbox=receive,
         )
         self._peers[peer_id] = peer
+        self._connections[key] += 1
         self.schedule.add(peer)
         assert self._senders is not None
         self._senders.start_soon(self._peer_sender, peer)
@@ -514,6 +546,10 @@ class JobServer:
             return
         peer.gone = True
         self._peers.pop(peer.id, None)
+        self._connections[peer.key] -= 1
+        if self._connections[peer.key] <= 0:
+            del self._connections[peer.key]
+            self._crowded.discard(peer.key)
         self._fenced[peer.id] = None
         if len(self._fenced) > _FENCED_REMEMBERED:
             del self._fenced[next(iter(self._fenced))]
@@ -603,6 +639,12 @@ class JobServer:
         if len(self._jobs) >= self.config.max_running_jobs:
             limit = self.config.max_running_jobs
             return ErrorCode.BUSY, f"{self.actor} {self.name} is busy: {limit} of {limit} jobs run"
+        per_peer = self.config.max_jobs_per_peer
+        if per_peer is not None and len(peer.jobs) >= per_peer:
+            return ErrorCode.BUSY, (
+                f"this connection runs {per_peer} jobs at {self.name}, the most one may; "
+                "try again when one ends"
+            )
         return None
 
     def _abort(

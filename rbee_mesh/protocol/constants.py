@@ -65,5 +65,10 @@ FORWARD_ACCEPT_S = 2.0
 
 #: Workers one hive runs at once (its heartbeat lists each of them).
 MAX_WORKERS_PER_HIVE = 64
+#: Jobs one keeper's connection may run at once at a queen; past this its SUBMITs are BUSY.
+MAX_JOBS_PER_KEEPER = 1_000
+#: Connections one key may hold open to one server at once (a node's keepers share its key);
+#: past this a new one is told DISCONNECT.
+MAX_CONNECTIONS_PER_KEY = 256
 #: Jobs one worker runs at once.
 MAX_SLOTS = 64

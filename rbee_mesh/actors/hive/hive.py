@@ -262,6 +262,8 @@ class Hive:
         self._narrate_dead("hive_status")
         return {
             "hive": self.id,
+            "fingerprint": self.config.trust.keypair.fingerprint,
+            "refused_handshakes": self.config.trust.refusals,
             "uptime_s": round(time.time() - self.started, 3),
             "endpoints": {
                 "control": self.server.listener.endpoint,

@@ -1,6 +1,6 @@
 """`rbee-mesh`: the keeper, the command line a person types into.
 
-Exit codes (docs/cli.md): 0 done; 1 the job failed; 2 invalid usage or request; 3 the queen (or
+Exit codes (README.md): 0 done; 1 the job failed; 2 invalid usage or request; 3 the queen (or
 the actor a job needs) is unreachable; 4 not found; 5 timed out; 6 not permitted; 130 cancelled
 (Ctrl-C).
 """

@@ -177,7 +177,10 @@ def _format_hives(rows: list[dict[str, Any]]) -> str:
 
 
 def _format_hive_status(r: dict[str, Any]) -> str:
-    parts = [f"hive {r['hive']} (up {r['uptime_s']:.0f}s, {r['jobs_running']} job(s) running)"]
+    parts = [
+        f"hive {r['hive']} (up {r['uptime_s']:.0f}s, {r['jobs_running']} job(s) running)",
+        f"key fingerprint {r['fingerprint']}; {r['refused_handshakes']} handshake(s) refused",
+    ]
     if r.get("devices_note"):
         parts.append(str(r["devices_note"]))
     devices = [_sized(d, "memory_total", "memory_free") for d in r["devices"]]

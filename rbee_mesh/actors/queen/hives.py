@@ -60,8 +60,10 @@ class HiveLink:
     endpoint: str
     source: str
     client: JobClient
-    #: The hive's CURVE key, pinned: a server at `endpoint` with another key is not this hive.
+    #: The hive's CURVE key, pinned: a server at `endpoint` with another key is not this hive;
+    #: and its fingerprint (made once: a `status` of 1,000 hives lists every one).
     key: str = ""
+    fingerprint: str = ""
     hive_id: str = ""
     heartbeat_endpoint: str = ""
     #: The state of the hive's last heartbeat as it came (msgpack) until `state` reads it.
@@ -159,7 +161,7 @@ class HiveLink:
         rec: dict[str, Any] = {
             "hive": self.name,
             "endpoint": self.endpoint,
-            "fingerprint": fingerprint(self.key) if self.key else "",
+            "fingerprint": self.fingerprint,
             "source": self.source,
             "liveness": self.liveness_state,
             "heartbeat_age_s": age,
@@ -215,7 +217,9 @@ class HiveRegistry:
             lost_code=ErrorCode.HIVE_LOST, heartbeat_s=self.heartbeat_s,
             keys=self.trust.client_keys(key),
         )  # fmt: skip
-        link = HiveLink(endpoint=endpoint, source=source, client=client, key=key)
+        link = HiveLink(
+            endpoint=endpoint, source=source, client=client, key=key, fingerprint=fingerprint(key)
+        )
         client.on_ready = lambda ready: self._on_ready(link, ready)
         client.on_liveness = lambda was, now: self._changed(link, was, now)
         self.links.append(link)

@@ -41,6 +41,7 @@ from rbee_mesh.protocol import (
     outcome,
 )
 from rbee_mesh.protocol import operations as ops
+from rbee_mesh.protocol.constants import MAX_JOBS_PER_KEEPER
 from rbee_mesh.transport import Listener, Subscriber, parse_endpoint
 from rbee_mesh.transport.curve import ClientKeys, fingerprint
 from rbee_mesh.transport.discovery import (
@@ -98,6 +99,9 @@ class Queen:
                 ops.KeeperRevoke: self._op_keeper_revoke,
             }
         )
+        config = config or ServerConfig()
+        if config.max_jobs_per_peer is None:  # a keeper's share of the queen
+            config = replace(config, max_jobs_per_peer=MAX_JOBS_PER_KEEPER)
         self.server = JobServer(
             listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config,
             trust=self.trust,
