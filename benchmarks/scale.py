@@ -433,7 +433,8 @@ async def simulated_hives(
     a task per socket.
     """
     rng = random.Random(seed + first)
-    keys = (trust or Trust.for_process()).server_keys()
+    node = trust or Trust.for_process()
+    keys = node.server_keys(Actor.HIVE)
     async with AsyncExitStack() as stack:
         hives = []
         for n in range(first, first + count):
@@ -441,7 +442,7 @@ async def simulated_hives(
             stack.callback(router.close, linger=0)
             router.bind(f"tcp://{host}:*")
             control = router.getsockopt_string(zmq.LAST_ENDPOINT)
-            beats = replace(PUBSUB_OPTIONS, curve=keys)
+            beats = replace(PUBSUB_OPTIONS, curve=node.heartbeat_keys())
             publisher = await stack.enter_async_context(
                 await open_publisher(f"tcp://{host}:0", options=beats)
             )

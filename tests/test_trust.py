@@ -6,16 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from rbee_mesh.actors import trust as trust_module
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
-from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.jobserver import JobServer, ServerConfig, ServerJob
+from rbee_mesh.actors.keeper.client import join_queen, open_keeper
 from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.trust import (
     KEY_FILE,
@@ -24,6 +28,7 @@ from rbee_mesh.actors.trust import (
     JoinToken,
     Role,
     Trust,
+    admitted,
     pairing_keypair,
 )
 from rbee_mesh.protocol import (
@@ -42,9 +47,11 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.protocol.operations import HiveUntrust, Invite, Join, Pair
+from rbee_mesh.protocol.constants import PROTOCOL_VERSION
+from rbee_mesh.protocol.operations import HivePair, HiveTrust, HiveUntrust, Invite, Join, Pair
 from rbee_mesh.transport import EndpointError, SocketOptions, open_connection, open_listener
-from rbee_mesh.transport.curve import ClientKeys, Keypair, fingerprint
+from rbee_mesh.transport.curve import ClientKeys, Keypair, ServerKeys, check_key, fingerprint
+from rbee_mesh.transport.discovery import HiveAnnouncement
 from tests import keyed
 from tests.clitools import free_port
 from tests.conftest import FAST_KEEPER, FAST_QUEEN
@@ -140,7 +147,7 @@ def test_a_refused_key_is_logged_once_and_counted_every_time(
             assert not trust.admits(stranger)
     assert trust.refusals == 5
     assert [r.getMessage() for r in caplog.records] == [
-        f"refused a peer with an unknown key {fingerprint(stranger)}"
+        f"refused a peer whose key is not trusted here: {fingerprint(stranger)}"
     ]
     for _ in range(MAX_REFUSED_KEYS + 10):  # a flood of keys: counted, not remembered
         trust.admits(Keypair.generate().public)
@@ -284,3 +291,163 @@ async def test_an_untrusted_hive_is_cut_off_at_once_with_its_jobs(tmp_path: Path
     assert isinstance(lost, Error) and lost.code is ErrorCode.HIVE_LOST, lost
     assert isinstance(listed, Done) and listed.result == []
     assert queen_node.role_of(hive_node.public) is None
+
+
+def test_nodes_started_at_once_make_one_key(tmp_path: Path) -> None:
+    load = "import sys; from pathlib import Path; from rbee_mesh.actors.trust import Trust; "
+    load += "print(Trust.load(Path(sys.argv[1])).public)"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", load, str(tmp_path)], stdout=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    keys = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(keys) == 1 and all(p.returncode == 0 for p in procs)
+    assert keys == {Trust.load(tmp_path).public.encode()}
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]  # no temporary left behind
+
+
+def test_a_revocation_in_another_process_is_seen_at_the_next_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trust_module, "RELOAD_EVERY_S", 0.0)  # no waiting for the next look
+    daemon, command = Trust.load(tmp_path), Trust.load(tmp_path)
+    queen = Keypair.generate().public
+    command.trust(queen, Role.QUEEN, "queen")
+    assert daemon.admits(queen)
+    command.untrust(command.find("queen", Role.QUEEN))
+    assert daemon.role_of(queen) is None and not daemon.admits(queen)
+
+
+def test_a_mangled_trust_file_or_key_never_breaks_the_handshakes(tmp_path: Path) -> None:
+    trust = Trust.load(tmp_path)
+    keeper = Keypair.generate().public
+    trust.trust(keeper, Role.KEEPER, "laptop")
+    for text in ('[{"key": "' + "#" * 40 + '", "role": "keeper", "name": "x"}]', "{not json"):
+        (tmp_path / TRUST_FILE).write_text(text)  # by hand, badly
+        assert trust.admits(keeper)  # what it held before, and no exception
+        assert not trust.admits("#" * 40)
+    with pytest.raises(ValueError):
+        check_key("#" * 40)  # z85 text past 2**32 per group: not a key, not a crash
+    with pytest.raises(MeshError):
+        JoinToken.decode("rbee-join-" + "I" * 80)
+
+
+def test_a_keeper_that_joined_pins_its_queen_and_lets_it_ask_nothing() -> None:
+    trust = Trust(Keypair.generate())
+    queen = Keypair.generate().public
+    trust.trust(queen, Role.JOINED, "their-queen", endpoint="tcp://10.0.0.5:7833")
+    assert trust.pinned("tcp://10.0.0.5:7833") == queen
+    assert not any(Role.JOINED in admitted(actor) for actor in Actor if actor is not Actor.KEEPER)
+    assert not trust.server_keys(Actor.HIVE).admission.admits(queen)
+    assert not trust.heartbeat_keys().admission.admits(queen)
+
+
+# ---- pairing: both sides prove the code --------------------------------------------------------
+
+
+async def test_pairing_makes_queen_and_hive_trust_each_other_and_an_impostor_is_refused(
+    tmp_path: Path,
+) -> None:
+    queen_node, hive_node = Trust(Keypair.generate()), Trust(Keypair.generate())
+    control = f"tcp://127.0.0.1:{free_port()}"
+    hive = HiveConfig(
+        state_dir=tmp_path, hive_id="h", control=control, heartbeats="tcp://127.0.0.1:0",
+        server=FAST_QUEEN, trust=hive_node, announce=False,
+    )  # fmt: skip
+    impostor_node = Trust(Keypair.generate())
+    with trio.fail_after(30):
+        async with (
+            running_hive(hive),
+            running_queen(memory_endpoint("q"), FAST_QUEEN, trust=queen_node) as queen,
+            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+            open_keeper(control, FAST_KEEPER, trust=hive_node) as at_the_hive,  # its owner
+            _impostor(impostor_node) as impostor_endpoint,
+        ):
+            code = (await (await at_the_hive.submit(HivePair())).end()).result["code"]
+            # Someone announces the hive's name with a key of its own, which admits anyone
+            # and answers `pair` without knowing the code.
+            queen.pending["h"] = _announced("h", impostor_endpoint, impostor_node.public)
+            fooled = await (await keeper.submit(HiveTrust(hive="h", code=code))).end()
+            queen.pending["h"] = _announced("h", control, hive_node.public)  # the real one
+            paired = await (await keeper.submit(HiveTrust(hive="h", code=code))).end()
+            again = await (await keeper.submit(HiveTrust(hive="h", code=code))).end()
+            [link] = queen.hives.links
+            await link.client.answered.wait()
+    assert isinstance(fooled, Error) and fooled.code is ErrorCode.FORBIDDEN, fooled
+    assert "did not prove it knows the code" in fooled.message
+    assert queen_node.role_of(impostor_node.public) is None
+    assert isinstance(paired, Done), paired
+    assert queen_node.role_of(hive_node.public) is Role.HIVE
+    assert hive_node.role_of(queen_node.public) is Role.QUEEN
+    assert isinstance(again, Error) and again.code is ErrorCode.NOT_FOUND  # not pending now
+
+
+def _announced(hive_id: str, control: str, key: str) -> HiveAnnouncement:
+    port = int(control.rpartition(":")[2])
+    return HiveAnnouncement(
+        hive_id=hive_id, protocol=PROTOCOL_VERSION, host="127.0.0.1", control_port=port,
+        heartbeat_port=port, key=key, version="0",
+    )  # fmt: skip
+
+
+class _Everyone:
+    """An impostor's admission: whoever connects is trusted as its owner."""
+
+    def __init__(self, node: Trust) -> None:
+        self.node = node
+
+    def admits(self, key: str) -> bool:
+        if self.node.role_of(key) is None:
+            self.node.trust(key, Role.OWNER, f"anyone-{len(self.node.entries())}")
+        return True
+
+
+@asynccontextmanager
+async def _impostor(node: Trust) -> AsyncIterator[str]:
+    """A job server that admits any key and answers `pair` with a made-up proof."""
+
+    async def pair(job: ServerJob, op: Pair) -> dict[str, str]:
+        return {"hive": "h", "fingerprint": node.keypair.fingerprint, "proof": "0" * 64}
+
+    options = SocketOptions(curve=ServerKeys(node.keypair, _Everyone(node)))
+    async with (
+        await open_listener("tcp://127.0.0.1:0", options=options) as listener,
+        trio.open_nursery() as nursery,
+    ):
+        server = JobServer(listener, name="h", actor=Actor.HIVE, handlers={Pair: pair}, trust=node)
+        await nursery.start(server.run)
+        yield listener.endpoint
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_join_that_would_take_over_what_is_trusted_is_refused_and_keeps_its_token(
+    tmp_path: Path,
+) -> None:
+    queen_node = Trust(Keypair.generate())
+    hive_there = Keypair.generate().public
+    port = free_port()
+    queen_node.trust(hive_there, Role.HIVE, "there", endpoint=f"tcp://127.0.0.1:{port}")
+    laptop, box = Trust.load(tmp_path / "laptop"), Trust.load(tmp_path / "box")
+    with trio.fail_after(30):
+        async with running_queen("tcp://127.0.0.1:0", FAST_QUEEN, trust=queen_node) as queen:
+            port_of_queen = queen.listener.endpoint.rpartition(":")[2]
+
+            def token(role: Role) -> JoinToken:
+                invite = queen_node.invite(role)
+                endpoint = f"tcp://127.0.0.1:{port_of_queen}"
+                return JoinToken(
+                    queen_node.public, (endpoint,), invite.keypair, role, invite.expires
+                )
+
+            for_keeper = token(Role.KEEPER)
+            with pytest.raises(MeshError) as as_hive:  # a keeper's token naming an endpoint
+                await join_queen(for_keeper, laptop, "laptop", control_port=7835)
+            joined = await join_queen(for_keeper, laptop, "laptop")  # the token still works
+            with pytest.raises(MeshError) as taken:  # another hive is trusted at that endpoint
+                await join_queen(token(Role.HIVE), box, "box", control_port=port)
+    assert as_hive.value.code is ErrorCode.INVALID_REQUEST
+    assert joined["role"] == "keeper" and queen_node.role_of(laptop.public) is Role.KEEPER
+    assert laptop.role_of(queen_node.public) is Role.JOINED  # pinned, and may ask nothing
+    assert taken.value.code is ErrorCode.CONFLICT and "another hive" in taken.value.message
+    assert queen_node.role_of(box.public) is None
+    assert queen_node.pinned(f"tcp://127.0.0.1:{port}") == hive_there

@@ -41,7 +41,7 @@ from trio_util import AsyncValue
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.narration import JobContext, current_job
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
-from rbee_mesh.actors.trust import Role, Trust
+from rbee_mesh.actors.trust import Role, Trust, admitted
 from rbee_mesh.protocol import (
     STREAMED,
     Accepted,
@@ -246,6 +246,7 @@ class JobServer:
         this trust's)."""
         self.listener = listener
         self.trust = trust or Trust.for_process()
+        self._admitted = admitted(actor)
         self.name = name
         self.actor = actor
         self.handlers = handlers
@@ -345,7 +346,9 @@ class JobServer:
                 return
             peer = self._peers.get(peer_id)
             role = self.trust.role_of(key)
-            if role is None or (peer is not None and peer.key != key):
+            if role not in self._admitted or (
+                peer is not None and (peer.key != key or peer.trusted_as is not role)
+            ):
                 self._untrusted(peer, key)
                 continue
             if peer is None:
@@ -442,12 +445,13 @@ class JobServer:
     # ---- peers ---------------------------------------------------------------------------------
 
     def _untrusted(self, peer: Peer | None, key: str) -> None:
-        """A message whose key is not trusted (any more): nothing it says is acted on or
-        answered, and the connection it came on is dropped, with the jobs it started (a key
-        revoked since the handshake; or another key taking a connection's routing id over)."""
-        self.trust.admits(key)  # counted, and logged once per key
+        """A message whose key is not trusted here (any more, or in another role now): nothing
+        it says is acted on or answered, and the connection it came on is dropped, with the
+        jobs it started (a key revoked or re-roled since the handshake; or another key taking a
+        connection's routing id over)."""
+        self.trust.admits(key, self._admitted)  # counted, and logged once per refused key
         if peer is not None:
-            self._drop_peer(peer, "its key is not trusted (any more)")
+            self._drop_peer(peer, "its key is not trusted here (any more)")
 
     def _too_many(self, peer_id: bytes, key: str) -> None:
         """A connection past `max_connections_per_key` for its key: told to go, and fenced

@@ -22,6 +22,7 @@ from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.actors.trust import Trust
+from rbee_mesh.protocol import Actor
 from rbee_mesh.protocol.constants import QUEEN_PORT
 from rbee_mesh.transport import (
     PUBSUB_OPTIONS,
@@ -64,7 +65,7 @@ async def running_queen(
     and whom it trusts (default: this process's node).
     """
     trust = trust or Trust.for_process()
-    listening = SocketOptions(curve=trust.server_keys())
+    listening = SocketOptions(curve=trust.server_keys(Actor.QUEEN))
     subscribing = replace(PUBSUB_OPTIONS, curve=trust.client_keys())
     with single_errors():
         async with AsyncExitStack() as stack:

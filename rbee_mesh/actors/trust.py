@@ -9,7 +9,8 @@ owner's key). Other nodes are trusted by role:
     queen    a queen this hive (or keeper) joined: everything a hive serves
     hive     a hive this queen manages: its key is pinned; it may submit nothing
     keeper   a keeper of another machine that joined: the keepers' operations
-    invite   a join token's one-time key: the `join` operation only
+    joined   a queen this node joined as a keeper: pinned to talk to it; it may ask nothing
+    invite   a join token's or pairing code's one-time key: `join` (queen) or `pair` (hive)
 
 Files, under the state directory (both 0600, replaced atomically):
 
@@ -24,15 +25,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
@@ -44,7 +47,9 @@ from zmq.utils import z85
 
 from rbee_mesh.files import write_atomic
 from rbee_mesh.protocol import OPERATIONS, Actor, ErrorCode, MeshError, Operation
+from rbee_mesh.transport import EndpointError
 from rbee_mesh.transport.curve import ClientKeys, Keypair, ServerKeys, check_key, fingerprint
+from rbee_mesh.transport.endpoints import parse_connect_endpoint
 
 log = logging.getLogger("rbee_mesh.trust")
 
@@ -58,6 +63,8 @@ MAX_REFUSED_KEYS = 1_024
 MAX_INVITES = 64
 #: How long a join token is good for unless `queen invite --ttl` says otherwise.
 INVITE_TTL_S = 600.0
+#: How often a lookup looks at the trust file for changes other processes made (revocations).
+RELOAD_EVERY_S = 0.1
 
 
 class Role(StrEnum):
@@ -66,6 +73,8 @@ class Role(StrEnum):
     HIVE = "hive"
     KEEPER = "keeper"
     INVITE = "invite"
+    #: A queen this node joined as a keeper: its key pinned to talk to it, and nothing more.
+    JOINED = "joined"
 
 
 #: Operations only the owner may submit to a queen: they change whom it trusts.
@@ -78,7 +87,8 @@ ALL: frozenset[str] | None = None
 
 
 def _policy(actor: Actor) -> Mapping[Role, frozenset[str] | None]:
-    """What each role may submit to `actor` (a role not named may submit nothing)."""
+    """What each role may submit to `actor`. A role not named may submit nothing, and is not
+    even admitted at the handshake of the actor's sockets."""
     if actor is Actor.QUEEN:
         keepers = frozenset(OPERATIONS) - OWNER_ONLY - REDEEMING - {"hive_pair"}
         return {Role.OWNER: ALL, Role.KEEPER: keepers, Role.INVITE: frozenset({"join"})}
@@ -142,12 +152,13 @@ class Trust:
         self.refusals = 0
         self._refused: dict[str, int] = {}
         self._read_at: tuple[int, int] | None = None
+        self._looked = time.monotonic()
         self._reload()  # a malformed file is an error here, at start
 
     @classmethod
     def load(cls, state_dir: Path) -> Trust:
         """The node of `state_dir`: its keypair (made on first start) and its trust file."""
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(_load_keypair(state_dir / KEY_FILE), state_dir / TRUST_FILE)
 
     @classmethod
@@ -170,9 +181,12 @@ class Trust:
         """The role of the peer with `key` ("" : a peer in this process), or None: not trusted."""
         if not key or key == self.keypair.public:
             return Role.OWNER
+        now = time.monotonic()
         trusted = self._trusted.get(key)
-        if trusted is None and self._reload_quietly():
-            trusted = self._trusted.get(key)
+        if trusted is None or now - self._looked >= RELOAD_EVERY_S:  # changed elsewhere?
+            self._looked = now
+            if self._reload_quietly():
+                trusted = self._trusted.get(key)
         if trusted is not None:
             return trusted.role
         invite = self._invites.get(key)
@@ -180,17 +194,24 @@ class Trust:
             return Role.INVITE
         return None
 
-    def admits(self, key: str) -> bool:
-        """The ZAP handler's question (on its thread): admit this key at the handshake?"""
-        invite = self._invites.get(key)
-        if (invite is None or not invite.used) and self.role_of(key) is not None:
-            return True
+    def admits(self, key: str, roles: Collection[Role] = frozenset(Role)) -> bool:
+        """The ZAP handler's question (on its thread): admit this key, in one of `roles`, at
+        the handshake? Never raises: an exception would end pyzmq's ZAP thread, and with it
+        every handshake of this process."""
+        try:
+            invite = self._invites.get(key)
+            if (invite is None or not invite.used) and self.role_of(key) in roles:
+                return True
+        except Exception:
+            log.exception("could not judge a peer's key; refusing it")
         with self._lock:
             self.refusals += 1
             seen = self._refused.get(key)
             if seen is None and len(self._refused) < MAX_REFUSED_KEYS:
                 self._refused[key] = 1
-                log.warning("refused a peer with an unknown key %s", fingerprint(key))
+                log.warning(
+                    "refused a peer whose key is not trusted here: %s", _safe_fingerprint(key)
+                )
             elif seen is not None:
                 self._refused[key] = seen + 1
         return False
@@ -213,15 +234,21 @@ class Trust:
     def pinned(self, endpoint: str) -> str | None:
         """The key pinned for a server at `endpoint`, if a trusted node lives there."""
         for t in self._trusted.values():
-            if t.endpoint == endpoint and t.role in (Role.QUEEN, Role.HIVE):
+            if t.endpoint == endpoint and t.role in (Role.QUEEN, Role.HIVE, Role.JOINED):
                 return t.key
         return None
 
     # ---- keys for sockets ---------------------------------------------------------------------
 
-    def server_keys(self) -> ServerKeys:
-        """What this node's listeners and publishers are made with: they admit whom it trusts."""
-        return ServerKeys(self.keypair, self)
+    def server_keys(self, actor: Actor | None = None) -> ServerKeys:
+        """What a listener of `actor` is made with: it admits at the handshake only the keys
+        of roles that may ask `actor` something (None: every trusted key)."""
+        roles = frozenset(Role) if actor is None else admitted(actor)
+        return ServerKeys(self.keypair, _Admission(self, roles))
+
+    def heartbeat_keys(self) -> ServerKeys:
+        """What a hive's heartbeat publisher is made with: its queens (and its node) only."""
+        return ServerKeys(self.keypair, _Admission(self, frozenset({Role.OWNER, Role.QUEEN})))
 
     def client_keys(self, server_key: str = "") -> ClientKeys:
         """What this node's connections are made with (a subscriber's: no server key yet)."""
@@ -261,11 +288,16 @@ class Trust:
         self._invites = live
         return invite
 
-    def redeem(self, key: str) -> Invite:
-        """Use up the invite of `key`: it admits nobody from now on."""
+    def invitation(self, key: str) -> Invite:
+        """The invite of `key`, still good and not used (CONFLICT otherwise), not used up."""
         invite = self._invites.get(key)
         if invite is None or invite.used or time.time() >= invite.expires:
             raise MeshError(ErrorCode.CONFLICT, "this join token was used already or expired")
+        return invite
+
+    def redeem(self, key: str) -> Invite:
+        """Use up the invite of `key`: it admits nobody from now on."""
+        invite = self.invitation(key)
         self._invites = {**self._invites, key: replace(invite, used=True)}
         return invite
 
@@ -277,38 +309,88 @@ class Trust:
             yield table
             self._trusted = table
             return
-        with open(self.path.with_name(TRUST_FILE + ".lock"), "a") as lock:
+        lock = os.open(self.path.with_name(TRUST_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             table = {t.key: t for t in _read_trust(self.path)}
             yield table
             rows = [{**asdict(t), "role": str(t.role)} for t in table.values()]
             write_atomic(self.path, json.dumps(rows, indent=1).encode())
-            self._trusted = table
-            self._read_at = _stamp(self.path)
+            with self._lock:  # never an older table read by the ZAP thread after this one
+                self._trusted = table
+                self._read_at = _stamp(self.path)
+        finally:
+            os.close(lock)
 
     def _reload_quietly(self) -> bool:
         """`_reload`, keeping the table it has if the file cannot be read (said once)."""
         try:
             return self._reload()
-        except MeshError as exc:
-            self._read_at = _stamp(self.path) if self.path is not None else None
-            log.error("%s; trusting what it held before", exc.message)
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                self._read_at = _stamp(self.path) if self.path is not None else None
+            why = exc.message if isinstance(exc, MeshError) else f"{self.path}: {exc}"
+            log.error("%s; trusting what it held before", why)
             return False
 
     def _reload(self) -> bool:
         """Read the trust file again if it changed since last read; whether it had."""
         if self.path is None:
             return False
-        stamp = _stamp(self.path)
-        if stamp == self._read_at:
-            return False
-        self._trusted = {t.key: t for t in _read_trust(self.path)}
-        self._read_at = stamp
-        return True
+        with self._lock:
+            stamp = _stamp(self.path)
+            if stamp == self._read_at:
+                return False
+            self._trusted = {t.key: t for t in _read_trust(self.path)}
+            self._read_at = stamp
+            return True
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """A server socket's admission: the keys of `roles` that its node trusts now."""
+
+    trust: Trust
+    roles: frozenset[Role]
+
+    def admits(self, key: str) -> bool:
+        return self.trust.admits(key, self.roles)
+
+
+def admitted(actor: Actor) -> frozenset[Role]:
+    """The roles whose keys `actor`'s listener admits: those that may ask it something."""
+    return frozenset(_POLICIES[actor])
+
+
+def _safe_fingerprint(key: str) -> str:
+    try:
+        return fingerprint(key)
+    except Exception:
+        return "(not a key)"
 
 
 _process_trust: Trust | None = None
 _POLICIES = {actor: _policy(actor) for actor in (Actor.QUEEN, Actor.HIVE, Actor.WORKER)}
+
+
+def _make_keypair(path: Path) -> Keypair | None:
+    """Make this node's key at `path` (0600), unless another process made it first (None):
+    written whole to a file of its own, then linked into place, which fails if one is there."""
+    keypair = Keypair.generate()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(keypair.secret + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return None
+    finally:
+        os.unlink(tmp)
+    log.info("made this node's key in %s (%s)", path, keypair.fingerprint)
+    return keypair
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -325,10 +407,10 @@ def _load_keypair(path: Path) -> Keypair:
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
-        keypair = Keypair.generate()
-        write_atomic(path, keypair.secret.encode() + b"\n")  # (mkstemp: 0600)
-        log.info("made this node's key in %s (%s)", path, keypair.fingerprint)
-        return keypair
+        made = _make_keypair(path)
+        if made is not None:
+            return made
+        text = path.read_text().strip()  # another process of this node made it first
     except OSError as exc:
         why = f"cannot read this node's key {path}: {exc}"
         raise MeshError(ErrorCode.UNAVAILABLE, why) from None
@@ -389,6 +471,25 @@ def pairing_keypair(code: str, hive_key: str) -> Keypair:
     return Keypair.from_secret(z85.encode(seed.digest()).decode("ascii"))
 
 
+def _tcp(endpoint: object) -> str:
+    """A token's endpoint: tcp, naming a host and port (ValueError otherwise)."""
+    try:
+        parsed = parse_connect_endpoint(str(endpoint))
+    except EndpointError as exc:
+        raise ValueError(str(exc)) from None
+    if parsed.scheme != "tcp":
+        raise ValueError(f"{endpoint}: a queen is joined over tcp")
+    return str(parsed)
+
+
+def pairing_proof(code_keypair: Keypair, queen_key: str, hive_key: str) -> str:
+    """What a hive answers `pair` with, proving it knows the code too (an impostor announcing a
+    hive's name with its own key can complete the handshake, not this): an HMAC, keyed by the
+    code's secret, of both public keys."""
+    message = f"{queen_key}\0{hive_key}".encode()
+    return hmac.new(code_keypair.secret.encode(), message, hashlib.sha256).hexdigest()
+
+
 # ---- join tokens ---------------------------------------------------------------------------------
 
 
@@ -421,7 +522,7 @@ class JoinToken:
             queen_key, endpoints, secret, role, expires = msgpack.unpackb(packed)
             token = cls(
                 queen_key=check_key(queen_key),
-                endpoints=tuple(str(e) for e in endpoints),
+                endpoints=tuple(_tcp(e) for e in endpoints),
                 invite=Keypair.from_secret(secret),
                 role=Role(role),
                 expires=float(expires),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,6 +26,8 @@ from typing import Protocol
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+
+log = logging.getLogger("rbee_mesh.transport")
 
 KEY_CHARS = 40
 """A CURVE key in z85, as libzmq takes it: 32 bytes in 40 characters."""
@@ -66,7 +69,7 @@ def check_key(key: str) -> str:
         raise ValueError(f"a key is {KEY_CHARS} z85 characters")
     try:
         z85.decode(key.encode("ascii"))
-    except (ValueError, UnicodeEncodeError, KeyError):
+    except Exception:  # UnicodeEncodeError, KeyError, struct.error (a value past 2**32)...
         raise ValueError("not a z85 key") from None
     return key
 
@@ -157,15 +160,20 @@ class _ZapHandler:
             return domain
 
     def release(self, domain: str) -> None:
+        """Forget a domain's admission. Its provider stays registered with pyzmq (removing it
+        could race with the ZAP thread's lookup); with no admission it refuses everyone."""
         with self._lock:
             self._admissions.pop(domain, None)
-            if self._auth is not None:
-                self._auth.credentials_providers.pop(domain, None)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """pyzmq's credentials-provider hook: is ``key`` (z85) admitted in ``domain``?"""
-        admission = self._admissions.get(domain)
-        return admission is not None and admission.admits(key.decode("ascii"))
+        """pyzmq's credentials-provider hook: is ``key`` (z85) admitted in ``domain``? Never
+        raises: an exception would end the ZAP thread, and every handshake of the process."""
+        try:
+            admission = self._admissions.get(domain)
+            return admission is not None and admission.admits(key.decode("ascii"))
+        except Exception:
+            log.exception("the ZAP check of a key failed; refusing it")
+            return False
 
 
 _zap = _ZapHandler()

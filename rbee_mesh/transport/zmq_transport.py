@@ -361,6 +361,7 @@ def _bind_socket(
             sock.setsockopt(zmq.IPV6, 1)
         sock.bind(address)
     except zmq.ZMQError as exc:
+        release_server(sock)
         sock.close()
         in_use = exc.errno == errno.EADDRINUSE
         hint = " (another process or socket holds it)" if in_use else ""

@@ -39,7 +39,13 @@ from rbee_mesh.actors.hive.worker_pool import (
 from rbee_mesh.actors.jobserver import Handler, JobServer, Peer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.runtime import run_ping, single_errors
-from rbee_mesh.actors.trust import Role, Trust, new_pairing_code, pairing_keypair
+from rbee_mesh.actors.trust import (
+    Role,
+    Trust,
+    new_pairing_code,
+    pairing_keypair,
+    pairing_proof,
+)
 from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
@@ -398,8 +404,8 @@ class Hive:
         invite = trust.invite(Role.QUEEN, op.ttl_s, pairing_keypair(code, trust.public))
         narrate(
             "hive_pair",
-            f"pairing code for hive {self.id}, good once for {op.ttl_s:g} s: on the queen, "
-            f"rbee-mesh hive trust {self.id} --code {code}",
+            f"pairing code for hive {self.id} (fingerprint {trust.keypair.fingerprint}), good "
+            f"once for {op.ttl_s:g} s: on the queen, rbee-mesh hive trust {self.id} --code {code}",
         )
         return {
             "hive": self.id,
@@ -410,10 +416,15 @@ class Hive:
 
     async def _op_pair(self, job: ServerJob, op: ops.Pair) -> dict[str, Any]:
         trust = self.config.trust
-        trust.redeem(job.peer.key)
+        known = trust.role_of(op.key)
+        if op.key in (job.peer.key, trust.public) or known not in (None, Role.QUEEN):
+            raise MeshError(ErrorCode.CONFLICT, "that key cannot be this hive's queen")
+        invite = trust.redeem(job.peer.key)
         entry = trust.trust(op.key, Role.QUEEN, op.name)
         narrate("pair", f"hive {self.id} now trusts queen {op.name} ({entry.fingerprint})")
-        return {"hive": self.id, "fingerprint": trust.keypair.fingerprint}
+        # The code's secret proves to the queen that this is the hive that printed the code.
+        proof = pairing_proof(invite.keypair, op.key, trust.public)
+        return {"hive": self.id, "fingerprint": trust.keypair.fingerprint, "proof": proof}
 
     async def _op_worker_list(self, job: ServerJob, op: ops.WorkerList) -> list[dict[str, Any]]:
         workers = self.pool.list()
@@ -446,8 +457,8 @@ async def running_hive(config: HiveConfig) -> AsyncIterator[Hive]:
     catalog = Catalog(hive_dir / "models")
     for entry in catalog.mark_interrupted():
         log.warning("model %s: its download was interrupted; download it again to resume", entry.id)
-    keys = config.trust.server_keys()
-    pubsub_keys = replace(PUBSUB_OPTIONS, curve=keys)
+    keys = config.trust.server_keys(Actor.HIVE)
+    pubsub_keys = replace(PUBSUB_OPTIONS, curve=config.trust.heartbeat_keys())
     with single_errors():
         async with (
             await open_listener(config.control, options=SocketOptions(curve=keys)) as control,

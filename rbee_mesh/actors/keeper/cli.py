@@ -106,7 +106,7 @@ class Cli:
     @property
     def joined(self) -> str | None:
         """The endpoint of the queen this keeper joined (`keeper join`), if any."""
-        queens = self.trust.entries(Role.QUEEN)
+        queens = [t for t in self.trust.entries(Role.JOINED) if t.endpoint]
         return queens[-1].endpoint if queens else None
 
     @property
@@ -330,15 +330,17 @@ def keeper() -> None:
 @click.argument("token")
 @pass_cli
 def keeper_join(cli: Cli, token: str) -> None:
-    """Join the queen that printed TOKEN (`rbee-mesh queen invite --for keeper`): from then on
-    this command talks to that queen (unless --queen says otherwise, or a queen runs here)."""
+    """Join the queen that printed TOKEN (`rbee-mesh queen invite --for keeper`; - reads it
+    from stdin): from then on this command talks to that queen (unless --queen says otherwise,
+    or a queen runs here)."""
     _join(cli, token, f"keeper-{default_hive_id()}")
 
 
 def _join(cli: Cli, text: str, name: str, control_port: int | None = None) -> None:
-    """Redeem a join token as this node, named `name` (a hive: with its control port)."""
+    """Redeem a join token as this node, named `name` (a hive: with its control port). A token
+    of "-" is read from stdin (a command line can be read by other users of the machine)."""
     try:
-        token = JoinToken.decode(text)
+        token = JoinToken.decode(sys.stdin.readline() if text == "-" else text)
         result = trio.run(join_queen, token, cli.trust, name, control_port)
     except MeshError as exc:
         _fail(cli, exc.code, exc.message, _EXIT_FOR_CODE.get(exc.code, EXIT_FAILED))
@@ -458,7 +460,7 @@ def hive() -> None:
     "token",
     metavar="TOKEN",
     help="Join the queen that printed TOKEN (`rbee-mesh queen invite`): this hive trusts "
-    "that queen, and the queen manages this hive. Good once.",
+    "that queen, and the queen manages this hive. Good once. - reads it from stdin.",
 )
 @click.option(
     "--id",
@@ -490,6 +492,8 @@ def hive_start(
     bind = bind or f"tcp://{host}:{HIVE_PORT}"
     heartbeat_bind = heartbeat_bind or f"tcp://{host}:{HEARTBEAT_PORT}"
     hive_id = _valid_id(hive_id)
+    if token is not None and local_only:
+        raise click.UsageError("--join needs the LAN: a queen cannot reach a --local-only hive")
     if token is not None:
         _join(cli, token, hive_id, control_port=parse_endpoint(bind).port)
     if foreground:

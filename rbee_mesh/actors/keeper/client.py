@@ -93,7 +93,9 @@ async def join_queen(
         except ServerUnreachable as exc:
             tried.append(f"{endpoint}: {exc.message}")
             continue
-        trust.trust(token.queen_key, Role.QUEEN, str(result["queen"]), endpoint=endpoint)
+        # A hive obeys the queen it joined; a keeper only talks to it (its key pinned).
+        role = Role.QUEEN if token.role is Role.HIVE else Role.JOINED
+        trust.trust(token.queen_key, role, str(result["queen"]), endpoint=endpoint)
         return result
     raise MeshError(
         ErrorCode.UNAVAILABLE,

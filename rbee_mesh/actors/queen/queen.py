@@ -11,6 +11,7 @@ before it started).
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 import os
@@ -29,7 +30,7 @@ from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.actors.runtime import run_ping
-from rbee_mesh.actors.trust import JoinToken, Role, Trust, pairing_keypair
+from rbee_mesh.actors.trust import JoinToken, Role, Trust, pairing_keypair, pairing_proof
 from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -192,6 +193,12 @@ class Queen:
             if ann.control_endpoint == link.endpoint and ann.key == link.key:
                 return  # known already (a static peer, or this announcement again)
             if link.key == ann.key and link.source in ("mdns", "trusted"):
+                if link.is_live:  # announcements are not authenticated: heartbeats are
+                    log.warning(
+                        "hive %s is announced at %s, but answers at %s: keeping that",
+                        ann.hive_id, ann.control_endpoint, link.endpoint,
+                    )  # fmt: skip
+                    return
                 await self.hives.remove(link, f"it moved to {ann.control_endpoint}")
         log.info("found hive %s at %s", ann.hive_id, ann.control_endpoint)
         await self.add_hive(ann.control_endpoint, source="mdns", key=ann.key)
@@ -490,9 +497,8 @@ class Queen:
         return tuple(f"tcp://{h}:{bound.port}" for h in hosts)
 
     async def _op_join(self, job: ServerJob, op: ops.Join) -> dict[str, Any]:
+        self._check_join(job.peer.key, op)
         invite = self.trust.redeem(job.peer.key)
-        if invite.role is Role.HIVE and op.control is None:
-            raise MeshError(ErrorCode.INVALID_REQUEST, "a hive joins with its control endpoint")
         taken = {t.name for t in self.trust.entries(invite.role) if t.key != op.key}
         name = op.name
         for n in itertools.count(2):
@@ -512,6 +518,32 @@ class Queen:
             "name": name,
             "role": str(invite.role),
         }
+
+    def _check_join(self, invite_key: str, op: ops.Join) -> None:
+        """Refuse a join that would take over what is trusted already, before the token is
+        used up: a key of this node, of the token, or trusted in another role; an endpoint
+        where another hive is trusted; an endpoint from anything but a hive."""
+        invite = self.trust.invitation(invite_key)
+        if (invite.role is Role.HIVE) != (op.control is not None):
+            raise MeshError(
+                ErrorCode.INVALID_REQUEST,
+                "a hive joins with its control endpoint, and only a hive names one",
+            )
+        if op.key in (invite_key, self.trust.public):
+            raise MeshError(ErrorCode.INVALID_REQUEST, "a node joins with a key of its own")
+        known = self.trust.role_of(op.key)
+        if known is not None and known is not invite.role:
+            raise MeshError(
+                ErrorCode.CONFLICT,
+                f"this key is trusted as a {known} already; one key, one role (`rbee-mesh id`)",
+            )
+        pinned = self.trust.pinned(op.control) if op.control is not None else None
+        if pinned is not None and pinned != op.key:
+            raise MeshError(
+                ErrorCode.CONFLICT,
+                f"another hive ({fingerprint(pinned)}) is trusted at {op.control}; "
+                "`rbee-mesh hive untrust` it first if this one replaces it",
+            )
 
     async def _op_hive_trust(self, job: ServerJob, op: ops.HiveTrust) -> dict[str, Any]:
         ann = self.pending.get(op.hive)
@@ -547,7 +579,8 @@ class Queen:
     async def _pair(self, ann: HiveAnnouncement, code: str) -> None:
         """Prove the hive's pairing code to it (its one-time key), so that it trusts this
         queen: the hive's side of `hive trust`."""
-        keys = ClientKeys(pairing_keypair(code, ann.key), ann.key)
+        code_keypair = pairing_keypair(code, ann.key)
+        keys = ClientKeys(code_keypair, ann.key)
         client = JobClient(
             ann.control_endpoint, name=self.name, role=Actor.QUEEN,
             server=f"hive {ann.hive_id}", lost_code=ErrorCode.UNAVAILABLE,
@@ -556,14 +589,22 @@ class Queen:
         try:
             async with running_client(client):
                 paired = await client.submit(ops.Pair(name=self.name, key=self.trust.public))
-                outcome(await paired.end(), f"hive {ann.hive_id}")
+                answer = outcome(await paired.end(), f"hive {ann.hive_id}")
         except ServerUnreachable:
             raise MeshError(
                 ErrorCode.FORBIDDEN,
                 f"hive {ann.hive_id} did not take the pairing code: a wrong or used code, or "
                 "one past its time, is refused at the handshake (`rbee-mesh hive pair` on its "
-                "machine prints a new one)",
+                "machine prints a new one); or it cannot be reached from here",
             ) from None
+        proof = answer.get("proof") if isinstance(answer, dict) else None
+        expected = pairing_proof(code_keypair, self.trust.public, ann.key)
+        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+            raise MeshError(
+                ErrorCode.FORBIDDEN,
+                f"the hive announced as {ann.hive_id} ({fingerprint(ann.key)}) did not prove it "
+                "knows the code: an impostor, not trusted",
+            )
         narrate("hive_trust", f"hive {ann.hive_id} took the pairing code: it trusts this queen")
 
     async def _op_hive_untrust(self, job: ServerJob, op: ops.HiveUntrust) -> dict[str, Any]:

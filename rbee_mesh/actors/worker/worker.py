@@ -188,7 +188,7 @@ class Worker:
     async def _serve(self) -> None:
         config = self.config
         trust = Trust(config.keypair)
-        options = SocketOptions(curve=trust.server_keys())
+        options = SocketOptions(curve=trust.server_keys(Actor.WORKER))
         async with await open_listener(config.listen, options=options) as listener:
             self.server = JobServer(
                 listener,
