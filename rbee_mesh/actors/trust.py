@@ -6,19 +6,22 @@ A node is a state directory: the queen, the hive and the keeper started by one u
 owner's key). Other nodes are trusted by role:
 
     owner    this node's own key, and peers in this process (no key): everything
-    queen    a queen this hive (or keeper) joined: everything a hive serves
+    queen    a queen this hive joined or paired with: everything a hive serves
     hive     a hive this queen manages: its key is pinned; it may submit nothing
     keeper   a keeper of another machine that joined: the keepers' operations
     joined   a queen this node joined as a keeper: pinned to talk to it; it may ask nothing
     invite   a join token's or pairing code's one-time key: `join` (queen) or `pair` (hive)
 
-Files, under the state directory (both 0600, replaced atomically):
+Files, under the state directory (0700; both 0600, replaced atomically):
 
     node.key     this node's secret key (z85), made on first start; never logged, never sent
     trust.json   the nodes it trusts: key, role, name, endpoint, when added
 
 A join token (`queen invite`) carries the queen's public key and endpoints and the secret of a
-fresh one-time keypair that the queen admits in the invite role until it is used or expires.
+fresh one-time keypair that the queen admits in the invite role until it is used or expires. A
+pairing code (`hive pair`) stands for a one-time keypair derived from it and the hive's key,
+which the hive admits the same way; the hive proves it knows the code too (`pairing_proof`).
+docs/security.md tells the whole story.
 """
 
 from __future__ import annotations

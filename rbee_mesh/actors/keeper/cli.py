@@ -183,7 +183,9 @@ async def _cancel_on_interrupt(job: ClientJob, renderer: Renderer, scope: trio.C
     envvar="RBEE_MESH_QUEEN",
     metavar="ENDPOINT",
     help="Queen to talk to, e.g. tcp://10.0.0.5:7833 (env RBEE_MESH_QUEEN). "
-    "Default: the queen started on this machine, else " + DEFAULT_QUEEN_BIND + ".",
+    "Default: the queen started on this machine, else the queen this keeper joined, else "
+    + LOCAL_QUEEN_BIND
+    + ".",
 )
 @click.option(
     "--json",

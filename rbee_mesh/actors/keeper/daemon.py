@@ -43,7 +43,7 @@ def state_dir() -> Path:
     else:
         xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         path = Path(xdg) / "rbee-mesh"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds this node's key
     return path
 
 
