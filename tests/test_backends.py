@@ -188,6 +188,16 @@ def test_count_tokens_counts_the_prompt_with_bos(tiny: Path, backend: str) -> No
         model.close()
 
 
+def test_llama_cpp_parses_special_tokens_in_a_prompt(tiny: Path) -> None:
+    """A template's control tokens are one token each (here the tiny vocabulary's "</s>", its
+    end of sequence), not the text of their names."""
+    model, _ = load_model(tiny, "cpu", "llama-cpp")
+    try:
+        assert model.count_tokens("</s></s></s>") == 4  # BOS and three end-of-sequence tokens
+    finally:
+        model.close()
+
+
 def test_closing_a_generation_early_frees_the_model_for_the_next(tiny: Path, backend: str) -> None:
     model, _ = load_model(tiny, "cpu", backend)
     try:

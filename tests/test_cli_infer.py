@@ -63,6 +63,19 @@ def test_with_no_queen_infer_runs_a_mesh_of_its_own_and_leaves_nothing_behind(me
     assert processes_mentioning(str(mesh.home)) == []  # its worker stopped with it
 
 
+def test_with_no_queen_read_only_commands_answer_from_this_machines_hive(mesh: Mesh) -> None:
+    """As `infer` does: no 3 s wait for a queen that is not there, and no exit 3."""
+    models = mesh.run("--json", "model", "list", timeout=60)
+    assert models.returncode == 0, models.stderr
+    rows = json_events(models.stdout)[-1]["result"]
+    assert [r["id"] for r in rows] == [MODEL]  # type: ignore[index]
+    status = mesh.run("status", timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "no queen is running: starting one in this process" in status.stderr
+    assert "live" in status.stdout
+    assert not (mesh.home / "queen.json").exists()
+
+
 def test_infer_json_is_one_event_per_line_and_seeded_text_repeats(mesh: Mesh) -> None:
     runs = [
         mesh.run("--json", "infer", "-m", MODEL, "-n", "16", "--seed", "9", "Hi", timeout=120)

@@ -31,7 +31,9 @@ from rbee_mesh.protocol import (
     Narration,
     Submit,
     Token,
+    WorkerDelete,
     WorkerList,
+    WorkerSpawn,
     decode,
     encode,
 )
@@ -216,3 +218,19 @@ async def test_a_model_no_backend_can_load_fails_with_the_backends_reasons(
         job, _ = await run(keeper, Infer(prompt="Hi", model=ODD_REPO, max_tokens=2))
     assert isinstance(job.terminal, Error)
     assert "llama-cpp" in job.terminal.message and "ctransformers" in job.terminal.message
+
+
+async def test_a_deleted_worker_is_never_chosen_again(mesh: tuple[Queen, JobClient]) -> None:
+    """Right after `worker delete`, before the hive's next heartbeat, a job for its model goes
+    elsewhere (here: a new worker), never to the one deleted (it used to fail NOT_FOUND)."""
+    _, keeper = mesh
+    with trio.fail_after(60):
+        spawned = await (await keeper.submit(WorkerSpawn(model=MODEL))).end()
+        assert isinstance(spawned, Done), spawned
+        deleted = await (await keeper.submit(WorkerDelete(worker=spawned.result["id"]))).end()
+        assert isinstance(deleted, Done), deleted
+        job, events = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=4, seed=1))
+    assert isinstance(job.terminal, Done), job.terminal
+    assert job.terminal.result["worker"] != spawned.result["id"]
+    said = [e.human for e in events if isinstance(e, Narration)]
+    assert not [m for m in said if "did not take the job" in m], said  # not even tried

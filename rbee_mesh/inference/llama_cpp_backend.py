@@ -152,8 +152,10 @@ class LlamaCppModel(NativeModel):
         self._piece_buffer = ctypes.create_string_buffer(64)
 
     def _tokenize(self, text: str) -> list[int]:
+        """With special tokens parsed: a chat template's `<|im_start|>` is one token, as the
+        model was trained on, not a dozen text tokens."""
         assert self._llama is not None
-        return self._llama.tokenize(text.encode(), add_bos=True)
+        return self._llama.tokenize(text.encode(), add_bos=True, special=True)
 
     def _piece(self, token: int) -> bytes:
         size = self._lib.llama_token_to_piece(

@@ -42,7 +42,6 @@ from rbee_mesh.protocol import (
     ErrorCode,
     HiveGet,
     HiveStatus,
-    Infer,
     MeshError,
     Message,
     Operation,
@@ -50,6 +49,7 @@ from rbee_mesh.protocol import (
     ProtocolError,
     Status,
 )
+from rbee_mesh.protocol import operations as ops
 from rbee_mesh.protocol.constants import (
     HEARTBEAT_PORT,
     HEARTBEAT_S,
@@ -587,8 +587,9 @@ def _run_operation(ctx: click.Context, op: Operation, timeout_s: float | None) -
     ctx.find_object(Cli).run_job(op, timeout_s)  # type: ignore[union-attr]
 
 
-def _run_infer(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
-    """`infer`: with no queen running (and no --queen), in a mesh made for this command."""
+def _run_here_without_a_queen(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
+    """With no queen running (and none named or joined), in a mesh made for this command, over
+    this machine's hive: `infer`, and what reads or changes this machine's catalog."""
     cli = ctx.find_object(Cli)
     assert cli is not None
     if not cli.queen_known:
@@ -608,7 +609,14 @@ async def _run_one_command(op: Operation, renderer: Renderer, timeout_s: float |
         return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
 
 
-add_operation_commands(main, _run_operation, {Infer: _run_infer})
+#: What a command can do with no queen running, on this machine's hive alone.
+_WITHOUT_A_QUEEN = (
+    ops.Infer, ops.Status, ops.Ping, ops.HiveList, ops.HiveGet, ops.WorkerList, ops.WorkerGet,
+    ops.ModelList, ops.ModelGet, ops.ModelDownload, ops.ModelDelete, ops.JobList,
+)  # fmt: skip
+add_operation_commands(
+    main, _run_operation, dict.fromkeys(_WITHOUT_A_QUEEN, _run_here_without_a_queen)
+)
 
 
 # ---- daemons -----------------------------------------------------------------------------------

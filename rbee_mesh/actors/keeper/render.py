@@ -234,10 +234,15 @@ def _format_jobs(rows: list[dict[str, Any]]) -> str:
 
 def _infer_summary(r: dict[str, Any]) -> str:
     u = r.get("usage", {})
+    ttft = u.get("ttft_s")
+    if isinstance(ttft, int | float):
+        first = f"first token after {ttft * 1e3:.0f} ms"
+    else:  # a model whose first token is its end of sequence: normal, and said so
+        first = "no token before the model's end of sequence"
     return (
         f"{u.get('generated_tokens', '?')} tokens in {u.get('duration_s', 0):.2f}s "
-        f"({u.get('tokens_per_s', 0):.1f} tok/s), first token after "
-        f"{u.get('ttft_s', 0) * 1e3:.0f} ms; prompt {u.get('prompt_tokens', '?')} tokens; "
+        f"({u.get('tokens_per_s', 0):.1f} tok/s), {first}; "
+        f"prompt {u.get('prompt_tokens', '?')} tokens; "
         f"worker {r.get('worker', '?')} ({r.get('backend', '?')}), "
         f"finished: {r.get('finish_reason', '?')}"
     )

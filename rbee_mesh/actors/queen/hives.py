@@ -34,11 +34,13 @@ from rbee_mesh.protocol import (
     ErrorCode,
     Liveness,
     MeshError,
+    ModelDelete,
     ModelDownload,
     ModelList,
     Operation,
     ProtocolError,
     Ready,
+    WorkerDelete,
     WorkerSpawn,
     decode_heartbeat,
     decode_state,
@@ -287,8 +289,9 @@ class HiveRegistry:
 
     async def forward(self, job: ServerJob, op: Operation, link: HiveLink) -> Any:
         """Run `op` as `job` on `link`'s hive: relay its frames, return its result. A model it
-        downloaded or a worker it spawned is in the queen's view at once, not at its next
-        heartbeat, so that the next placement (the scheduler's, or a user's pin) finds it."""
+        downloaded or deleted, or a worker it spawned or deleted, is in the queen's view at
+        once, not at its next heartbeat, so that the next placement (the scheduler's, or a
+        user's pin) finds it, or does not choose it."""
         if not link.is_live:
             raise MeshError(
                 ErrorCode.HIVE_LOST if link.ever_seen else ErrorCode.UNAVAILABLE,
@@ -301,8 +304,10 @@ class HiveRegistry:
         )  # fmt: skip
         if isinstance(op, ModelDownload):
             _put(link.models, {k: result[k] for k in ("id", "status", "size")})
-        elif isinstance(op, WorkerSpawn):
+        elif isinstance(op, WorkerSpawn | WorkerDelete):  # a deleted worker: its stopped row
             _put(link.state.setdefault("workers", []), result)
+        elif isinstance(op, ModelDelete):
+            link.models = [m for m in link.models if m.get("id") != result["model"]]
         return result
 
     # ---- what the hives say --------------------------------------------------------------------
