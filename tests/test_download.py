@@ -24,6 +24,7 @@ import trio
 from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus
 from rbee_mesh.actors.hive.download import QUANT_ORDER, choose_gguf, download_model
 from rbee_mesh.actors.narration import JobContext, current_job
+from rbee_mesh.inference.gguf_file import read_gguf_info, write_tiny_gguf
 from rbee_mesh.protocol import Data, ErrorCode, MeshError, Message, Narration
 from tests import hub as fake_hub
 from tests.hub import FakeHub
@@ -109,6 +110,20 @@ def test_quantization_names_match_whole_tokens_only() -> None:
 # ---- the happy paths ---------------------------------------------------------------------------
 
 
+async def test_a_downloaded_gguf_file_has_its_facts_in_the_catalog(
+    hub: FakeHub, catalog: Catalog, tmp_path: Path
+) -> None:
+    tiny = write_tiny_gguf(tmp_path / "t.gguf", context_length=1024)
+    hub.add_file(REPO, FILE, tiny.read_bytes())
+    with job_context(), trio.fail_after(10):
+        entry = await download_model(catalog, REF)
+    assert entry.gguf == {
+        "architecture": "llama", "quantization": "F16", "context_length": 1024,
+        "parameters": read_gguf_info(tiny).parameter_count, "chat_template": False,
+    }  # fmt: skip
+    assert catalog.get(REF).gguf == entry.gguf  # kept in its model.json
+
+
 async def test_download_verifies_the_file_before_it_becomes_available(
     hub: FakeHub, catalog: Catalog
 ) -> None:
@@ -119,6 +134,7 @@ async def test_download_verifies_the_file_before_it_becomes_available(
     assert entry.path.read_bytes() == data
     assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
     assert entry.revision == hub.repos[REPO].commit
+    assert entry.gguf is None  # random bytes: no GGUF facts to record
     assert catalog.entries() == ([entry], [])
     assert files_under(catalog.root) == [
         f"{entry.path.parent.name}/model.json",

@@ -48,7 +48,15 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.protocol.constants import PROTOCOL_VERSION
-from rbee_mesh.protocol.operations import HivePair, HiveTrust, HiveUntrust, Invite, Join, Pair
+from rbee_mesh.protocol.operations import (
+    HivePair,
+    HiveTrust,
+    HiveUntrust,
+    Invite,
+    Join,
+    ModelImport,
+    Pair,
+)
 from rbee_mesh.transport import EndpointError, SocketOptions, open_connection, open_listener
 from rbee_mesh.transport.curve import ClientKeys, Keypair, ServerKeys, check_key, fingerprint
 from rbee_mesh.transport.discovery import HiveAnnouncement
@@ -135,6 +143,10 @@ def test_each_role_may_submit_only_what_is_meant_for_it() -> None:
     assert {op for a, r, op in allowed if (a, r) == (Actor.HIVE, Role.KEEPER)} == set()
     assert (Actor.HIVE, Role.QUEEN, "worker_spawn") in allowed
     assert {r for a, r, _ in allowed if a is Actor.WORKER} == {Role.OWNER}
+    # A path of this machine: only its own node may name one, at the queen and at the hive.
+    imported = ModelImport(path="/models/x.gguf")
+    for actor in (Actor.QUEEN, Actor.HIVE):
+        assert {r for r in Role if trust.permits(actor, r, imported)} == {Role.OWNER}
 
 
 def test_a_refused_key_is_logged_once_and_counted_every_time(

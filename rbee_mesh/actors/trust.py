@@ -80,8 +80,11 @@ class Role(StrEnum):
     JOINED = "joined"
 
 
-#: Operations only the owner may submit to a queen: they change whom it trusts.
-OWNER_ONLY = frozenset({"invite", "hive_trust", "hive_untrust", "keeper_list", "keeper_revoke"})
+#: Operations only the owner may submit to a queen: they change whom it trusts, or name a path
+#: of this machine (which a hive of another machine must not be asked to read).
+OWNER_ONLY = frozenset(
+    {"invite", "hive_trust", "hive_untrust", "keeper_list", "keeper_revoke", "model_import"}
+)
 #: What a node may send with a one-time key: a join token's to a queen, a pairing code's to a hive.
 REDEEMING = frozenset({"join", "pair"})
 
@@ -96,7 +99,7 @@ def _policy(actor: Actor) -> Mapping[Role, frozenset[str] | None]:
         keepers = frozenset(OPERATIONS) - OWNER_ONLY - REDEEMING - {"hive_pair"}
         return {Role.OWNER: ALL, Role.KEEPER: keepers, Role.INVITE: frozenset({"join"})}
     if actor is Actor.HIVE:
-        queens = frozenset(OPERATIONS) - REDEEMING - {"hive_pair"}
+        queens = frozenset(OPERATIONS) - REDEEMING - {"hive_pair", "model_import"}
         return {Role.OWNER: ALL, Role.QUEEN: queens, Role.INVITE: frozenset({"pair"})}
     return {Role.OWNER: ALL}  # a worker: its hive, whose key it holds
 

@@ -111,6 +111,23 @@ def open_gguf(path: str | os.PathLike[str]) -> GgufFile:
     return GgufFile(info=_info(path, file_size, reader), reader=reader)
 
 
+def model_facts(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `model list` shows of a GGUF file: architecture, quantization, context length,
+    parameter count, and whether it carries a chat template (`tokenizer.chat_template`).
+    Raises MeshError(INVALID_REQUEST) as open_gguf."""
+    gguf_file = open_gguf(path)
+    info = gguf_file.info
+    file_type = info.file_type
+    quantization = None if file_type is None else file_type.removeprefix("MOSTLY_")
+    return {
+        "architecture": info.architecture,
+        "quantization": quantization.removeprefix("ALL_") if quantization else None,
+        "context_length": info.context_length,
+        "parameters": info.parameter_count,
+        "chat_template": gguf_file.reader.get_field("tokenizer.chat_template") is not None,
+    }
+
+
 def read_gguf_info(path: str | os.PathLike[str]) -> GgufInfo:
     """The metadata of the GGUF file at `path`; raises MeshError(INVALID_REQUEST) as open_gguf."""
     return open_gguf(path).info

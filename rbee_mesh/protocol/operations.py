@@ -266,6 +266,22 @@ class ModelDownload(_OnHive):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelImport(_OnHive):
+    """Add the GGUF file at PATH on this machine to its hive's catalog: checked (a file that is
+    not GGUF, or is truncated, is refused and nothing is added), copied with its sha256, and
+    listed only once whole. Its architecture, quantization, context length and parameter count
+    come from the file. Only this machine's own node may ask it (the path is this machine's).
+    """
+
+    NAME = "model_import"
+    DEADLINE_S = 3600.0
+    #: An absolute path (`rbee-mesh model import` resolves the one typed).
+    path: str = spec(Text(max_len=4096, min_len=2, pattern=re.compile(r"/[^\x00]*")))
+    #: Its id in the catalog, OWNER/REPO (default: local/ and the file's name).
+    name: str | None = spec(Optional(MODEL_REF), None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelList(_OnHive):
     """Models on every hive (or one)."""
 

@@ -85,6 +85,8 @@ class ModelEntry:
     added: float
     last_used: float
     path: Path
+    #: What the GGUF file says of the model (`gguf_file.model_facts`), read once when it came.
+    gguf: dict[str, Any] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The entry as a plain map (msgpack and JSON friendly), for job results."""
@@ -100,6 +102,7 @@ class ModelEntry:
             "added": self.added,
             "last_used": self.last_used,
             "path": str(self.path),
+            "gguf": self.gguf,
         }
 
     def _to_json(self) -> dict[str, Any]:
@@ -307,12 +310,21 @@ class Catalog:
         self._listing = None
 
     def add_file(
-        self, repo: str, file: str, source: Path, *, revision: str = "local"
+        self,
+        repo: str,
+        file: str,
+        source: Path,
+        *,
+        revision: str = "local",
+        gguf: dict[str, Any] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> ModelEntry:
         """Take a model file already on this machine into the catalog, available at once.
 
         The file is copied (and hashed on the way) to a temporary name beside its final place,
         fsynced and renamed, so a crash leaves no half-copied model behind an available entry.
+        `progress` is told the bytes copied so far after each MiB; what it raises stops the
+        copy (the temporary file is removed). `gguf`: the file's facts, for the entry.
         """
         id_ = model_id(repo, file)
         path = self.model_path(repo, file)
@@ -320,10 +332,14 @@ class Catalog:
         digest = hashlib.sha256()
 
         def hashed() -> Iterator[bytes]:
+            copied = 0
             with source.open("rb") as src:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     yield chunk
+                    copied += len(chunk)
+                    if progress is not None:
+                        progress(copied)
 
         write_atomic(path, hashed())
         now = time.time()
@@ -339,6 +355,7 @@ class Catalog:
             added=now,
             last_used=now,
             path=path,
+            gguf=gguf,
         )
         self.put(entry)
         return entry
@@ -537,7 +554,26 @@ def _entry_from_json(data: Any, catalog: Catalog) -> ModelEntry:
         added=float(_field(data, "added", (int, float))),
         last_used=float(_field(data, "last_used", (int, float))),
         path=catalog.model_path(repo, file),
+        gguf=_facts(data.get("gguf")),
     )
+
+
+#: The facts an entry may carry of its GGUF file, and their types.
+_FACTS: dict[str, Any] = {
+    "architecture": str, "quantization": (str, type(None)), "context_length": (int, type(None)),
+    "parameters": int, "chat_template": bool,
+}  # fmt: skip
+
+
+def _facts(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None  # an entry of before they were recorded
+    if not isinstance(value, dict) or set(value) != set(_FACTS):
+        raise _Corrupt("field 'gguf' is not the facts of a GGUF file")
+    for key, kind in _FACTS.items():
+        if (isinstance(value[key], bool) and kind is not bool) or not isinstance(value[key], kind):
+            raise _Corrupt(f"field 'gguf.{key}' has the wrong type")
+    return value
 
 
 def _field(data: dict[str, Any], key: str, kind: Any, *, optional: bool = False) -> Any:

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -35,7 +36,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import trio
 
@@ -53,6 +54,7 @@ from rbee_mesh.actors.hive.catalog import (
 from rbee_mesh.actors.narration import emit_record, narrate
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.files import fsync_dir
+from rbee_mesh.inference.gguf_file import model_facts
 from rbee_mesh.protocol import Level
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
 from rbee_mesh.units import human_bytes, human_duration
@@ -391,6 +393,89 @@ def _already_here(catalog: Catalog, id_: str) -> ModelEntry | None:
     return entry
 
 
+#: Files up to this size are imported without progress reports (they take well under a second).
+_QUIET_IMPORT_BYTES = 64 * 1024 * 1024
+
+
+async def import_model(
+    catalog: Catalog, source: Path, repo: str, file: str, *, progress_interval_s: float = 1.0
+) -> ModelEntry:
+    """Copy the GGUF file `source` into `catalog` as `repo:file`, hashed on the way, with
+    progress for a large file; the entry appears only once the copy is whole.
+
+    Raises MeshError: NOT_FOUND (no such file), INVALID_REQUEST (not GGUF, truncated or
+    corrupt: nothing is added), CONFLICT (the catalog has that model already), UNAVAILABLE (it
+    cannot be read, or the disk is full: nothing is left behind). Cancelling stops the copy and
+    removes what it wrote.
+    """
+    id_ = model_id(repo, file)
+    existing = catalog.lookup(id_)
+    if existing is not None and existing.status is ModelStatus.AVAILABLE:
+        raise MeshError(ErrorCode.CONFLICT, f"the catalog has {id_} already; --name another")
+    facts, size = await trio.to_thread.run_sync(_inspect, source)  # refuses what is not GGUF
+    narrate(
+        "import",
+        f"{source} is a {facts['architecture']} model ({facts['quantization'] or 'unknown'} "
+        f"quantization, {facts['parameters']:,} parameters): copying {human_bytes(size)} "
+        f"into the catalog as {id_}",
+        target=id_,
+    )
+    report = _Progress(id_, size, progress_interval_s, action="import")
+    report.start(0)
+    stopped = threading.Event()
+
+    def copied(done: int) -> None:
+        report.update(done)
+        if stopped.is_set():
+            raise _Stopped
+
+    def copy() -> ModelEntry:
+        return catalog.add_file(repo, file, source, gguf=facts, progress=copied)
+
+    made: list[ModelEntry] = []
+
+    async def work() -> None:
+        try:
+            # Abandoned on cancel: the thread stops at its next chunk (`stopped`) and removes
+            # what it wrote, while the job ends at once.
+            made.append(await trio.to_thread.run_sync(copy, abandon_on_cancel=True))
+        except OSError as exc:
+            full = exc.errno in _NO_SPACE
+            why = "no space left on device" if full else f"cannot copy it: {exc.strerror or exc}"
+            raise MeshError(ErrorCode.UNAVAILABLE, f"{source}: {why}; nothing was added") from None
+
+    try:
+        if size <= _QUIET_IMPORT_BYTES:
+            await work()
+        else:
+            await _with_progress(report, work)
+    except trio.Cancelled:
+        stopped.set()
+        raise
+    [entry] = made
+    narrate("import", f"{id_}: available, sha256 {entry.sha256}", target=id_)
+    return entry
+
+
+def _inspect(source: Path) -> tuple[dict[str, Any], int]:
+    """The facts of the GGUF file `source` and its size; NOT_FOUND, or INVALID_REQUEST."""
+    if not source.is_file():
+        raise MeshError(ErrorCode.NOT_FOUND, f"no file {source}")
+    return model_facts(source), source.stat().st_size
+
+
+class _Stopped(Exception):
+    """An import was cancelled: raised in the copying thread to stop it."""
+
+
+def _facts_or_none(path: Path) -> dict[str, Any] | None:
+    try:
+        return model_facts(path)
+    except MeshError as exc:
+        log.warning("%s", exc.message)
+        return None
+
+
 class _BadFile(Exception):
     """The downloaded bytes are not the file the hub announced; they must not be resumed from."""
 
@@ -432,7 +517,8 @@ async def _download(
         await trio.to_thread.run_sync(catalog.put, entry)
         await _fetch(hub, remote, sink, _Progress(remote.id, remote.size, interval_s))
         await trio.to_thread.run_sync(_publish, partial_path, entry.path)
-        done = replace(entry, status=ModelStatus.AVAILABLE)
+        facts = await trio.to_thread.run_sync(_facts_or_none, entry.path)
+        done = replace(entry, status=ModelStatus.AVAILABLE, gguf=facts)
         await trio.to_thread.run_sync(catalog.put, done)
     except trio.Cancelled as exc:
         sink.close()
@@ -701,8 +787,9 @@ async def _record_failure(catalog: Catalog, entry: ModelEntry, message: str) -> 
 class _Progress:
     """Narrates and emits the progress of one download, every interval, stalls included."""
 
-    def __init__(self, model: str, total: int, interval_s: float) -> None:
+    def __init__(self, model: str, total: int, interval_s: float, action: str = "download") -> None:
         self.model = model
+        self.action = action
         self.total = total
         self.interval_s = interval_s
         self.done = self._started_at = 0
@@ -733,7 +820,7 @@ class _Progress:
         else:
             eta_text = "stalled" if self.done > self._started_at else "waiting for the first bytes"
         narrate(
-            "download",
+            self.action,
             f"{self.model}: {human_bytes(self.done)} of {human_bytes(self.total)} "
             f"({percent:.1f}%), {human_bytes(rate)}/s, {eta_text}",
             target=self.model,

@@ -27,9 +27,9 @@ from typing import Any
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus
+from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus, model_id, parse_ref
 from rbee_mesh.actors.hive.devices import DeviceReport, detect_devices
-from rbee_mesh.actors.hive.download import download_model
+from rbee_mesh.actors.hive.download import download_model, import_model
 from rbee_mesh.actors.hive.worker_pool import (
     WorkerPool,
     WorkerRecord,
@@ -127,6 +127,7 @@ class Hive:
             ops.HiveRefresh: self._op_hive_refresh,
             ops.ModelDownload: self._op_model_download,
             ops.ModelList: self._op_model_list,
+            ops.ModelImport: self._op_model_import,
             ops.ModelGet: self._op_model_get,
             ops.ModelDelete: self._op_model_delete,
             ops.WorkerSpawn: self._op_worker_spawn,
@@ -312,6 +313,16 @@ class Hive:
         entry = await download_model(self.catalog, op.model, endpoint=self.config.hub_endpoint)
         return entry.to_record()
 
+    async def _op_model_import(self, job: ServerJob, op: ops.ModelImport) -> dict[str, Any]:
+        source = Path(op.path)
+        file = _catalog_name(source.name, "model.gguf")
+        repo = op.name or f"local/{_catalog_name(source.stem, 'model')}"
+        if ":" in repo:
+            raise MeshError(ErrorCode.INVALID_REQUEST, f"--name is OWNER/REPO, not {repo!r}")
+        parse_ref(model_id(repo, file))  # refuses what cannot be an id
+        entry = await import_model(self.catalog, source, repo, file)
+        return entry.to_record()
+
     async def _op_model_list(self, job: ServerJob, op: ops.ModelList) -> list[dict[str, Any]]:
         entries, problems = self.catalog.entries()
         for problem in problems:
@@ -448,6 +459,13 @@ class Hive:
     async def _op_worker_delete(self, job: ServerJob, op: ops.WorkerDelete) -> dict[str, Any]:
         record = await self.pool.delete(op.worker)
         return record.to_record()
+
+
+def _catalog_name(name: str, default: str) -> str:
+    """`name` as a catalog id allows it: letters, digits, '.', '_' and '-', no '--' or '..'."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    clean = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", clean)).strip("-.")
+    return clean[:95] or default
 
 
 @asynccontextmanager

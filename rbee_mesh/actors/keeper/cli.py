@@ -611,12 +611,38 @@ async def _run_one_command(op: Operation, renderer: Renderer, timeout_s: float |
 
 #: What a command can do with no queen running, on this machine's hive alone.
 _WITHOUT_A_QUEEN = (
-    ops.Infer, ops.Status, ops.Ping, ops.HiveList, ops.HiveGet, ops.WorkerList, ops.WorkerGet,
-    ops.ModelList, ops.ModelGet, ops.ModelDownload, ops.ModelDelete, ops.JobList,
-)  # fmt: skip
+    ops.Infer,
+    ops.Status,
+    ops.Ping,
+    ops.HiveList,
+    ops.HiveGet,
+    ops.WorkerList,
+    ops.WorkerGet,
+    ops.ModelList,
+    ops.ModelGet,
+    ops.ModelDownload,
+    ops.ModelDelete,
+    ops.JobList,
+)  # fmt: skip (and `model import`, a command of its own)
 add_operation_commands(
     main, _run_operation, dict.fromkeys(_WITHOUT_A_QUEEN, _run_here_without_a_queen)
 )
+
+
+@model.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--hive", metavar="HIVE", help="This machine's hive, where there are several.")
+@click.option("--name", metavar="OWNER/REPO", help="Its id in the catalog (default: local/NAME).")
+@click.pass_context
+def model_import(ctx: click.Context, path: Path, hive: str | None, name: str | None) -> None:
+    """Add the GGUF file PATH to this machine's hive's catalog (a queen running or not).
+
+    The file is checked (one that is not GGUF, or is truncated, is refused and nothing is
+    added), copied with its sha256 (progress for a large one), and listed only once whole;
+    `model list` shows its architecture, quantization, context length and parameter count.
+    """
+    op = make_operation(ops.ModelImport, path=str(path.resolve()), name=name, hive=hive)
+    _run_here_without_a_queen(ctx, op, None)
 
 
 # ---- daemons -----------------------------------------------------------------------------------

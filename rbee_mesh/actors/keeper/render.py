@@ -206,9 +206,23 @@ def _format_workers(rows: list[dict[str, Any]]) -> str:
 def _format_models(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no models"
-    cols = ["id", "status", "size", "error"]
-    rows = [_sized(r, "size") for r in rows]
+    cols = ["id", "status", "size", "arch", "quant", "ctx", "params", "chat", "error"]
+    rows = [{**_sized(r, "size"), **_facts(r.get("gguf"))} for r in rows]
     return format_table(rows, (["hive"] if "hive" in rows[0] else []) + cols)
+
+
+def _facts(gguf: Any) -> dict[str, Any]:
+    """A model's GGUF facts as `model list` shows them (nothing for an entry without them)."""
+    if not isinstance(gguf, dict):
+        return {}
+    params = gguf.get("parameters")
+    return {
+        "arch": gguf.get("architecture"),
+        "quant": gguf.get("quantization"),
+        "ctx": gguf.get("context_length"),
+        "params": f"{params / 1e6:.0f}M" if isinstance(params, int) and params >= 1e6 else params,
+        "chat": "template" if gguf.get("chat_template") else "",
+    }
 
 
 def _sized(row: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -268,6 +282,9 @@ RESULT_FORMATTERS: dict[str, Callable[[Any], str]] = {
         + (f", sha256 {r['sha256'][:16]}..." if r.get("sha256") else "")
     ),
     "model_delete": lambda r: f"deleted {r['model']}",
+    "model_import": lambda r: (
+        f"{r['id']}: {r['status']}, {human_bytes(r['size'])}, sha256 {r['sha256']}"
+    ),
     "invite": lambda r: r["token"],
     "hive_pair": lambda r: r["code"],
     "hive_trust": lambda r: f"trusting hive {r['hive']} ({r['fingerprint']}): {r['liveness']}",
