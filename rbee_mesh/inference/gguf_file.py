@@ -211,6 +211,7 @@ def write_tiny_gguf(
     head_count: int = 2,
     head_count_kv: int = 2,
     feed_forward_length: int = 128,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny llama-architecture GGUF model to `path` (about 270 KB with the defaults).
 
@@ -218,8 +219,9 @@ def write_tiny_gguf(
     matrices and F32 norms (llama.cpp's MOSTLY_F16), a 380-token SentencePiece vocabulary with
     <unk>, <s>, </s>, the 256 byte tokens and printable ASCII pieces. `arch` names the
     architecture in the metadata; only "llama" describes these tensors faithfully, and another
-    name is for testing how a loader refuses an architecture. The file is written next to
-    `path` and renamed into place, so a reader never sees half of it.
+    name is for testing how a loader refuses an architecture. `chat_template`: a Jinja chat
+    template to carry (`tokenizer.chat_template`). The file is written next to `path` and
+    renamed into place, so a reader never sees half of it.
     """
     if arch not in gguf.MODEL_ARCH_NAMES.values():
         raise ValueError(f"unknown GGUF architecture {arch!r}")
@@ -259,6 +261,8 @@ def write_tiny_gguf(
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
 

@@ -350,6 +350,16 @@ class Infer(Operation):
         arg=Arg("Stop before this text. Repeatable.", metavar="TEXT"),
     )
     repeat_penalty: float = spec(Float(0.5, 2.0), 1.1)
+    chat: bool = spec(
+        Bool(),
+        False,
+        arg=Arg("A chat turn: PROMPT as the user's message, in the model's own chat template."),
+    )
+    system: str | None = spec(
+        Optional(Text(max_len=200_000, min_len=1)),
+        None,
+        arg=Arg("A system message for the chat turn (implies --chat).", metavar="TEXT"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,7 @@ import trio
 
 from rbee_mesh.actors.jobserver import ServerJob
 from rbee_mesh.actors.narration import narrate
+from rbee_mesh.inference.chat import chat_prompt, one_turn
 from rbee_mesh.protocol import Cancelled, ErrorCode, Infer, MeshError, ProtocolError, Token
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class Generation:
     op: Infer
     model: LoadedModel
     stream: TokenStream
+    #: The text the model continues: the op's prompt, or a chat rendered with its template.
+    prompt: str
     started: float = field(default_factory=time.perf_counter)
     #: Set to stop the generating thread, which checks it after every token.
     stop: threading.Event = field(default_factory=threading.Event)
@@ -151,7 +154,7 @@ def generate_in_thread(run: Generation, params: GenerationParams) -> None:
     """
     if run.stop.is_set():
         return
-    tokens = run.model.generate(run.op.prompt, params)
+    tokens = run.model.generate(run.prompt, params)
     run.generating = True
     try:
         for text in tokens:
@@ -174,8 +177,15 @@ async def generate(job: ServerJob, op: Infer, model: LoadedModel, worker_id: str
     from rbee_mesh.inference.backends import GenerationParams
 
     params = GenerationParams.from_op(op)
-    run = Generation(op=op, model=model, stream=TokenStream(trio.lowlevel.current_trio_token()))
-    prompt_tokens = await trio.to_thread.run_sync(model.count_tokens, op.prompt)
+    prompt = op.prompt
+    if op.chat or op.system is not None:
+        turn = one_turn(op.prompt, op.system)
+        prompt, template = await trio.to_thread.run_sync(chat_prompt, model.info.path, turn)
+        which = "the model's own" if template.own else "ChatML (the model carries none)"
+        narrate("generate", f"a chat turn, rendered with {which} chat template")
+    token = trio.lowlevel.current_trio_token()
+    run = Generation(op=op, model=model, stream=TokenStream(token), prompt=prompt)
+    prompt_tokens = await trio.to_thread.run_sync(model.count_tokens, prompt)
     narrate("generate", f"generating with {model.backend}, prompt {prompt_tokens} tokens")
     ended = False
     try:
