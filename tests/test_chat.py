@@ -21,7 +21,7 @@ from rbee_mesh.inference.chat import (
     template_of,
 )
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.protocol import Done, ErrorCode, Infer, MeshError, Narration
+from rbee_mesh.protocol import Done, ErrorCode, Infer, MeshError, Narration, ProtocolError
 from tests.conftest import FAST_KEEPER
 
 #: A template in the style of Llama 2's: BOS per turn, roles named, EOS after each.
@@ -96,3 +96,20 @@ async def test_infer_chat_runs_the_rendered_turn_on_a_worker(tmp_path: Path) -> 
     assert job.terminal.result["usage"]["prompt_tokens"] == expected > raw
     said = [e.human for e in events if isinstance(e, Narration)]
     assert "a chat turn, rendered with the model's own chat template" in said
+
+
+def test_a_turn_carries_the_chat_so_far_in_order() -> None:
+    template = ChatTemplate(DEFAULT_TEMPLATE, "", "", own=False)
+    history = (("user", "Hello"), ("assistant", "Hi! How can I help?"))
+    text = render(template, one_turn("Tell me a joke.", "Be kind.", history))
+    assert text == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n"
+        "<|im_start|>user\nHello<|im_end|>\n"
+        "<|im_start|>assistant\nHi! How can I help?<|im_end|>\n"
+        "<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # On the wire the turns are a list of maps; a role other than user or assistant is refused.
+    op = Infer(prompt="x", chat=True, history=history)
+    assert op.to_wire()["history"][1] == {"role": "assistant", "content": "Hi! How can I help?"}
+    with pytest.raises(ProtocolError):
+        Infer.from_wire({**op.to_wire(), "history": [{"role": "system", "content": "x"}]}, "op")

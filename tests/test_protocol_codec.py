@@ -98,6 +98,11 @@ def strategy_for_spec(spec: F.Spec) -> st.SearchStrategy[Any]:
         return st.from_regex(spec.pattern, fullmatch=True).filter(lambda v: lo <= len(v) <= hi)
     if isinstance(spec, F.TextList):
         return st.lists(strategy_for_spec(spec.item), max_size=spec.max_items)
+    if isinstance(spec, F.Turns):
+        turn = st.fixed_dictionaries(
+            {"role": st.sampled_from(spec.roles), "content": strategy_for_spec(spec.content)}
+        )
+        return st.lists(turn, max_size=4)
     if isinstance(spec, F.Int):
         return st.integers(spec.lo, spec.hi)
     if isinstance(spec, F.Float):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -113,10 +114,13 @@ def _raise(message: str) -> NoReturn:
     raise TemplateError(message)
 
 
-def one_turn(prompt: str, system: str | None) -> list[dict[str, Any]]:
-    """The conversation of `infer --chat`: a system message if given, then the prompt."""
-    turn = [{"role": "user", "content": prompt}]
-    return ([{"role": "system", "content": system}] if system else []) + turn
+def one_turn(
+    prompt: str, system: str | None, history: Sequence[tuple[str, str]] = ()
+) -> list[dict[str, Any]]:
+    """The conversation of a turn: a system message if given, the earlier turns, the prompt."""
+    before = [{"role": role, "content": content} for role, content in history]
+    first = [{"role": "system", "content": system}] if system else []
+    return [*first, *before, {"role": "user", "content": prompt}]
 
 
 def chat_prompt(

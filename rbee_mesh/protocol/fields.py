@@ -174,6 +174,37 @@ class TextList(Spec):
 
 
 @dataclass(frozen=True)
+class Turns(Spec):
+    """The earlier turns of a chat: a bounded list of {"role", "content"} maps, kept as a tuple
+    of (role, content) pairs."""
+
+    roles: tuple[str, ...]
+    content: Text
+    max_items: int
+
+    def load(self, name: str, value: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"{name} must be a list of turns, got {_type_name(value)}")
+        if len(value) > self.max_items:
+            raise ProtocolError(f"{name} may hold at most {self.max_items} turns, got {len(value)}")
+        turns = []
+        for i, turn in enumerate(value):
+            if isinstance(turn, Mapping) and set(turn) == {"role", "content"}:
+                role, content = turn["role"], turn["content"]
+            elif isinstance(turn, tuple) and len(turn) == 2:  # as Python code gives it
+                role, content = turn
+            else:
+                raise ProtocolError(f"{name}[{i}] must be a map of role and content")
+            if role not in self.roles:
+                raise ProtocolError(f"{name}[{i}].role must be one of {', '.join(self.roles)}")
+            turns.append((role, self.content.load(f"{name}[{i}].content", content)))
+        return tuple(turns)
+
+    def dump(self, value: Any) -> Any:
+        return [{"role": role, "content": content} for role, content in value]
+
+
+@dataclass(frozen=True)
 class Value(Spec):
     """A free-form msgpack value (results, records, heartbeat state), checked for shape only.
 
@@ -296,6 +327,8 @@ class Arg:
     argument: bool = False
     #: For a boolean that is true by default: the flag that makes it false (e.g. "running").
     negated_by: str = ""
+    #: Not on the operation's command line (another command sets it).
+    hidden: bool = False
 
 
 @dataclass(frozen=True)
@@ -332,7 +365,7 @@ def parameters(cls: type) -> tuple[Parameter, ...]:
             arg=f.metadata["arg"],
         )
         for f in dataclasses.fields(cls)
-        if "spec" in f.metadata
+        if "spec" in f.metadata and not f.metadata["arg"].hidden
     )
 
 

@@ -28,6 +28,7 @@ from rbee_mesh.protocol.fields import (
     Optional,
     Text,
     TextList,
+    Turns,
     Validated,
     _brief,
     ident,
@@ -359,6 +360,12 @@ class Infer(Operation):
         Optional(Text(max_len=200_000, min_len=1)),
         None,
         arg=Arg("A system message for the chat turn (implies --chat).", metavar="TEXT"),
+    )
+    #: The chat's earlier turns (user and assistant), before this one (`rbee-mesh chat`).
+    history: tuple[tuple[str, str], ...] = spec(
+        Turns(("user", "assistant"), Text(max_len=200_000), max_items=256),
+        (),
+        arg=Arg(hidden=True),
     )
 
 

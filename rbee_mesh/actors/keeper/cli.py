@@ -27,6 +27,7 @@ from rbee_mesh.actors.hive.hive import HiveConfig, default_hive_id
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, ServerUnreachable
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import daemon
+from rbee_mesh.actors.keeper.chat import chat_session
 from rbee_mesh.actors.keeper.client import join_queen, open_keeper
 from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operation
 from rbee_mesh.actors.keeper.demo import run_demo
@@ -321,6 +322,55 @@ def node_id(cli: Cli) -> None:
         f"public key   {keys.public}\nfingerprint  {keys.fingerprint}\nstate        {where}",
         record,
     )
+
+
+@main.command("chat")
+@click.argument("model", metavar="MODEL")
+@click.option("--system", metavar="TEXT", help="A system message for the whole chat.")
+@click.option("-n", "--max-tokens", default=512, show_default=True, help="Tokens per answer.")
+@click.option("-t", "--temperature", default=0.7, show_default=True, help="0 is greedy.")
+@click.option("--seed", type=int, help="Same seed and words give the same answers.")
+@pass_cli
+def chat(
+    cli: Cli,
+    model: str,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+) -> None:
+    """Chat with MODEL in the terminal: each line you type is a turn, answered as it is
+    generated, in the model's own chat template, the conversation kept for the session.
+
+    Ctrl-C stops an answer (not the chat); /bye or Ctrl-D ends it. With stdin not a terminal,
+    all of it is one message, answered once. With no queen running, a mesh runs inside the
+    command for the chat, over this machine's hive.
+    """
+    turn = make_operation(
+        ops.Infer, prompt=".", model=model, chat=True, system=system, max_tokens=max_tokens,
+        temperature=temperature, seed=seed,
+    )  # fmt: skip
+    assert isinstance(turn, ops.Infer)
+    sys.exit(trio.run(_chat, cli, turn))
+
+
+async def _chat(cli: Cli, turn: ops.Infer) -> int:
+    renderer = cli.renderer()
+    try:
+        if cli.queen_known:
+            async with open_keeper(cli.endpoint, trust=cli.trust) as keeper:
+                return await chat_session(keeper, turn, renderer)
+        hive = daemon.read_info("hive")
+        where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive"
+        renderer.note(f"no queen is running: starting one in this process, with {where}")
+        async with (
+            mesh_for_one_command(daemon.state_dir(), hive.endpoint if hive else None) as queen,
+            open_keeper(queen.listener.endpoint) as keeper,
+        ):
+            return await chat_session(keeper, turn, renderer)
+    except ServerUnreachable as exc:
+        renderer.problem(exc.code, exc.message)
+        return EXIT_UNAVAILABLE
 
 
 @main.group()

@@ -178,11 +178,15 @@ async def generate(job: ServerJob, op: Infer, model: LoadedModel, worker_id: str
 
     params = GenerationParams.from_op(op)
     prompt = op.prompt
-    if op.chat or op.system is not None:
-        turn = one_turn(op.prompt, op.system)
+    if op.chat or op.system is not None or op.history:
+        turn = one_turn(op.prompt, op.system, op.history)
         prompt, template = await trio.to_thread.run_sync(chat_prompt, model.info.path, turn)
-        which = "the model's own" if template.own else "ChatML (the model carries none)"
-        narrate("generate", f"a chat turn, rendered with {which} chat template")
+        which = (
+            "the model's own chat template"
+            if template.own
+            else "ChatML (the model carries no chat template of its own)"
+        )
+        narrate("generate", f"a chat turn, rendered with {which}")
     token = trio.lowlevel.current_trio_token()
     run = Generation(op=op, model=model, stream=TokenStream(token), prompt=prompt)
     prompt_tokens = await trio.to_thread.run_sync(model.count_tokens, prompt)
