@@ -1,0 +1,55 @@
+"""What a real instruct model does through the mesh (SmolLM2-135M-Instruct; tests/real_model.py):
+its own chat template, special tokens, an answer that is right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.mesh import integrated_mesh
+from rbee_mesh.inference.chat import template_of
+from rbee_mesh.protocol import Done, Infer, Narration, Token
+from tests.conftest import FAST_KEEPER
+from tests.real_model import FILE, smollm2
+
+pytestmark = pytest.mark.slow
+
+MODEL = f"local/smollm2:{FILE}"
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    return smollm2()
+
+
+def test_the_model_carries_a_chatml_template_of_its_own(model: Path) -> None:
+    template = template_of(model)
+    assert template.own and "<|im_start|>" in template.source
+    assert template.eos_token == "<|im_end|>"
+
+
+async def test_a_chat_turn_at_temperature_zero_answers_paris(model: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Catalog(state / "hive" / "models").add_file("local/smollm2", FILE, model)
+    op = Infer(prompt=QUESTION, model=MODEL, chat=True, temperature=0.0, max_tokens=16)
+    with trio.fail_after(120):
+        async with (
+            integrated_mesh(state) as queen,
+            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+        ):
+            job = await keeper.submit(op)
+            events = [m async for m in job]
+    assert isinstance(job.terminal, Done), job.terminal
+    text = "".join(e.text for e in events if isinstance(e, Token))
+    assert "Paris" in text, text
+    said = [e.human for e in events if isinstance(e, Narration)]
+    assert "a chat turn, rendered with the model's own chat template" in said
+    # It stopped at its end of turn, not at max_tokens; and the template's control tokens were
+    # one token each (the turn is 41 tokens; read as text they would be over 60).
+    assert job.terminal.result["finish_reason"] == "eos", job.terminal.result
+    assert job.terminal.result["usage"]["prompt_tokens"] < 50
