@@ -234,3 +234,36 @@ async def test_a_deleted_worker_is_never_chosen_again(mesh: tuple[Queen, JobClie
     assert job.terminal.result["worker"] != spawned.result["id"]
     said = [e.human for e in events if isinstance(e, Narration)]
     assert not [m for m in said if "did not take the job" in m], said  # not even tried
+
+
+async def test_time_to_first_token_counts_from_the_submission_with_the_wait_apart(
+    mesh: tuple[Queen, JobClient],
+) -> None:
+    """The first job waits for a worker to be spawned: that wait is its `queue_s`, and its
+    `ttft_s` counts from the submission, past the wait, not from the worker's accept."""
+    _, keeper = mesh
+    with trio.fail_after(60):
+        first, _ = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=4, seed=1))
+        warm, _ = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=4, seed=1))
+    assert isinstance(first.terminal, Done) and isinstance(warm.terminal, Done)
+    cold, hot = first.terminal.result["usage"], warm.terminal.result["usage"]
+    assert cold["queue_s"] > 0.0 and cold["ttft_s"] > cold["queue_s"]
+    assert cold["ttft_s"] >= cold["worker_ttft_s"]
+    assert hot["queue_s"] < cold["queue_s"]  # a warm worker: no spawn to wait for
+    assert hot["ttft_s"] >= hot["worker_ttft_s"]
+
+
+async def test_a_generation_cut_by_the_context_says_so_apart_from_max_tokens(
+    mesh: tuple[Queen, JobClient],
+) -> None:
+    _, keeper = mesh
+    long_prompt = "Once upon a time " * 60  # a few hundred tokens of the 2,048
+    with trio.fail_after(120):
+        cut, _ = await run(keeper, Infer(prompt=long_prompt, model=MODEL, **LONG))
+        short, _ = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=4, seed=1))
+    assert isinstance(cut.terminal, Done) and isinstance(short.terminal, Done)
+    full = cut.terminal.result
+    assert full["finish_reason"] == "length" and full["cut_by"] == "context"
+    used = full["usage"]["prompt_tokens"] + full["usage"]["generated_tokens"]
+    assert used == full["context"] == 2048
+    assert short.terminal.result["cut_by"] == "max_tokens"

@@ -175,6 +175,8 @@ class ServerJob:
     peer: Peer
     deadline_s: float
     created: float = field(default_factory=time.time)
+    #: When the first TOKEN frame of this job passed through (relayed), epoch seconds.
+    first_token: float | None = None
     ended: float | None = None
     lifecycle: JobLifecycle = field(default_factory=lambda: JobLifecycle(JobState.RUNNING))
     error: str = ""
@@ -201,6 +203,8 @@ class ServerJob:
         """Pass a NARRATION, DATA or TOKEN frame of this job (from an actor it was forwarded
         to) on, unopened; dropped once the job has ended."""
         if kind in STREAMED and self.lifecycle.streaming:
+            if kind is Kind.TOKEN and self.first_token is None:
+                self.first_token = time.time()
             self.peer.server._send_frames(self.peer, frames)
 
     def summary(self) -> dict[str, Any]:

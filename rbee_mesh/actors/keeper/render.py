@@ -248,9 +248,11 @@ def _format_jobs(rows: list[dict[str, Any]]) -> str:
 
 def _infer_summary(r: dict[str, Any]) -> str:
     u = r.get("usage", {})
-    ttft = u.get("ttft_s")
+    ttft, queued = u.get("ttft_s"), u.get("queue_s")
     if isinstance(ttft, int | float):
         first = f"first token after {ttft * 1e3:.0f} ms"
+        if isinstance(queued, int | float) and queued >= 0.001:
+            first += f" ({queued * 1e3:.0f} ms waiting for a worker)"
     else:  # a model whose first token is its end of sequence: normal, and said so
         first = "no token before the model's end of sequence"
     return (
@@ -259,6 +261,7 @@ def _infer_summary(r: dict[str, Any]) -> str:
         f"prompt {u.get('prompt_tokens', '?')} tokens; "
         f"worker {r.get('worker', '?')} ({r.get('backend', '?')}), "
         f"finished: {r.get('finish_reason', '?')}"
+        + (" (the model's context is full)" if r.get("cut_by") == "context" else "")
     )
 
 

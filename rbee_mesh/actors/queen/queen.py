@@ -273,9 +273,10 @@ class Queen:
         attempt = 0
         while True:
             link, worker, model = await self._reserve_worker(job, op)
+            placed = time.time()
             try:
                 pinned = replace(op, hive=link.name, worker=worker, model=model)
-                return await self.hives.forward(job, pinned, link)
+                return _timed(await self.hives.forward(job, pinned, link), job, placed)
             except MeshError as exc:
                 if exc.started:
                     raise
@@ -627,6 +628,19 @@ class Queen:
         cut = self.server.drop_peers_with_key(entry.key, "its key was revoked")
         narrate("keeper_revoke", f"keeper {entry.name} revoked; {cut} connection(s) cut")
         return entry.record()
+
+
+def _timed(result: Any, job: ServerJob, placed: float) -> Any:
+    """An inference's result with its times as its submitter saw them: `ttft_s` from the
+    submission to the first token (the worker's own, from its accept, as `worker_ttft_s`), and
+    `queue_s`, the wait for a worker (a download or a spawn included)."""
+    usage = result.get("usage") if isinstance(result, dict) else None
+    if isinstance(usage, dict):
+        usage["worker_ttft_s"] = usage.get("ttft_s")
+        first = job.first_token
+        usage["ttft_s"] = None if first is None else round(first - job.created, 6)
+        usage["queue_s"] = round(placed - job.created, 6)
+    return result
 
 
 def _names(rows: list[dict[str, Any]], ident: str) -> bool:

@@ -16,8 +16,10 @@ the thread checks a flag after every piece and closes the generator, so it stops
 token, and the job ends once the thread has stopped, so that the model is free by then.
 
 DONE's result: `{"text", "usage": {"prompt_tokens", "generated_tokens", "ttft_s",
-"tokens_per_s", "duration_s"}, "backend", "worker", "finish_reason"}`. `duration_s` runs from
-the start of the job to the last token, `ttft_s` to the first. A backend yields text only, so
+"tokens_per_s", "duration_s"}, "backend", "worker", "finish_reason", "context", "cut_by"}`.
+`duration_s` runs from the start of the job to the last token, `ttft_s` to the first (the queen
+replaces it with the time from the submission, and keeps this one as `worker_ttft_s`); `cut_by`
+says what a "length" ran out of ("max_tokens" or "context"). A backend yields text only, so
 `finish_reason` is inferred: "length" when max_tokens (or the context) ran out, "eos" when it
 ended sooner and no stop sequence was given, "end" when it ended sooner and one was.
 """
@@ -235,6 +237,9 @@ async def generate(job: ServerJob, op: Infer, model: LoadedModel, worker_id: str
         "backend": model.backend,
         "worker": worker_id,
         "finish_reason": _finish_reason(run, generated, prompt_tokens),
+        "context": model.n_ctx,
+        # What a "length" ran out of: the tokens asked for, or the model's context.
+        "cut_by": _cut_by(run, generated, prompt_tokens),
     }
 
 
@@ -278,6 +283,13 @@ def _narrate_stop(run: Generation, why: str) -> None:
         f"{why} after {sampled} tokens; generation stopped {after} token(s) after the "
         f"request, {waited_ms:.1f} ms later",
     )
+
+
+def _cut_by(run: Generation, generated: int, prompt_tokens: int) -> str | None:
+    room = run.model.n_ctx - prompt_tokens
+    if generated < min(run.op.max_tokens, room):
+        return None
+    return "context" if room < run.op.max_tokens else "max_tokens"
 
 
 def _finish_reason(run: Generation, generated: int, prompt_tokens: int) -> str:
