@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rbee_mesh.actors.jobclient import ClientConfig, JobClient
+from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.mesh import running_queen
+from rbee_mesh.actors.mesh import integrated_mesh, running_queen
 from rbee_mesh.actors.queen.queen import Queen
+from rbee_mesh.protocol import Infer, Message
 from rbee_mesh.transport import local_endpoint_for
 
 # Tests never leave this machine: a test that reaches for the model hub without the loopback hub
@@ -62,3 +63,14 @@ def queen_address(queen: Queen) -> str:
 async def keeper(queen: Queen) -> AsyncIterator[JobClient]:
     async with open_keeper(queen_address(queen), FAST_KEEPER) as k:
         yield k
+
+
+async def infer_in_a_mesh(state: Path, op: Infer) -> tuple[ClientJob, list[Message]]:
+    """Run `op` in a whole mesh of this process (a queen, the hive of `state`, a worker
+    process): its job and every frame it streamed."""
+    async with (
+        integrated_mesh(state) as queen,
+        open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
+    ):
+        job = await keeper.submit(op)
+        return job, [m async for m in job]

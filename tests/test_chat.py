@@ -9,8 +9,6 @@ import pytest
 import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
-from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.mesh import integrated_mesh
 from rbee_mesh.inference.backends import load_model
 from rbee_mesh.inference.chat import (
     DEFAULT_TEMPLATE,
@@ -22,7 +20,7 @@ from rbee_mesh.inference.chat import (
 )
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import Done, ErrorCode, Infer, MeshError, Narration, ProtocolError
-from tests.conftest import FAST_KEEPER
+from tests.conftest import infer_in_a_mesh
 
 #: A template in the style of Llama 2's: BOS per turn, roles named, EOS after each.
 TEMPLATE = (
@@ -86,12 +84,7 @@ async def test_infer_chat_runs_the_rendered_turn_on_a_worker(tmp_path: Path) -> 
         loaded.close()
     op = Infer(prompt="hi", system="be brief", model="rbee-test/chat:chat.gguf", max_tokens=4)
     with trio.fail_after(60):
-        async with (
-            integrated_mesh(state) as queen,
-            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
-        ):
-            job = await keeper.submit(op)
-            events = [m async for m in job]
+        job, events = await infer_in_a_mesh(state, op)
     assert isinstance(job.terminal, Done), job.terminal
     assert job.terminal.result["usage"]["prompt_tokens"] == expected > raw
     said = [e.human for e in events if isinstance(e, Narration)]

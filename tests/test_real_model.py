@@ -9,11 +9,9 @@ import pytest
 import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
-from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.mesh import integrated_mesh
 from rbee_mesh.inference.chat import template_of
 from rbee_mesh.protocol import Done, Infer, Narration, Token
-from tests.conftest import FAST_KEEPER
+from tests.conftest import infer_in_a_mesh
 from tests.real_model import FILE, smollm2
 
 pytestmark = pytest.mark.slow
@@ -38,12 +36,7 @@ async def test_a_chat_turn_at_temperature_zero_answers_paris(model: Path, tmp_pa
     Catalog(state / "hive" / "models").add_file("local/smollm2", FILE, model)
     op = Infer(prompt=QUESTION, model=MODEL, chat=True, temperature=0.0, max_tokens=16)
     with trio.fail_after(120):
-        async with (
-            integrated_mesh(state) as queen,
-            open_keeper(queen.listener.endpoint, FAST_KEEPER) as keeper,
-        ):
-            job = await keeper.submit(op)
-            events = [m async for m in job]
+        job, events = await infer_in_a_mesh(state, op)
     assert isinstance(job.terminal, Done), job.terminal
     text = "".join(e.text for e in events if isinstance(e, Token))
     assert "Paris" in text, text

@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -357,20 +358,30 @@ def chat(
 async def _chat(cli: Cli, turn: ops.Infer) -> int:
     renderer = cli.renderer()
     try:
-        if cli.queen_known:
-            async with open_keeper(cli.endpoint, trust=cli.trust) as keeper:
-                return await chat_session(keeper, turn, renderer)
-        hive = daemon.read_info("hive")
-        where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive"
-        renderer.note(f"no queen is running: starting one in this process, with {where}")
-        async with (
-            mesh_for_one_command(daemon.state_dir(), hive.endpoint if hive else None) as queen,
-            open_keeper(queen.listener.endpoint) as keeper,
-        ):
+        async with _keeper_here(cli, renderer) as keeper:
             return await chat_session(keeper, turn, renderer)
     except ServerUnreachable as exc:
         renderer.problem(exc.code, exc.message)
         return EXIT_UNAVAILABLE
+
+
+@asynccontextmanager
+async def _keeper_here(cli: Cli, renderer: Renderer) -> AsyncIterator[JobClient]:
+    """A keeper of the queen this command talks to; with none running (and none named or
+    joined), of a queen started in this process for the command, with the hive daemon of this
+    machine if one runs, else this machine's hive integrated."""
+    if cli.queen_known:
+        async with open_keeper(cli.endpoint, trust=cli.trust) as keeper:
+            yield keeper
+        return
+    hive = daemon.read_info("hive")
+    where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, integrated"
+    renderer.note(f"no queen is running: starting one in this process, with {where}")
+    async with (
+        mesh_for_one_command(daemon.state_dir(), hive.endpoint if hive else None) as queen,
+        open_keeper(queen.listener.endpoint) as keeper,
+    ):
+        yield keeper
 
 
 @main.group()
@@ -642,20 +653,15 @@ def _run_here_without_a_queen(ctx: click.Context, op: Operation, timeout_s: floa
     this machine's hive: `infer`, and what reads or changes this machine's catalog."""
     cli = ctx.find_object(Cli)
     assert cli is not None
-    if not cli.queen_known:
-        sys.exit(trio.run(_run_one_command, op, cli.renderer(), timeout_s))
-    cli.run_job(op, timeout_s)
+    if cli.queen_known:
+        cli.run_job(op, timeout_s)
+    sys.exit(trio.run(_run_here, cli, op, timeout_s))
 
 
-async def _run_one_command(op: Operation, renderer: Renderer, timeout_s: float | None) -> int:
+async def _run_here(cli: Cli, op: Operation, timeout_s: float | None) -> int:
     """Run one job on a mesh that lives only as long as this command."""
-    hive = daemon.read_info("hive")
-    where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, integrated"
-    renderer.note(f"no queen is running: starting one in this process, with {where}")
-    async with (
-        mesh_for_one_command(daemon.state_dir(), hive.endpoint if hive else None) as queen,
-        open_keeper(queen.listener.endpoint) as keeper,
-    ):
+    renderer = cli.renderer()
+    async with _keeper_here(cli, renderer) as keeper:
         return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
 
 
