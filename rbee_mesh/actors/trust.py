@@ -463,8 +463,9 @@ _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"
 
 
 def new_pairing_code() -> str:
-    """Ten letters (49 bits), as XXXXX-XXXXX: what `hive pair` prints. Guessing it means one
-    CURVE handshake per guess, each refused and counted, for as long as it is good."""
+    """Ten letters (49 bits) in two groups of five, as `KX7RT-M4PQA`: what `hive pair` prints.
+    Guessing it means one CURVE handshake per guess, each refused and counted, for as long as
+    it is good."""
     letters = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(10))
     return f"{letters[:5]}-{letters[5:]}"
 

@@ -86,17 +86,26 @@ class ZmqConnection(Connection):
         await self._sock.aclose()
 
 
-class ZmqListener(Listener):
-    """A ROUTER socket bound to one endpoint; peers are named by their ZeroMQ routing id, and
-    each message comes with its sender's CURVE key (the ZAP handler's User-Id)."""
+class _Bound:
+    """A socket bound to one endpoint, what a listener and a publisher share: closing it
+    unbinds the endpoint (so it can be bound again at once) and removes its ipc socket file."""
 
-    def __init__(
-        self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None, curve: bool
-    ) -> None:
+    def __init__(self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None) -> None:
         self._sock = sock
         self.endpoint = endpoint
         self._ipc_file = ipc_file
-        self._curve = curve
+
+    async def aclose(self) -> None:
+        await _close_bound(self._sock, self.endpoint, self._ipc_file)
+
+
+class ZmqListener(_Bound, Listener):
+    """A ROUTER socket bound to one endpoint; peers are named by their ZeroMQ routing id, and
+    each message comes with its sender's CURVE key (the ZAP handler's User-Id)."""
+
+    def __init__(self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None) -> None:
+        super().__init__(sock, endpoint, ipc_file)
+        self._curve = sock.socket.get(zmq.MECHANISM) == zmq.CURVE
 
     @classmethod
     def bind(cls, endpoint: Endpoint, options: SocketOptions | None = None) -> ZmqListener:
@@ -105,8 +114,7 @@ class ZmqListener(Listener):
         A tcp port 0 binds an ephemeral port; ``self.endpoint`` then names the real one.
         """
         sock, bound, ipc_file = _bind_socket(zmq.ROUTER, endpoint, options, "listener")
-        curve = endpoint.scheme in _BEYOND_PROCESS and options is not None and not options.plaintext
-        return cls(TrioSocket(sock), bound, ipc_file, curve)
+        return cls(TrioSocket(sock), bound, ipc_file)
 
     def send_nowait(self, peer: bytes, frames: Sequence[bytes]) -> None:
         """Send to ``peer`` now or fail: PeerBusy if its pipe is full, PeerUnreachable if gone."""
@@ -133,13 +141,8 @@ class ZmqListener(Listener):
             raise TransportError(f"receive on {self.endpoint} failed: {exc.strerror}") from exc
         return peer, frames, key
 
-    async def aclose(self) -> None:
-        """Unbind (so the endpoint can be bound again at once), remove this listener's ipc
-        socket file, and close the socket."""
-        await _close_bound(self._sock, self.endpoint, self._ipc_file)
 
-
-class ZmqPublisher(Publisher):
+class ZmqPublisher(_Bound, Publisher):
     """An XPUB socket bound to one endpoint, admitting subscriptions itself.
 
     libzmq's PUB never blocks and never reports a full pipe: at a subscriber's high-water mark
@@ -152,9 +155,7 @@ class ZmqPublisher(Publisher):
     """
 
     def __init__(self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None) -> None:
-        self._sock = sock
-        self.endpoint = endpoint
-        self._ipc_file = ipc_file
+        super().__init__(sock, endpoint, ipc_file)
         self._closed = False
 
     @classmethod
@@ -182,7 +183,7 @@ class ZmqPublisher(Publisher):
     async def aclose(self) -> None:
         """Unbind, wait until the endpoint can be bound again, and close the socket."""
         self._closed = True
-        await _close_bound(self._sock, self.endpoint, self._ipc_file)
+        await super().aclose()
 
 
 _SUBSCRIBE_ALL = b"\x01"

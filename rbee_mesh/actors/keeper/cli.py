@@ -737,7 +737,7 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
         )
         return
     proc = daemon.spawn_detached(name, argv)
-    info = trio.run(_wait_until_serving, name, proc.pid, proc.poll)
+    info = trio.run(_wait_until_serving, name, proc.pid, proc.poll, cli.trust)
     if info is None:
         code = proc.poll()
         if code is None:
@@ -764,11 +764,11 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
 
 
 async def _wait_until_serving(
-    name: str, pid: int, poll: Callable[[], int | None], timeout_s: float = 15.0
+    name: str, pid: int, poll: Callable[[], int | None], trust: Trust, timeout_s: float = 15.0
 ) -> daemon.DaemonInfo | None:
-    """Wait for the daemon `pid` to record its endpoint and answer a ping there."""
+    """Wait for the daemon `pid` to record its endpoint and answer a ping there, as the node of
+    `trust` (the daemon's own: one state directory)."""
     quick = ClientConfig(accept_timeout_s=1.0)
-    trust = Trust.load(daemon.state_dir())
     with trio.move_on_after(timeout_s):
         while poll() is None:
             info = daemon.read_info(name)

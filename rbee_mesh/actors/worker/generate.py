@@ -37,7 +37,6 @@ import trio
 
 from rbee_mesh.actors.jobserver import ServerJob
 from rbee_mesh.actors.narration import narrate
-from rbee_mesh.inference.chat import chat_prompt, one_turn
 from rbee_mesh.protocol import Cancelled, ErrorCode, Infer, MeshError, ProtocolError, Token
 
 if TYPE_CHECKING:
@@ -177,6 +176,7 @@ async def generate(job: ServerJob, op: Infer, model: LoadedModel, worker_id: str
     """Run `op` on `model` as `job`: stream its tokens, return DONE's result. Cancelled (by the
     job's server), it stops the thread within a token, narrates how soon, and re-raises."""
     from rbee_mesh.inference.backends import GenerationParams
+    from rbee_mesh.inference.chat import chat_prompt, one_turn  # Jinja: in workers only
 
     params = GenerationParams.from_op(op)
     prompt = op.prompt
