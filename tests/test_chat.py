@@ -101,8 +101,9 @@ def test_a_turn_carries_the_chat_so_far_in_order() -> None:
         "<|im_start|>assistant\nHi! How can I help?<|im_end|>\n"
         "<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\n"
     )
-    # On the wire the turns are a list of maps; a role other than user or assistant is refused.
+    # On the wire the turns are a list of maps; a role other than system, user or assistant is
+    # refused.
     op = Infer(prompt="x", chat=True, history=history)
     assert op.to_wire()["history"][1] == {"role": "assistant", "content": "Hi! How can I help?"}
     with pytest.raises(ProtocolError):
-        Infer.from_wire({**op.to_wire(), "history": [{"role": "system", "content": "x"}]}, "op")
+        Infer.from_wire({**op.to_wire(), "history": [{"role": "tool", "content": "x"}]}, "op")

@@ -213,7 +213,7 @@ class ServerJob:
             "id": self.id,
             "op": self.op.NAME,
             "state": str(self.state),
-            "keeper": self.peer.label,
+            "keeper": self.peer.name or self.peer.label,
             "created": self.created,
             "duration_s": round(end - self.created, 6),
             "error": self.error,

@@ -78,13 +78,20 @@ class Role(StrEnum):
     INVITE = "invite"
     #: A queen this node joined as a keeper: its key pinned to talk to it, and nothing more.
     JOINED = "joined"
+    #: A client of the queen's HTTP API, by the hash of its API key (never a socket's key).
+    API = "api"
 
 
 #: Operations only the owner may submit to a queen: they change whom it trusts, or name a path
 #: of this machine (which a hive of another machine must not be asked to read).
 OWNER_ONLY = frozenset(
-    {"invite", "hive_trust", "hive_untrust", "keeper_list", "keeper_revoke", "model_import"}
-)
+    {
+        "invite", "hive_trust", "hive_untrust", "keeper_list", "keeper_revoke", "model_import",
+        "apikey_create", "apikey_list", "apikey_revoke",
+    }
+)  # fmt: skip
+#: How an API key begins (what `rbee-mesh apikey create` prints).
+API_KEY_PREFIX = "rbee-sk-"
 #: What a node may send with a one-time key: a join token's to a queen, a pairing code's to a hive.
 REDEEMING = frozenset({"join", "pair"})
 
@@ -244,6 +251,14 @@ class Trust:
                 return t.key
         return None
 
+    def api_client(self, api_key: str) -> Trusted | None:
+        """The API client whose key `api_key` is (an `Authorization: Bearer` token), if any."""
+        entry = self._trusted.get(_api_key_hash(api_key))
+        if entry is None:  # created by another process since?
+            self._reload_quietly()
+            entry = self._trusted.get(_api_key_hash(api_key))
+        return entry if entry is not None and entry.role is Role.API else None
+
     # ---- keys for sockets ---------------------------------------------------------------------
 
     def server_keys(self, actor: Actor | None = None) -> ServerKeys:
@@ -274,6 +289,12 @@ class Trust:
             table[key] = entry
         log.info("trusting %s %s (%s)", role, name, entry.fingerprint)
         return entry
+
+    def new_api_key(self, name: str) -> tuple[str, Trusted]:
+        """A new API key for `name` (replacing its earlier one): the key itself, shown once,
+        and its entry, which holds only the key's hash."""
+        api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        return api_key, self.trust(_api_key_hash(api_key), Role.API, name)
 
     def untrust(self, entry: Trusted) -> None:
         with self._changing() as table:
@@ -366,6 +387,13 @@ class _Admission:
 def admitted(actor: Actor) -> frozenset[Role]:
     """The roles whose keys `actor`'s listener admits: those that may ask it something."""
     return frozenset(_POLICIES[actor])
+
+
+def _api_key_hash(api_key: str) -> str:
+    """What the trust table holds for an API key: its sha256, in z85 like a node's key (a key
+    of 256 random bits needs no slow hash; nothing can be made to handshake with it)."""
+    digest = hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()
+    return z85.encode(digest).decode("ascii")
 
 
 def _safe_fingerprint(key: str) -> str:

@@ -184,6 +184,12 @@ class CtransformersModel(NativeModel):
     def _pieces(
         self, tokens: list[int], params: GenerationParams, ticket: int, budget: int
     ) -> Generator[bytes, None, None]:
+        if params.presence_penalty or params.frequency_penalty:
+            raise MeshError(
+                ErrorCode.INVALID_REQUEST,
+                "the ctransformers backend has no presence or frequency penalty (its sampler "
+                "applies repeat_penalty only); leave them at 0 or load the model with llama-cpp",
+            )
         llm = self._llm
         assert params.seed is not None
         top_k = params.top_k or self._vocab_size

@@ -189,6 +189,8 @@ class LlamaCppModel(NativeModel):
                 typical_p=1.0,
                 temp=params.temperature,
                 repeat_penalty=params.repeat_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
                 reset=True,
             )
         try:

@@ -63,6 +63,8 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [

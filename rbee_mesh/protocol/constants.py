@@ -16,6 +16,8 @@ PROTOCOL_VERSION = 3
 
 #: Where keepers reach a queen (its ROUTER).
 QUEEN_PORT = 7833
+#: Where the queen serves its OpenAI-compatible HTTP API.
+API_PORT = 7834
 #: Where a queen reaches a hive (its ROUTER), and where the hive publishes its heartbeats (PUB).
 HIVE_PORT = 7835
 HEARTBEAT_PORT = 7836

@@ -400,6 +400,14 @@ def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
     return specs
 
 
+def check_field(cls: type, field: str, value: Any, *, name: str = "") -> Any:
+    """`value` as `cls`'s field `field` takes it, or ProtocolError naming it `name` (by default
+    the field's own name): one field checked alone, as another interface (the HTTP API) calls
+    it."""
+    found = next(f for f in _field_specs(cls) if f.name == field)
+    return found.spec.load(name or field, value)
+
+
 def _wire_shape(cls: type) -> tuple[frozenset[str], tuple[str, ...]]:
     """The names of a class's fields on the wire, and those of them that are required."""
     shape = _WIRE_SHAPES.get(cls)

@@ -351,6 +351,14 @@ class Infer(Operation):
         arg=Arg("Stop before this text. Repeatable.", metavar="TEXT"),
     )
     repeat_penalty: float = spec(Float(0.5, 2.0), 1.1)
+    #: OpenAI's penalties: for a token's presence in the text so far, and per occurrence.
+    presence_penalty: float = spec(Float(-2.0, 2.0), 0.0)
+    frequency_penalty: float = spec(Float(-2.0, 2.0), 0.0)
+    download: bool = spec(
+        Bool(),
+        True,
+        arg=Arg("Fail rather than download a model no hive has.", negated_by="no-download"),
+    )
     chat: bool = spec(
         Bool(),
         False,
@@ -361,9 +369,9 @@ class Infer(Operation):
         None,
         arg=Arg("A system message for the chat turn (implies --chat).", metavar="TEXT"),
     )
-    #: The chat's earlier turns (user and assistant), before this one (`rbee-mesh chat`).
+    #: The chat's earlier turns, before this one (`rbee-mesh chat`, the API's messages).
     history: tuple[tuple[str, str], ...] = spec(
-        Turns(("user", "assistant"), Text(max_len=200_000), max_items=256),
+        Turns(("system", "user", "assistant"), Text(max_len=200_000), max_items=256),
         (),
         arg=Arg(hidden=True),
     )
@@ -519,6 +527,37 @@ class KeeperRevoke(Operation):
     TARGET = Actor.QUEEN
     COMMAND = ("keeper", "revoke")
     keeper: str = spec(NODE, arg=Arg(argument=True, metavar="KEEPER"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKeyCreate(Operation):
+    """A new key for the queen's HTTP API, for NAME (an app, a person): printed once, kept
+    only as a hash. It replaces NAME's earlier key. Needed when the API serves beyond this
+    machine (`queen start --api 0.0.0.0:7834`): `Authorization: Bearer KEY`."""
+
+    NAME = "apikey_create"
+    TARGET = Actor.QUEEN
+    COMMAND = ("apikey", "create")
+    name: str = spec(NODE, arg=Arg(argument=True, metavar="NAME"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKeyList(Operation):
+    """The API keys this queen takes (their names and fingerprints; never the keys)."""
+
+    NAME = "apikey_list"
+    TARGET = Actor.QUEEN
+    COMMAND = ("apikey", "list")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKeyRevoke(Operation):
+    """Revoke the API key of NAME (or of that fingerprint): refused from its next request."""
+
+    NAME = "apikey_revoke"
+    TARGET = Actor.QUEEN
+    COMMAND = ("apikey", "revoke")
+    name: str = spec(NODE, arg=Arg(argument=True, metavar="NAME"))
 
 
 def operation_from_body(body: Any) -> Operation:

@@ -23,7 +23,7 @@ endpoint without a new connect. Heartbeats over it are counted, never awaited.
 """
 
 from .base import Connection, Listener, Publisher, Subscriber
-from .endpoints import Endpoint, local_endpoint_for, parse_endpoint
+from .endpoints import Endpoint, HttpBind, local_endpoint_for, parse_endpoint, parse_http_bind
 from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportClosed, TransportError
 from .factory import (
     DEFAULT_HWM,
@@ -46,6 +46,7 @@ __all__ = [
     "Connection",
     "Endpoint",
     "EndpointError",
+    "HttpBind",
     "Listener",
     "MemoryConnection",
     "MemoryListener",
@@ -69,5 +70,6 @@ __all__ = [
     "open_publisher",
     "open_subscriber",
     "parse_endpoint",
+    "parse_http_bind",
     "shared_context",
 ]

@@ -109,3 +109,33 @@ def local_endpoint_for(bound: str) -> str:
     if endpoint.host == "[::]":
         return f"tcp://[::1]:{endpoint.port}"
     return str(endpoint)
+
+
+@dataclass(frozen=True)
+class HttpBind:
+    """Where an HTTP server listens (`queen start --api HOST:PORT`); port 0 picks a free one."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach it."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_http_bind(text: str) -> HttpBind:
+    """HOST:PORT, an IPv6 host in brackets; EndpointError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise EndpointError(f"expected HOST:PORT (such as 127.0.0.1:7834), got {text!r}")
+    return HttpBind(host, int(port))

@@ -34,7 +34,12 @@ from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operat
 from rbee_mesh.actors.keeper.demo import run_demo
 from rbee_mesh.actors.keeper.doctor import run_doctor
 from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
-from rbee_mesh.actors.mesh import DEFAULT_QUEEN_BIND, LOCAL_QUEEN_BIND, mesh_for_one_command
+from rbee_mesh.actors.mesh import (
+    DEFAULT_API_BIND,
+    DEFAULT_QUEEN_BIND,
+    LOCAL_QUEEN_BIND,
+    mesh_for_one_command,
+)
 from rbee_mesh.actors.queen.config import load_config, peer_spec
 from rbee_mesh.actors.trust import JoinToken, Role, Trust
 from rbee_mesh.protocol import (
@@ -53,6 +58,7 @@ from rbee_mesh.protocol import (
 )
 from rbee_mesh.protocol import operations as ops
 from rbee_mesh.protocol.constants import (
+    API_PORT,
     HEARTBEAT_PORT,
     HEARTBEAT_S,
     HIVE_PORT,
@@ -60,7 +66,7 @@ from rbee_mesh.protocol.constants import (
     MIN_HEARTBEAT_S,
 )
 from rbee_mesh.protocol.operations import HivePair
-from rbee_mesh.transport import EndpointError, local_endpoint_for, parse_endpoint
+from rbee_mesh.transport import EndpointError, local_endpoint_for, parse_endpoint, parse_http_bind
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -455,6 +461,15 @@ def queen() -> None:
     show_default=True,
     help="Find hives announced on the LAN (mDNS); env RBEE_MESH_DISCOVERY=0 turns it off.",
 )
+@click.option(
+    "--api",
+    metavar="HOST:PORT",
+    default=DEFAULT_API_BIND,
+    show_default=True,
+    help="Where the OpenAI-compatible HTTP API listens. Beyond loopback (such as "
+    f"0.0.0.0:{API_PORT}) it requires API keys (`rbee-mesh apikey create`).",
+)
+@click.option("--no-api", is_flag=True, help="Serve no HTTP API.")
 @_heartbeat_option
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @pass_cli
@@ -465,6 +480,8 @@ def queen_start(
     hives: tuple[str, ...],
     integrated: bool,
     discovery: bool,
+    api: str,
+    no_api: bool,
     heartbeat_s: float,
     foreground: bool,
 ) -> None:
@@ -475,9 +492,16 @@ def queen_start(
     the config file, and (with --integrated) this machine's own, in its process.
     """
     bind = bind or (LOCAL_QUEEN_BIND if local_only else DEFAULT_QUEEN_BIND)
+    try:
+        parse_http_bind(api)
+    except EndpointError as exc:
+        raise click.BadParameter(str(exc), param_hint="--api") from None
     if foreground:
         serve = daemon.serve_queen_forever
-        _serve_foreground(cli, bind, serve, bind, True, hives, integrated, discovery, heartbeat_s)
+        api_bind = None if no_api else api
+        _serve_foreground(
+            cli, bind, serve, bind, True, hives, integrated, discovery, heartbeat_s, api_bind
+        )
         return
     for hive in hives:  # refused here, not in the daemon's log
         peer_spec(hive)
@@ -487,6 +511,7 @@ def queen_start(
     argv += ["--integrated"] if integrated else []
     argv += ["--discovery" if discovery else "--no-discovery"]  # explicit: not from its env
     argv += ["--heartbeat", str(heartbeat_s)]
+    argv += ["--no-api"] if no_api else ["--api", api]
     _start_daemon(cli, "queen", argv)
 
 
@@ -644,6 +669,11 @@ def model() -> None:
     """Models in the hives' catalogs."""
 
 
+@main.group()
+def apikey() -> None:
+    """Keys for the queen's HTTP API (needed when it serves beyond this machine)."""
+
+
 def _run_operation(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
     ctx.find_object(Cli).run_job(op, timeout_s)  # type: ignore[union-attr]
 
@@ -679,6 +709,9 @@ _WITHOUT_A_QUEEN = (
     ops.ModelDownload,
     ops.ModelDelete,
     ops.JobList,
+    ops.ApiKeyCreate,
+    ops.ApiKeyList,
+    ops.ApiKeyRevoke,
 )  # fmt: skip (and `model import`, a command of its own)
 add_operation_commands(
     main, _run_operation, dict.fromkeys(_WITHOUT_A_QUEEN, _run_here_without_a_queen)
@@ -752,12 +785,15 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
         )
     _say(
         cli,
-        f"{name} started (pid {info.pid}) on {info.endpoint}; log: {daemon.log_path(name)}",
+        f"{name} started (pid {info.pid}) on {info.endpoint}"
+        + (f", OpenAI-compatible API at {info.api}" if info.api else "")
+        + f"; log: {daemon.log_path(name)}",
         {
             "event": name,
             "state": "running",
             "pid": info.pid,
             "endpoint": info.endpoint,
+            "api": info.api or None,
             "started": True,
         },
     )

@@ -32,29 +32,30 @@ async def open_keeper(
     config: ClientConfig | None = None,
     trust: Trust | None = None,
     server_key: str = "",
+    name: str = "",
 ) -> AsyncIterator[JobClient]:
     """Connect to the queen at `endpoint` for the duration of the block, as the node of `trust`
     (default: this process's), pinning the queen's key: `server_key`, else the one trusted at
     that endpoint (a queen this node joined), else this node's own (a queen of this state
-    directory).
+    directory). `name`: how the queen's job list shows this client (default keeper-PID).
 
     Raises ServerUnreachable for an endpoint that cannot be connected to; a queen that does not
     answer is found out by the first `submit` (within `accept_timeout_s`).
     """
     trust = trust or Trust.for_process()
     keys = trust.client_keys(server_key or trust.pinned(endpoint) or trust.public)
-    async with _client(endpoint, Actor.KEEPER, keys, config) as client:
+    async with _client(endpoint, Actor.KEEPER, keys, config, name) as client:
         yield client
 
 
 @asynccontextmanager
 async def _client(
-    endpoint: str, role: Actor, keys: ClientKeys, config: ClientConfig | None
+    endpoint: str, role: Actor, keys: ClientKeys, config: ClientConfig | None, name: str = ""
 ) -> AsyncIterator[JobClient]:
     try:
         client = JobClient(
             endpoint,
-            name=f"keeper-{os.getpid()}",
+            name=name or f"keeper-{os.getpid()}",
             role=role,
             server=f"the queen at {endpoint}",
             lost_code=ErrorCode.UNAVAILABLE,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import trio
 from rbee_mesh import __version__
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
 from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.mesh import integrated_hive_config, running_queen
+from rbee_mesh.actors.mesh import DEFAULT_API_BIND, integrated_hive_config, running_queen
 from rbee_mesh.actors.queen.config import load_config, peer_spec
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol.constants import HEARTBEAT_S
@@ -56,6 +56,8 @@ class DaemonInfo:
     started: float
     #: The actor's own name in the mesh (a hive's id), where it has one.
     ident: str = ""
+    #: A queen's HTTP API (http://HOST:PORT/v1), when it serves one.
+    api: str = ""
 
 
 def info_path(name: str) -> Path:
@@ -75,7 +77,9 @@ def write_info(info: DaemonInfo) -> None:
 
 
 @contextmanager
-def recorded(name: str, endpoint: str, *, ident: str = "", enabled: bool = True) -> Iterator[None]:
+def recorded(
+    name: str, endpoint: str, *, ident: str = "", api: str = "", enabled: bool = True
+) -> Iterator[None]:
     """While the block runs, the info file says this process serves `endpoint` as `name`."""
     if not enabled:
         yield
@@ -88,6 +92,7 @@ def recorded(name: str, endpoint: str, *, ident: str = "", enabled: bool = True)
             version=__version__,
             started=time.time(),
             ident=ident,
+            api=api,
         )
     )
     try:
@@ -185,8 +190,10 @@ async def serve_queen_forever(
     integrated: bool = False,
     discover: bool = True,
     heartbeat_s: float = HEARTBEAT_S,
+    api: str | None = DEFAULT_API_BIND,
 ) -> None:
-    """`queen start --foreground`: serve on `bind` until SIGTERM or SIGINT, then stop gracefully.
+    """`queen start --foreground`: serve on `bind` (and its HTTP API on `api`, HOST:PORT,
+    unless None) until SIGTERM or SIGINT, then stop gracefully.
 
     With `record`, the daemon info file says where this queen listens while it does.
     """
@@ -204,8 +211,12 @@ async def serve_queen_forever(
         # the collector need not walk it again. At 1,000 hives each full collection walked it
         # for 100-165 ms, during which the queen answered nothing.
         gc.freeze()
-        with recorded("queen", queen.listener.endpoint, enabled=record):
-            await until_signalled()
+        from rbee_mesh.actors.queen.api import serving_api  # HTTP: in the queen's process only
+
+        async with AsyncExitStack() as stack:
+            url = "" if api is None else await stack.enter_async_context(serving_api(queen, api))
+            with recorded("queen", queen.listener.endpoint, api=url, enabled=record):
+                await until_signalled()
 
 
 async def serve_hive_forever(config: HiveConfig, record: bool) -> None:

@@ -294,6 +294,9 @@ RESULT_FORMATTERS: dict[str, Callable[[Any], str]] = {
     "hive_untrust": lambda r: f"hive {r['name']} ({r['fingerprint']}) is no longer trusted",
     "keeper_list": lambda rows: _format_nodes(rows) if rows else "no keepers",
     "keeper_revoke": lambda r: f"keeper {r['name']} ({r['fingerprint']}) is revoked",
+    "apikey_create": lambda r: r["key"],
+    "apikey_list": lambda rows: _format_nodes(rows) if rows else "no API keys",
+    "apikey_revoke": lambda r: f"the API key of {r['name']} ({r['fingerprint']}) is revoked",
 }
 
 

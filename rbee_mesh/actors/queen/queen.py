@@ -98,6 +98,9 @@ class Queen:
                 ops.HiveUntrust: self._op_hive_untrust,
                 ops.KeeperList: self._op_keeper_list,
                 ops.KeeperRevoke: self._op_keeper_revoke,
+                ops.ApiKeyCreate: self._op_apikey_create,
+                ops.ApiKeyList: self._op_apikey_list,
+                ops.ApiKeyRevoke: self._op_apikey_revoke,
             }
         )
         config = config or ServerConfig()
@@ -111,6 +114,8 @@ class Queen:
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
             subscriber=subscriber, trust=self.trust,
         )  # fmt: skip
+        #: Where its HTTP API serves (http://HOST:PORT/v1), while it does (`api.serving_api`).
+        self.api_url = ""
         self.max_queued = max_queued
         self.discover = discover
         #: Hives announced on the LAN that speak another protocol version (for `doctor`).
@@ -397,6 +402,7 @@ class Queen:
                 "version": __version__,
                 "protocol": PROTOCOL_VERSION,
                 "endpoint": self.listener.endpoint,
+                "api": self.api_url or None,
                 "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 3),
                 "jobs_running": len(self.server.running_jobs),
@@ -627,6 +633,22 @@ class Queen:
         self.trust.untrust(entry)
         cut = self.server.drop_peers_with_key(entry.key, "its key was revoked")
         narrate("keeper_revoke", f"keeper {entry.name} revoked; {cut} connection(s) cut")
+        return entry.record()
+
+    async def _op_apikey_create(self, job: ServerJob, op: ops.ApiKeyCreate) -> dict[str, Any]:
+        api_key, entry = self.trust.new_api_key(op.name)
+        narrate("apikey_create", f"a new API key for {entry.name} ({entry.fingerprint})")
+        return {**entry.record(), "key": api_key}
+
+    async def _op_apikey_list(self, job: ServerJob, op: ops.ApiKeyList) -> list[dict[str, Any]]:
+        keys = self.trust.entries(Role.API)
+        narrate("apikey_list", f"{len(keys)} API key(s)")
+        return [k.record() for k in keys]
+
+    async def _op_apikey_revoke(self, job: ServerJob, op: ops.ApiKeyRevoke) -> dict[str, Any]:
+        entry = self.trust.find(op.name, Role.API)
+        self.trust.untrust(entry)
+        narrate("apikey_revoke", f"the API key of {entry.name} is revoked")
         return entry.record()
 
 

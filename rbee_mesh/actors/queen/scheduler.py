@@ -14,7 +14,7 @@ The rules, in order:
 3. a hive that holds the model, with enough free memory on some device, spawns a worker for it:
    `spawn`, on the hive with the most free memory;
 4. a model no hive holds, named as a hub reference (OWNER/REPO[:FILE]), is downloaded by the hive
-   with the most free memory: `download` (then the rules run again);
+   with the most free memory, unless the job says not to: `download` (then the rules run again);
 5. otherwise the job fails, saying why: no such model, or not enough memory anywhere.
 
 Every decision carries a sentence saying why, which the queen narrates.
@@ -151,7 +151,7 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
         raise MeshError(
             ErrorCode.NOT_FOUND, "no hive holds any model; name one with -m OWNER/REPO[:FILE]"
         )
-    if "/" in op.model:
+    if "/" in op.model and op.download:
         hive = max(hives, key=lambda h: h.most_free_memory)
         return Decision(
             Action.DOWNLOAD,
@@ -161,5 +161,6 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
         )
     raise MeshError(
         ErrorCode.NOT_FOUND,
-        f"no hive holds a model named {op.model!r}; name it as OWNER/REPO[:FILE] to download it",
+        f"no hive holds a model named {op.model!r}"
+        + ("" if not op.download else "; name it as OWNER/REPO[:FILE] to download it"),
     )

@@ -1,0 +1,321 @@
+"""The queen's OpenAI-compatible HTTP API (docs/api.md): what IDEs, agents, notebooks and the
+`openai` client speak, served next to the queen's own socket.
+
+HTTP is hypercorn's (a maintained ASGI server with a trio worker: this process's event loop)
+and routing Starlette's; the shapes are `openai.py`'s. Every request is a mesh job, submitted
+to the queen by the API's own job client over the queen's own listener: it is scheduled,
+queued, narrated (into the queen's log), listed by `rbee-mesh jobs` and cancellable like any
+other; a client that disconnects cancels it, which frees its worker within a token.
+
+Bound to loopback the API takes any request from this machine. Bound anywhere else it takes
+only requests with an API key (`Authorization: Bearer KEY`, `rbee-mesh apikey create`), whose
+hash the trust file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HttpConfig
+from hypercorn.trio import serve as serve_http
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient
+from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.queen import openai
+from rbee_mesh.actors.queen.openai import ApiError
+from rbee_mesh.actors.queen.queen import Queen
+from rbee_mesh.actors.trust import Trust
+from rbee_mesh.protocol import (
+    MAX_BODY_BYTES,
+    Cancelled,
+    Done,
+    Error,
+    ErrorCode,
+    MeshError,
+    Message,
+    Narration,
+    Token,
+    outcome,
+)
+from rbee_mesh.protocol import operations as ops
+from rbee_mesh.transport import EndpointError, HttpBind, local_endpoint_for, parse_http_bind
+
+log = logging.getLogger("rbee_mesh.api")
+
+
+class Api:
+    """The ASGI application: routes, keys, and each request as a job of `client`."""
+
+    def __init__(self, client: JobClient, trust: Trust, *, require_key: bool) -> None:
+        self.client = client
+        self.trust = trust
+        self.require_key = require_key
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/v1/models", self.models),
+                Route("/v1/models/{model:path}", self.model),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+            ],
+            exception_handlers={404: _not_found, 405: _not_allowed},
+        )
+
+    # ---- endpoints -------------------------------------------------------------------------
+
+    async def health(self, request: HttpRequest) -> Response:
+        live = self.client.is_live
+        body = {"status": "ok" if live else "unavailable", "queen": self.client.state}
+        return JSONResponse(body, status_code=200 if live else 503)
+
+    async def models(self, request: HttpRequest) -> Response:
+        return await self._answer(request, self._models)
+
+    async def model(self, request: HttpRequest) -> Response:
+        wanted = request.path_params["model"]
+
+        async def one() -> dict[str, Any]:
+            listed = await self._models()
+            for entry in listed["data"]:
+                if entry["id"] == wanted:
+                    return dict(entry)
+            raise ApiError(
+                404, f"no model {wanted!r} in the mesh's catalogs", param="model",
+                code="model_not_found",
+            )  # fmt: skip
+
+        return await self._answer(request, one)
+
+    async def chat(self, request: HttpRequest) -> Response:
+        return await self._generate(request, openai.chat_request)
+
+    async def completions(self, request: HttpRequest) -> Response:
+        return await self._generate(request, openai.completion_request)
+
+    # ---- serving -----------------------------------------------------------------------------
+
+    async def _answer(
+        self, request: HttpRequest, work: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        try:
+            self._authorize(request)
+            return JSONResponse(await work())
+        except ApiError as exc:
+            return _error(exc)
+
+    async def _models(self) -> dict[str, Any]:
+        rows = await self._run(ops.ModelList())
+        entries = {
+            row["id"]: openai.model_entry(row)
+            for row in rows
+            if isinstance(row, dict) and row.get("status") == "available"
+        }
+        return {"object": "list", "data": sorted(entries.values(), key=lambda e: e["id"])}
+
+    async def _run(self, op: ops.Operation) -> Any:
+        """A short job's result (listing models), or the ApiError of its failure."""
+        try:
+            job = await self.client.submit(op)
+            return outcome(await job.end(), "the queen")
+        except MeshError as exc:
+            raise ApiError.of(exc) from None
+
+    async def _generate(
+        self, request: HttpRequest, read: Callable[[Any], openai.Request]
+    ) -> Response:
+        try:
+            self._authorize(request)
+            asked = read(await _json_body(request))
+            try:
+                job = await self.client.submit(asked.op)
+            except MeshError as exc:  # too large to send, the queen unreachable
+                raise ApiError.of(exc, model=asked.model) from None
+            if job.terminal is not None:  # refused at once (busy, forbidden)
+                _raise_for(job.terminal, asked)
+        except ApiError as exc:
+            return _error(exc)
+        log.info("job %s: %s for %s", job.job_id, request.url.path, _client_of(request))
+        if asked.stream:
+            return StreamingResponse(
+                self._stream(job, asked), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )  # fmt: skip
+        result = await _until_end(job, request)
+        if result is None:
+            return Response(status_code=499)  # nobody reads it: the client went away
+        try:
+            return JSONResponse(openai.response(asked, job.job_id, _result(job, asked)))
+        except ApiError as exc:
+            return _error(exc)
+
+    async def _stream(self, job: ClientJob, asked: openai.Request) -> AsyncIterator[str]:
+        """The job as server-sent events. Starlette cancels this when the client disconnects:
+        the job is cancelled then."""
+        try:
+            if asked.kind == "chat":
+                yield _event(openai.chunk(asked, job.job_id, "", first=True))
+            async for message in job:
+                if isinstance(message, Token):
+                    yield _event(openai.chunk(asked, job.job_id, message.text))
+                elif isinstance(message, Narration):
+                    _log_narration(job, message)
+            try:
+                result = _result(job, asked)
+            except ApiError as exc:  # the status was sent already: an error event says it
+                yield _event(exc.body())
+            else:
+                reason = openai.finish_reason(result)
+                yield _event(openai.chunk(asked, job.job_id, reason=reason))
+                if asked.include_usage:
+                    yield _event(openai.usage_chunk(asked, job.job_id, result))
+            yield "data: [DONE]\n\n"
+        finally:
+            await _cancel_unless_ended(job)
+
+    def _authorize(self, request: HttpRequest) -> None:
+        if not self.require_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401,
+                "this API needs an API key (Authorization: Bearer KEY); "
+                "`rbee-mesh apikey create NAME` on the queen's machine makes one",
+                code="invalid_api_key",
+            )
+        if self.trust.api_client(token.strip()) is None:
+            raise ApiError(
+                401, "this API key is not valid (or was revoked)", code="invalid_api_key"
+            )
+
+
+@asynccontextmanager
+async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
+    """Serve the API of `queen` at `bind` (HOST:PORT; port 0 picks a free one) for the block;
+    yields its base URL (http://HOST:PORT/v1). EndpointError if it cannot listen there."""
+    where = parse_http_bind(bind) if isinstance(bind, str) else bind
+    endpoint = local_endpoint_for(queen.listener.endpoint)
+    config = ClientConfig(heartbeat_s=queen.server.config.heartbeat_s)
+    async with (
+        open_keeper(endpoint, config, queen.trust, name="api") as client,
+        trio.open_nursery() as nursery,
+    ):
+        api = Api(client, queen.trust, require_key=not where.loopback)
+        http = HttpConfig()
+        http.bind = [str(where)]
+        http.accesslog = None
+        http.errorlog = logging.getLogger("rbee_mesh.api.http")
+        http.graceful_timeout = 1.0
+        try:
+            bound = await nursery.start(serve_http, api.app, http)
+        except OSError as exc:
+            raise EndpointError(
+                f"the API cannot listen on {where}: {exc.strerror or exc} "
+                "(--api HOST:PORT moves it, --no-api turns it off)"
+            ) from None
+        url = f"{bound[0]}/v1"
+        queen.api_url = url
+        log.info(
+            "OpenAI-compatible API at %s%s", url,
+            "" if where.loopback else " (API keys required)",
+        )  # fmt: skip
+        try:
+            yield url
+        finally:
+            queen.api_url = ""
+            nursery.cancel_scope.cancel()
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+async def _json_body(request: HttpRequest) -> Any:
+    """The request's JSON body, at most MAX_BODY_BYTES (what one job may carry)."""
+    size = 0
+    chunks = []
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        chunks.append(part)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+
+
+async def _until_end(job: ClientJob, request: HttpRequest) -> Message | None:
+    """Wait for the job's end; if the client disconnects first, cancel the job and return
+    None once it has ended."""
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        await job.cancel("the HTTP client disconnected")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        async for message in job:
+            if isinstance(message, Narration):
+                _log_narration(job, message)
+        nursery.cancel_scope.cancel()
+    return None if gone else job.terminal
+
+
+def _result(job: ClientJob, asked: openai.Request) -> dict[str, Any]:
+    """The result of the ended `job`, or the ApiError of its end."""
+    assert job.terminal is not None
+    _raise_for(job.terminal, asked)
+    assert isinstance(job.terminal, Done) and isinstance(job.terminal.result, dict)
+    return job.terminal.result
+
+
+def _raise_for(terminal: Message, asked: openai.Request) -> None:
+    if isinstance(terminal, Error):
+        raise ApiError.of(MeshError(terminal.code, terminal.message), model=asked.model)
+    if isinstance(terminal, Cancelled):
+        raise ApiError.of(MeshError(ErrorCode.CANCELLED, terminal.reason))
+
+
+async def _cancel_unless_ended(job: ClientJob) -> None:
+    if job.terminal is None:
+        with trio.CancelScope(shield=True):
+            await job.cancel("the HTTP client disconnected")
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def _error(exc: ApiError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _log_narration(job: ClientJob, n: Narration) -> None:
+    log.info("job %s: [%s] %s: %s", job.job_id, n.actor, n.action, n.human)
+
+
+def _client_of(request: HttpRequest) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
+
+
+async def _not_found(request: HttpRequest, exc: Exception) -> Response:
+    return _error(ApiError(404, f"no such endpoint: {request.url.path}", code="not_found"))
+
+
+async def _not_allowed(request: HttpRequest, exc: Exception) -> Response:
+    return _error(
+        ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="not_allowed")
+    )
