@@ -5,14 +5,26 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
+import trio
 
+from rbee_mesh.actors.hive.hive import Hive, running_hive
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.mesh import integrated_mesh, running_queen
+from rbee_mesh.actors.mesh import (
+    integrated_hive_config,
+    integrated_mesh,
+    memory_endpoint,
+    running_queen,
+)
+from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.protocol import Infer, Message
 from rbee_mesh.transport import local_endpoint_for
@@ -25,6 +37,8 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # Nor do queens started by tests look for hives on this machine's LAN (mDNS on every interface):
 # the multi-host tests turn discovery on inside the network namespaces they make.
 os.environ["RBEE_MESH_DISCOVERY"] = "0"
+# A queen's HTTP API goes on a free port: tests never fight over 7834 (or with a user's queen).
+os.environ["RBEE_MESH_API"] = "127.0.0.1:0"
 
 #: Short intervals so that liveness tests finish quickly (lost after 0.7 s of silence), but long
 #: enough that a loaded two-core machine does not miss heartbeats; real time, generous bounds.
@@ -74,3 +88,35 @@ async def infer_in_a_mesh(state: Path, op: Infer) -> tuple[ClientJob, list[Messa
     ):
         job = await keeper.submit(op)
         return job, [m async for m in job]
+
+
+@dataclass
+class Served:
+    """A mesh of this process (a queen, the hive of a state directory) and its HTTP API."""
+
+    queen: Queen
+    hive: Hive
+    url: str
+
+    def client(self) -> openai.OpenAI:
+        """The official client (synchronous: call it in a thread), bounded by its timeout."""
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
+
+    def finished(self) -> list[dict[str, Any]]:
+        """The queen's inference jobs, running or ended."""
+        jobs = self.queen.server.job_summaries(include_finished=True)
+        return [j for j in jobs if j["op"] == "infer"]
+
+
+@asynccontextmanager
+async def serving_a_mesh(state: Path) -> AsyncIterator[Served]:
+    """A queen and the hive of `state` in this process, its API on a free loopback port."""
+    hive_config = integrated_hive_config(state, FAST_QUEEN)
+    async with (
+        running_hive(hive_config) as hive,
+        running_queen(memory_endpoint("queen"), FAST_QUEEN, hives=[hive_config.control]) as queen,
+        serving_api(queen, "127.0.0.1:0") as url,
+    ):
+        with trio.fail_after(5):
+            await queen.hives.links[0].client.answered.wait()
+        yield Served(queen, hive, url)

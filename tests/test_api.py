@@ -12,7 +12,6 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,33 +20,16 @@ import pytest
 import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
-from rbee_mesh.actors.hive.hive import Hive, running_hive
-from rbee_mesh.actors.mesh import integrated_hive_config, memory_endpoint, running_queen
+from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.queen import openai as shapes
 from rbee_mesh.actors.queen.api import serving_api
-from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import ErrorCode, MeshError
-from tests.conftest import FAST_QUEEN
+from tests.conftest import FAST_QUEEN, Served, serving_a_mesh
 
 MODEL = "rbee-test/tiny:tiny.gguf"
 HI: Any = [{"role": "user", "content": "hi"}]
 T = TypeVar("T")
-
-
-@dataclass
-class Served:
-    queen: Queen
-    hive: Hive
-    url: str
-
-    def client(self, **options: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
-
-    def finished(self) -> list[dict[str, Any]]:
-        return [
-            j for j in self.queen.server.job_summaries(include_finished=True) if j["op"] == "infer"
-        ]
 
 
 async def call(fn: Callable[[], T]) -> T:
@@ -59,15 +41,8 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     state = tmp_path / "state"
     model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
     Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
-    hive_config = integrated_hive_config(state, FAST_QUEEN)
-    async with (
-        running_hive(hive_config) as hive,
-        running_queen(memory_endpoint("queen"), FAST_QUEEN, hives=[hive_config.control]) as queen,
-        serving_api(queen, "127.0.0.1:0") as url,
-    ):
-        with trio.fail_after(5):
-            await queen.hives.links[0].client.answered.wait()
-        yield Served(queen, hive, url)
+    async with serving_a_mesh(state) as served:
+        yield served
 
 
 def chat(client: openai.OpenAI, **params: Any) -> Any:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,6 +157,46 @@ def test_queen_start_on_a_busy_port_fails_clearly(mesh: Mesh) -> None:
     assert result.returncode == 3
     assert "exited with code" in result.stderr and str(port) in result.stderr
     assert not (mesh.home / "queen.json").exists()
+
+
+@pytest.mark.slow
+def test_queen_start_serves_the_api_and_says_where(mesh: Mesh) -> None:
+    started = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0")
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads((mesh.home / "queen.json").read_text())
+        assert f"OpenAI-compatible API at {info['api']}" in started.stdout
+        with urllib.request.urlopen(info["api"].removesuffix("/v1") + "/health", timeout=10) as r:
+            assert json.loads(r.read())["status"] == "ok"
+        status = mesh.run("--json", "status")
+        assert json_events(status.stdout)[-1]["result"]["queen"]["api"] == info["api"]
+    finally:
+        mesh.run("queen", "stop")
+    quiet = mesh.run("queen", "start", "--bind", "tcp://127.0.0.1:0", "--no-api")
+    try:
+        assert quiet.returncode == 0 and "API" not in quiet.stdout, quiet.stdout
+        assert json.loads((mesh.home / "queen.json").read_text())["api"] == ""
+    finally:
+        mesh.run("queen", "stop")
+
+
+@pytest.mark.slow
+def test_an_api_port_in_use_fails_the_start_clearly(mesh: Mesh) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = mesh.run(
+            "queen", "start", "--bind", "tcp://127.0.0.1:0", "--api", f"127.0.0.1:{port}"
+        )
+    assert result.returncode == 3
+    assert f"the API cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert not (mesh.home / "queen.json").exists()
+
+
+def test_a_malformed_api_address_is_a_usage_error(mesh: Mesh) -> None:
+    result = mesh.run("queen", "start", "--api", "7834")
+    assert result.returncode == 2 and "HOST:PORT" in result.stderr, result.stderr
 
 
 @pytest.mark.slow

@@ -4,14 +4,16 @@ its own chat template, special tokens, an answer that is right."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.chat import template_of
 from rbee_mesh.protocol import Done, Infer, Narration, Token
-from tests.conftest import infer_in_a_mesh
+from tests.conftest import infer_in_a_mesh, serving_a_mesh
 from tests.real_model import FILE, smollm2
 
 pytestmark = pytest.mark.slow
@@ -46,3 +48,26 @@ async def test_a_chat_turn_at_temperature_zero_answers_paris(model: Path, tmp_pa
     # one token each (the turn is 41 tokens; read as text they would be over 60).
     assert job.terminal.result["finish_reason"] == "eos", job.terminal.result
     assert job.terminal.result["usage"]["prompt_tokens"] < 50
+
+
+async def test_the_openai_client_gets_paris_plain_and_streamed_alike(
+    model: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    Catalog(state / "hive" / "models").add_file("local/smollm2", FILE, model)
+    question = [{"role": "user", "content": QUESTION}]
+
+    def ask(client: openai.OpenAI, **params: Any) -> Any:
+        return client.chat.completions.create(
+            model=MODEL, messages=question, temperature=0, max_tokens=16, **params
+        )
+
+    async with serving_a_mesh(state) as served:
+        client = served.client()
+        with trio.fail_after(120):
+            plain = await trio.to_thread.run_sync(lambda: ask(client))
+            chunks = await trio.to_thread.run_sync(lambda: list(ask(client, stream=True)))
+    answer = plain.choices[0].message.content
+    assert "Paris" in answer, answer
+    assert plain.choices[0].finish_reason == "stop"  # its end of turn, not max_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer

@@ -205,7 +205,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     with netns.lan_or_skip(["q", "h1", "a"]) as lan:
         s = Secured(lan, root)
         try:
-            started = s.rbee("q", "queen", "start", "--discovery")
+            started = s.rbee("q", "queen", "start", "--discovery", "--api", f"0.0.0.0:{API}")
             assert started.returncode == 0, started.stderr
             s.used_token = s.invite()
             joined = s.rbee("h1", "hive", "start", "--id", "h1", "--join", s.used_token)
@@ -221,6 +221,43 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             for host, what in (("q", "queen"), ("h1", "hive")):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     s.rbee(host, what, "stop", timeout=20)
+
+
+#: The queen's HTTP API, served to the LAN in these tests (so it needs API keys).
+API = 7834
+#: An HTTP client on the LAN: GET URL with an optional bearer KEY; prints the status.
+HTTP_SCRIPT = r"""
+import sys, urllib.error, urllib.request
+url, key = sys.argv[1], sys.argv[2]
+request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+try:
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        print(answer.status, answer.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def test_the_api_on_the_lan_answers_only_live_api_keys(secured: Secured) -> None:
+    url = f"http://{secured.lan['q'].address}:{API}/v1/models"
+
+    def get(key: str = "") -> tuple[int, Any]:
+        done = secured.lan["a"].run([sys.executable, "-c", HTTP_SCRIPT, url, key], timeout=30)
+        assert done.returncode == 0, done.stderr
+        status, _, body = done.stdout.partition(" ")
+        return int(status), json.loads(body)
+
+    assert get()[0] == 401
+    assert get("rbee-sk-guessed")[0] == 401
+    key = secured.owner("apikey", "create", "notebook")["key"]
+    assert key not in (secured.home("q") / "trust.json").read_text()  # only its hash is kept
+    status, models = get(key)
+    assert status == 200 and [m["id"] for m in models["data"]] == [SEEDED], models
+    [listed] = secured.owner("apikey", "list")
+    assert listed["name"] == "notebook" and "key" not in listed
+    secured.owner("apikey", "revoke", "notebook")
+    status, refused = get(key)
+    assert status == 401 and refused["error"]["code"] == "invalid_api_key", refused
 
 
 def test_a_plaintext_peer_gets_nothing_and_changes_nothing(secured: Secured) -> None:

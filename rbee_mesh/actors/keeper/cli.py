@@ -466,8 +466,10 @@ def queen() -> None:
     metavar="HOST:PORT",
     default=DEFAULT_API_BIND,
     show_default=True,
-    help="Where the OpenAI-compatible HTTP API listens. Beyond loopback (such as "
-    f"0.0.0.0:{API_PORT}) it requires API keys (`rbee-mesh apikey create`).",
+    envvar="RBEE_MESH_API",
+    help="Where the OpenAI-compatible HTTP API listens (env RBEE_MESH_API; port 0 picks a "
+    f"free one). Beyond loopback (such as 0.0.0.0:{API_PORT}) it requires API keys "
+    "(`rbee-mesh apikey create`).",
 )
 @click.option("--no-api", is_flag=True, help="Serve no HTTP API.")
 @_heartbeat_option

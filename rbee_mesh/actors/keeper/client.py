@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, running_client
@@ -52,20 +52,21 @@ async def open_keeper(
 async def _client(
     endpoint: str, role: Actor, keys: ClientKeys, config: ClientConfig | None, name: str = ""
 ) -> AsyncIterator[JobClient]:
-    try:
-        client = JobClient(
-            endpoint,
-            name=name or f"keeper-{os.getpid()}",
-            role=role,
-            server=f"the queen at {endpoint}",
-            lost_code=ErrorCode.UNAVAILABLE,
-            config=config,
-            keys=keys,
-        )
-        async with running_client(client):
-            yield client
-    except EndpointError as exc:
-        raise ServerUnreachable(f"cannot reach the queen at {endpoint}: {exc}") from None
+    async with AsyncExitStack() as stack:
+        try:
+            client = JobClient(
+                endpoint,
+                name=name or f"keeper-{os.getpid()}",
+                role=role,
+                server=f"the queen at {endpoint}",
+                lost_code=ErrorCode.UNAVAILABLE,
+                config=config,
+                keys=keys,
+            )
+            await stack.enter_async_context(running_client(client))
+        except EndpointError as exc:  # connecting; what the block raises is the block's
+            raise ServerUnreachable(f"cannot reach the queen at {endpoint}: {exc}") from None
+        yield client
 
 
 async def join_queen(

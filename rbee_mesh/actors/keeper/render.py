@@ -163,6 +163,8 @@ def _format_status(result: dict[str, Any]) -> str:
         f"keys    fingerprint {q['fingerprint']}; {q['refused_handshakes']} handshake(s) "
         f"refused; {q['pending_hives']} hive(s) pending",
     ]
+    if q.get("api"):
+        lines.append(f"api     {q['api']} (OpenAI-compatible)")
     if not result["hives"]:
         return "\n".join([*lines, "hives   none connected"])
     return "\n".join([*lines, "", _format_hives(result["hives"])])

@@ -33,6 +33,7 @@ from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.queen import openai
 from rbee_mesh.actors.queen.openai import ApiError
 from rbee_mesh.actors.queen.queen import Queen
+from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     MAX_BODY_BYTES,
@@ -216,7 +217,8 @@ async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
         http.errorlog = logging.getLogger("rbee_mesh.api.http")
         http.graceful_timeout = 1.0
         try:
-            bound = await nursery.start(serve_http, api.app, http)
+            with single_errors():  # hypercorn's nurseries wrap it
+                bound = await nursery.start(serve_http, api.app, http)
         except OSError as exc:
             raise EndpointError(
                 f"the API cannot listen on {where}: {exc.strerror or exc} "
