@@ -172,6 +172,30 @@ async def test_an_unknown_model_is_a_404_and_nothing_is_downloaded(served: Serve
     assert [e.id for e in served.hive.catalog.listing().entries] == [MODEL]
 
 
+async def test_a_stream_that_fails_before_its_first_token_gets_its_own_status(
+    served: Served,
+) -> None:
+    client = served.client()
+    with trio.fail_after(60), pytest.raises(openai.NotFoundError) as refused:
+        await call(
+            lambda: client.chat.completions.create(
+                model="rbee-test/none:none.gguf", messages=HI, stream=True
+            )
+        )
+    assert refused.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+async def test_max_completion_tokens_sent_as_null_leaves_max_tokens_in_force(
+    served: Served,
+) -> None:
+    client = served.client()
+    with trio.fail_after(60):
+        done = await call(
+            lambda: chat(client, max_tokens=3, extra_body={"max_completion_tokens": None})
+        )
+    assert done.usage.completion_tokens == 3
+
+
 async def test_no_live_hive_is_a_503(tmp_path: Path) -> None:
     async with (
         running_queen(memory_endpoint("queen"), FAST_QUEEN) as queen,
@@ -302,6 +326,7 @@ def test_messages_become_the_turns_of_a_chat() -> None:
         ([{"role": "tool", "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
         ([{"role": "user", "content": None}], "messages[0].content"),
+        ([{"role": "user", "content": ""}], "messages"),
     ],
 )
 def test_messages_that_cannot_be_a_chat_are_refused_naming_the_message(
@@ -310,6 +335,17 @@ def test_messages_that_cannot_be_a_chat_are_refused_naming_the_message(
     with pytest.raises(shapes.ApiError) as refused:
         shapes.chat_request({"model": MODEL, "messages": messages})
     assert refused.value.status == 400 and refused.value.param == param
+    # It names what the client sent, never the operation's own fields.
+    assert not refused.value.message.startswith(("prompt", "history")), refused.value.message
+
+
+def test_a_text_stream_s_chunks_are_text_completions_to_the_last() -> None:
+    asked = shapes.completion_request({"model": MODEL, "prompt": "x", "stream": True,
+                                       "stream_options": {"include_usage": True}})  # fmt: skip
+    result = {"text": "y", "usage": {"prompt_tokens": 1, "generated_tokens": 1}}
+    chunks = [shapes.chunk(asked, "j", "y"), shapes.usage_chunk(asked, "j", result)]
+    assert [c["object"] for c in chunks] == ["text_completion", "text_completion"]
+    assert chunks[1]["usage"]["total_tokens"] == 2 and chunks[1]["choices"] == []
 
 
 @pytest.mark.parametrize(

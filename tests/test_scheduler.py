@@ -126,3 +126,29 @@ def test_no_live_hive_is_unavailable() -> None:
     with pytest.raises(MeshError) as err:
         place(infer(), [], {})
     assert err.value.code is ErrorCode.UNAVAILABLE
+
+
+def cpu_hive(cores: int, workers: list[dict[str, Any]], size: int, gpu_free: int = 0) -> HiveView:
+    devices: list[dict[str, Any]] = [
+        {"id": "cpu", "kind": "cpu", "memory_free": 8 * GIB, "cores": cores}
+    ]
+    if gpu_free:
+        devices.append({"id": "cuda:0", "kind": "cuda", "memory_free": gpu_free})
+    return HiveView("a", workers=workers, models=[model(size=size)], devices=devices)
+
+
+def test_a_cpu_hive_whose_cores_a_busy_worker_takes_queues_rather_than_spawning() -> None:
+    busy = [{**worker("w1", state="busy"), "device": "cpu"}]
+    # 100 MB: threads on every core of two. Another worker would share them: both crawl.
+    d = place(infer(model=MODEL), [cpu_hive(2, busy, 100 * 2**20)], {"w1": 1})
+    assert d.action is Action.WAIT and "CPU cores of hive a are taken" in d.reason, d.reason
+    # A small model runs on one thread: a second one has a core of its own.
+    d = place(infer(model=MODEL), [cpu_hive(2, busy, 10 * 2**20)], {"w1": 1})
+    assert d.action is Action.SPAWN
+    # A GPU with room for it computes apart from the cores.
+    d = place(infer(model=MODEL), [cpu_hive(2, busy, 100 * 2**20, gpu_free=4 * GIB)], {"w1": 1})
+    assert d.action is Action.SPAWN
+    # An idle worker of another model takes no core: a worker for this one may start.
+    idle_other = [{**worker("w2", model="o/other:x.gguf"), "device": "cpu"}]
+    d = place(infer(model=MODEL), [cpu_hive(2, idle_other, 100 * 2**20)], {})
+    assert d.action is Action.SPAWN

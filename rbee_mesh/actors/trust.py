@@ -253,11 +253,10 @@ class Trust:
 
     def api_client(self, api_key: str) -> Trusted | None:
         """The API client whose key `api_key` is (an `Authorization: Bearer` token), if any."""
-        entry = self._trusted.get(_api_key_hash(api_key))
-        if entry is None:  # created by another process since?
-            self._reload_quietly()
-            entry = self._trusted.get(_api_key_hash(api_key))
-        return entry if entry is not None and entry.role is Role.API else None
+        digest = _api_key_hash(api_key)
+        if self.role_of(digest) is not Role.API:  # the file looked at as for any key
+            return None
+        return self._trusted.get(digest)
 
     # ---- keys for sockets ---------------------------------------------------------------------
 

@@ -7,11 +7,7 @@ until it is whole), cuts the text at the first stop sequence and holds back text
 start of one. Sampling is seeded per request, so the same seed, parameters and prompt give the
 same text in every process on the same machine and library build.
 
-Threads: a model under 64 MiB runs on one thread. ggml threads spin at every barrier; on a busy
-machine a descheduled thread stalls the others (two threads on 2 CPUs with one CPU taken ran
-100 to 4,000 times slower than one), and a small model gains nothing from them anyway. A larger
-model gets one thread per core; a caller running several models at once on one machine should
-keep their threads within its cores.
+Threads: `sizing.threads_for` (one for a small model, else one per core).
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ from typing import Any, Protocol
 
 import gguf
 
+from rbee_mesh.inference import sizing
 from rbee_mesh.inference.gguf_file import GgufInfo, open_gguf
 from rbee_mesh.protocol import ErrorCode, MeshError, ProtocolError
 from rbee_mesh.protocol.operations import WORKER_DEVICE, Infer
@@ -41,8 +38,6 @@ MAX_CONTEXT = 2048
 PENALTY_WINDOW = 64
 #: Working memory beyond the weights and the KV cache: llama.cpp's compute buffers.
 COMPUTE_OVERHEAD = 64 * 1024 * 1024
-#: Models smaller than this run on one thread (see threads_for).
-SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
 _MASK64 = (1 << 64) - 1
 
@@ -411,12 +406,8 @@ def context_size(info: GgufInfo) -> int:
 
 
 def threads_for(info: GgufInfo) -> int:
-    """One for a small model (see the module doc); else one per core, assuming two threads per
-    core past 4 CPUs."""
-    if info.file_size < SMALL_MODEL_BYTES:
-        return 1
-    cpus = len(os.sched_getaffinity(0))
-    return cpus if cpus <= 4 else cpus // 2
+    """The threads to generate with on this machine's CPU (`sizing.threads_for`)."""
+    return sizing.threads_for(info.file_size, len(os.sched_getaffinity(0)))
 
 
 def load_guarded(path: Path, info: GgufInfo, device: str, load: Any) -> Any:

@@ -750,7 +750,9 @@ def _serve_foreground(cli: Cli, bind: str, serve: Callable[..., Any], *args: Any
     logging.getLogger("rbee_mesh").setLevel(min(logging.INFO, logging.root.level))
     try:
         trio.run(serve, *args)
-    except (EndpointError, OSError) as exc:
+    except EndpointError as exc:  # its message names where
+        _fail(cli, ErrorCode.UNAVAILABLE, f"cannot serve: {exc}", EXIT_UNAVAILABLE)
+    except OSError as exc:
         _fail(cli, ErrorCode.UNAVAILABLE, f"cannot serve on {bind}: {exc}", EXIT_UNAVAILABLE)
     except KeyboardInterrupt:
         pass

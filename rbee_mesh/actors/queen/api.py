@@ -140,30 +140,37 @@ class Api:
                 job = await self.client.submit(asked.op)
             except MeshError as exc:  # too large to send, the queen unreachable
                 raise ApiError.of(exc, model=asked.model) from None
-            if job.terminal is not None:  # refused at once (busy, forbidden)
-                _raise_for(job.terminal, asked)
         except ApiError as exc:
             return _error(exc)
         log.info("job %s: %s for %s", job.job_id, request.url.path, _client_of(request))
-        if asked.stream:
-            return StreamingResponse(
-                self._stream(job, asked), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )  # fmt: skip
-        result = await _until_end(job, request)
-        if result is None:
+        # Nothing is sent before the first token: a job that fails before it (an unknown
+        # model, a full queue, no live hive) is answered with its own status, streamed or not.
+        first = await _until(job, request, first_token=asked.stream)
+        if first is None:
             return Response(status_code=499)  # nobody reads it: the client went away
-        try:
-            return JSONResponse(openai.response(asked, job.job_id, _result(job, asked)))
-        except ApiError as exc:
-            return _error(exc)
+        if job.terminal is not None:
+            try:
+                result = _result(job, asked)
+            except ApiError as exc:
+                return _error(exc)
+            if not asked.stream:
+                return JSONResponse(openai.response(asked, job.job_id, result))
+        token = first if isinstance(first, Token) else None
+        return StreamingResponse(
+            self._stream(job, asked, token), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )  # fmt: skip
 
-    async def _stream(self, job: ClientJob, asked: openai.Request) -> AsyncIterator[str]:
-        """The job as server-sent events. Starlette cancels this when the client disconnects:
-        the job is cancelled then."""
+    async def _stream(
+        self, job: ClientJob, asked: openai.Request, first: Token | None
+    ) -> AsyncIterator[str]:
+        """The job as server-sent events, from its first token on. Starlette cancels this when
+        the client disconnects: the job is cancelled then."""
         try:
             if asked.kind == "chat":
                 yield _event(openai.chunk(asked, job.job_id, "", first=True))
+            if first is not None:
+                yield _event(openai.chunk(asked, job.job_id, first.text))
             async for message in job:
                 if isinstance(message, Token):
                     yield _event(openai.chunk(asked, job.job_id, message.text))
@@ -255,9 +262,9 @@ async def _json_body(request: HttpRequest) -> Any:
         raise ApiError(400, f"the request body is not JSON: {exc}") from None
 
 
-async def _until_end(job: ClientJob, request: HttpRequest) -> Message | None:
-    """Wait for the job's end; if the client disconnects first, cancel the job and return
-    None once it has ended."""
+async def _until(job: ClientJob, request: HttpRequest, *, first_token: bool) -> Message | None:
+    """Follow the job until its first token (with `first_token`) or its end, and return that
+    frame; if the client disconnects first, cancel the job and return None once it ended."""
     gone = False
 
     async def watch() -> None:
@@ -267,13 +274,17 @@ async def _until_end(job: ClientJob, request: HttpRequest) -> Message | None:
         gone = True
         await job.cancel("the HTTP client disconnected")
 
+    reached: Message | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
         async for message in job:
             if isinstance(message, Narration):
                 _log_narration(job, message)
+            elif isinstance(message, Token) and first_token:
+                reached = message
+                break
         nursery.cancel_scope.cancel()
-    return None if gone else job.terminal
+    return None if gone else reached or job.terminal
 
 
 def _result(job: ClientJob, asked: openai.Request) -> dict[str, Any]:

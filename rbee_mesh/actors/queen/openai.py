@@ -10,6 +10,7 @@ fields are ignored (clients add new ones all the time); a known one this mesh ca
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -153,8 +154,10 @@ def _request(
     if options is not None and not isinstance(options, Mapping):
         raise invalid("stream_options", "stream_options must be an object")
     include_usage = _flag(options or {}, "include_usage", "stream_options.include_usage")
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    which = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    which = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    limit = body.get(which)
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_TOKENS:
         limit = MAX_TOKENS  # a client's "as much as it takes": the context ends it first
     stop = body.get("stop")
@@ -178,8 +181,12 @@ def _request(
             repeat_penalty=1.0,  # ...with no repeat penalty (its own penalties are above)
             download=False,  # a request names a model of the catalog; it downloads nothing
         )  # fmt: skip
-    except ProtocolError as exc:
-        raise invalid("messages" if kind == "chat" else "prompt", exc.message) from None
+    except ProtocolError as exc:  # the prompt or a turn: named as the client sent it
+        if kind == "text":
+            raise invalid("prompt", exc.message) from None
+        last = f"messages[{len(fields['history'])}].content"
+        message = re.sub(r"^history\[(\d+)\]\.content", r"messages[\1].content", exc.message)
+        raise invalid("messages", re.sub(r"^prompt", last, message)) from None
     return Request(kind, model, op, stream, include_usage, int(time.time()))
 
 
@@ -314,11 +321,7 @@ def chunk(
 
 def usage_chunk(request: Request, job_id: str, result: Mapping[str, Any]) -> dict[str, Any]:
     """The stream's last chunk with `stream_options.include_usage`: no choices, the usage."""
-    return {
-        **_head(request, job_id, f"{request.object}.chunk"),
-        "choices": [],
-        "usage": usage(result),
-    }
+    return {**chunk(request, job_id), "choices": [], "usage": usage(result)}
 
 
 def _head(request: Request, job_id: str, obj: str) -> dict[str, Any]:

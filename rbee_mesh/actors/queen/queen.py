@@ -345,13 +345,17 @@ class Queen:
 
     async def _provide(self, job: ServerJob, decision: Decision) -> None:
         """Download the model or spawn a worker, as decided; the next look then uses it. One at
-        a time per hive and model."""
+        a time per hive and model: a job that waited for another's provides nothing itself, but
+        looks again (the worker just made may be its, or the cores may be taken by then)."""
         assert decision.model is not None
         link = self.hives.get(decision.hive)
         key = (link.name, decision.model)
         lock = self._spawning.setdefault(key, trio.Lock())
+        waited = lock.locked()
         try:
             async with lock:
+                if waited:
+                    return
                 narrate("schedule", decision.reason)
                 op: ops.Operation
                 if decision.action is Action.DOWNLOAD:

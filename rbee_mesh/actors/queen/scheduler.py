@@ -12,7 +12,9 @@ The rules, in order:
 2. a pinned worker that is busy, or a worker with the model that is busy, means waiting: `wait`
    (unless a hive could spawn another worker for it, see 3);
 3. a hive that holds the model, with enough free memory on some device, spawns a worker for it:
-   `spawn`, on the hive with the most free memory;
+   `spawn`, on the hive with the most free memory; on the CPU only if the hive's cores are not
+   all taken by busy workers (threads, `sizing.threads_for`): two workers sharing cores both
+   crawl, so the job waits for one instead;
 4. a model no hive holds, named as a hub reference (OWNER/REPO[:FILE]), is downloaded by the hive
    with the most free memory, unless the job says not to: `download` (then the rules run again);
 5. otherwise the job fails, saying why: no such model, or not enough memory anywhere.
@@ -28,7 +30,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any
 
-from rbee_mesh.inference.sizing import estimated_memory
+from rbee_mesh.inference.sizing import estimated_memory, threads_for
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 from rbee_mesh.units import human_bytes
 
@@ -56,6 +58,27 @@ class HiveView:
     @property
     def most_free_memory(self) -> int:
         return max((int(d.get("memory_free", 0)) for d in self.devices), default=0)
+
+    def can_compute(self, model: Mapping[str, Any], inflight: Mapping[str, int]) -> bool:
+        """Whether a new worker for `model` would have compute of its own: a GPU with room for
+        it, or CPU cores that busy workers do not take (threads of each, by its model's size).
+        A hive that does not say its cores is not limited by them."""
+        needed = estimated_memory(int(model["size"]))
+        if any(d.get("kind") != "cpu" and int(d.get("memory_free", 0)) >= needed
+               for d in self.devices):  # fmt: skip
+            return True
+        cores = next((int(d.get("cores", 0)) for d in self.devices if d.get("kind") == "cpu"), 0)
+        if not cores:
+            return True
+        sizes = {str(m.get("id")): int(m.get("size", 0)) for m in self.models}
+        taken = sum(
+            threads_for(sizes.get(str(w.get("model")), 0), cores)
+            for w in self.workers
+            if w.get("device") == "cpu"
+            and w.get("state") in _SERVING
+            and (inflight.get(str(w.get("id")), 0) > 0 or int(w.get("busy", 0)) > 0)
+        )
+        return taken + threads_for(int(model["size"]), cores) <= cores
 
 
 @dataclass(frozen=True)
@@ -122,8 +145,9 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
         for hive, m in holders
         if hive.most_free_memory >= estimated_memory(int(m["size"]))
     ]
-    if fitting:
-        hive, m = max(fitting, key=lambda hm: hm[0].most_free_memory)
+    runnable = [(hive, m) for hive, m in fitting if hive.can_compute(m, inflight)]
+    if runnable:
+        hive, m = max(runnable, key=lambda hm: hm[0].most_free_memory)
         why = "no worker holds it" if not serving else "every worker holding it is busy"
         return Decision(
             Action.SPAWN,
@@ -132,14 +156,19 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
             f"{why}; hive {hive.name} has {m['id']} and {human_bytes(hive.most_free_memory)} "
             "free: spawning a worker there",
         )
-    if serving:
-        hive, w = serving[0]
-        return Decision(
-            Action.WAIT,
-            hive.name,
-            str(w["model"]),
-            f"every worker holding {w['model']} is busy and no hive has room for another",
+    if serving or fitting:
+        hive, model = (
+            (serving[0][0], str(serving[0][1]["model"]))
+            if serving
+            else (fitting[0][0], str(fitting[0][1]["id"]))
         )
+        why = f"every worker holding {model} is busy" if serving else f"no worker holds {model}"
+        room = (
+            f"the CPU cores of hive {hive.name} are taken by busy workers"
+            if fitting
+            else "no hive has room for another"
+        )
+        return Decision(Action.WAIT, hive.name, model, f"{why}, and {room}")
     if holders:
         hive, m = max(holders, key=lambda hm: hm[0].most_free_memory)
         raise MeshError(
