@@ -29,7 +29,7 @@ from rbee_mesh.inference.backends import (
 from rbee_mesh.inference.ctransformers_backend import CtransformersBackend, ctransformers_lib
 from rbee_mesh.inference.gguf_file import read_gguf_info, write_tiny_gguf
 from rbee_mesh.inference.llama_cpp_backend import LlamaCppBackend
-from rbee_mesh.inference.native import stream_text
+from rbee_mesh.inference.native import MIN_CONTEXT, context_size, metadata, stream_text
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError
 
 BACKEND_NAMES = ["llama-cpp", "ctransformers"]
@@ -247,6 +247,31 @@ def test_a_prompt_longer_than_the_context_is_invalid_request(tiny: Path, backend
         assert "context holds 256" in caught.value.message
     finally:
         model.close()
+
+
+def test_a_context_asked_for_is_loaded_within_the_model_s_own(tmp_path: Path, backend: str) -> None:
+    path = write_tiny_gguf(tmp_path / "2k.gguf", context_length=2048)
+    # (llama.cpp pads a context to a multiple of 256.)
+    for asked, loaded in ((512, 512), (100_000, 2048)):
+        model, _ = load_model(path, "cpu", backend, ctx=asked)
+        try:
+            assert model.n_ctx == loaded
+        finally:
+            model.close()
+
+
+def test_the_default_context_is_the_model_s_own_as_far_as_its_cache_fits_a_budget(
+    tmp_path: Path,
+) -> None:
+    path = write_tiny_gguf(tmp_path / "long.gguf", context_length=1 << 20)
+    meta = metadata(path)
+    per_position, info = meta.kv_bytes_per_position, meta.info
+    assert context_size(info) == 1 << 20  # its cache fits the default budget whole
+    budget = info.file_size + 3_000 * per_position
+    capped = context_size(info, budget=budget)
+    assert capped % 256 == 0 and MIN_CONTEXT <= capped < 1 << 20
+    assert capped * per_position <= budget < (capped + 256) * per_position
+    assert context_size(info, budget=1) == MIN_CONTEXT  # never less, however tight
 
 
 def test_a_closed_model_is_unavailable(tiny: Path, backend: str) -> None:

@@ -48,6 +48,8 @@ async def test_a_chat_turn_at_temperature_zero_answers_paris(model: Path, tmp_pa
     # one token each (the turn is 41 tokens; read as text they would be over 60).
     assert job.terminal.result["finish_reason"] == "eos", job.terminal.result
     assert job.terminal.result["usage"]["prompt_tokens"] < 50
+    # Its own context (8192), whose cache (23 KB a token) fits the default budget.
+    assert job.terminal.result["context"] == 8192
 
 
 async def test_the_openai_client_gets_paris_plain_and_streamed_alike(

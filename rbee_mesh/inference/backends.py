@@ -53,8 +53,11 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def load_model(path: Path, device: str, backend: str = "auto") -> tuple[LoadedModel, str]:
-    """Load the model at `path` with `backend` ("auto" tries each of BACKENDS in order).
+def load_model(
+    path: Path, device: str, backend: str = "auto", ctx: int | None = None
+) -> tuple[LoadedModel, str]:
+    """Load the model at `path` with `backend` ("auto" tries each of BACKENDS in order), with
+    `ctx` tokens of context (None: the model's own, within a memory budget).
 
     Returns the model and one line saying which backend loads it and why that one.
     """
@@ -73,7 +76,7 @@ def load_model(path: Path, device: str, backend: str = "auto") -> tuple[LoadedMo
             raise MeshError(
                 ErrorCode.INVALID_REQUEST, f"{backend} cannot load {Path(path).name}: {refusal}"
             )
-        return chosen.load(Path(path), device), f"{backend}: loads {info.architecture}; named"
+        return chosen.load(Path(path), device, ctx), f"{backend}: loads {info.architecture}; named"
 
     passed: list[str] = []
     missing_count = 0
@@ -88,7 +91,7 @@ def load_model(path: Path, device: str, backend: str = "auto") -> tuple[LoadedMo
             passed.append(f"{name} cannot load {Path(path).name}: {refusal}")
             continue
         try:
-            model = candidate.load(Path(path), device)
+            model = candidate.load(Path(path), device, ctx)
         except MeshError as exc:
             if exc.code != ErrorCode.INVALID_REQUEST:
                 raise

@@ -118,8 +118,9 @@ class CtransformersBackend:
             return f"the {info.file_type} quantisation is newer than ctransformers 0.2.27"
         return None
 
-    def load(self, path: Path, device: str) -> CtransformersModel:
+    def load(self, path: Path, device: str, ctx: int | None = None) -> CtransformersModel:
         gpu, info = loadable(self, path, device)
+        n_ctx = context_size(info, ctx)
         if gpu is not None and gpu > 0:
             raise MeshError(
                 ErrorCode.UNAVAILABLE,
@@ -130,7 +131,7 @@ class CtransformersBackend:
         from ctransformers import LLM, Config
 
         config = Config(
-            context_length=context_size(info),
+            context_length=n_ctx,
             gpu_layers=0 if gpu is None else 1_000_000,
             batch_size=512,
             threads=threads_for(info),
@@ -149,7 +150,7 @@ class CtransformersBackend:
                     f"ctransformers cannot load {path.name} (it gives no reason)",
                 ) from None
 
-        llm = load_guarded(path, info, device, load)
+        llm = load_guarded(path, info, device, n_ctx, load)
         return CtransformersModel(llm, info, config.threads)
 
 

@@ -99,8 +99,9 @@ class LlamaCppBackend:
             )
         return None
 
-    def load(self, path: Path, device: str) -> LlamaCppModel:
+    def load(self, path: Path, device: str, ctx: int | None = None) -> LlamaCppModel:
         gpu, info = loadable(self, path, device)
+        n_ctx = context_size(info, ctx)
         lib = _llama_cpp()
         if gpu is not None and not lib.llama_supports_gpu_offload():
             raise MeshError(
@@ -123,7 +124,7 @@ class LlamaCppBackend:
             try:
                 return lib.Llama(
                     model_path=str(path),
-                    n_ctx=context_size(info),
+                    n_ctx=n_ctx,
                     n_threads=threads_for(info),
                     n_threads_batch=threads_for(info),
                     verbose=False,
@@ -135,7 +136,7 @@ class LlamaCppBackend:
                     ErrorCode.INVALID_REQUEST, f"{self.name} cannot load {path.name}: {said}"
                 ) from None
 
-        llama = load_guarded(path, info, device, load)
+        llama = load_guarded(path, info, device, n_ctx, load)
         return LlamaCppModel(llama, info)
 
 

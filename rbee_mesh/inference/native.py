@@ -32,8 +32,13 @@ from rbee_mesh.protocol import ErrorCode, MeshError, ProtocolError
 from rbee_mesh.protocol.operations import WORKER_DEVICE, Infer
 from rbee_mesh.units import human_bytes
 
-#: The largest context a model is loaded with: enough for chat, small enough for tiny machines.
-MAX_CONTEXT = 2048
+#: The context of a model whose file does not say its own.
+FALLBACK_CONTEXT = 2048
+#: The smallest context a model is loaded with (unless it was trained on less).
+MIN_CONTEXT = 512
+#: What a model's KV cache may take by default: this, or the weights' size if larger (a model
+#: worth its memory is worth a context of the same size). `--ctx` asks for more or less.
+KV_BUDGET_BYTES = 1024 * 1024 * 1024
 #: How many recent tokens the repeat penalty looks at (llama.cpp's default).
 PENALTY_WINDOW = 64
 #: Working memory beyond the weights and the KV cache: llama.cpp's compute buffers.
@@ -132,8 +137,9 @@ class Backend(Protocol):
         """None if this backend can load the file `info` describes; else why not."""
         ...
 
-    def load(self, path: Path, device: str) -> LoadedModel:
-        """Load the model at `path` onto `device` ("cpu" or "cuda:N").
+    def load(self, path: Path, device: str, ctx: int | None = None) -> LoadedModel:
+        """Load the model at `path` onto `device` ("cpu" or "cuda:N"), with `ctx` tokens of
+        context (None: `context_size`'s default).
 
         Raises MeshError: INVALID_REQUEST if the file cannot be loaded, UNAVAILABLE if the
         library, the device or the memory is missing.
@@ -401,8 +407,20 @@ def gpu_index(device: str) -> int | None:
     return None if device == "cpu" else int(device.removeprefix("cuda:"))
 
 
-def context_size(info: GgufInfo) -> int:
-    return min(info.context_length or MAX_CONTEXT, MAX_CONTEXT)
+def context_size(
+    info: GgufInfo, requested: int | None = None, budget: int = KV_BUDGET_BYTES
+) -> int:
+    """The context a model is loaded with, in tokens: `requested`, else the model's own (as it
+    was trained), as far as its KV cache fits `budget` (or the weights' size); never more than
+    the model's own, nor less than MIN_CONTEXT unless the model's own is less."""
+    own = info.context_length or FALLBACK_CONTEXT
+    if requested is not None:
+        return min(requested, own)
+    per_position = metadata(info.path).kv_bytes_per_position
+    if not per_position:
+        return own
+    fits = max(budget, info.file_size) // per_position // 256 * 256
+    return min(own, max(fits, MIN_CONTEXT))
 
 
 def threads_for(info: GgufInfo) -> int:
@@ -410,9 +428,10 @@ def threads_for(info: GgufInfo) -> int:
     return sizing.threads_for(info.file_size, len(os.sched_getaffinity(0)))
 
 
-def load_guarded(path: Path, info: GgufInfo, device: str, load: Any) -> Any:
-    """Check RAM (for the CPU) before `load()`, and turn a MemoryError into MeshError."""
-    needed, breakdown = memory_needed(path, context_size(info))
+def load_guarded(path: Path, info: GgufInfo, device: str, n_ctx: int, load: Any) -> Any:
+    """Check RAM (for the CPU, with `n_ctx` tokens of context) before `load()`, and turn a
+    MemoryError into MeshError."""
+    needed, breakdown = memory_needed(path, n_ctx)
     if device == "cpu":
         check_memory(path.name, needed, available_memory(), breakdown)
     try:

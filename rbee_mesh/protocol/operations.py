@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from rbee_mesh.protocol.constants import MAX_SLOTS
+from rbee_mesh.protocol.constants import MAX_CONTEXT_TOKENS, MAX_SLOTS, MIN_CONTEXT_TOKENS
 from rbee_mesh.protocol.errors import ProtocolError
 from rbee_mesh.protocol.fields import (
     Arg,
@@ -67,6 +67,8 @@ WORKER_DEVICE = Text(
     hint=" (expected cpu or cuda:N)",
 )
 HIVE_PIN = Optional(ident())
+#: Tokens of context a worker loads a model with.
+CONTEXT = Optional(Int(MIN_CONTEXT_TOKENS, MAX_CONTEXT_TOKENS))
 #: The library that loads a model; `auto` takes the first that can.
 BACKEND = Choice(("auto", "llama-cpp", "ctransformers"))
 
@@ -225,6 +227,15 @@ class WorkerSpawn(_OnHive):
         arg=Arg("The library that loads the model; auto takes the first that can, and says which."),
     )
     slots: int = spec(Int(1, MAX_SLOTS), 1, arg=Arg("Jobs the worker runs at once."))
+    ctx: int | None = spec(
+        CONTEXT,
+        None,
+        arg=Arg(
+            "Tokens of context (prompt and reply). Default: the model's own, as far as its "
+            "cache fits a memory budget (docs/inference.md).",
+            metavar="TOKENS",
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

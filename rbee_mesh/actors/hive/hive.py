@@ -362,6 +362,7 @@ class Hive:
             device=device,
             backend=op.backend,
             slots=op.slots,
+            ctx=op.ctx,
         )
         return record.to_record()
 

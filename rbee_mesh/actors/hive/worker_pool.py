@@ -346,13 +346,15 @@ class WorkerPool:
         device: str,
         backend: str = "auto",
         slots: int = 1,
+        ctx: int | None = None,
         ready_timeout_s: float = 120,
     ) -> WorkerRecord:
         """Start a worker process for `model_path` on `device`; return once it is READY.
 
         `backend` is auto, llama-cpp or ctransformers; `slots` how many jobs it runs at once
-        (each slot loads its own context). Raises MeshError: INVALID_REQUEST for a bad device,
-        backend or slot count or a model the worker cannot load (with the worker's reason),
+        (each slot loads its own context); `ctx` its tokens of context (None: the model's).
+        Raises MeshError: INVALID_REQUEST for a bad device, backend, slot count or context, or a
+        model the worker cannot load (with the worker's reason),
         WORKER_LOST if it exits otherwise, TIMEOUT (after killing it) if it is not ready within
         `ready_timeout_s`, UNAVAILABLE if the pool is closing or the process cannot be started,
         BUSY if the hive runs MAX_WORKERS_PER_HIVE workers. A worker that did not become ready
@@ -361,7 +363,7 @@ class WorkerPool:
         if self._closing:
             raise MeshError(ErrorCode.UNAVAILABLE, "the hive is stopping; it starts no workers")
         WORKER_DEVICE.load("device", device)
-        WorkerSpawn(model=model_id, backend=backend, slots=slots)  # checks backend and slots
+        WorkerSpawn(model=model_id, backend=backend, slots=slots, ctx=ctx)  # checks them
         running = sum(1 for w in self._workers.values() if not w.exited.is_set())
         if running >= MAX_WORKERS_PER_HIVE:
             raise MeshError(
@@ -379,6 +381,7 @@ class WorkerPool:
             "--backend", backend, "--slots", str(slots), "--hive-id", self.name,
             "--heartbeat-s", repr(self.heartbeat_s),
         ]  # fmt: skip
+        argv += [] if ctx is None else ["--ctx", str(ctx)]
         try:
             process = _start_process(argv, log_path, self.keypair.secret)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -427,6 +430,7 @@ class WorkerPool:
             load_s = worker.info.get("load_s")
             loaded = (
                 f"model loaded in {load_s:.3f}s with {worker.info.get('backend', '?')}, "
+                f"{worker.info.get('context', '?')} tokens of context, "
                 if isinstance(load_s, float)
                 else ""
             )

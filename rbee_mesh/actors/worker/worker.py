@@ -50,7 +50,14 @@ from rbee_mesh.actors.jobserver import JobServer, Peer, ServerConfig, ServerJob
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.actors.worker.generate import generate
 from rbee_mesh.protocol import Actor, Infer, MeshError, ProtocolError
-from rbee_mesh.protocol.constants import HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_SLOTS, MIN_HEARTBEAT_S
+from rbee_mesh.protocol.constants import (
+    HEARTBEAT_S,
+    MAX_CONTEXT_TOKENS,
+    MAX_HEARTBEAT_S,
+    MAX_SLOTS,
+    MIN_CONTEXT_TOKENS,
+    MIN_HEARTBEAT_S,
+)
 from rbee_mesh.protocol.fields import Spec, ident
 from rbee_mesh.protocol.operations import BACKEND, WORKER_DEVICE
 from rbee_mesh.transport import SocketOptions, open_listener
@@ -89,6 +96,8 @@ class WorkerConfig:
     heartbeat_s: float = HEARTBEAT_S
     backend: str = "auto"
     slots: int = 1
+    #: Tokens of context (None: the model's own, within a memory budget).
+    ctx: int | None = None
     #: The hive's id, for the `hive_id` of the worker's narration.
     hive_id: str = ""
     #: The hive's keypair: the worker serves with it and admits its hive (that key) alone.
@@ -172,11 +181,11 @@ class Worker:
         from rbee_mesh.inference.backends import load_model
 
         config = self.config
-        first, why = load_model(config.model, config.device, config.backend)
+        first, why = load_model(config.model, config.device, config.backend, config.ctx)
         models = [first]
         try:
             for _ in range(config.slots - 1):
-                models.append(load_model(config.model, config.device, first.backend)[0])
+                models.append(load_model(config.model, config.device, first.backend, config.ctx)[0])
         except BaseException:
             for model in models:
                 model.close()
@@ -241,6 +250,8 @@ class Worker:
             "name": info.name,
             "params": info.parameter_count,
             "context_length": info.context_length,
+            # What it was loaded with: the model's own, a budget's share of it, or --ctx.
+            "context": self.models[0].n_ctx,
             "file_size": info.file_size,
             "file_type": info.file_type,
         }
@@ -324,6 +335,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_number(int, 1, MAX_SLOTS, "slots"),
         default=1,
         help="jobs run at once, each on its own context",
+    )
+    parser.add_argument(
+        "--ctx",
+        type=_number(int, MIN_CONTEXT_TOKENS, MAX_CONTEXT_TOKENS, "ctx"),
+        default=None,
+        help="tokens of context",
     )
     parser.add_argument("--hive-id", type=_checked(ident(), "the id"), help="for narration")
     parser.add_argument(
