@@ -11,11 +11,12 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus
 from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
 from rbee_mesh.actors.jobclient import ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
@@ -37,8 +38,9 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint, queen_address
+from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint, infer_in_a_mesh, queen_address
 from tests.keyed import open_connection
+from tests.test_backends import without_byte_tokens
 
 REPO = "rbee-test/tiny-GGUF"
 FILE = "tiny.gguf"
@@ -267,3 +269,43 @@ async def test_a_generation_cut_by_the_context_says_so_apart_from_max_tokens(
     used = full["usage"]["prompt_tokens"] + full["usage"]["generated_tokens"]
     assert used == full["context"] == 2048
     assert short.terminal.result["cut_by"] == "max_tokens"
+
+
+# ---- a model file that does not load ----------------------------------------------------------
+
+
+async def _infer_unloadable(state: Path, model: str) -> tuple[Error, str]:
+    """Infer on `model` in a mesh of its own; its ERROR, and what was narrated."""
+    with trio.fail_after(60):
+        job, events = await infer_in_a_mesh(state, Infer(prompt="hi", model=model, max_tokens=2))
+    assert isinstance(job.terminal, Error), job.terminal
+    story = "\n".join(e.human for e in events if isinstance(e, Narration))
+    return job.terminal, story
+
+
+@pytest.mark.parametrize(
+    ("make", "why", "a_worker_started"),
+    [
+        # Both backends refuse it by its metadata: no process starts for it.
+        (lambda p: without_byte_tokens(write_tiny_gguf(p)), "no byte tokens", False),
+        # ctransformers refuses the architecture; llama.cpp misses its tensors, in a worker.
+        (lambda p: write_tiny_gguf(p, arch="gpt2"), "llama-cpp cannot load", True),
+    ],
+)
+async def test_a_file_that_does_not_load_is_marked_and_not_tried_for_every_job(
+    tmp_path: Path, make: Any, why: str, a_worker_started: bool
+) -> None:
+    state = tmp_path / "state"
+    catalog = Catalog(state / "hive" / "models")
+    catalog.add_file("rbee-test/broken", "broken.gguf", make(tmp_path / "broken.gguf"))
+    model = "rbee-test/broken:broken.gguf"
+    first, story = await _infer_unloadable(state, model)
+    assert first.code is ErrorCode.INVALID_REQUEST and why in first.message, first.message
+    assert ("starting worker" in story) is a_worker_started, story
+    entry = catalog.get(model)
+    assert entry.status is ModelStatus.UNLOADABLE and why in (entry.error or ""), entry
+    # The next job (a new mesh: the mark is on disk) fails at once, spawning and fetching nothing.
+    again, story = await _infer_unloadable(state, model)
+    assert again.code is ErrorCode.INVALID_REQUEST
+    assert "cannot be loaded" in again.message and "worker spawn -m" in again.message
+    assert "worker" not in story.replace("worker spawn -m", ""), story

@@ -11,7 +11,9 @@ Two libraries run GGUF models, and a worker uses one of them per model:
   quantisations of that time.
 
 `load_model(path, device, backend="auto")` tries llama-cpp first, then ctransformers, and says
-which it chose and why. Everything here is synchronous: a worker runs it in a thread.
+which it chose and why. `backends_for(path)` says, from the file's metadata alone and without
+loading a library, which may load it: a hive asks before it starts a worker. Everything here is
+synchronous: a worker (or a hive) runs it in a thread.
 
 One module per library (`llama_cpp_backend.py`, `ctransformers_backend.py`), on what both share
 (`native.py`: the interface, GGUF metadata, memory, the generation loop).
@@ -42,6 +44,7 @@ __all__ = [
     "GenerationParams",
     "LoadedModel",
     "available_memory",
+    "backends_for",
     "check_memory",
     "load_model",
     "memory_needed",
@@ -107,3 +110,20 @@ def load_model(
         ErrorCode.INVALID_REQUEST,
         f"no backend can load {Path(path).name}: " + "; ".join(passed),
     )
+
+
+def backends_for(path: Path, backend: str = "auto") -> tuple[list[str], list[str]]:
+    """The backends that may load the GGUF file at `path`, as its metadata tells (no library is
+    loaded), in the order `load_model` tries them; and why each of the others refuses it.
+
+    Raises MeshError(INVALID_REQUEST) when none may (or `backend`, named, refuses it): the file
+    cannot run here whatever is installed, and no worker need start to find that out.
+    """
+    info = metadata(path).info
+    names = list(BACKENDS) if backend == "auto" else [backend]
+    refusals = {n: r for n in names if (r := BACKENDS[n].refuses(info)) is not None}
+    may = [n for n in names if n not in refusals]
+    why = [f"{n} cannot load {Path(path).name}: {r}" for n, r in refusals.items()]
+    if not may:
+        raise MeshError(ErrorCode.INVALID_REQUEST, "; ".join(why))
+    return may, why

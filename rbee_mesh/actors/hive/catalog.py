@@ -62,6 +62,9 @@ class ModelStatus(StrEnum):
     DOWNLOADING = "downloading"
     AVAILABLE = "available"
     FAILED = "failed"
+    #: The file is whole, but no backend here loads it (`error` says why). Jobs do not try it
+    #: again (nor download it again); an explicit `worker spawn` does.
+    UNLOADABLE = "unloadable"
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from typing import Any
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.hive.catalog import Catalog, ModelStatus, model_id, parse_ref
+from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry, ModelStatus, model_id, parse_ref
 from rbee_mesh.actors.hive.devices import DeviceReport, detect_devices
 from rbee_mesh.actors.hive.download import download_model, import_model
 from rbee_mesh.actors.hive.worker_pool import (
+    ModelUnloadable,
     WorkerPool,
     WorkerRecord,
     WorkerState,
@@ -46,6 +47,7 @@ from rbee_mesh.actors.trust import (
     pairing_keypair,
     pairing_proof,
 )
+from rbee_mesh.inference.backends import backends_for
 from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
@@ -348,23 +350,56 @@ class Hive:
 
     async def _op_worker_spawn(self, job: ServerJob, op: ops.WorkerSpawn) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
-        if entry.status is not ModelStatus.AVAILABLE:
+        if entry.status not in (ModelStatus.AVAILABLE, ModelStatus.UNLOADABLE):
             raise MeshError(
                 ErrorCode.CONFLICT,
                 f"model {entry.id} is {entry.status}{': ' + entry.error if entry.error else ''}; "
                 "only an available model can be loaded",
             )
+        if entry.status is ModelStatus.UNLOADABLE:
+            narrate("worker_spawn", f"{entry.id} did not load before ({entry.error}); again")
         device = self._device_for(op.device, entry.size)
+        # With the backend left to the mesh, a file no backend loads is marked so; a backend
+        # named that will not load it says nothing of the others.
+        auto = op.backend == "auto"
+        try:
+            # What the file's metadata rules out, before a process starts for it.
+            _, refusals = await trio.to_thread.run_sync(backends_for, entry.path, op.backend)
+        except MeshError as exc:
+            if auto and exc.code is ErrorCode.INVALID_REQUEST:
+                self._unloadable(entry, exc.message)
+            raise
+        for refusal in refusals:
+            narrate("worker_spawn", refusal)
+        try:
+            record = await self.pool.spawn(
+                model_id=entry.id,
+                model_path=entry.path,
+                device=device,
+                backend=op.backend,
+                slots=op.slots,
+                ctx=op.ctx,
+            )
+        except ModelUnloadable as exc:
+            if auto:
+                self._unloadable(entry, exc.message)
+            raise
+        if entry.status is ModelStatus.UNLOADABLE:  # it loads now (a backend came, memory...)
+            self.catalog.put(replace(entry, status=ModelStatus.AVAILABLE, error=None))
         self.catalog.touch(entry.id)
-        record = await self.pool.spawn(
-            model_id=entry.id,
-            model_path=entry.path,
-            device=device,
-            backend=op.backend,
-            slots=op.slots,
-            ctx=op.ctx,
-        )
         return record.to_record()
+
+    def _unloadable(self, entry: ModelEntry, why: str) -> None:
+        """Mark `entry` as a file no backend here loads: jobs stop trying it (and downloading
+        it again); `worker spawn` tries it again."""
+        reason = why.splitlines()[0] if why else "it could not be loaded"
+        self.catalog.put(replace(entry, status=ModelStatus.UNLOADABLE, error=reason))
+        narrate(
+            "worker_spawn",
+            f"{entry.id} is marked unloadable: jobs will not try it again "
+            f"(`rbee-mesh worker spawn -m {entry.id}` does)",
+            level=Level.WARN,
+        )
 
     def _device_for(self, wanted: str, size: int) -> str:
         """The device a model of `size` bytes goes on: `auto` is the GPU with the most free

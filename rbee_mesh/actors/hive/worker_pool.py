@@ -109,6 +109,14 @@ class WorkerState(StrEnum):
 _ALIVE_FOR_JOBS = (WorkerState.READY, WorkerState.BUSY)
 
 
+class ModelUnloadable(MeshError):
+    """A worker could not load its model file (INVALID_REQUEST): the file, not the machine, is
+    the problem (a backend's refusal, an architecture no backend here builds)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INVALID_REQUEST, message)
+
+
 @dataclass(frozen=True)
 class WorkerRecord:
     """A worker as the pool saw it at one moment (a snapshot: it does not change afterwards)."""
@@ -607,9 +615,11 @@ class WorkerPool:
                 ErrorCode.UNAVAILABLE, f"{where} was stopped before it was ready: {worker.reason}"
             )
         # The worker's documented "cannot load this model": the request named an unusable file.
+        if worker.exit_code == WorkerExit.LOAD_FAILED:
+            return ModelUnloadable(f"{where} failed to start: {worker.reason}")
         code = (
-            ErrorCode.INVALID_REQUEST
-            if worker.exit_code == WorkerExit.LOAD_FAILED
+            ErrorCode.UNAVAILABLE
+            if worker.exit_code == WorkerExit.CANNOT_RUN
             else ErrorCode.WORKER_LOST
         )
         return MeshError(code, f"{where} failed to start: {worker.reason}")

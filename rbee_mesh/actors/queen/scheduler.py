@@ -17,7 +17,8 @@ The rules, in order:
    crawl, so the job waits for one instead;
 4. a model no hive holds, named as a hub reference (OWNER/REPO[:FILE]), is downloaded by the hive
    with the most free memory, unless the job says not to: `download` (then the rules run again);
-5. otherwise the job fails, saying why: no such model, or not enough memory anywhere.
+5. otherwise the job fails, saying why: no such model, not enough memory anywhere, or a model
+   file that failed to load before (`unloadable`: not tried again for every job).
 
 Every decision carries a sentence saying why, which the queen narrates.
 """
@@ -175,6 +176,19 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
             ErrorCode.UNAVAILABLE,
             f"out of memory: {m['id']} needs about {human_bytes(estimated_memory(int(m['size'])))}"
             f"; the most free on any hive is {human_bytes(hive.most_free_memory)} on {hive.name}",
+        )
+    unloadable = [
+        (hive, m)
+        for hive in hives
+        for m in hive.models
+        if m.get("status") == "unloadable" and wanted(str(m.get("id", "")))
+    ]
+    if unloadable:  # tried, and it failed: not again for every job (nor downloaded again)
+        hive, m = unloadable[0]
+        raise MeshError(
+            ErrorCode.INVALID_REQUEST,
+            f"{m['id']} on hive {hive.name} cannot be loaded: {m.get('error')} "
+            f"(`rbee-mesh worker spawn -m {m['id']}` tries again)",
         )
     if op.model is None:
         raise MeshError(

@@ -20,8 +20,10 @@ What it does, in order:
 How it ends (the exit code is how the hive's pool tells these apart; see `WorkerExit`):
 
 - 0 on SIGTERM or SIGINT, or on a DISCONNECT from the hive;
-- 2 when the model cannot be loaded (and for bad arguments, as argparse does): the reason is the
-  last line on stderr, which the pool reads back from the worker's log file;
+- 2 when the model file cannot be loaded (and for bad arguments, as argparse does): the reason
+  is the last line on stderr, which the pool reads back from the worker's log file;
+- 4 when this machine cannot load it now (out of memory, the backend not installed, the device
+  missing): the reason likewise;
 - 3 when the hive has been silent for SERVER_LOST_AFTER heartbeat intervals (or never came).
   The pool also makes the kernel SIGKILL a worker whose hive dies (PR_SET_PDEATHSIG); this
   covers a hive that hangs instead, and a worker started by hand. Either way a worker is never
@@ -49,7 +51,7 @@ import trio
 from rbee_mesh.actors.jobserver import JobServer, Peer, ServerConfig, ServerJob
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.actors.worker.generate import generate
-from rbee_mesh.protocol import Actor, Infer, MeshError, ProtocolError
+from rbee_mesh.protocol import Actor, ErrorCode, Infer, MeshError, ProtocolError
 from rbee_mesh.protocol.constants import (
     HEARTBEAT_S,
     MAX_CONTEXT_TOKENS,
@@ -80,10 +82,12 @@ class WorkerExit(IntEnum):
 
     #: Stopped on purpose: SIGTERM, SIGINT, or DISCONNECT from the hive.
     STOPPED = 0
-    #: The model could not be loaded (or the arguments were wrong); the reason is on stderr.
+    #: The model file could not be loaded (or the arguments were wrong); the reason is on stderr.
     LOAD_FAILED = 2
     #: The hive fell silent, or never came.
     HIVE_LOST = 3
+    #: The machine could not load it now (memory, backend, device); the reason is on stderr.
+    CANNOT_RUN = 4
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,9 @@ class Worker:
             # abandon_on_cancel: a SIGTERM during a long load ends the process without waiting.
             models, why = await trio.to_thread.run_sync(self._load_models, abandon_on_cancel=True)
         except MeshError as exc:
-            self.finish(WorkerExit.LOAD_FAILED, f"cannot load model {config.model}: {exc.message}")
+            why = f"cannot load model {config.model}: {exc.message}"
+            the_file = exc.code is ErrorCode.INVALID_REQUEST
+            self.finish(WorkerExit.LOAD_FAILED if the_file else WorkerExit.CANNOT_RUN, why)
             return False
         self._load_s = trio.current_time() - started
         self.models, self._free = models, list(reversed(models))
