@@ -22,7 +22,9 @@ class Mesh:
     @property
     def env(self) -> dict[str, str]:
         """This process's environment as it is now (fixtures may have set HF_ENDPOINT)."""
-        env = {**os.environ, "RBEE_MESH_HOME": str(self.home)}
+        # The demo keeps its state in the cache: the test's own, not the user's.
+        cache = str(self.home.parent / "cache")
+        env = {**os.environ, "RBEE_MESH_HOME": str(self.home), "XDG_CACHE_HOME": cache}
         env.pop("RBEE_MESH_QUEEN", None)
         return env
 

@@ -1,4 +1,5 @@
-"""`rbee-mesh bench`: the report's arithmetic, and a real quick run of every mode and operation."""
+"""`rbee-mesh bench`: the report's arithmetic, and a real quick run of every mode and operation;
+the real-model inference benchmark (benchmarks/openai_api.py): its arithmetic and a short run."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
-from benchmarks import bench
+from benchmarks import bench, openai_api
 from tests.netns import unavailable_reason
+from tests.real_model import smollm2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +91,10 @@ def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert report["notes"] == []  # no mode was left out
+    # No mode was left out (the real model is, where its file is not in the cache).
+    real_model_ran = openai_api.unavailable(openai_api.default_model()) is None
+    left_out = [n for n in report["notes"] if not n.startswith(bench.REAL_MODEL_LEFT_OUT)]
+    assert left_out == [] and len(report["notes"]) == (0 if real_model_ran else 1)
     rows = {(r["mode"], r["op"]): r for r in report["results"]}
     assert set(rows) == {(mode, op) for mode in bench.MODES for op in bench.OPS}
     for row in rows.values():
@@ -96,13 +102,23 @@ def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> N
         assert row["rate"] > 0, row
         assert row["p50_vs_http"] is not None and row["p50_vs_integrated"] is not None
     assert rows[("http", "control")]["p50_vs_http"] == 1.0
+    real_model_targets = {
+        "real model: mesh infer tok/s vs llama-cpp-python",
+        "real model: OpenAI API tok/s vs llama-cpp-python",
+    }
     assert {t["target"] for t in report["targets"]} == {
         "control p50, localhost tcp, both hops",
         "control p50, localhost tcp vs HTTP + SSE",
         "control p50, integrated",
         "CURVE control vs plaintext, one tcp hop",
         "CURVE handshake p50, one tcp hop",
-    }
+    } | (real_model_targets if real_model_ran else set())
+    # The real model's paths, measured in the same run when its file is there.
+    assert {r["mode"] for r in report["real_model"]} == (
+        set(openai_api.MODES) if real_model_ran else set()
+    )
+    for row in report["real_model"]:
+        assert row["same_text"] and row["decode_tps_p50"] > 0 and row["ttft_ms_p50"] > 0, row
     # What CURVE costs, measured in the same run: each exchange with and without it.
     curve = {(r["op"], r["mode"]): r for r in report["curve"]}
     assert set(curve) == {(op, mode) for op in ("handshake", "control", "tokens")
@@ -111,3 +127,46 @@ def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> N
         assert 0 < row["p50_us"] <= row["p99_us"] and row["vs_plaintext"] > 0, row
     assert json.loads((tmp_path / "modes.json").read_text())["results"] == report["results"]
     assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the real model: llama-cpp-python vs the mesh's infer vs the OpenAI API -------------------
+
+
+def _run(ttft_s: float, decode_tps: float, text: str = "same") -> openai_api.Run:
+    return openai_api.Run(ttft_s, tokens=64, frames=64, decode_tps=decode_tps, total_s=1.0,
+                          text=text)  # fmt: skip
+
+
+def test_real_model_rows_give_each_path_as_a_share_of_llama_cpp_and_the_ttft_it_adds() -> None:
+    runs = {
+        "llama-cpp": [_run(0.020, 200.0), _run(0.030, 180.0), _run(0.025, 220.0)],
+        "backend": [_run(0.022, 190.0)],
+        "infer": [_run(0.035, 190.0), _run(0.045, 194.0), _run(0.040, 192.0)],
+        "api": [_run(0.050, 150.0, text="other")],
+    }
+    rows = {r["mode"]: r for r in openai_api.summarise(runs)}
+    assert rows["llama-cpp"]["tps_vs_direct"] == 1.0 and rows["llama-cpp"]["ttft_added_ms"] == 0
+    infer = rows["infer"]
+    assert (infer["runs"], infer["decode_tps_p50"], infer["ttft_ms_p50"]) == (3, 192.0, 40.0)
+    assert infer["tps_vs_direct"] == 0.96 and infer["ttft_added_ms"] == 15.0
+    assert infer["tps_vs_backend"] == round(192 / 190, 3)
+    assert infer["same_text"] and not rows["api"]["same_text"]
+    verdicts = {t["target"]: t["met"] for t in openai_api.targets(list(rows.values()))}
+    assert verdicts == {
+        "real model: mesh infer tok/s vs llama-cpp-python": True,
+        "real model: OpenAI API tok/s vs llama-cpp-python": False,
+    }
+    assert "(different text)" in openai_api.table(list(rows.values())).splitlines()[-1]
+
+
+@pytest.mark.slow
+async def test_a_short_real_model_run_measures_every_path_on_the_same_text() -> None:
+    model = smollm2()
+    with trio.fail_after(100):
+        rows = await openai_api.measure(model, rounds=1, max_tokens=8)
+    assert [r["mode"] for r in rows] == list(openai_api.MODES)
+    for row in rows:
+        # Greedy, one prompt: every path generates the same 8 tokens.
+        assert (row["runs"], row["tokens"], row["same_text"]) == (1, 8, True), row
+        assert row["ttft_ms_p50"] > 0 and row["decode_tps_p50"] > 0, row
+    assert rows[2]["worker_decode_tps_p50"] > 0  # the worker's own rate, for the infer path

@@ -204,6 +204,9 @@ def test_demo_runs_an_integrated_mesh_offline(mesh: Mesh) -> None:
     result = mesh.run("demo", timeout=60)
     assert result.returncode == 0, result.stderr
     assert "integrated mesh" in result.stderr
+    # No hub here (conftest): it says so, and runs on random weights.
+    assert "RANDOM weights" in result.stderr and "could not be fetched" in result.stderr
+    assert not any(mesh.home.glob("*"))  # nothing in the user's state directory
     assert sum(bool(NARRATION_LINE.match(line)) for line in result.stderr.splitlines()) >= 10
 
 

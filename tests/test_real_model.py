@@ -12,7 +12,9 @@ import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.chat import template_of
+from rbee_mesh.inference.gguf_file import model_facts
 from rbee_mesh.protocol import Done, Infer, Narration, Token
+from tests.clitools import Mesh
 from tests.conftest import infer_in_a_mesh, serving_a_mesh
 from tests.real_model import FILE, smollm2
 
@@ -73,3 +75,18 @@ async def test_the_openai_client_gets_paris_plain_and_streamed_alike(
     assert "Paris" in answer, answer
     assert plain.choices[0].finish_reason == "stop"  # its end of turn, not max_tokens
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+
+
+def test_the_demo_answers_with_a_real_model_of_the_user_s_catalog(
+    model: Path, tmp_path: Path
+) -> None:
+    mesh = Mesh(tmp_path / "state")
+    Catalog(mesh.home / "hive" / "models").add_file(
+        "local/smollm2", FILE, model, gguf=model_facts(model)
+    )
+    result = mesh.run("demo", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"demo model: {MODEL}, a real instruct model" in result.stderr, result.stderr
+    assert "Paris" in result.stdout, result.stdout
+    # Copied into the demo's own state: the next run needs the user's catalog no more.
+    assert Catalog(tmp_path / "cache" / "rbee-mesh" / "demo" / "hive" / "models").lookup(MODEL)

@@ -223,12 +223,13 @@ pass_cli = click.make_pass_decorator(Cli)
 def demo(cli: Cli) -> None:
     """Run a whole mesh in this process and a few jobs through it, narrated live.
 
-    Writes a tiny demo model (random weights) into a throwaway catalog, then: status, hives,
-    models, two inference jobs (the first spawns a worker, the second reuses it), a cancelled
-    job, a job past its deadline, and the job list, with a timing summary. Needs nothing running
-    and no network; your own state directory is not touched.
+    With a real small instruct model (SmolLM2-135M-Instruct: fetched once, about 100 MB, or one
+    of your catalog, copied), or offline a tiny model with random weights, it runs: status,
+    hives, models, two inference jobs (the first spawns a worker, the second reuses it), a
+    cancelled job, a job past its deadline, and the job list, with a timing summary. Needs
+    nothing running; its state is kept in ~/.cache/rbee-mesh/demo, and yours is not touched.
     """
-    ok = trio.run(run_demo, cli.renderer())
+    ok = trio.run(run_demo, cli.renderer(), daemon.state_dir())
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
 
 
