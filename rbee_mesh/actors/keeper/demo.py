@@ -35,6 +35,7 @@ from rbee_mesh.protocol import (
     HiveStatus,
     Infer,
     JobList,
+    MeshError,
     Message,
     ModelDownload,
     ModelList,
@@ -81,15 +82,35 @@ def real_model(catalog: Catalog, user_models: Path) -> ModelEntry | None:
 
 
 def _small_instruct(catalog: Catalog) -> ModelEntry | None:
-    """The catalog's small instruct model (REAL_MODEL first, else the smallest), if any."""
+    """The catalog's small instruct model that a backend here loads (REAL_MODEL first, else
+    the smallest), if any."""
     fits = [
         e
         for e in catalog.listing().entries
         if e.status is ModelStatus.AVAILABLE
         and (e.gguf or {}).get("chat_template")
         and e.size <= BORROW_MAX_BYTES
+        and _runs_here(e.path)
     ]
     return min(fits, key=lambda e: (e.id != REAL_MODEL, e.size), default=None)
+
+
+def _runs_here(path: Path) -> bool:
+    """Whether a backend installed here may load the file (by its metadata)."""
+    from rbee_mesh.inference.backends import BACKENDS, backends_for
+
+    try:
+        may, _ = backends_for(path)
+    except MeshError:
+        return False
+    return any(BACKENDS[name].unavailable() is None for name in may)
+
+
+def _no_llama_cpp() -> str | None:
+    """Why REAL_MODEL (a byte-level BPE vocabulary: llama-cpp only) cannot run here, if so."""
+    from rbee_mesh.inference.backends import BACKENDS
+
+    return BACKENDS["llama-cpp"].unavailable()
 
 
 @dataclass(frozen=True)
@@ -168,17 +189,20 @@ async def run_demo(renderer: Renderer, user_state: Path) -> bool:
             f"{queen.hives.links[0].name} in this process; workers are processes of their own; "
             f"state in {state_dir}"
         )
-        if entry is None:
+        missing = _no_llama_cpp() if entry is None else None
+        if entry is None and missing is None:
             entry = await _download(renderer, keeper, catalog)
         if entry is not None:
             renderer.note(f"demo model: {entry.id}, a real instruct model")
             model = entry.id
         else:
-            renderer.note(
-                f"demo model: {DEMO_MODEL}, RANDOM weights (it babbles): {REAL_MODEL} could not "
-                "be fetched (offline?); `rbee-mesh model download` or `model import` gives a "
-                "real one"
+            why = (
+                f"{REAL_MODEL} could not be fetched (offline?); `rbee-mesh model download` or "
+                "`model import` gives a real one"
+                if missing is None
+                else f"{REAL_MODEL} needs the llama-cpp backend: {missing}"
             )
+            renderer.note(f"demo model: {DEMO_MODEL}, RANDOM weights (it babbles): {why}")
             model = DEMO_MODEL
         rows = await _run_steps(renderer, keeper, steps(model, model != DEMO_MODEL))
     renderer.note("\n" + format_table(rows))
