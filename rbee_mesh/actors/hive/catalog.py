@@ -59,8 +59,11 @@ _TRASH_PREFIX = ".deleting-"
 class ModelStatus(StrEnum):
     """Where a model is in its life on this hive."""
 
+    #: Its file is coming (`size` is the expected length).
     DOWNLOADING = "downloading"
+    #: Its file is whole: workers may load it.
     AVAILABLE = "available"
+    #: Its download failed (`error` says why); downloading it again resumes or retries.
     FAILED = "failed"
     #: The file is whole, but no backend here loads it (`error` says why). Jobs do not try it
     #: again (nor download it again); an explicit `worker spawn` does.

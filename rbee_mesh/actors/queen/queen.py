@@ -30,7 +30,14 @@ from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.actors.runtime import run_ping
-from rbee_mesh.actors.trust import JoinToken, Role, Trust, pairing_keypair, pairing_proof
+from rbee_mesh.actors.trust import (
+    JoinToken,
+    Role,
+    Trust,
+    Trusted,
+    pairing_keypair,
+    pairing_proof,
+)
 from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
@@ -628,32 +635,38 @@ class Queen:
         return entry.record()
 
     async def _op_keeper_list(self, job: ServerJob, op: ops.KeeperList) -> list[dict[str, Any]]:
-        keepers = self.trust.entries(Role.KEEPER)
-        narrate("keeper_list", f"{len(keepers)} keeper(s) of other machines trusted")
-        return [k.record() for k in keepers]
+        return self._trusted(op, Role.KEEPER, "keeper(s) of other machines trusted")
 
     async def _op_keeper_revoke(self, job: ServerJob, op: ops.KeeperRevoke) -> dict[str, Any]:
-        entry = self.trust.find(op.keeper, Role.KEEPER)
-        self.trust.untrust(entry)
+        entry = self._revoke(Role.KEEPER, op.keeper)
         cut = self.server.drop_peers_with_key(entry.key, "its key was revoked")
-        narrate("keeper_revoke", f"keeper {entry.name} revoked; {cut} connection(s) cut")
+        narrate(op.NAME, f"keeper {entry.name} revoked; {cut} connection(s) cut")
         return entry.record()
 
     async def _op_apikey_create(self, job: ServerJob, op: ops.ApiKeyCreate) -> dict[str, Any]:
         api_key, entry = self.trust.new_api_key(op.name)
-        narrate("apikey_create", f"a new API key for {entry.name} ({entry.fingerprint})")
+        narrate(op.NAME, f"a new API key for {entry.name} ({entry.fingerprint})")
         return {**entry.record(), "key": api_key}
 
     async def _op_apikey_list(self, job: ServerJob, op: ops.ApiKeyList) -> list[dict[str, Any]]:
-        keys = self.trust.entries(Role.API)
-        narrate("apikey_list", f"{len(keys)} API key(s)")
-        return [k.record() for k in keys]
+        return self._trusted(op, Role.API, "API key(s)")
 
     async def _op_apikey_revoke(self, job: ServerJob, op: ops.ApiKeyRevoke) -> dict[str, Any]:
-        entry = self.trust.find(op.name, Role.API)
-        self.trust.untrust(entry)
-        narrate("apikey_revoke", f"the API key of {entry.name} is revoked")
+        entry = self._revoke(Role.API, op.name)
+        narrate(op.NAME, f"the API key of {entry.name} is revoked")
         return entry.record()
+
+    def _trusted(self, op: ops.Operation, role: Role, what: str) -> list[dict[str, Any]]:
+        """The records of whom this queen trusts in `role`, counted in the narration."""
+        entries = self.trust.entries(role)
+        narrate(op.NAME, f"{len(entries)} {what}")
+        return [e.record() for e in entries]
+
+    def _revoke(self, role: Role, who: str) -> Trusted:
+        """Stop trusting `who` (a name or fingerprint) in `role`; NOT_FOUND if it is not."""
+        entry = self.trust.find(who, role)
+        self.trust.untrust(entry)
+        return entry
 
 
 def _timed(result: Any, job: ServerJob, placed: float) -> Any:

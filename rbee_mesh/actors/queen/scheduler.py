@@ -39,13 +39,6 @@ from rbee_mesh.units import human_bytes
 _SERVING = frozenset({"ready", "busy"})
 
 
-class Action(StrEnum):
-    USE = "use"
-    SPAWN = "spawn"
-    DOWNLOAD = "download"
-    WAIT = "wait"
-
-
 @dataclass(frozen=True)
 class HiveView:
     """One hive as the queen knows it: its workers and devices (as its last heartbeat listed
@@ -80,6 +73,16 @@ class HiveView:
             and (inflight.get(str(w.get("id")), 0) > 0 or int(w.get("busy", 0)) > 0)
         )
         return taken + threads_for(int(model["size"]), cores) <= cores
+
+
+class Action(StrEnum):
+    """What the queen does for a job: run it on a worker, or first spawn one, download the
+    model, or wait for a slot."""
+
+    USE = "use"
+    SPAWN = "spawn"
+    DOWNLOAD = "download"
+    WAIT = "wait"
 
 
 @dataclass(frozen=True)
