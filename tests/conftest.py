@@ -109,12 +109,15 @@ class Served:
 
 
 @asynccontextmanager
-async def serving_a_mesh(state: Path) -> AsyncIterator[Served]:
+async def serving_a_mesh(state: Path, max_queued: int = 64) -> AsyncIterator[Served]:
     """A queen and the hive of `state` in this process, its API on a free loopback port."""
     hive_config = integrated_hive_config(state, FAST_QUEEN)
+    endpoint = memory_endpoint("queen")
     async with (
         running_hive(hive_config) as hive,
-        running_queen(memory_endpoint("queen"), FAST_QUEEN, hives=[hive_config.control]) as queen,
+        running_queen(
+            endpoint, FAST_QUEEN, hives=[hive_config.control], max_queued=max_queued
+        ) as queen,
         serving_api(queen, "127.0.0.1:0") as url,
     ):
         with trio.fail_after(5):

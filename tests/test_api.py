@@ -9,6 +9,7 @@ client's own timeout.
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -194,6 +195,30 @@ async def test_max_completion_tokens_sent_as_null_leaves_max_tokens_in_force(
             lambda: chat(client, max_tokens=3, extra_body={"max_completion_tokens": None})
         )
     assert done.usage.completion_tokens == 3
+
+
+async def test_a_request_no_worker_can_take_with_the_queue_full_is_a_429(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
+    Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # one core: a busy worker takes it (hive and workers)
+    try:
+        async with serving_a_mesh(state, max_queued=0) as served:
+            client = served.client()
+            with trio.fail_after(60):
+                held = {"stream": True, "max_tokens": 2000, "temperature": 0}  # greedy: no EOS
+                stream = await call(lambda: chat(client, **held))
+                await call(lambda: next(c for c in stream if c.choices[0].delta.content))
+                with pytest.raises(openai.RateLimitError) as refused:
+                    await call(lambda: chat(client, max_tokens=2))
+                await call(stream.close)
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert "the queue is full" in refused.value.body["message"]  # type: ignore[index]
+    assert refused.value.body["code"] == "busy"  # type: ignore[index]
 
 
 async def test_no_live_hive_is_a_503(tmp_path: Path) -> None:
