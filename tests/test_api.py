@@ -352,6 +352,7 @@ def test_messages_become_the_turns_of_a_chat() -> None:
         ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
         ([{"role": "user", "content": None}], "messages[0].content"),
         ([{"role": "user", "content": ""}], "messages"),
+        ([{"role": "user", "content": "x"}] * 258, "messages"),
     ],
 )
 def test_messages_that_cannot_be_a_chat_are_refused_naming_the_message(

@@ -185,7 +185,8 @@ def _request(
         if kind == "text":
             raise invalid("prompt", exc.message) from None
         last = f"messages[{len(fields['history'])}].content"
-        message = re.sub(r"^history\[(\d+)\]\.content", r"messages[\1].content", exc.message)
+        message = re.sub(r"^history\[(\d+)\]", r"messages[\1]", exc.message)
+        message = re.sub(r"^history ", "the messages before the last ", message)
         raise invalid("messages", re.sub(r"^prompt", last, message)) from None
     return Request(kind, model, op, stream, include_usage, int(time.time()))
 
