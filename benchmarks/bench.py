@@ -16,6 +16,11 @@ Operations, all through both hops (keeper -> queen -> hive, and on to a worker f
 - tokens: an inference of 64 tokens on a real worker (a random-weight tiny llama);
 - spawn: starting a worker process and loading the model (then deleting it, not timed).
 
+With the tokens: the same generation on a real model (SmolLM2-135M-Instruct, where the real-model
+tests cache it, or --real-model PATH) by llama-cpp-python in process, the mesh's infer and the
+queen's OpenAI-compatible API (benchmarks/openai_api.py); left out, with the reason, when the
+model file is not there.
+
 Each mode's keeper side is an agent process (benchmarks/agent.py). The driver interleaves
 them: every round runs a batch of each operation in each mode, in a new random order, so that
 machine noise falls on all modes alike. Reported per mode and operation: p50, p99, the rate
@@ -45,7 +50,7 @@ from typing import IO, Any
 
 import trio
 
-from benchmarks import curve
+from benchmarks import curve, openai_api
 from benchmarks.agent import MODEL_FILE, MODEL_REPO, NARRATION_EVENTS, TOKENS
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
@@ -62,6 +67,8 @@ MODE_LABELS = {
     "http": "HTTP + SSE baseline",
 }
 OPS = ("control", "narration", "tokens", "spawn")
+#: How a report's note begins when the real model's inference was not measured.
+REAL_MODEL_LEFT_OUT = "real-model inference (benchmarks/openai_api.py) left out"
 RATE_UNITS = {"control": "ops/s", "narration": "events/s", "tokens": "tokens/s", "spawn": "ops/s"}
 
 
@@ -201,7 +208,8 @@ class Setup:
         started = self.cli(home, "hive", "start", "--id", "bench-hive", *hive)
         self.later(lambda: self.cli(home, "hive", "stop"))
         peer = ["--peer", str(started["endpoint"])]
-        started = self.cli(home, "queen", "start", "--no-discovery", *queen, *peer)
+        # No HTTP API: it would take the same default port in every mode's queen.
+        started = self.cli(home, "queen", "start", "--no-discovery", "--no-api", *queen, *peer)
         self.later(lambda: self.cli(home, "queen", "stop"))
         return str(started["endpoint"])
 
@@ -473,9 +481,13 @@ def run(
     modes: Sequence[str] = MODES,
     ops: Sequence[str] = OPS,
     out_dir: Path = RESULTS,
+    real_model: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Measure, write `modes.json` and `modes.png` into `out_dir`, and return the report."""
+    """Measure, write `modes.json` and `modes.png` into `out_dir`, and return the report.
+
+    With the tokens operation, also the real model's inference (benchmarks/openai_api.py) with
+    `real_model` (default: where the real-model tests cache theirs), or a note why not."""
     plan = Plan.of(quick)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
@@ -483,17 +495,28 @@ def run(
     rows = summarise(samples)
     curve_rounds, curve_batch = curve.plan(quick)
     curve_rows = trio.run(curve.measure, curve_rounds, curve_batch, progress)
+    real_rows: list[dict[str, Any]] = []
+    if "tokens" in ops:
+        model = real_model or openai_api.default_model()
+        reason = openai_api.unavailable(model)
+        if reason is None:
+            rounds, max_tokens = openai_api.plan(quick)
+            real_rows = trio.run(openai_api.measure, model, rounds, max_tokens, progress)
+        else:
+            notes.append(f"{REAL_MODEL_LEFT_OUT}: {reason}")
+            progress(notes[-1])
     report = write_report(
         "modes",
         out_dir,
         quick=quick,
         started=started,
         rows=rows,
-        found=targets(rows) + curve_targets(curve_rows),
+        found=targets(rows) + curve_targets(curve_rows) + openai_api.targets(real_rows),
         notes=notes,
         plan={"rounds": plan.rounds, "runs_per_batch": plan.batch},
         workload={"narration_events": NARRATION_EVENTS, "tokens": TOKENS},
         curve=curve_rows,
+        real_model=real_rows,
     )
     chart(rows, out_dir / "modes.png", f"rbee-mesh transport modes ({machine()['cpus']} CPUs)")
     return report
@@ -506,6 +529,7 @@ def command(
     scale: str | None,
     out: Path | None,
     as_json: bool,
+    real_model: Path | None = None,
 ) -> int:
     """`rbee-mesh bench`: run, print the table (or JSON), and return the exit code."""
 
@@ -526,6 +550,8 @@ def command(
             f"{', '.join(missing)} not installed: the benchmark needs the bench extra "
             "(bin/setup bench)"
         )
+    if real_model is not None and (reason := openai_api.unavailable(real_model)) is not None:
+        return refuse(f"--real-model: {reason}")
     out_dir = out or RESULTS
     try:
         if scale is not None:
@@ -542,6 +568,7 @@ def command(
                 modes=[m for m in MODES if not modes or m in modes],
                 ops=[o for o in OPS if not ops or o in ops],
                 out_dir=out_dir,
+                real_model=real_model,
                 progress=progress,
             )
     except BenchError as exc:
@@ -561,6 +588,9 @@ def command(
         print(table(report["results"]))
         print()
         print(curve.table(report["curve"]))
+        if report["real_model"]:
+            print()
+            print(openai_api.table(report["real_model"]))
     for t in report["targets"]:
         verdict = "met" if t["met"] else "MISSED"
         print(f"target: {t['target']}: {t['value']:g} (goal {t['goal']}): {verdict}")
@@ -629,7 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a light control operation (worker list), 1,000 narration events, token streaming from "
         "a real worker and worker spawn, all through keeper -> queen -> hive, in each mode: "
         "integrated (one process), localhost ipc, localhost tcp, remote tcp (network namespaces) "
-        "and HTTP + SSE (uvicorn + starlette), interleaved round by round. Prints a table (or "
+        "and HTTP + SSE (uvicorn + starlette), interleaved round by round; with the tokens, "
+        "inference on a real model by llama-cpp-python in process, the mesh's infer and the "
+        "OpenAI-compatible API, when the model file is there (--real-model). Prints a table (or "
         "JSON) and writes modes.json and modes.png (or scale.json).",
     )
     parser.add_argument(
@@ -663,9 +695,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="where to write the JSON and the chart (default: benchmarks/results/)",
     )
+    parser.add_argument(
+        "--real-model",
+        type=Path,
+        metavar="PATH",
+        help="the GGUF file for the real-model inference measured with the tokens "
+        "(llama-cpp-python vs the mesh's infer vs the OpenAI API; benchmarks/openai_api.py); "
+        f"default: {openai_api.default_model()} if it is there (the real-model tests fetch "
+        "it), else that part is left out with a note",
+    )
     parser.add_argument("--json", dest="as_json", action="store_true", help="the report as JSON")
     args = parser.parse_args(argv)
-    return command(args.quick, args.modes, args.ops, args.scale, args.out, args.as_json)
+    return command(
+        args.quick, args.modes, args.ops, args.scale, args.out, args.as_json, args.real_model
+    )
 
 
 if __name__ == "__main__":
