@@ -21,11 +21,13 @@ import pytest
 import trio
 
 from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.jobclient import ClientConfig
+from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.queen import openai as shapes
 from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.protocol import ErrorCode, MeshError
+from rbee_mesh.protocol import Done, ErrorCode, MeshError, Ping
 from tests.conftest import FAST_QUEEN, Served, serving_a_mesh
 
 MODEL = "rbee-test/tiny:tiny.gguf"
@@ -141,7 +143,8 @@ async def test_unknown_fields_are_ignored(served: Served) -> None:
     ("params", "param"),
     [
         ({"temperature": 2.5}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"logit_bias": {"42": 10}}, "logit_bias"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -1}, "max_completion_tokens"),
         ({"n": 2}, "n"),
@@ -233,11 +236,62 @@ async def test_no_live_hive_is_a_503(tmp_path: Path) -> None:
     assert "no hive" in refused.value.body["message"]  # type: ignore[index]
 
 
+async def test_top_p_zero_empty_stops_and_a_tool_calling_turn_are_taken(served: Served) -> None:
+    client = served.client()
+    turns: Any = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "hi"},
+    ]
+    with trio.fail_after(60):
+        greedy = await call(lambda: chat(client, temperature=0, max_tokens=8))
+        top_p_zero = await call(lambda: chat(client, top_p=0, seed=3, max_tokens=8, stop=[""]))
+        await call(
+            lambda: client.chat.completions.create(model=MODEL, messages=turns, max_tokens=2)
+        )
+    assert top_p_zero.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_a_cancelled_or_overdue_request_tells_the_client_not_to_retry() -> None:
+    for code, retry in ((ErrorCode.CANCELLED, False), (ErrorCode.TIMEOUT, False),
+                        (ErrorCode.BUSY, True), (ErrorCode.UNAVAILABLE, True)):  # fmt: skip
+        assert shapes.ApiError.of(MeshError(code, "why")).retry is retry
+
+
+async def test_a_page_that_rebinds_its_name_or_posts_plain_text_is_refused(
+    served: Served,
+) -> None:
+    host, port = served.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    body = json.dumps({"model": MODEL, "messages": HI, "max_tokens": 1})
+
+    async def post(headers: str) -> bytes:
+        request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\n{headers}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+        ).encode()
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(request)
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+        return answer
+
+    with trio.fail_after(30):
+        rebound = await post("Host: attacker.example\r\nContent-Type: application/json")
+        plain = await post(f"Host: 127.0.0.1:{port}\r\nContent-Type: text/plain")
+    assert rebound.startswith(b"HTTP/1.1 400"), rebound[:80]
+    assert plain.startswith(b"HTTP/1.1 415") and b"application/json" in plain, plain[:300]
+    assert served.finished() == []  # nothing ran
+
+
 async def test_bad_json_and_unknown_paths_answer_in_openai_s_shape(served: Served) -> None:
     with trio.fail_after(60):
         bad = await call(lambda: _raw(served.url, "/chat/completions", b"{not json"))
+        deep = await call(lambda: _raw(served.url, "/chat/completions", b"[" * 100_000))
         nowhere = await call(lambda: _raw(served.url, "/nowhere", b"{}"))
     assert bad[0] == 400 and "not JSON" in bad[1]["error"]["message"]
+    assert deep[0] == 400 and "not JSON" in deep[1]["error"]["message"]
     assert nowhere[0] == 404 and set(nowhere[1]["error"]) == {"message", "type", "param", "code"}
 
 
@@ -391,3 +445,24 @@ def test_mesh_errors_have_openai_s_statuses(code: ErrorCode, status: int) -> Non
     assert error.body() == {
         "error": {"message": "why", "type": error.type, "param": None, "code": code.lower()}
     }
+
+
+async def test_a_job_whose_reader_falls_behind_is_cancelled_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    """The API's one client serves every request: a request that stops reading must not hold
+    up the others (`cancel_slow_readers`)."""
+    config = ClientConfig(heartbeat_s=0.2, job_buffer=4, cancel_slow_readers=True)
+    async with (
+        running_queen(memory_endpoint("queen"), FAST_QUEEN) as queen,
+        open_keeper(queen.listener.endpoint, config) as client,
+    ):
+        with trio.fail_after(30):
+            unread = await client.submit(Ping(count=1_000, interval_s=0.001))
+            read = await client.submit(Ping(count=20, interval_s=0.001))
+            assert isinstance(await read.end(), Done)  # it went on meanwhile
+            await queen.server.job_count.wait_value(0)
+    [summary] = [
+        j for j in queen.server.job_summaries(include_finished=True) if j["id"] == unread.job_id
+    ]
+    assert summary["state"] == "cancelled" and "fell behind" in summary["error"], summary

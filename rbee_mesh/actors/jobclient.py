@@ -93,6 +93,10 @@ class ClientConfig:
     accept_timeout_s: float = 3.0
     #: Decoded frames buffered per job for its reader; past this the client stops reading.
     job_buffer: int = 10_000
+    #: Past `job_buffer`, cancel the job whose reader fell behind rather than stop reading: for
+    #: a client whose jobs have readers of their own (the HTTP API's requests), so that one
+    #: slow reader does not hold up the others' frames, nor the heartbeats.
+    cancel_slow_readers: bool = False
     #: Missed heartbeat intervals after which the server counts as lost.
     lost_after: int = CLIENT_LOST_AFTER
     #: How soon a connect is tried again: a hive's worker binds its socket once its model is
@@ -129,6 +133,7 @@ class ClientJob:
         self.submitted_at = trio.current_time()
         self.lifecycle = JobLifecycle()
         self._answered = trio.Event()
+        self._fell_behind = False
         self._send, self._receive = trio.open_memory_channel[Message](buffer)
 
     async def _deliver(self, message: Message) -> None:
@@ -137,7 +142,15 @@ class ClientJob:
         if message.is_terminal:
             self.terminal = message
         self._answered.set()
-        await hand_over(self._send, message)
+        if not self.client.config.cancel_slow_readers:
+            await hand_over(self._send, message)
+        else:
+            try:
+                self._send.send_nowait(message)
+            except trio.WouldBlock:  # (a terminal frame is left in `terminal` for the reader)
+                if not message.is_terminal and not self._fell_behind:
+                    self._fell_behind = True
+                    await self.cancel("its reader fell behind")
         if message.is_terminal:
             self._send.close()
 

@@ -82,16 +82,17 @@ def load_model(
         return chosen.load(Path(path), device, ctx), f"{backend}: loads {info.architecture}; named"
 
     passed: list[str] = []
-    missing_count = 0
+    #: Backends not installed here that the file's metadata does not rule out.
+    missing_that_may: list[str] = []
     for name, candidate in BACKENDS.items():
-        missing = candidate.unavailable()
-        if missing:
-            missing_count += 1
-            passed.append(missing)
-            continue
         refusal = candidate.refuses(info)
         if refusal:
             passed.append(f"{name} cannot load {Path(path).name}: {refusal}")
+            continue
+        missing = candidate.unavailable()
+        if missing:
+            missing_that_may.append(name)
+            passed.append(missing)
             continue
         try:
             model = candidate.load(Path(path), device, ctx)
@@ -102,9 +103,10 @@ def load_model(
             continue
         why = "; ".join(passed) if passed else f"loads {info.architecture}; chosen first"
         return model, f"{name}: {why}"
-    if missing_count == len(BACKENDS):
+    if missing_that_may:  # not the file's fault: this machine lacks what may load it
         raise MeshError(
-            ErrorCode.UNAVAILABLE, "no inference backend is installed: " + "; ".join(passed)
+            ErrorCode.UNAVAILABLE,
+            f"{Path(path).name} needs {' or '.join(missing_that_may)}: " + "; ".join(passed),
         )
     raise MeshError(
         ErrorCode.INVALID_REQUEST,

@@ -40,6 +40,7 @@ from rbee_mesh.inference.native import (
     GenerationParams,
     NativeModel,
     context_size,
+    kv_budget,
     load_guarded,
     loadable,
     mix_seed,
@@ -120,7 +121,7 @@ class CtransformersBackend:
 
     def load(self, path: Path, device: str, ctx: int | None = None) -> CtransformersModel:
         gpu, info = loadable(self, path, device)
-        n_ctx = context_size(info, ctx)
+        n_ctx = context_size(info, ctx, kv_budget(info, device))
         if gpu is not None and gpu > 0:
             raise MeshError(
                 ErrorCode.UNAVAILABLE,

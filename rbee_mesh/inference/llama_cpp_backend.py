@@ -27,6 +27,7 @@ from rbee_mesh.inference.native import (
     GenerationParams,
     NativeModel,
     context_size,
+    kv_budget,
     load_guarded,
     loadable,
     threads_for,
@@ -101,7 +102,7 @@ class LlamaCppBackend:
 
     def load(self, path: Path, device: str, ctx: int | None = None) -> LlamaCppModel:
         gpu, info = loadable(self, path, device)
-        n_ctx = context_size(info, ctx)
+        n_ctx = context_size(info, ctx, kv_budget(info, device))
         lib = _llama_cpp()
         if gpu is not None and not lib.llama_supports_gpu_offload():
             raise MeshError(
@@ -132,8 +133,11 @@ class LlamaCppBackend:
                 )
             except ValueError as exc:  # "Failed to load model from file": the log says why
                 said = _llama_log.errors[0] if _llama_log.errors else str(exc)
+                # The weights loaded but their context did not fit (memory): not the file's fault.
+                the_file = not str(exc).startswith("Failed to create llama_context")
                 raise MeshError(
-                    ErrorCode.INVALID_REQUEST, f"{self.name} cannot load {path.name}: {said}"
+                    ErrorCode.INVALID_REQUEST if the_file else ErrorCode.UNAVAILABLE,
+                    f"{self.name} cannot load {path.name}: {said}",
                 ) from None
 
         llama = load_guarded(path, info, device, n_ctx, load)

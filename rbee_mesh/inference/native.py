@@ -428,6 +428,17 @@ def threads_for(info: GgufInfo) -> int:
     return sizing.threads_for(info.file_size, len(os.sched_getaffinity(0)))
 
 
+def kv_budget(info: GgufInfo, device: str) -> int:
+    """What a model's KV cache may take by default: KV_BUDGET_BYTES or the weights' size, and
+    on the CPU no more than the RAM left once the weights and working memory are in (a large
+    model loads with a shorter context rather than not at all)."""
+    budget = max(KV_BUDGET_BYTES, info.file_size)
+    available = available_memory() if device == "cpu" else None
+    if available is not None:
+        budget = min(budget, available - info.file_size - COMPUTE_OVERHEAD)
+    return max(budget, 0)
+
+
 def load_guarded(path: Path, info: GgufInfo, device: str, n_ctx: int, load: Any) -> Any:
     """Check RAM (for the CPU, with `n_ctx` tokens of context) before `load()`, and turn a
     MemoryError into MeshError."""

@@ -74,6 +74,8 @@ MAX_JOBS_PER_KEEPER = 1_000
 MAX_CONNECTIONS_PER_KEY = 256
 #: Jobs one worker runs at once.
 MAX_SLOTS = 64
+#: The most tokens one inference may ask to generate.
+MAX_GENERATED_TOKENS = 32_768
 #: The contexts a worker may load a model with, in tokens.
 MIN_CONTEXT_TOKENS = 64
 MAX_CONTEXT_TOKENS = 1 << 20

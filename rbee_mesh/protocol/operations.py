@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from rbee_mesh.protocol.constants import MAX_CONTEXT_TOKENS, MAX_SLOTS, MIN_CONTEXT_TOKENS
+from rbee_mesh.protocol.constants import (
+    MAX_CONTEXT_TOKENS,
+    MAX_GENERATED_TOKENS,
+    MAX_SLOTS,
+    MIN_CONTEXT_TOKENS,
+)
 from rbee_mesh.protocol.errors import ProtocolError
 from rbee_mesh.protocol.fields import (
     Arg,
@@ -345,7 +350,9 @@ class Infer(Operation):
     worker: str | None = spec(
         Optional(ident()), None, arg=Arg("Run it on this worker.", metavar="WORKER")
     )
-    max_tokens: int = spec(Int(1, 32_768), 256, arg=Arg("Tokens to generate.", short="-n"))
+    max_tokens: int = spec(
+        Int(1, MAX_GENERATED_TOKENS), 256, arg=Arg("Tokens to generate.", short="-n")
+    )
     temperature: float = spec(
         Float(0.0, 2.0), 0.8, arg=Arg("0 is greedy; higher is more varied.", short="-t")
     )

@@ -385,15 +385,25 @@ class Hive:
                 self._unloadable(entry, exc.message)
             raise
         if entry.status is ModelStatus.UNLOADABLE:  # it loads now (a backend came, memory...)
-            self.catalog.put(replace(entry, status=ModelStatus.AVAILABLE, error=None))
+            self._mark(entry, ModelStatus.AVAILABLE, None)
         self.catalog.touch(entry.id)
         return record.to_record()
+
+    def _mark(self, entry: ModelEntry, status: ModelStatus, error: str | None) -> bool:
+        """Give `entry` this status, if the catalog still holds that same file (not deleted,
+        imported or downloaded again meanwhile); whether it did."""
+        current = self.catalog.lookup(entry.id)
+        if current is None or (current.sha256, current.added) != (entry.sha256, entry.added):
+            return False
+        self.catalog.put(replace(current, status=status, error=error))
+        return True
 
     def _unloadable(self, entry: ModelEntry, why: str) -> None:
         """Mark `entry` as a file no backend here loads: jobs stop trying it (and downloading
         it again); `worker spawn` tries it again."""
         reason = why.splitlines()[0] if why else "it could not be loaded"
-        self.catalog.put(replace(entry, status=ModelStatus.UNLOADABLE, error=reason))
+        if not self._mark(entry, ModelStatus.UNLOADABLE, reason):
+            return
         narrate(
             "worker_spawn",
             f"{entry.id} is marked unloadable: jobs will not try it again "

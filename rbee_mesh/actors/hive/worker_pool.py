@@ -617,11 +617,11 @@ class WorkerPool:
         # The worker's documented "cannot load this model": the request named an unusable file.
         if worker.exit_code == WorkerExit.LOAD_FAILED:
             return ModelUnloadable(f"{where} failed to start: {worker.reason}")
-        code = (
-            ErrorCode.UNAVAILABLE
-            if worker.exit_code == WorkerExit.CANNOT_RUN
-            else ErrorCode.WORKER_LOST
-        )
+        code = ErrorCode.WORKER_LOST
+        if worker.exit_code == WorkerExit.CANNOT_RUN:
+            code = ErrorCode.UNAVAILABLE
+        elif worker.exit_code == WorkerExit.BAD_START:
+            code = ErrorCode.INTERNAL  # the pool's own arguments: our bug
         return MeshError(code, f"{where} failed to start: {worker.reason}")
 
     async def _watch_process(self, worker: _Worker) -> None:

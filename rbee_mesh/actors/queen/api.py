@@ -24,6 +24,9 @@ import trio
 from hypercorn.config import Config as HttpConfig
 from hypercorn.trio import serve as serve_http
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -56,11 +59,17 @@ log = logging.getLogger("rbee_mesh.api")
 class Api:
     """The ASGI application: routes, keys, and each request as a job of `client`."""
 
-    def __init__(self, client: JobClient, trust: Trust, *, require_key: bool) -> None:
+    def __init__(self, client: JobClient, trust: Trust, where: HttpBind) -> None:
         self.client = client
         self.trust = trust
-        self.require_key = require_key
+        self.require_key = not where.loopback
+        # Without keys (on loopback), only requests that name this machine: a web page that
+        # rebinds its own name to 127.0.0.1 reaches the port, but not with a Host of ours.
+        local = ["127.0.0.1", "localhost", "::1", where.host]
+        trusted_host = Middleware(TrustedHostMiddleware, allowed_hosts=local)
+        middleware = [] if self.require_key else [trusted_host]
         self.app = Starlette(
+            middleware=middleware,
             routes=[
                 Route("/health", self.health),
                 Route("/v1/models", self.models),
@@ -212,12 +221,15 @@ async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
     yields its base URL (http://HOST:PORT/v1). EndpointError if it cannot listen there."""
     where = parse_http_bind(bind) if isinstance(bind, str) else bind
     endpoint = local_endpoint_for(queen.listener.endpoint)
-    config = ClientConfig(heartbeat_s=queen.server.config.heartbeat_s)
+    # Each request reads its own job: one that reads too slowly has its job cancelled.
+    config = ClientConfig(
+        heartbeat_s=queen.server.config.heartbeat_s, job_buffer=1_000, cancel_slow_readers=True
+    )
     async with (
         open_keeper(endpoint, config, queen.trust, name="api") as client,
         trio.open_nursery() as nursery,
     ):
-        api = Api(client, queen.trust, require_key=not where.loopback)
+        api = Api(client, queen.trust, where)
         http = HttpConfig()
         http.bind = [str(where)]
         http.accesslog = None
@@ -249,16 +261,22 @@ async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
 
 async def _json_body(request: HttpRequest) -> Any:
     """The request's JSON body, at most MAX_BODY_BYTES (what one job may carry)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":  # (a web page can send text/plain without asking)
+        raise ApiError(415, f"the request body must be application/json, not {kind or 'untyped'}")
     size = 0
     chunks = []
-    async for part in request.stream():
-        size += len(part)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-        chunks.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+            chunks.append(part)
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before its request was whole") from None
     try:
         return json.loads(b"".join(chunks))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"the request body is not JSON: {exc}") from None
 
 
@@ -313,7 +331,8 @@ def _event(body: dict[str, Any]) -> str:
 
 
 def _error(exc: ApiError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {} if exc.retry else {"x-should-retry": "false"}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def _log_narration(job: ClientJob, n: Narration) -> None:

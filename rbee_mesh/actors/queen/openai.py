@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rbee_mesh.protocol import ErrorCode, Infer, MeshError, ProtocolError
+from rbee_mesh.protocol.constants import MAX_GENERATED_TOKENS
 from rbee_mesh.protocol.fields import check_field
 
 #: What a request may ask for at most; the worker stops at its context before.
-MAX_TOKENS = 32_768
+MAX_TOKENS = MAX_GENERATED_TOKENS
 
 #: The HTTP status and OpenAI error type of each mesh error.
 _STATUS: dict[ErrorCode, tuple[int, str]] = {
@@ -55,6 +56,9 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        #: Whether a client may send the request again (the official client retries 429 and
+        #: 5xx unless told not to, with `x-should-retry`): not a cancelled or overdue job.
+        self.retry = code not in ("cancelled", "timeout")
 
     def body(self) -> dict[str, Any]:
         return {
@@ -68,7 +72,7 @@ class ApiError(Exception):
     def of(cls, exc: MeshError, *, model: str = "") -> ApiError:
         """The mesh error `exc` of a request for `model` as the API answers it."""
         status, kind = _STATUS.get(exc.code, (500, "server_error"))
-        if exc.code is ErrorCode.NOT_FOUND and model:
+        if exc.code is ErrorCode.NOT_FOUND and model and model in exc.message:
             return cls(status, exc.message, type=kind, param="model", code="model_not_found")
         return cls(status, exc.message, type=kind, code=exc.code.lower())
 
@@ -119,6 +123,11 @@ def chat_request(body: Any) -> Request:
     return _request(body, "chat", prompt=prompt, chat=True, history=tuple(turns[:-1]))
 
 
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    if _given(body, "logit_bias"):
+        raise invalid("logit_bias", "logit_bias is not supported by this server")
+
+
 def completion_request(body: Any) -> Request:
     """A `POST /v1/completions` body read; ApiError (400) naming what is wrong."""
     body = _object(body)
@@ -160,9 +169,12 @@ def _request(
     limit = body.get(which)
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_TOKENS:
         limit = MAX_TOKENS  # a client's "as much as it takes": the context ends it first
+    _refuse_unsupported(body)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
+    if isinstance(stop, list):
+        stop = [s for s in stop if s != ""]  # an empty stop stops nothing
     seed = body.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool):
         seed %= 2**32  # OpenAI's seeds are any integer; the same one still gives the same text
@@ -173,6 +185,9 @@ def _request(
         "seed": ("seed", seed),
         **{name: (name, body.get(name)) for name in _DEFAULTS},
     }
+    greedy = body.get("top_p") == 0 and not isinstance(body.get("top_p"), bool)
+    if greedy:  # OpenAI takes top_p 0: only the likeliest token, which is greedy sampling
+        values["top_p"], values["temperature"] = ("top_p", 1.0), ("temperature", 0.0)
     args = {field: _checked(field, name, value) for field, (name, value) in values.items()}
     try:
         op = Infer(
@@ -251,6 +266,8 @@ def _message(i: int, message: Any) -> tuple[str, str]:
                 )
             texts.append(part["text"])
         content = "".join(texts)
+    if content is None and role == "assistant":  # an assistant turn that only called tools
+        content = ""
     if not isinstance(content, str):
         raise invalid(f"{param}.content", f"{param}.content must be a string or a list of parts")
     return role, content

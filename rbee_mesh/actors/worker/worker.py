@@ -20,10 +20,11 @@ What it does, in order:
 How it ends (the exit code is how the hive's pool tells these apart; see `WorkerExit`):
 
 - 0 on SIGTERM or SIGINT, or on a DISCONNECT from the hive;
-- 2 when the model file cannot be loaded (and for bad arguments, as argparse does): the reason
-  is the last line on stderr, which the pool reads back from the worker's log file;
+- 5 when the model file cannot be loaded (no backend here loads it): the reason is the last
+  line on stderr, which the pool reads back from the worker's log file;
 - 4 when this machine cannot load it now (out of memory, the backend not installed, the device
   missing): the reason likewise;
+- 2 for bad arguments (as argparse does) or no key on stdin: the reason likewise;
 - 3 when the hive has been silent for SERVER_LOST_AFTER heartbeat intervals (or never came).
   The pool also makes the kernel SIGKILL a worker whose hive dies (PR_SET_PDEATHSIG); this
   covers a hive that hangs instead, and a worker started by hand. Either way a worker is never
@@ -82,12 +83,14 @@ class WorkerExit(IntEnum):
 
     #: Stopped on purpose: SIGTERM, SIGINT, or DISCONNECT from the hive.
     STOPPED = 0
-    #: The model file could not be loaded (or the arguments were wrong); the reason is on stderr.
-    LOAD_FAILED = 2
+    #: Bad arguments (argparse's code) or no key on stdin; the reason is on stderr.
+    BAD_START = 2
     #: The hive fell silent, or never came.
     HIVE_LOST = 3
     #: The machine could not load it now (memory, backend, device); the reason is on stderr.
     CANNOT_RUN = 4
+    #: The model file could not be loaded by any backend here; the reason is on stderr.
+    LOAD_FAILED = 5
 
 
 @dataclass(frozen=True)
@@ -371,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.keypair = Keypair.from_secret(sys.stdin.readline().strip())
     except ValueError:
         print("no key on stdin: a worker serves with its hive's key", file=sys.stderr)
-        return int(WorkerExit.LOAD_FAILED)
+        return int(WorkerExit.BAD_START)
     # The options are named as the config's fields.
     config = WorkerConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(WorkerConfig)}
