@@ -7,7 +7,8 @@ thread never waits for trio. (Measured: `trio.from_thread.run_sync` per token co
 generating thread ~80 us and a memory channel ~130 us; this costs ~0.1 us while trio is behind
 and ~10 us when every token wakes it.) trio sends what has accumulated as one TOKEN frame (`seq`
 = index of its first piece, `count` pieces, `text` their concatenation), at most one frame per
-millisecond, so per-frame costs never limit tokens/s and no piece waits more than a millisecond.
+FLUSH_INTERVAL_S (16 ms, a display frame; the first piece and the last go at once), so per-frame
+costs never limit tokens/s nor take much CPU from the generating threads.
 A piece is one sampled token, except where the backend holds text back (a character split over
 several tokens, text that may start a stop sequence) and yields it with a later token.
 
