@@ -152,3 +152,15 @@ def test_a_cpu_hive_whose_cores_a_busy_worker_takes_queues_rather_than_spawning(
     idle_other = [{**worker("w2", model="o/other:x.gguf"), "device": "cpu"}]
     d = place(infer(model=MODEL), [cpu_hive(2, idle_other, 100 * 2**20)], {})
     assert d.action is Action.SPAWN
+
+
+def test_a_worker_being_spawned_takes_its_cores_already() -> None:
+    # Another 100 MB model is being spawned on the 2-core hive: this one waits for it.
+    other = "o/other:x.gguf"
+    view = cpu_hive(2, [], 100 * 2**20)
+    view = HiveView(
+        view.name, workers=[], models=[*view.models, model(other, size=100 * 2**20)],
+        devices=view.devices, starting=[other],
+    )  # fmt: skip
+    d = place(infer(model=MODEL), [view], {})
+    assert d.action is Action.WAIT and "busy (or starting)" in d.reason, d.reason

@@ -138,6 +138,9 @@ class Queen:
         self._placing = trio.Lock()
         #: One download or spawn at a time per hive and model.
         self._spawning: dict[tuple[str, str], trio.Lock] = {}
+        #: Workers this queen decided to spawn, per hive and model, until the spawn is over:
+        #: their cores are taken from the decision on (the next job does not spawn beside one).
+        self._starting: Counter[tuple[str, str]] = Counter()
 
     @property
     def listener(self) -> Listener:
@@ -320,6 +323,8 @@ class Queen:
                 views = await self._hive_views(op)
                 async with self._placing:
                     decision = place(op, views, self._inflight)
+                    if decision.action is Action.SPAWN:  # its cores are taken from now on
+                        self._starting[decision.hive, str(decision.model)] += 1
                     if decision.action is Action.USE:
                         assert decision.worker is not None and decision.model is not None
                         self._inflight[decision.worker] += 1
@@ -371,6 +376,10 @@ class Queen:
                     op = ops.WorkerSpawn(model=decision.model, hive=link.name)
                 await self.hives.forward(job, op, link)  # seen at once: the next look uses it
         finally:
+            if decision.action is Action.SPAWN:
+                self._starting[key] -= 1
+                if self._starting[key] <= 0:
+                    del self._starting[key]
             if not lock.locked():  # nobody waits for it any more
                 self._spawning.pop(key, None)
 
@@ -393,6 +402,7 @@ class Queen:
                 workers=link.workers,
                 models=await self.hives.fresh_models(link),
                 devices=link.state.get("devices", []),
+                starting=[m for h, m in self._starting.elements() if h == link.name],
             )
             for link in links
         ]

@@ -48,6 +48,8 @@ class HiveView:
     workers: Sequence[Mapping[str, Any]]
     models: Sequence[Mapping[str, Any]]
     devices: Sequence[Mapping[str, Any]]
+    #: Models whose workers are being spawned there now (one entry per worker): busy already.
+    starting: Sequence[str] = ()
 
     @property
     def most_free_memory(self) -> int:
@@ -65,13 +67,14 @@ class HiveView:
         if not cores:
             return True
         sizes = {str(m.get("id")): int(m.get("size", 0)) for m in self.models}
-        taken = sum(
-            threads_for(sizes.get(str(w.get("model")), 0), cores)
+        busy = [
+            str(w.get("model"))
             for w in self.workers
             if w.get("device") == "cpu"
             and w.get("state") in _SERVING
             and (inflight.get(str(w.get("id")), 0) > 0 or int(w.get("busy", 0)) > 0)
-        )
+        ]
+        taken = sum(threads_for(sizes.get(m, 0), cores) for m in [*busy, *self.starting])
         return taken + threads_for(int(model["size"]), cores) <= cores
 
 
@@ -168,7 +171,7 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
         )
         why = f"every worker holding {model} is busy" if serving else f"no worker holds {model}"
         room = (
-            f"the CPU cores of hive {hive.name} are taken by busy workers"
+            f"the CPU cores of hive {hive.name} are taken by busy (or starting) workers"
             if fitting
             else "no hive has room for another"
         )
