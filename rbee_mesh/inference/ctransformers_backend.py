@@ -39,8 +39,6 @@ from rbee_mesh.inference.native import (
     PENALTY_WINDOW,
     GenerationParams,
     NativeModel,
-    context_size,
-    kv_budget,
     load_guarded,
     loadable,
     mix_seed,
@@ -120,8 +118,7 @@ class CtransformersBackend:
         return None
 
     def load(self, path: Path, device: str, ctx: int | None = None) -> CtransformersModel:
-        gpu, info = loadable(self, path, device)
-        n_ctx = context_size(info, ctx, kv_budget(info, device))
+        gpu, info, n_ctx = loadable(self, path, device, ctx)
         if gpu is not None and gpu > 0:
             raise MeshError(
                 ErrorCode.UNAVAILABLE,

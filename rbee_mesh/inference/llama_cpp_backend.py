@@ -26,8 +26,6 @@ from rbee_mesh.inference.gguf_file import GgufInfo
 from rbee_mesh.inference.native import (
     GenerationParams,
     NativeModel,
-    context_size,
-    kv_budget,
     load_guarded,
     loadable,
     threads_for,
@@ -101,8 +99,7 @@ class LlamaCppBackend:
         return None
 
     def load(self, path: Path, device: str, ctx: int | None = None) -> LlamaCppModel:
-        gpu, info = loadable(self, path, device)
-        n_ctx = context_size(info, ctx, kv_budget(info, device))
+        gpu, info, n_ctx = loadable(self, path, device, ctx)
         lib = _llama_cpp()
         if gpu is not None and not lib.llama_supports_gpu_offload():
             raise MeshError(

@@ -383,9 +383,12 @@ class NativeModel(abc.ABC):
         """Release the library's model and context."""
 
 
-def loadable(backend: Backend, path: Path, device: str) -> tuple[int | None, GgufInfo]:
-    """What a backend's `load` checks first: the GPU index of `device` (None for the CPU) and
-    the file's metadata, or MeshError(INVALID_REQUEST) if the backend refuses the file."""
+def loadable(
+    backend: Backend, path: Path, device: str, ctx: int | None
+) -> tuple[int | None, GgufInfo, int]:
+    """What a backend's `load` checks first: the GPU index of `device` (None for the CPU), the
+    file's metadata and the context to load it with (`ctx`, else `context_size` within
+    `kv_budget`), or MeshError(INVALID_REQUEST) if the backend refuses the file."""
     gpu = gpu_index(device)
     info = metadata(path).info
     refusal = backend.refuses(info)
@@ -393,7 +396,7 @@ def loadable(backend: Backend, path: Path, device: str) -> tuple[int | None, Ggu
         raise MeshError(
             ErrorCode.INVALID_REQUEST, f"{backend.name} cannot load {path.name}: {refusal}"
         )
-    return gpu, info
+    return gpu, info, context_size(info, ctx, kv_budget(info, device))
 
 
 def gpu_index(device: str) -> int | None:
