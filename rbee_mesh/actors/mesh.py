@@ -23,7 +23,6 @@ from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import Actor
-from rbee_mesh.protocol.constants import API_PORT, QUEEN_PORT
 from rbee_mesh.transport import (
     PUBSUB_OPTIONS,
     SocketOptions,
@@ -31,14 +30,6 @@ from rbee_mesh.transport import (
     open_listener,
     open_subscriber,
 )
-
-#: Where a queen serves keepers unless told otherwise: the LAN (CURVE admits only the keys it
-#: trusts), and with `--local-only` this machine alone.
-DEFAULT_QUEEN_BIND = f"tcp://0.0.0.0:{QUEEN_PORT}"
-LOCAL_QUEEN_BIND = f"tcp://127.0.0.1:{QUEEN_PORT}"
-#: Where a queen serves its OpenAI-compatible HTTP API unless told otherwise: this machine
-#: only, where it needs no API key.
-DEFAULT_API_BIND = f"127.0.0.1:{API_PORT}"
 
 _names = itertools.count(1)
 

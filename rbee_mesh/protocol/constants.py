@@ -21,6 +21,13 @@ API_PORT = 7834
 #: Where a queen reaches a hive (its ROUTER), and where the hive publishes its heartbeats (PUB).
 HIVE_PORT = 7835
 HEARTBEAT_PORT = 7836
+#: Where a queen serves keepers unless told otherwise: the LAN (CURVE admits only the keys it
+#: trusts), and with `--local-only` this machine alone.
+DEFAULT_QUEEN_BIND = f"tcp://0.0.0.0:{QUEEN_PORT}"
+LOCAL_QUEEN_BIND = f"tcp://127.0.0.1:{QUEEN_PORT}"
+#: Where a queen serves its OpenAI-compatible HTTP API unless told otherwise: this machine
+#: only, where it needs no API key.
+DEFAULT_API_BIND = f"127.0.0.1:{API_PORT}"
 
 # ---- frames -------------------------------------------------------------------------------------
 

@@ -54,7 +54,6 @@ from rbee_mesh.actors.hive.catalog import (
 from rbee_mesh.actors.narration import emit_record, narrate
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.files import fsync_dir
-from rbee_mesh.inference.gguf_file import model_facts
 from rbee_mesh.protocol import Level
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
 from rbee_mesh.units import human_bytes, human_duration
@@ -461,7 +460,15 @@ def _inspect(source: Path) -> tuple[dict[str, Any], int]:
     """The facts of the GGUF file `source` and its size; NOT_FOUND, or INVALID_REQUEST."""
     if not source.is_file():
         raise MeshError(ErrorCode.NOT_FOUND, f"no file {source}")
-    return model_facts(source), source.stat().st_size
+    return _model_facts(source), source.stat().st_size
+
+
+def _model_facts(path: Path) -> dict[str, Any]:
+    """`gguf_file.model_facts`, imported when a file is first read: gguf and numpy take 0.1 s
+    to import, which nothing that merely imports the hive (the command line) should pay."""
+    from rbee_mesh.inference.gguf_file import model_facts
+
+    return model_facts(path)
 
 
 class _Stopped(Exception):
@@ -470,7 +477,7 @@ class _Stopped(Exception):
 
 def _facts_or_none(path: Path) -> dict[str, Any] | None:
     try:
-        return model_facts(path)
+        return _model_facts(path)
     except MeshError as exc:
         log.warning("%s", exc.message)
         return None

@@ -47,7 +47,6 @@ from rbee_mesh.actors.trust import (
     pairing_keypair,
     pairing_proof,
 )
-from rbee_mesh.inference.backends import backends_for
 from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
@@ -364,6 +363,8 @@ class Hive:
         auto = op.backend == "auto"
         try:
             # What the file's metadata rules out, before a process starts for it.
+            from rbee_mesh.inference.backends import backends_for  # gguf, numpy: on first use
+
             _, refusals = await trio.to_thread.run_sync(backends_for, entry.path, op.backend)
         except MeshError as exc:
             if auto and exc.code is ErrorCode.INVALID_REQUEST:

@@ -24,22 +24,12 @@ import click
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.hive.hive import HiveConfig, default_hive_id
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, ServerUnreachable
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import daemon
-from rbee_mesh.actors.keeper.chat import chat_session
 from rbee_mesh.actors.keeper.client import join_queen, open_keeper
 from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operation
-from rbee_mesh.actors.keeper.demo import run_demo
-from rbee_mesh.actors.keeper.doctor import run_doctor
 from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
-from rbee_mesh.actors.mesh import (
-    DEFAULT_API_BIND,
-    DEFAULT_QUEEN_BIND,
-    LOCAL_QUEEN_BIND,
-    mesh_for_one_command,
-)
 from rbee_mesh.actors.queen.config import load_config, peer_spec
 from rbee_mesh.actors.trust import JoinToken, Role, Trust
 from rbee_mesh.protocol import (
@@ -59,9 +49,12 @@ from rbee_mesh.protocol import (
 from rbee_mesh.protocol import operations as ops
 from rbee_mesh.protocol.constants import (
     API_PORT,
+    DEFAULT_API_BIND,
+    DEFAULT_QUEEN_BIND,
     HEARTBEAT_PORT,
     HEARTBEAT_S,
     HIVE_PORT,
+    LOCAL_QUEEN_BIND,
     MAX_HEARTBEAT_S,
     MIN_HEARTBEAT_S,
 )
@@ -86,6 +79,13 @@ _EXIT_FOR_CODE = {
     ErrorCode.FORBIDDEN: EXIT_FORBIDDEN,
     ErrorCode.CANCELLED: EXIT_CANCELLED,
 }
+
+
+def _this_machine() -> str:
+    """This machine's hive id (the hive's code is imported only when a command needs it)."""
+    from rbee_mesh.actors.hive.hive import default_hive_id
+
+    return default_hive_id()
 
 
 def exit_code_for(terminal: Message | None) -> int:
@@ -229,6 +229,8 @@ def demo(cli: Cli) -> None:
     cancelled job, a job past its deadline, and the job list, with a timing summary. Needs
     nothing running; its state is kept in ~/.cache/rbee-mesh/demo, and yours is not touched.
     """
+    from rbee_mesh.actors.keeper.demo import run_demo  # the actors: only for the demo
+
     ok = trio.run(run_demo, cli.renderer(), daemon.state_dir())
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
 
@@ -275,6 +277,8 @@ def doctor(cli: Cli, discovery: bool) -> None:
     Checks the queen, multicast on this machine, what mDNS announces against what the queen has
     linked, and for each hive: liveness, its port from here, its protocol, its clock.
     """
+    from rbee_mesh.actors.keeper.doctor import run_doctor
+
     doctor = functools.partial(run_doctor, cli.endpoint, discovery=discovery, trust=cli.trust)
     checks = trio.run(doctor)
     for check in checks:
@@ -366,6 +370,8 @@ async def _chat(cli: Cli, turn: ops.Infer) -> int:
     renderer = cli.renderer()
     try:
         async with _keeper_here(cli, renderer) as keeper:
+            from rbee_mesh.actors.keeper.chat import chat_session
+
             return await chat_session(keeper, turn, renderer)
     except ServerUnreachable as exc:
         renderer.problem(exc.code, exc.message)
@@ -381,6 +387,8 @@ async def _keeper_here(cli: Cli, renderer: Renderer) -> AsyncIterator[JobClient]
         async with open_keeper(cli.endpoint, trust=cli.trust) as keeper:
             yield keeper
         return
+    from rbee_mesh.actors.mesh import mesh_for_one_command  # a queen and a hive: only here
+
     hive = daemon.read_info("hive")
     where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, integrated"
     renderer.note(f"no queen is running: starting one in this process, with {where}")
@@ -403,7 +411,7 @@ def keeper_join(cli: Cli, token: str) -> None:
     """Join the queen that printed TOKEN (`rbee-mesh queen invite --for keeper`; - reads it
     from stdin): from then on this command talks to that queen (unless --queen says otherwise,
     or a queen runs here)."""
-    _join(cli, token, f"keeper-{default_hive_id()}")
+    _join(cli, token, f"keeper-{_this_machine()}")
 
 
 def _join(cli: Cli, text: str, name: str, control_port: int | None = None) -> None:
@@ -556,7 +564,7 @@ def hive() -> None:
 @click.option(
     "--id",
     "hive_id",
-    default=default_hive_id,
+    default=lambda: _this_machine(),
     show_default="this machine's name",
     help="The hive's name in the mesh.",
 )
@@ -588,6 +596,8 @@ def hive_start(
     if token is not None:
         _join(cli, token, hive_id, control_port=parse_endpoint(bind).port)
     if foreground:
+        from rbee_mesh.actors.hive.hive import HiveConfig
+
         config = HiveConfig(
             state_dir=daemon.state_dir(),
             hive_id=hive_id,

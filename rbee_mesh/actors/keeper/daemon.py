@@ -21,16 +21,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
-from rbee_mesh.actors.jobserver import ServerConfig
-from rbee_mesh.actors.mesh import DEFAULT_API_BIND, integrated_hive_config, running_queen
-from rbee_mesh.actors.queen.config import load_config, peer_spec
-from rbee_mesh.actors.trust import Trust
-from rbee_mesh.protocol.constants import HEARTBEAT_S
+from rbee_mesh.protocol.constants import DEFAULT_API_BIND, HEARTBEAT_S
+
+if TYPE_CHECKING:  # the actors are imported by the daemon that runs them, not by every command
+    from rbee_mesh.actors.hive.hive import HiveConfig
 
 log = logging.getLogger("rbee_mesh.daemon")
 
@@ -197,6 +196,12 @@ async def serve_queen_forever(
 
     With `record`, the daemon info file says where this queen listens while it does.
     """
+    from rbee_mesh.actors.jobserver import ServerConfig
+    from rbee_mesh.actors.mesh import integrated_hive_config, running_queen
+    from rbee_mesh.actors.queen.api import serving_api  # HTTP: in the queen's process only
+    from rbee_mesh.actors.queen.config import load_config, peer_spec
+    from rbee_mesh.actors.trust import Trust
+
     config = ServerConfig(heartbeat_s=heartbeat_s)
     trust = Trust.load(state_dir())
     hive = integrated_hive_config(state_dir(), config, trust) if integrated else None
@@ -211,8 +216,6 @@ async def serve_queen_forever(
         # the collector need not walk it again. At 1,000 hives each full collection walked it
         # for 100-165 ms, during which the queen answered nothing.
         gc.freeze()
-        from rbee_mesh.actors.queen.api import serving_api  # HTTP: in the queen's process only
-
         async with AsyncExitStack() as stack:
             url = "" if api is None else await stack.enter_async_context(serving_api(queen, api))
             with recorded("queen", queen.listener.endpoint, api=url, enabled=record):
@@ -221,6 +224,8 @@ async def serve_queen_forever(
 
 async def serve_hive_forever(config: HiveConfig, record: bool) -> None:
     """`hive start --foreground`: serve until SIGTERM or SIGINT; workers are stopped on the way."""
+    from rbee_mesh.actors.hive.hive import running_hive
+
     async with running_hive(config) as hive:
         endpoint = hive.server.listener.endpoint
         with recorded("hive", endpoint, ident=hive.id, enabled=record):
