@@ -55,6 +55,9 @@ from rbee_mesh.transport import EndpointError, HttpBind, local_endpoint_for, par
 
 log = logging.getLogger("rbee_mesh.api")
 
+#: How long the CANCEL of a job whose client went away may wait to be sent.
+CANCEL_SEND_S = 2.0
+
 
 class Api:
     """The ASGI application: routes, keys, and each request as a job of `client`."""
@@ -321,8 +324,10 @@ def _raise_for(terminal: Message, asked: openai.Request) -> None:
 
 
 async def _cancel_unless_ended(job: ClientJob) -> None:
+    """Cancel the job of a request that went away, even from a cancelled task (shielded), but
+    not for longer than a CANCEL takes to leave (a connection being made again holds it)."""
     if job.terminal is None:
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(CANCEL_SEND_S, shield=True):
             await job.cancel("the HTTP client disconnected")
 
 
