@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
@@ -168,38 +169,31 @@ class Api:
             if not asked.stream:
                 return JSONResponse(openai.response(asked, job.job_id, result))
         token = first if isinstance(first, Token) else None
-        return StreamingResponse(
-            self._stream(job, asked, token), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )  # fmt: skip
+        return _JobStream(job, self._stream(job, asked, token))
 
     async def _stream(
         self, job: ClientJob, asked: openai.Request, first: Token | None
     ) -> AsyncIterator[str]:
-        """The job as server-sent events, from its first token on. Starlette cancels this when
-        the client disconnects: the job is cancelled then."""
+        """The job as server-sent events, from its first token on."""
+        if asked.kind == "chat":
+            yield _event(openai.chunk(asked, job.job_id, "", first=True))
+        if first is not None:
+            yield _event(openai.chunk(asked, job.job_id, first.text))
+        async for message in job:
+            if isinstance(message, Token):
+                yield _event(openai.chunk(asked, job.job_id, message.text))
+            elif isinstance(message, Narration):
+                _log_narration(job, message)
         try:
-            if asked.kind == "chat":
-                yield _event(openai.chunk(asked, job.job_id, "", first=True))
-            if first is not None:
-                yield _event(openai.chunk(asked, job.job_id, first.text))
-            async for message in job:
-                if isinstance(message, Token):
-                    yield _event(openai.chunk(asked, job.job_id, message.text))
-                elif isinstance(message, Narration):
-                    _log_narration(job, message)
-            try:
-                result = _result(job, asked)
-            except ApiError as exc:  # the status was sent already: an error event says it
-                yield _event(exc.body())
-            else:
-                reason = openai.finish_reason(result)
-                yield _event(openai.chunk(asked, job.job_id, reason=reason))
-                if asked.include_usage:
-                    yield _event(openai.usage_chunk(asked, job.job_id, result))
-            yield "data: [DONE]\n\n"
-        finally:
-            await _cancel_unless_ended(job)
+            result = _result(job, asked)
+        except ApiError as exc:  # the status was sent already: an error event says it
+            yield _event(exc.body())
+        else:
+            reason = openai.finish_reason(result)
+            yield _event(openai.chunk(asked, job.job_id, reason=reason))
+            if asked.include_usage:
+                yield _event(openai.usage_chunk(asked, job.job_id, result))
+        yield "data: [DONE]\n\n"
 
     def _authorize(self, request: HttpRequest) -> None:
         if not self.require_key:
@@ -321,6 +315,25 @@ def _raise_for(terminal: Message, asked: openai.Request) -> None:
         raise ApiError.of(MeshError(terminal.code, terminal.message), model=asked.model)
     if isinstance(terminal, Cancelled):
         raise ApiError.of(MeshError(ErrorCode.CANCELLED, terminal.reason))
+
+
+class _JobStream(StreamingResponse):
+    """A job's server-sent events. However the response ends (Starlette cancels it when the
+    client disconnects, also while it waits to send), the job is cancelled then if it has not
+    ended: the worker is free at once, not when the stream's generator is collected."""
+
+    def __init__(self, job: ClientJob, events: AsyncIterator[str]) -> None:
+        super().__init__(
+            events, media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )  # fmt: skip
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _cancel_unless_ended(self.job)
 
 
 async def _cancel_unless_ended(job: ClientJob) -> None:
