@@ -323,8 +323,9 @@ class Queen:
                 views = await self._hive_views(op)
                 async with self._placing:
                     decision = place(op, views, self._inflight)
+                    starting = (decision.hive, str(decision.model))
                     if decision.action is Action.SPAWN:  # its cores are taken from now on
-                        self._starting[decision.hive, str(decision.model)] += 1
+                        self._starting[starting] += 1
                     if decision.action is Action.USE:
                         assert decision.worker is not None and decision.model is not None
                         self._inflight[decision.worker] += 1
@@ -350,7 +351,13 @@ class Queen:
                     with trio.move_on_after(self.server.config.heartbeat_s):
                         await self._released.wait_transition()
                     continue
-                await self._provide(job, decision)
+                try:
+                    await self._provide(job, decision)
+                finally:
+                    if decision.action is Action.SPAWN:  # spawned, or not: counted no more
+                        self._starting[starting] -= 1
+                        if self._starting[starting] <= 0:
+                            del self._starting[starting]
         finally:
             if queued:
                 self._queue.remove(job)
@@ -376,10 +383,6 @@ class Queen:
                     op = ops.WorkerSpawn(model=decision.model, hive=link.name)
                 await self.hives.forward(job, op, link)  # seen at once: the next look uses it
         finally:
-            if decision.action is Action.SPAWN:
-                self._starting[key] -= 1
-                if self._starting[key] <= 0:
-                    del self._starting[key]
             if not lock.locked():  # nobody waits for it any more
                 self._spawning.pop(key, None)
 
