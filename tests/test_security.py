@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,15 @@ class Secured:
         assert done.returncode == 0, done.stderr
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
+    def hives_until(self, ok: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+        """`hive list` as the owner sees it, once `ok` holds of it: the queen is another
+        process, whose state is polled (within 30 s)."""
+        deadline = time.monotonic() + 30
+        while not ok(rows := self.owner("hive", "list")):
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.05)
+        return rows
+
     def assert_serving(self) -> None:
         """The trusted mesh still works: h1 is live, heard within a second, and runs a job."""
         [row] = self.owner("hive", "list")
@@ -212,10 +221,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             assert joined.returncode == 0, joined.stderr
             s.queen_key = Trust.load(s.home("q")).public
             s.hive_key = Trust.load(s.home("h1")).public
-            deadline = time.monotonic() + 30
-            while s.owner("hive", "list")[0]["liveness"] != "live":  # another process: polled
-                assert time.monotonic() < deadline, "h1 never came live"
-                time.sleep(0.05)
+            s.hives_until(lambda rows: rows[0]["liveness"] == "live")
             yield s
         finally:
             for host, what in (("q", "queen"), ("h1", "hive")):
@@ -358,12 +364,7 @@ def test_a_hive_announcing_a_trusted_name_with_another_key_is_pending_and_sent_n
     try:
         assert impostor.stdout is not None and impostor.stdin is not None
         twin = json.loads(impostor.stdout.readline())["fingerprint"]
-        deadline = time.monotonic() + 30
-        rows: list[dict[str, Any]] = []
-        while not any(r["liveness"] == "pending" for r in rows):  # another process: polled
-            assert time.monotonic() < deadline, rows
-            rows = secured.owner("hive", "list")
-            time.sleep(0.05)
+        rows = secured.hives_until(lambda rows: any(r["liveness"] == "pending" for r in rows))
         impostor.stdin.close()
         counted = json.loads(impostor.stdout.readline())
     finally:

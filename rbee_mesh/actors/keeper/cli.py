@@ -58,7 +58,6 @@ from rbee_mesh.protocol.constants import (
     MAX_HEARTBEAT_S,
     MIN_HEARTBEAT_S,
 )
-from rbee_mesh.protocol.operations import HivePair
 from rbee_mesh.transport import EndpointError, local_endpoint_for, parse_endpoint, parse_http_bind
 
 EXIT_OK = 0
@@ -654,7 +653,7 @@ def hive_pair(cli: Cli, ttl_s: float) -> None:
     there as pending, found on the LAN). The code is good once, for --ttl seconds."""
     info = _local_daemon(cli, "hive")
     cli.queen = local_endpoint_for(info.endpoint)
-    cli.run_job(HivePair(ttl_s=ttl_s))
+    cli.run_job(ops.HivePair(ttl_s=ttl_s))
 
 
 def _add_stop(group: click.Group, name: str, help: str) -> None:

@@ -90,9 +90,10 @@ def _small_instruct(catalog: Catalog) -> ModelEntry | None:
         if e.status is ModelStatus.AVAILABLE
         and (e.gguf or {}).get("chat_template")
         and e.size <= BORROW_MAX_BYTES
-        and _runs_here(e.path)
     ]
-    return min(fits, key=lambda e: (e.id != REAL_MODEL, e.size), default=None)
+    # The file's metadata is read (slow for a large vocabulary) only until one runs here.
+    ranked = sorted(fits, key=lambda e: (e.id != REAL_MODEL, e.size))
+    return next((e for e in ranked if _runs_here(e.path)), None)
 
 
 def _runs_here(path: Path) -> bool:

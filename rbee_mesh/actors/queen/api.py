@@ -41,10 +41,6 @@ from rbee_mesh.actors.runtime import single_errors
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     MAX_BODY_BYTES,
-    Cancelled,
-    Done,
-    Error,
-    ErrorCode,
     MeshError,
     Message,
     Narration,
@@ -305,16 +301,12 @@ async def _until(job: ClientJob, request: HttpRequest, *, first_token: bool) -> 
 def _result(job: ClientJob, asked: openai.Request) -> dict[str, Any]:
     """The result of the ended `job`, or the ApiError of its end."""
     assert job.terminal is not None
-    _raise_for(job.terminal, asked)
-    assert isinstance(job.terminal, Done) and isinstance(job.terminal.result, dict)
-    return job.terminal.result
-
-
-def _raise_for(terminal: Message, asked: openai.Request) -> None:
-    if isinstance(terminal, Error):
-        raise ApiError.of(MeshError(terminal.code, terminal.message), model=asked.model)
-    if isinstance(terminal, Cancelled):
-        raise ApiError.of(MeshError(ErrorCode.CANCELLED, terminal.reason))
+    try:
+        result = outcome(job.terminal, "the mesh")
+    except MeshError as exc:
+        raise ApiError.of(exc, model=asked.model) from None
+    assert isinstance(result, dict)
+    return result
 
 
 class _JobStream(StreamingResponse):

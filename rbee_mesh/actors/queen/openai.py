@@ -123,11 +123,6 @@ def chat_request(body: Any) -> Request:
     return _request(body, "chat", prompt=prompt, chat=True, history=tuple(turns[:-1]))
 
 
-def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    if _given(body, "logit_bias"):
-        raise invalid("logit_bias", "logit_bias is not supported by this server")
-
-
 def completion_request(body: Any) -> Request:
     """A `POST /v1/completions` body read; ApiError (400) naming what is wrong."""
     body = _object(body)
@@ -158,6 +153,8 @@ def _request(
     n = body.get("n")
     if n not in (None, 1):
         raise invalid("n", f"n must be 1: this server generates one choice per request, not {n!r}")
+    if _given(body, "logit_bias"):
+        raise invalid("logit_bias", "logit_bias is not supported by this server")
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, Mapping):
@@ -169,7 +166,6 @@ def _request(
     limit = body.get(which)
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_TOKENS:
         limit = MAX_TOKENS  # a client's "as much as it takes": the context ends it first
-    _refuse_unsupported(body)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
