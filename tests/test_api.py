@@ -28,6 +28,7 @@ from rbee_mesh.actors.queen import openai as shapes
 from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import Done, ErrorCode, MeshError, Ping
+from rbee_mesh.protocol.constants import DEFAULT_SLOTS
 from tests.conftest import FAST_QUEEN, Served, serving_a_mesh
 
 MODEL = "rbee-test/tiny:tiny.gguf"
@@ -213,11 +214,15 @@ async def test_a_request_no_worker_can_take_with_the_queue_full_is_a_429(
             client = served.client()
             with trio.fail_after(60):
                 held = {"stream": True, "max_tokens": 2000, "temperature": 0}  # greedy: no EOS
-                stream = await call(lambda: chat(client, **held))
-                await call(lambda: next(c for c in stream if c.choices[0].delta.content))
+                streams = []
+                for _ in range(DEFAULT_SLOTS):  # every slot of the worker the first one spawns
+                    stream = await call(lambda: chat(client, **held))
+                    await call(lambda: next(c for c in stream if c.choices[0].delta.content))  # noqa: B023
+                    streams.append(stream)
                 with pytest.raises(openai.RateLimitError) as refused:
                     await call(lambda: chat(client, max_tokens=2))
-                await call(stream.close)
+                for stream in streams:
+                    await call(stream.close)
     finally:
         os.sched_setaffinity(0, cores)
     assert "the queue is full" in refused.value.body["message"]  # type: ignore[index]
@@ -331,10 +336,10 @@ async def test_concurrent_requests_are_all_served(served: Served) -> None:
     assert [j["state"] for j in served.finished()] == ["done"] * 3
 
 
-async def _worker(served: Served, state: str) -> None:
-    """Wait until the hive has one worker, in `state`."""
+async def _worker(served: Served, busy: int) -> None:
+    """Wait until the hive has one worker, running `busy` jobs."""
     pool = served.hive.pool
-    await pool.revision.wait_value(lambda _: [w.state.value for w in pool.list()] == [state])
+    await pool.revision.wait_value(lambda _: [w.busy for w in pool.list()] == [busy])
 
 
 async def test_a_client_that_disconnects_from_a_stream_cancels_its_job(served: Served) -> None:
@@ -349,7 +354,7 @@ async def test_a_client_that_disconnects_from_a_stream_cancels_its_job(served: S
     with trio.fail_after(60):
         chunk_id = await call(read_a_token_and_leave)
         await served.queen.server.job_count.wait_value(0)
-        await _worker(served, "ready")
+        await _worker(served, 0)
     [job] = served.finished()
     assert chunk_id == f"chatcmpl-{job['id']}"
     assert job["state"] == "cancelled", job
@@ -365,10 +370,10 @@ async def test_a_client_that_disconnects_while_waiting_cancels_its_job(served: S
     with trio.fail_after(60):
         stream = await trio.open_tcp_stream(host, int(port))
         await stream.send_all(request)
-        await _worker(served, "busy")  # generating
+        await _worker(served, 1)  # generating
         await stream.aclose()
         await served.queen.server.job_count.wait_value(0)
-        await _worker(served, "ready")
+        await _worker(served, 0)
     [job] = served.finished()
     assert job["state"] == "cancelled", job
 

@@ -97,10 +97,10 @@ def test_backend_loads_tiny_model_and_generates_exactly_max_tokens(
         assert why == f"{backend}: loads llama; named"
         assert model.info.architecture == "llama"
         for max_tokens in (1, 12):
-            text = "".join(model.generate(PROMPT, GenerationParams(max_tokens=max_tokens, seed=3)))
-            assert text
+            stream = model.generate(PROMPT, GenerationParams(max_tokens=max_tokens, seed=3))
+            assert "".join(stream)
             # No end-of-sequence within 12 tokens for this seed, on either backend.
-            assert model.generated_tokens == max_tokens  # type: ignore[attr-defined]
+            assert stream.sampled == max_tokens
     finally:
         model.close()
 
@@ -211,19 +211,36 @@ def test_closing_a_generation_early_frees_the_model_for_the_next(tiny: Path, bac
         model.close()
 
 
-def test_a_new_generation_takes_over_from_an_unfinished_one(tiny: Path, backend: str) -> None:
+def test_a_generation_beyond_the_model_s_sequences_is_busy_until_one_ends(
+    tiny: Path, backend: str
+) -> None:
     model, _ = load_model(tiny, "cpu", backend)
     try:
+        assert model.sequences == 1
         params = GenerationParams(max_tokens=20, seed=5)
-        whole = "".join(model.generate(PROMPT, params))
-        abandoned = model.generate(PROMPT, params)
-        next(abandoned)
-        assert "".join(model.generate(PROMPT, params)) == whole
+        running = model.generate(PROMPT, params)
+        next(running)
         with pytest.raises(MeshError) as caught:
-            next(abandoned)
-        assert caught.value.code == ErrorCode.CONFLICT
+            model.generate(PROMPT, params)
+        assert caught.value.code == ErrorCode.BUSY
+        running.close()
+        assert "".join(model.generate(PROMPT, params))
     finally:
         model.close()
+
+
+def test_llama_cpp_runs_as_many_sequences_as_asked_ctransformers_one(tiny: Path) -> None:
+    for backend, served in (("llama-cpp", 3), ("ctransformers", 1)):
+        model, _ = load_model(tiny, "cpu", backend, sequences=3)
+        try:
+            assert model.sequences == served
+            per_position = metadata(tiny).kv_bytes_per_position
+            assert model.memory == {
+                "weights": tiny.stat().st_size,
+                "kv_cache": per_position * model.n_ctx * served,
+            }
+        finally:
+            model.close()
 
 
 def test_generation_stops_when_the_context_is_full(tiny: Path, backend: str) -> None:
@@ -232,8 +249,9 @@ def test_generation_stops_when_the_context_is_full(tiny: Path, backend: str) -> 
         prompt = "x" * 240  # BOS, "▁x", then 239 "x"
         room = 256 - model.count_tokens(prompt)
         assert 0 < room < 30
-        "".join(model.generate(prompt, GenerationParams(max_tokens=500, seed=1)))
-        assert model.generated_tokens <= room  # type: ignore[attr-defined]
+        stream = model.generate(prompt, GenerationParams(max_tokens=500, seed=1))
+        "".join(stream)
+        assert stream.sampled <= room
     finally:
         model.close()
 
@@ -298,10 +316,11 @@ def test_tokens_per_second_is_measured(tiny: Path, backend: str) -> None:
         for seed in range(1, 11):  # some generations meet end-of-sequence early
             params = GenerationParams(max_tokens=200, temperature=1.0, seed=seed)
             start = time.perf_counter()
-            for _ in model.generate("Hi", params):
+            stream = model.generate("Hi", params)
+            for _ in stream:
                 pass
             elapsed += time.perf_counter() - start
-            count += model.generated_tokens  # type: ignore[attr-defined]
+            count += stream.sampled
         rate = f"{count} tokens in {elapsed * 1000:.1f} ms: {count / elapsed:.0f} tok/s"
         print(f"\n{backend}: {rate}")
         assert count > 0

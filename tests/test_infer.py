@@ -168,9 +168,9 @@ async def test_jobs_for_a_busy_worker_queue_with_their_position_and_a_full_queue
 ) -> None:
     _, keeper = mesh
     with trio.fail_after(60):
-        first, _ = await run(keeper, Infer(prompt="Hi", model=MODEL, max_tokens=2))
-        assert isinstance(first.terminal, Done)
-        worker = first.terminal.result["worker"]
+        spawned = await (await keeper.submit(WorkerSpawn(model=MODEL, slots=1))).end()
+        assert isinstance(spawned, Done), spawned
+        worker = spawned.result["id"]
         pinned = {"prompt": "Hello", "model": MODEL, "worker": worker}
         busy = await keeper.submit(Infer(**pinned, **LONG))  # type: ignore[arg-type]
         async for message in busy:

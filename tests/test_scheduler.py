@@ -154,6 +154,19 @@ def test_a_cpu_hive_whose_cores_a_busy_worker_takes_queues_rather_than_spawning(
     assert d.action is Action.SPAWN
 
 
+def test_a_batch_with_a_free_sequence_is_filled_before_a_worker_is_spawned() -> None:
+    batching = [{**worker("w1", state="busy", slots=4), "device": "cpu"}]
+    # A small model: a core is free for a second worker, but the first has sequences free.
+    for inflight in (1, 3):
+        d = place(infer(model=MODEL), [cpu_hive(2, batching, 10 * 2**20)], {"w1": inflight})
+        assert (d.action, d.worker) == (Action.USE, "w1"), d.reason
+    # Its batch full: a second worker only on cores of its own, else the job waits.
+    d = place(infer(model=MODEL), [cpu_hive(2, batching, 10 * 2**20)], {"w1": 4})
+    assert d.action is Action.SPAWN
+    d = place(infer(model=MODEL), [cpu_hive(2, batching, 100 * 2**20)], {"w1": 4})
+    assert d.action is Action.WAIT and "CPU cores of hive a are taken" in d.reason, d.reason
+
+
 def test_a_worker_being_spawned_takes_its_cores_already() -> None:
     # Another 100 MB model is being spawned on the 2-core hive: this one waits for it.
     other = "o/other:x.gguf"

@@ -57,6 +57,7 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
+from rbee_mesh.protocol.constants import DEFAULT_SLOTS
 from rbee_mesh.transport import Connection
 from tests.keyed import NODE, open_connection
 from tests.skips import needs
@@ -277,7 +278,7 @@ async def test_run_job_streams_tokens_in_order_and_the_text_is_their_concatenati
     assert re.fullmatch(r"300 tokens in [0-9.]+ s \([0-9.]+ tok/s\)", last.human)
     # The slot is free again, and the pool says so.
     after = pool.get(record.id)
-    assert (after.state, after.busy, after.slots) == (WorkerState.READY, 0, 1)
+    assert (after.state, after.busy, after.slots) == (WorkerState.READY, 0, DEFAULT_SLOTS)
 
 
 async def test_same_seed_gives_the_same_text_and_another_seed_another(
@@ -479,7 +480,7 @@ async def test_pool_refuses_a_job_for_a_full_worker_and_lists_only_workers_with_
     pool: WorkerPool, model: Path
 ) -> None:
     with trio.fail_after(30):
-        record = await pool.spawn(model_id="tiny", model_path=model, device="cpu")
+        record = await pool.spawn(model_id="tiny", model_path=model, device="cpu", slots=1)
         assert [w.id for w in pool.idle_workers("tiny")] == [record.id]
         assert [w.id for w in pool.idle_workers()] == [record.id]
         assert pool.idle_workers("other") == []

@@ -57,10 +57,11 @@ BACKENDS: dict[str, Backend] = {
 
 
 def load_model(
-    path: Path, device: str, backend: str = "auto", ctx: int | None = None
+    path: Path, device: str, backend: str = "auto", ctx: int | None = None, sequences: int = 1
 ) -> tuple[LoadedModel, str]:
-    """Load the model at `path` with `backend` ("auto" tries each of BACKENDS in order), with
-    `ctx` tokens of context (None: the model's own, within a memory budget).
+    """Load the model at `path` with `backend` ("auto" tries each of BACKENDS in order), for up
+    to `sequences` generations at once (llama-cpp batches them; ctransformers runs one), each
+    with `ctx` tokens of context (None: the model's own, within a memory budget).
 
     Returns the model and one line saying which backend loads it and why that one.
     """
@@ -79,7 +80,8 @@ def load_model(
             raise MeshError(
                 ErrorCode.INVALID_REQUEST, f"{backend} cannot load {Path(path).name}: {refusal}"
             )
-        return chosen.load(Path(path), device, ctx), f"{backend}: loads {info.architecture}; named"
+        model = chosen.load(Path(path), device, ctx, sequences)
+        return model, f"{backend}: loads {info.architecture}; named"
 
     passed: list[str] = []
     #: Backends not installed here that the file's metadata does not rule out.
@@ -95,7 +97,7 @@ def load_model(
             passed.append(missing)
             continue
         try:
-            model = candidate.load(Path(path), device, ctx)
+            model = candidate.load(Path(path), device, ctx, sequences)
         except MeshError as exc:
             if exc.code != ErrorCode.INVALID_REQUEST:
                 raise

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,11 @@ class CtransformersBackend:
             return f"the {info.file_type} quantisation is newer than ctransformers 0.2.27"
         return None
 
-    def load(self, path: Path, device: str, ctx: int | None = None) -> CtransformersModel:
-        gpu, info, n_ctx = loadable(self, path, device, ctx)
+    def load(
+        self, path: Path, device: str, ctx: int | None = None, sequences: int = 1
+    ) -> CtransformersModel:
+        # One sequence, whatever was asked: its C API evaluates one context.
+        gpu, info, n_ctx = loadable(self, path, device, ctx, 1)
         if gpu is not None and gpu > 0:
             raise MeshError(
                 ErrorCode.UNAVAILABLE,
@@ -153,12 +156,14 @@ class CtransformersBackend:
 
 
 class CtransformersModel(NativeModel):
-    """A model loaded by ctransformers, driven through its C functions."""
+    """A model loaded by ctransformers, driven through its C functions: one generation at a
+    time (its C API has one context and no sequences)."""
 
     backend = "ctransformers"
 
     def __init__(self, llm: Any, info: GgufInfo, threads: int) -> None:
-        super().__init__(info, int(llm.context_length))
+        n_ctx = int(llm.context_length)
+        super().__init__(info, n_ctx, sequences=1, cache_positions=n_ctx)
         self._llm: Any = llm
         self._threads = threads
         self._vocab_size = int(llm.vocab_size)
@@ -180,8 +185,14 @@ class CtransformersModel(NativeModel):
             os.abort()
         return buffer[:count]
 
+    def _start(
+        self, tokens: list[int], params: GenerationParams, budget: int
+    ) -> tuple[Generator[bytes, None, None], Callable[[], None]]:
+        # Its one context is rewritten from the prompt on by the next generation's first step.
+        return self._pieces(tokens, params, budget), lambda: None
+
     def _pieces(
-        self, tokens: list[int], params: GenerationParams, ticket: int, budget: int
+        self, tokens: list[int], params: GenerationParams, budget: int
     ) -> Generator[bytes, None, None]:
         if params.presence_penalty or params.frequency_penalty:
             raise MeshError(
@@ -198,7 +209,7 @@ class CtransformersModel(NativeModel):
         history = list(tokens)
         for step in range(budget):
             with self._lock:
-                self._check_current(ticket)
+                self._check_open()
                 fresh = history if step == 0 else history[-1:]
                 n_past = len(history) - len(fresh)
                 batch = (ctypes.c_int * len(fresh))(*fresh)
@@ -223,7 +234,6 @@ class CtransformersModel(NativeModel):
                     return
                 piece = bytes(llm.ctransformers_llm_detokenize(token))
                 history.append(token)
-                self.generated_tokens += 1
             yield piece
 
     def _free(self) -> None:

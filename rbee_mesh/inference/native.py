@@ -19,7 +19,7 @@ import functools
 import os
 import secrets
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,33 +94,35 @@ class GenerationParams:
 
 
 class LoadedModel(Protocol):
-    """A model a backend has loaded. One generation at a time; a thread may run it."""
+    """A model a backend has loaded: up to `sequences` generations at once, from any threads."""
 
     #: "ctransformers" or "llama-cpp".
     backend: str
     info: GgufInfo
-    #: The context the model was loaded with (prompt plus generated tokens), in tokens.
+    #: The context each generation has (prompt plus generated tokens), in tokens.
     n_ctx: int
-    #: Tokens sampled by the latest generate() call so far (its text may be held back).
-    generated_tokens: int
+    #: Generations it runs at once: sequences of one batch (llama-cpp), or 1 (ctransformers).
+    sequences: int
+    #: What it holds in memory, in bytes: {"weights": ..., "kv_cache": ...} (every sequence's).
+    memory: dict[str, int]
 
     def count_tokens(self, text: str) -> int:
         """The tokens `text` takes as a prompt, the BOS token included."""
         ...
 
-    def generate(self, prompt: str, params: GenerationParams) -> Generator[str, None, None]:
+    def generate(self, prompt: str, params: GenerationParams) -> TextStream:
         """The generated text, one item per sampled token: its text, or "" while the text is
         held back (part of a UTF-8 character, or what may begin a stop sequence).
 
         Ends at max_tokens, end of sequence, a full context, or a stop sequence (which is not
-        yielded, nor anything after it). Closing the iterator early frees the model at once; a
-        new generate() call also takes the model over from an unfinished one. Raises MeshError
-        (INVALID_REQUEST) when the prompt does not fit the context.
+        yielded, nor anything after it). Closing the stream early frees its sequence at once.
+        Raises MeshError: INVALID_REQUEST when the prompt does not fit the context, BUSY when
+        `sequences` generations are running already.
         """
         ...
 
     def close(self) -> None:
-        """Free the model. Waits for a token being computed; later calls raise MeshError."""
+        """Free the model. Waits for a step being computed; later calls raise MeshError."""
         ...
 
 
@@ -137,9 +139,12 @@ class Backend(Protocol):
         """None if this backend can load the file `info` describes; else why not."""
         ...
 
-    def load(self, path: Path, device: str, ctx: int | None = None) -> LoadedModel:
+    def load(
+        self, path: Path, device: str, ctx: int | None = None, sequences: int = 1
+    ) -> LoadedModel:
         """Load the model at `path` onto `device` ("cpu" or "cuda:N"), with `ctx` tokens of
-        context (None: `context_size`'s default).
+        context per sequence (None: `context_size`'s default, the budget shared by `sequences`),
+        for up to `sequences` generations at once (a backend may serve fewer: its `sequences`).
 
         Raises MeshError: INVALID_REQUEST if the file cannot be loaded, UNAVAILABLE if the
         library, the device or the memory is missing.
@@ -315,19 +320,65 @@ def mix_seed(seed: int, stream: int) -> int:
     return z ^ (z >> 31)
 
 
+class TextStream:
+    """One generation's text (`stream_text` over the backend's token bytes), one item per
+    sampled token, with the count of tokens sampled so far. Closing it (or reaching its end)
+    gives the generation's sequence back to the model at once."""
+
+    def __init__(
+        self,
+        pieces: Generator[bytes, None, None],
+        stop: tuple[str, ...],
+        release: Callable[[], None],
+    ) -> None:
+        #: Tokens the backend has sampled so far (end of sequence not counted).
+        self.sampled = 0
+        self._release: Callable[[], None] | None = release
+        self._text = stream_text(self._counted(pieces), stop)
+
+    def _counted(self, pieces: Generator[bytes, None, None]) -> Generator[bytes, None, None]:
+        try:
+            for piece in pieces:
+                self.sampled += 1
+                yield piece
+        finally:
+            pieces.close()
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._text)
+        except BaseException:  # its end, an error: either way the sequence is free
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._text.close()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class NativeModel(abc.ABC):
-    """What both backends' models share: the lock, taking over, closing, the prompt check."""
+    """What both backends' models share: the prompt check, the count of running generations,
+    closing."""
 
     backend: str
 
-    def __init__(self, info: GgufInfo, n_ctx: int) -> None:
+    def __init__(self, info: GgufInfo, n_ctx: int, sequences: int, cache_positions: int) -> None:
         self.info = info
         self.n_ctx = n_ctx
-        #: Tokens sampled by the latest generate() call (end-of-sequence not counted).
-        self.generated_tokens = 0
-        # Native calls hold the lock: close() must not free the model under a running token.
+        self.sequences = sequences
+        kv_cache = metadata(info.path).kv_bytes_per_position * cache_positions
+        self.memory = {"weights": info.file_size, "kv_cache": kv_cache}
+        # Held by native calls: close() must not free the model under a running call.
         self._lock = threading.Lock()
-        self._ticket = 0
+        self._running = 0
         self._closed = False
 
     def count_tokens(self, text: str) -> int:
@@ -335,7 +386,7 @@ class NativeModel(abc.ABC):
             self._check_open()
             return len(self._tokenize(text))
 
-    def generate(self, prompt: str, params: GenerationParams) -> Generator[str, None, None]:
+    def generate(self, prompt: str, params: GenerationParams) -> TextStream:
         params = params.with_seed()
         with self._lock:
             self._check_open()
@@ -346,11 +397,24 @@ class NativeModel(abc.ABC):
                     f"the prompt is {len(tokens)} tokens; this model's context holds "
                     f"{self.n_ctx}, leaving no room to generate",
                 )
-            self._ticket += 1
-            self.generated_tokens = 0
-            ticket = self._ticket
+            if self._running >= self.sequences:
+                raise MeshError(
+                    ErrorCode.BUSY,
+                    f"{self.info.name} runs {self._running} of {self.sequences} generation(s)",
+                )
+            self._running += 1
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
-        return stream_text(self._pieces(tokens, params, ticket, budget), params.stop)
+        try:
+            pieces, cancel = self._start(tokens, params, budget)
+        except BaseException:
+            self._release(lambda: None)
+            raise
+        return TextStream(pieces, params.stop, lambda: self._release(cancel))
+
+    def _release(self, cancel: Callable[[], None]) -> None:
+        cancel()
+        with self._lock:
+            self._running -= 1
 
     def close(self) -> None:
         with self._lock:
@@ -362,33 +426,29 @@ class NativeModel(abc.ABC):
         if self._closed:
             raise MeshError(ErrorCode.UNAVAILABLE, f"the model {self.info.name} is closed")
 
-    def _check_current(self, ticket: int) -> None:
-        """Call with the lock held, before each token."""
-        self._check_open()
-        if ticket != self._ticket:
-            raise MeshError(ErrorCode.CONFLICT, "a newer generate() call took over this model")
-
     @abc.abstractmethod
     def _tokenize(self, text: str) -> list[int]:
-        """The prompt's tokens, BOS first."""
+        """The prompt's tokens, BOS first. Called with the lock held."""
 
     @abc.abstractmethod
-    def _pieces(
-        self, tokens: list[int], params: GenerationParams, ticket: int, budget: int
-    ) -> Generator[bytes, None, None]:
-        """The bytes of each sampled token, at most `budget` of them."""
+    def _start(
+        self, tokens: list[int], params: GenerationParams, budget: int
+    ) -> tuple[Generator[bytes, None, None], Callable[[], None]]:
+        """Start a generation: the bytes of each sampled token, at most `budget` of them; and
+        what ends it early (called once, when its stream is closed, whether or not it ran)."""
 
     @abc.abstractmethod
     def _free(self) -> None:
-        """Release the library's model and context."""
+        """Release the library's model and context. Called with the lock held."""
 
 
 def loadable(
-    backend: Backend, path: Path, device: str, ctx: int | None
+    backend: Backend, path: Path, device: str, ctx: int | None, sequences: int
 ) -> tuple[int | None, GgufInfo, int]:
     """What a backend's `load` checks first: the GPU index of `device` (None for the CPU), the
-    file's metadata and the context to load it with (`ctx`, else `context_size` within
-    `kv_budget`), or MeshError(INVALID_REQUEST) if the backend refuses the file."""
+    file's metadata and the context of each of `sequences` to load it with (`ctx`, else
+    `context_size` within their share of `kv_budget`), or MeshError(INVALID_REQUEST) if the
+    backend refuses the file."""
     gpu = gpu_index(device)
     info = metadata(path).info
     refusal = backend.refuses(info)
@@ -396,7 +456,7 @@ def loadable(
         raise MeshError(
             ErrorCode.INVALID_REQUEST, f"{backend.name} cannot load {path.name}: {refusal}"
         )
-    return gpu, info, context_size(info, ctx, kv_budget(info, device))
+    return gpu, info, context_size(info, ctx, kv_budget(info, device) // sequences)
 
 
 def gpu_index(device: str) -> int | None:
@@ -413,16 +473,17 @@ def gpu_index(device: str) -> int | None:
 def context_size(
     info: GgufInfo, requested: int | None = None, budget: int = KV_BUDGET_BYTES
 ) -> int:
-    """The context a model is loaded with, in tokens: `requested`, else the model's own (as it
-    was trained), as far as its KV cache fits `budget` (or the weights' size); never more than
-    the model's own, nor less than MIN_CONTEXT unless the model's own is less."""
+    """The context a sequence is loaded with, in tokens: `requested`, else the model's own (as
+    it was trained), as far as its KV cache fits `budget` (`kv_budget`, or a sequence's share
+    of it); never more than the model's own, nor less than MIN_CONTEXT unless the model's own
+    is less."""
     own = info.context_length or FALLBACK_CONTEXT
     if requested is not None:
         return min(requested, own)
     per_position = metadata(info.path).kv_bytes_per_position
     if not per_position:
         return own
-    fits = max(budget, info.file_size) // per_position // 256 * 256
+    fits = budget // per_position // 256 * 256
     return min(own, max(fits, MIN_CONTEXT))
 
 

@@ -79,7 +79,9 @@ MAX_JOBS_PER_KEEPER = 1_000
 #: Connections one key may hold open to one server at once (a node's keepers share its key);
 #: past this a new one is told DISCONNECT.
 MAX_CONNECTIONS_PER_KEY = 256
-#: Jobs one worker runs at once.
+#: Jobs one worker runs at once: sequences of its model's batch (llama.cpp's server also
+#: defaults to 4). Each takes a KV cache; the default context budget is shared between them.
+DEFAULT_SLOTS = 4
 MAX_SLOTS = 64
 #: The most tokens one inference may ask to generate.
 MAX_GENERATED_TOKENS = 32_768

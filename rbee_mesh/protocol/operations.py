@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from rbee_mesh.protocol.constants import (
+    DEFAULT_SLOTS,
     MAX_CONTEXT_TOKENS,
     MAX_GENERATED_TOKENS,
     MAX_SLOTS,
@@ -231,13 +232,19 @@ class WorkerSpawn(_OnHive):
         "auto",
         arg=Arg("The library that loads the model; auto takes the first that can, and says which."),
     )
-    slots: int = spec(Int(1, MAX_SLOTS), 1, arg=Arg("Jobs the worker runs at once."))
+    slots: int = spec(
+        Int(1, MAX_SLOTS),
+        DEFAULT_SLOTS,
+        arg=Arg(
+            "Jobs the worker runs at once, in one batch (llama-cpp; ctransformers runs one).",
+        ),
+    )
     ctx: int | None = spec(
         CONTEXT,
         None,
         arg=Arg(
-            "Tokens of context (prompt and reply). Default: the model's own, as far as its "
-            "cache fits a memory budget (docs/inference.md).",
+            "Tokens of context (prompt and reply) of each slot. Default: the model's own, as "
+            "far as the slots' caches fit a memory budget (docs/inference.md).",
             metavar="TOKENS",
         ),
     )

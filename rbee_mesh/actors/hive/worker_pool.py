@@ -81,7 +81,7 @@ from rbee_mesh.protocol import (
     Ready,
     WorkerSpawn,
 )
-from rbee_mesh.protocol.constants import MAX_SLOTS, MAX_WORKERS_PER_HIVE
+from rbee_mesh.protocol.constants import DEFAULT_SLOTS, MAX_SLOTS, MAX_WORKERS_PER_HIVE
 from rbee_mesh.protocol.operations import WORKER_DEVICE
 from rbee_mesh.transport import EndpointError, parse_endpoint
 from rbee_mesh.transport.curve import ClientKeys, Keypair
@@ -163,6 +163,8 @@ class WorkerRecord:
             "slots": self.slots,
             "busy": self.busy,
             "backend": self.info.get("backend", ""),
+            # One copy of the weights and a KV cache per slot, in bytes.
+            "memory": self.info.get("memory", {}),
         }
 
 
@@ -353,14 +355,15 @@ class WorkerPool:
         model_path: Path,
         device: str,
         backend: str = "auto",
-        slots: int = 1,
+        slots: int = DEFAULT_SLOTS,
         ctx: int | None = None,
         ready_timeout_s: float = 120,
     ) -> WorkerRecord:
         """Start a worker process for `model_path` on `device`; return once it is READY.
 
         `backend` is auto, llama-cpp or ctransformers; `slots` how many jobs it runs at once
-        (each slot loads its own context); `ctx` its tokens of context (None: the model's).
+        (sequences of one batch; a ctransformers worker runs one and says so: its record's
+        `slots`); `ctx` each slot's tokens of context (None: the model's).
         Raises MeshError: INVALID_REQUEST for a bad device, backend, slot count or context, or a
         model the worker cannot load (with the worker's reason),
         WORKER_LOST if it exits otherwise, TIMEOUT (after killing it) if it is not ready within

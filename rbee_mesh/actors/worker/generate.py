@@ -43,6 +43,7 @@ from rbee_mesh.protocol import Cancelled, ErrorCode, Infer, MeshError, ProtocolE
 if TYPE_CHECKING:
     # Only a worker process needs the inference libraries (numpy, gguf, the backends).
     from rbee_mesh.inference.backends import GenerationParams, LoadedModel
+    from rbee_mesh.inference.native import TextStream
 
 #: Tokens that arrive within this long of the previous TOKEN frame wait and share the next one:
 #: a display frame, which nobody reading sees; the first token and the last go at once. Every
@@ -127,8 +128,8 @@ class Generation:
     failure: str = ""
     #: What the generating thread raised (the backend's reason), re-raised by the job.
     error: Exception | None = None
-    #: The model counts this job's tokens (its generate() has reset the count).
-    generating: bool = False  # (thread)
+    #: The backend's stream of this job's text, once started; it counts the tokens sampled.
+    tokens: TextStream | None = None  # (thread)
     #: Pieces of text the backend yielded: the unit of TOKEN frames' `seq` and `count`.
     pieces: int = 0  # (thread)
     first_token: float | None = None  # (thread)
@@ -140,9 +141,7 @@ class Generation:
     def sampled(self) -> int:
         """Tokens the backend has sampled so far (the pieces of text it yielded are fewer when
         it held text back: a character split over tokens, the possible start of a stop)."""
-        if not self.generating:
-            return 0  # the model's count is still the previous job's
-        return self.model.generated_tokens
+        return 0 if self.tokens is None else self.tokens.sampled
 
     def request_stop(self) -> None:
         if self.stop_requested is None:
@@ -160,8 +159,7 @@ def generate_in_thread(run: Generation, params: GenerationParams) -> None:
     """
     if run.stop.is_set():
         return
-    tokens = run.model.generate(run.prompt, params)
-    run.generating = True
+    tokens = run.tokens = run.model.generate(run.prompt, params)
     try:
         for text in tokens:
             if text:

@@ -6,16 +6,17 @@
 
 What it does, in order:
 
-1. loads the model with its backend (`load_model`), once per slot, in a thread, so that SIGTERM
-   during a long load still ends it at once;
+1. loads the model with its backend (`load_model`) in a thread, so that SIGTERM during a long
+   load still ends it at once: one copy of the weights, and a KV cache per slot;
 2. binds a listener at ENDPOINT (a Unix socket the hive chose) and serves jobs there with the one
    job server (`actors/jobserver.py`), as the queen and the hive serve theirs: its hive connects,
    says READY, and is answered with the worker's READY (model, pid, device, backend and why it
    was chosen, load time, slots, architecture, parameters, ...);
 3. runs the infer jobs the hive sends (`generate.py`), up to one per slot at once (a further one
-   is refused BUSY before it starts). Each slot owns one loaded model, because a backend's model
-   (one llama.cpp context) must not generate on two threads at once; both backends map the
-   file, so the weights are shared between slots and each extra slot costs its context.
+   is refused BUSY before it starts). A slot is a sequence of the model's batch: llama-cpp
+   decodes every running job's next token in one step (continuous batching, see
+   `inference/llama_cpp_backend.py`). ctransformers runs one sequence: its worker has one slot
+   whatever was asked, and says so.
 
 How it ends (the exit code is how the hive's pool tells these apart; see `WorkerExit`):
 
@@ -65,6 +66,7 @@ from rbee_mesh.protocol.fields import Spec, ident
 from rbee_mesh.protocol.operations import BACKEND, WORKER_DEVICE
 from rbee_mesh.transport import SocketOptions, open_listener
 from rbee_mesh.transport.curve import Keypair
+from rbee_mesh.units import human_bytes
 
 if TYPE_CHECKING:
     # Only a worker process needs the inference libraries (numpy, gguf, the backends).
@@ -103,7 +105,7 @@ class WorkerConfig:
     heartbeat_s: float = HEARTBEAT_S
     backend: str = "auto"
     slots: int = 1
-    #: Tokens of context (None: the model's own, within a memory budget).
+    #: Tokens of context per slot (None: the model's own, within a memory budget).
     ctx: int | None = None
     #: The hive's id, for the `hive_id` of the worker's narration.
     hive_id: str = ""
@@ -116,13 +118,12 @@ class Worker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        #: One loaded model per slot; a job takes one from `_free` and gives it back.
-        self.models: list[LoadedModel] = []
+        #: The loaded model, once loaded: it runs up to `slots` jobs at once.
+        self.model: LoadedModel | None = None
         self.backend = ""
         self.backend_reason = ""
         self.exit: tuple[WorkerExit, str] | None = None
         self.server: JobServer | None = None
-        self._free: list[LoadedModel] = []
         self._load_s = 0.0
         self._loading = trio.CancelScope()
         self._stop = trio.Event()
@@ -151,15 +152,15 @@ class Worker:
                     await self._serve()
                 nursery.cancel_scope.cancel()
         # Every generating thread has returned: a job ends only once its thread has.
-        for model in self.models:
-            model.close()
+        if self.model is not None:
+            self.model.close()
         assert self.exit is not None, "the worker only stops through finish()"
         return self.exit
 
     # ---- loading -------------------------------------------------------------------------------
 
     async def _load(self) -> bool:
-        """Load the model once per slot; False (and finish) if it cannot be loaded."""
+        """Load the model for `slots` sequences; False (and finish) if it cannot be loaded."""
         config = self.config
         log.info(
             "loading model %s on %s (backend %s, %d slot(s))",
@@ -171,35 +172,41 @@ class Worker:
         started = trio.current_time()
         try:
             # abandon_on_cancel: a SIGTERM during a long load ends the process without waiting.
-            models, why = await trio.to_thread.run_sync(self._load_models, abandon_on_cancel=True)
+            model, why = await trio.to_thread.run_sync(self._load_model, abandon_on_cancel=True)
         except MeshError as exc:
             why = f"cannot load model {config.model}: {exc.message}"
             the_file = exc.code is ErrorCode.INVALID_REQUEST
             self.finish(WorkerExit.LOAD_FAILED if the_file else WorkerExit.CANNOT_RUN, why)
             return False
         self._load_s = trio.current_time() - started
-        self.models, self._free = models, list(reversed(models))
-        self.backend, self.backend_reason = models[0].backend, why
+        self.model = model
+        self.backend, self.backend_reason = model.backend, why
         log.info(
-            "loaded model %s with %s in %.3fs (%s)", config.model, self.backend, self._load_s, why
+            "loaded model %s with %s in %.3fs (%s): %d slot(s) of %d tokens, %s of weights and "
+            "%s of KV cache",
+            config.model,
+            self.backend,
+            self._load_s,
+            why,
+            model.sequences,
+            model.n_ctx,
+            human_bytes(model.memory["weights"]),
+            human_bytes(model.memory["kv_cache"]),
         )
+        if model.sequences < config.slots:
+            log.warning(
+                "%s runs one sequence per worker: %d slot(s) asked, %d served",
+                self.backend,
+                config.slots,
+                model.sequences,
+            )
         return True
 
-    def _load_models(self) -> tuple[list[LoadedModel], str]:
-        """One model per slot; every slot uses the backend the first load chose. In a thread."""
+    def _load_model(self) -> tuple[LoadedModel, str]:
         from rbee_mesh.inference.backends import load_model
 
         config = self.config
-        first, why = load_model(config.model, config.device, config.backend, config.ctx)
-        models = [first]
-        try:
-            for _ in range(config.slots - 1):
-                models.append(load_model(config.model, config.device, first.backend, config.ctx)[0])
-        except BaseException:
-            for model in models:
-                model.close()
-            raise
-        return models, why
+        return load_model(config.model, config.device, config.backend, config.ctx, config.slots)
 
     # ---- serving -------------------------------------------------------------------------------
 
@@ -215,7 +222,7 @@ class Worker:
                 handlers={Infer: self._infer},
                 config=ServerConfig(
                     heartbeat_s=config.heartbeat_s,
-                    max_running_jobs=config.slots,
+                    max_running_jobs=self.slots,
                     shutdown_grace_s=STOP_GRACE_S,
                 ),
                 assigns_job_ids=False,
@@ -234,33 +241,40 @@ class Worker:
                 assert self.exit is not None
                 await self.server.stop(f"the worker is stopping: {self.exit[1]}")
 
+    @property
+    def slots(self) -> int:
+        """Jobs it runs at once: the sequences its model serves (fewer than asked with a backend
+        that cannot batch)."""
+        assert self.model is not None
+        return self.model.sequences
+
     async def _infer(self, job: ServerJob, op: Infer) -> dict[str, Any]:
-        # The server runs at most `slots` jobs at once, and a job gives its model back before
-        # it ends: there is always one free here.
-        model = self._free.pop()
-        try:
-            return await generate(job, op, model, self.config.worker_id)
-        finally:
-            self._free.append(model)
+        # The server runs at most `slots` jobs at once, and a job's sequence is given back
+        # before it ends: there is always one free here.
+        assert self.model is not None
+        return await generate(job, op, self.model, self.config.worker_id)
 
     def _ready_info(self, peer: Peer) -> dict[str, Any]:
         if peer.role is Actor.HIVE:
             self._hive_came.set()
-        info = self.models[0].info
+        assert self.model is not None
+        info = self.model.info
         return {
             "model": str(self.config.model),
             "pid": os.getpid(),
             "device": self.config.device,
             "backend": self.backend,
             "backend_reason": self.backend_reason,
-            "slots": self.config.slots,
+            "slots": self.slots,
             "load_s": round(self._load_s, 6),
             "arch": info.architecture,
             "name": info.name,
             "params": info.parameter_count,
             "context_length": info.context_length,
             # What it was loaded with: the model's own, a budget's share of it, or --ctx.
-            "context": self.models[0].n_ctx,
+            "context": self.model.n_ctx,
+            # One copy of the weights, and a KV cache per slot.
+            "memory": dict(self.model.memory),
             "file_size": info.file_size,
             "file_type": info.file_type,
         }
@@ -343,13 +357,13 @@ def _parser() -> argparse.ArgumentParser:
         "--slots",
         type=_number(int, 1, MAX_SLOTS, "slots"),
         default=1,
-        help="jobs run at once, each on its own context",
+        help="jobs run at once: sequences of one batch, each with its own context",
     )
     parser.add_argument(
         "--ctx",
         type=_number(int, MIN_CONTEXT_TOKENS, MAX_CONTEXT_TOKENS, "ctx"),
         default=None,
-        help="tokens of context",
+        help="tokens of context per slot",
     )
     parser.add_argument("--hive-id", type=_checked(ident(), "the id"), help="for narration")
     parser.add_argument(
