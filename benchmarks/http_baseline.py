@@ -460,10 +460,9 @@ class Hive:
     async def _spawn(self, job: Job, op: WorkerSpawn) -> dict[str, Any]:
         """rbee's way: start the process, read the port it listens on, poll /health until the
         model is loaded. Every wait is bounded; a worker that fails is not left behind."""
-        if op.device not in ("auto", "cpu") or op.slots != 1:
-            raise HttpJobFailed(
-                ErrorCode.INVALID_REQUEST, "the baseline's workers run on the CPU with one slot"
-            )
+        # Its workers serve one job at a time (rbee's did), whatever `slots` asks.
+        if op.device not in ("auto", "cpu"):
+            raise HttpJobFailed(ErrorCode.INVALID_REQUEST, "the baseline's workers run on the CPU")
         path = self._model_path(op.model)
         worker_id = f"w-{uuid.uuid4().hex[:8]}"
         argv = [sys.executable, "-m", "benchmarks.http_baseline", "worker", "--port", "0"]

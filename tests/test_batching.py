@@ -22,7 +22,7 @@ import trio
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.actors.jobclient import ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.protocol import Done, Error, ErrorCode, Infer, Message, Token
+from rbee_mesh.protocol import Cancelled, Done, Error, ErrorCode, Infer, Message, Token
 from rbee_mesh.protocol.constants import DEFAULT_SLOTS
 from tests.conftest import FAST_KEEPER, Served, serving_a_mesh
 from tests.real_model import FILE, smollm2
@@ -167,7 +167,7 @@ async def test_cancelling_one_sequence_leaves_the_others_streaming_to_their_end(
                 await runs[1].job.cancel("the test cancels it")
                 cancelled_at = trio.current_time()
     [ended] = runs[1].terminals
-    assert isinstance(ended, Error) and ended.code is ErrorCode.CANCELLED
+    assert isinstance(ended, Cancelled), ended
     for index in (0, 2):
         done = runs[index].done()
         assert done.result["text"] == runs[index].text == expected[index]
