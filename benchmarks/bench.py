@@ -26,6 +26,9 @@ them: every round runs a batch of each operation in each mode, in a new random o
 machine noise falls on all modes alike. Reported per mode and operation: p50, p99, the rate
 (operations, events or tokens per second) and the p50 as a ratio to the HTTP baseline and to the
 integrated mode.
+
+`--serve` runs another benchmark instead: concurrent requests served by llama-cpp-python and by
+rbee-mesh (benchmarks/serving.py).
 """
 
 from __future__ import annotations
@@ -332,9 +335,8 @@ def summarise(
     rows = []
     p50s = {key: statistics.median(times) for key, (times, _) in samples.items()}
     for (mode, op), (times, events) in samples.items():
-        ordered = sorted(times)
         p50 = p50s[(mode, op)]
-        p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+        p99 = nearest_rank(sorted(times), 0.99)
         counted = sum(events) if op in ("narration", "tokens") else len(times)
         http, integrated = p50s.get(("http", op)), p50s.get(("integrated", op))
         rows.append(
@@ -353,6 +355,11 @@ def summarise(
         )
     order = {mode: i for i, mode in enumerate(MODES)}
     return sorted(rows, key=lambda r: (OPS.index(r["op"]), order[r["mode"]]))
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The `q` quantile (0 to 1) of sorted samples, by nearest rank."""
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -653,6 +660,12 @@ def _importable(module: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks.bench` (what `rbee-mesh bench` runs)."""
+    args_ = list(sys.argv[1:] if argv is None else argv)
+    if "--serve" in args_:  # the serving benchmark, with its own options
+        from benchmarks import serving
+
+        args_.remove("--serve")
+        return serving.main(args_, prog="rbee-mesh bench --serve")
     parser = argparse.ArgumentParser(
         prog="rbee-mesh bench",
         description="Measure the transport modes side by side, next to an HTTP + SSE baseline: "
@@ -689,6 +702,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N,N,...",
         help="instead: the scale run, one queen with N simulated hives (8 workers each) for each "
         "N, e.g. 10,100,1000",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead: the serving benchmark, concurrent requests to llama-cpp-python (direct "
+        "and its OpenAI server) and to rbee-mesh (API and CLI) on the real model "
+        "(benchmarks/serving.py; its options: rbee-mesh bench --serve --help)",
     )
     parser.add_argument(
         "--out",
