@@ -266,6 +266,7 @@ async def measure(
         llama = llama_cpp.Llama(
             model_path=str(model), n_ctx=backend.n_ctx, n_threads=threads,
             n_threads_batch=threads, verbose=False,
+            flash_attn=True,  # as the worker: llama.cpp's default (auto) turns it on here
         )  # fmt: skip
         stack.callback(llama.close)
         progress(

@@ -328,7 +328,7 @@ def start_llama_server(
     argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias",
         MODEL_ID, "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx",
-        str(n_ctx), "--host", "127.0.0.1", "--port", str(port),
+        str(n_ctx), "--flash_attn", "true", "--host", "127.0.0.1", "--port", str(port),
         *([] if interrupt else ["--interrupt_requests", "false"]),
     ]  # fmt: skip
     log = setup.workdir / f"llama-server-{port}.log"
@@ -409,6 +409,7 @@ def measure(
                 llama = llama_cpp.Llama(
                     model_path=str(model), n_ctx=n_ctx, n_threads=threads,
                     n_threads_batch=threads, verbose=False,
+                    flash_attn=True,  # as the worker: llama.cpp's default (auto) turns it on
                 )  # fmt: skip
                 setup.later(llama.close)
                 running[name] = Direct(llama, plan.max_tokens)
