@@ -12,9 +12,11 @@ import rbee_mesh.protocol
 
 IO_PREFIXES = ("trio", "zmq")
 
+# Every name of the package, each of its modules imported (most on first use: rbee_mesh/lazy.py).
 _LIST_IO_MODULES = f"""
 import json, sys
 import rbee_mesh.protocol
+[getattr(rbee_mesh.protocol, name) for name in rbee_mesh.protocol.__all__]
 print(json.dumps(sorted(m for m in sys.modules if m.startswith({IO_PREFIXES!r}))))
 """
 

@@ -1,16 +1,13 @@
 """The rbee-mesh wire protocol, sans I/O: bytes in, typed messages out.
 
 Importing this package loads neither trio nor zmq; every actor and every transport shares it.
+Its constants and errors are imported with it, its other modules when one of their names is
+first read (`rbee_mesh/lazy.py`): the command line's tree needs the operation table, not msgpack.
 """
 
-from rbee_mesh.protocol.codec import (
-    HEADER,
-    decode,
-    decode_heartbeat,
-    decode_state,
-    encode,
-    peek_route,
-)
+from typing import TYPE_CHECKING
+
+from rbee_mesh.lazy import lazy_attributes
 from rbee_mesh.protocol.constants import MAGIC, MAX_BODY_BYTES, PROTOCOL_VERSION
 from rbee_mesh.protocol.errors import (
     ErrorCode,
@@ -20,49 +17,77 @@ from rbee_mesh.protocol.errors import (
     RemoteProtocolError,
     TooLarge,
 )
-from rbee_mesh.protocol.jobs import STREAMED, JobLifecycle, JobState, outcome
-from rbee_mesh.protocol.liveness import Liveness, PeerClock, PeerLiveness
-from rbee_mesh.protocol.messages import (
-    MESSAGE_TYPES,
-    TERMINAL_KINDS,
-    Accepted,
-    Cancel,
-    Cancelled,
-    Data,
-    Disconnect,
-    Done,
-    Error,
-    Heartbeat,
-    Kind,
-    Level,
-    Message,
-    Narration,
-    Ready,
-    Submit,
-    Token,
-)
-from rbee_mesh.protocol.operations import (
-    OPERATIONS,
-    Actor,
-    HiveGet,
-    HiveList,
-    HiveRefresh,
-    HiveStatus,
-    Infer,
-    JobCancel,
-    JobList,
-    ModelDelete,
-    ModelDownload,
-    ModelGet,
-    ModelList,
-    Operation,
-    Ping,
-    Status,
-    WorkerDelete,
-    WorkerGet,
-    WorkerList,
-    WorkerSpawn,
-)
+
+if TYPE_CHECKING:
+    from rbee_mesh.protocol.codec import (
+        HEADER,
+        decode,
+        decode_heartbeat,
+        decode_state,
+        encode,
+        peek_route,
+    )
+    from rbee_mesh.protocol.jobs import STREAMED, JobLifecycle, JobState, outcome
+    from rbee_mesh.protocol.liveness import Liveness, PeerClock, PeerLiveness
+    from rbee_mesh.protocol.messages import (
+        MESSAGE_TYPES,
+        TERMINAL_KINDS,
+        Accepted,
+        Cancel,
+        Cancelled,
+        Data,
+        Disconnect,
+        Done,
+        Error,
+        Heartbeat,
+        Kind,
+        Level,
+        Message,
+        Narration,
+        Ready,
+        Submit,
+        Token,
+    )
+    from rbee_mesh.protocol.operations import (
+        OPERATIONS,
+        Actor,
+        HiveGet,
+        HiveList,
+        HiveRefresh,
+        HiveStatus,
+        Infer,
+        JobCancel,
+        JobList,
+        ModelDelete,
+        ModelDownload,
+        ModelGet,
+        ModelList,
+        Operation,
+        Ping,
+        Status,
+        WorkerDelete,
+        WorkerGet,
+        WorkerList,
+        WorkerSpawn,
+    )
+else:  # each module imported when one of its names is first read
+    __getattr__ = lazy_attributes(
+        __name__,
+        {
+            "codec": "HEADER decode decode_heartbeat decode_state encode peek_route",
+            "jobs": "STREAMED JobLifecycle JobState outcome",
+            "liveness": "Liveness PeerClock PeerLiveness",
+            "messages": (
+                "MESSAGE_TYPES TERMINAL_KINDS Accepted Cancel Cancelled Data Disconnect Done Error "
+                "Heartbeat Kind Level Message Narration Ready Submit Token"
+            ),
+            "operations": (
+                "OPERATIONS Actor HiveGet HiveList HiveRefresh HiveStatus Infer JobCancel JobList "
+                "ModelDelete ModelDownload ModelGet ModelList Operation Ping Status WorkerDelete "
+                "WorkerGet WorkerList WorkerSpawn"
+            ),
+        },
+    )
 
 __all__ = [
     "HEADER",

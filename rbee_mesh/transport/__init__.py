@@ -20,24 +20,48 @@ PUB/SUB delivers nothing reliably (a subscriber misses what is published before 
 and what overflows its queue), but a subscription outlives its publisher on every transport:
 it may be made before the publisher binds, and hears a publisher that restarts on the same
 endpoint without a new connect. Heartbeats over it are counted, never awaited.
+
+Endpoints and errors are imported with the package, the rest (trio, zmq) when one of its names
+is first read (`rbee_mesh/lazy.py`): parsing an endpoint, as the command line does, needs no zmq.
 """
 
-from .base import Connection, Listener, Publisher, Subscriber
+from typing import TYPE_CHECKING
+
+from rbee_mesh.lazy import lazy_attributes
+
 from .endpoints import Endpoint, HttpBind, local_endpoint_for, parse_endpoint, parse_http_bind
 from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportClosed, TransportError
-from .factory import (
-    DEFAULT_HWM,
-    PUBSUB_HWM,
-    PUBSUB_OPTIONS,
-    SocketOptions,
-    make_socket,
-    shared_context,
-)
-from .memory import MemoryConnection, MemoryListener, MemoryPublisher
-from .pubsub import MeshSubscriber, open_publisher, open_subscriber
-from .reqrep import open_connection, open_listener
-from .zmq_transport import ZmqConnection, ZmqListener, ZmqPublisher
-from .zmq_trio import TrioSocket
+
+if TYPE_CHECKING:
+    from .base import Connection, Listener, Publisher, Subscriber
+    from .factory import (
+        DEFAULT_HWM,
+        PUBSUB_HWM,
+        PUBSUB_OPTIONS,
+        SocketOptions,
+        make_socket,
+        shared_context,
+    )
+    from .memory import MemoryConnection, MemoryListener, MemoryPublisher
+    from .pubsub import MeshSubscriber, open_publisher, open_subscriber
+    from .reqrep import open_connection, open_listener
+    from .zmq_transport import ZmqConnection, ZmqListener, ZmqPublisher
+    from .zmq_trio import TrioSocket
+else:  # each module imported when one of its names is first read
+    __getattr__ = lazy_attributes(
+        __name__,
+        {
+            "base": "Connection Listener Publisher Subscriber",
+            "factory": (
+                "DEFAULT_HWM PUBSUB_HWM PUBSUB_OPTIONS SocketOptions make_socket shared_context"
+            ),
+            "memory": "MemoryConnection MemoryListener MemoryPublisher",
+            "pubsub": "MeshSubscriber open_publisher open_subscriber",
+            "reqrep": "open_connection open_listener",
+            "zmq_transport": "ZmqConnection ZmqListener ZmqPublisher",
+            "zmq_trio": "TrioSocket",
+        },
+    )
 
 __all__ = [
     "DEFAULT_HWM",

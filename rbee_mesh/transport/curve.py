@@ -21,11 +21,13 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+
+if TYPE_CHECKING:  # pyzmq's zmq.auth imports asyncio (~8 ms): a server needs it, a client not
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("rbee_mesh.transport")
 
@@ -149,6 +151,8 @@ class _ZapHandler:
     def register(self, admission: Admission, ctx: zmq.Context[zmq.Socket[bytes]]) -> str:
         with self._lock:
             if self._auth is None:
+                from zmq.auth.thread import ThreadAuthenticator
+
                 auth = ThreadAuthenticator(ctx)
                 auth.start()
                 self._auth = auth

@@ -19,7 +19,6 @@ from dataclasses import replace
 
 import trio
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from .base import Connection, Listener, Publisher
 from .curve import ClientKeys, ServerKeys, release_server, set_server_key
@@ -405,6 +404,10 @@ async def _unbind(sock: TrioSocket, bound: str) -> None:
         with contextlib.suppress(zmq.ZMQError, TransportClosed):
             sock.call_sync(lambda s: s.unbind(bound))
         return
+    # pyzmq's monitor module imports zmq.asyncio, and so asyncio (~8 ms): here, a command that
+    # only connects does not import it.
+    from zmq.utils.monitor import parse_monitor_message
+
     monitor_address = f"inproc://rbee-unbind-{uuid.uuid4().hex}"
     try:
         sock.call_sync(lambda s: s.monitor(monitor_address, zmq.EVENT_CLOSED))

@@ -1,52 +1,36 @@
 """`rbee-mesh`: the keeper, the command line a person types into.
 
-Exit codes (README.md): 0 done; 1 the job failed; 2 invalid usage or request; 3 the queen (or
-the actor a job needs) is unreachable; 4 not found; 5 timed out; 6 not permitted; 130 cancelled
-(Ctrl-C).
+This module is the command tree, and imports nothing heavy: `--help` and `--version` answer
+without trio, zmq or msgpack. A command's body imports what it runs (session.py: a job, in trio;
+the demo, doctor, a daemon), so each command loads what it needs and no more. Exit codes:
+exits.py.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import trio
 
 from rbee_mesh import __version__
-from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, ServerUnreachable
-from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper import daemon
-from rbee_mesh.actors.keeper.client import join_queen, open_keeper
-from rbee_mesh.actors.keeper.commands import add_operation_commands, make_operation
-from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer, Renderer
-from rbee_mesh.actors.queen.config import load_config, peer_spec
-from rbee_mesh.actors.trust import JoinToken, Role, Trust
-from rbee_mesh.protocol import (
-    Cancelled,
-    Done,
-    Error,
-    ErrorCode,
-    HiveGet,
-    HiveStatus,
-    MeshError,
-    Message,
-    Operation,
-    Ping,
-    ProtocolError,
-    Status,
+from rbee_mesh.actors.keeper.exits import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_FOR_CODE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
 )
-from rbee_mesh.protocol import operations as ops
+from rbee_mesh.protocol import ErrorCode, MeshError, ProtocolError
 from rbee_mesh.protocol.constants import (
     API_PORT,
     DEFAULT_API_BIND,
@@ -60,24 +44,10 @@ from rbee_mesh.protocol.constants import (
 )
 from rbee_mesh.transport import EndpointError, local_endpoint_for, parse_endpoint, parse_http_bind
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_TIMEOUT = 5
-EXIT_FORBIDDEN = 6
-EXIT_CANCELLED = 130
-
-_EXIT_FOR_CODE = {
-    ErrorCode.INVALID_REQUEST: EXIT_USAGE,
-    ErrorCode.UNSUPPORTED_VERSION: EXIT_USAGE,
-    ErrorCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-    ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
-    ErrorCode.TIMEOUT: EXIT_TIMEOUT,
-    ErrorCode.FORBIDDEN: EXIT_FORBIDDEN,
-    ErrorCode.CANCELLED: EXIT_CANCELLED,
-}
+if TYPE_CHECKING:
+    from rbee_mesh.actors.keeper.render import Renderer
+    from rbee_mesh.actors.trust import Trust
+    from rbee_mesh.protocol import Operation
 
 
 def _this_machine() -> str:
@@ -85,17 +55,6 @@ def _this_machine() -> str:
     from rbee_mesh.actors.hive.hive import default_hive_id
 
     return default_hive_id()
-
-
-def exit_code_for(terminal: Message | None) -> int:
-    match terminal:
-        case Done():
-            return EXIT_OK
-        case Error():
-            return _EXIT_FOR_CODE.get(terminal.code, EXIT_FAILED)
-        case Cancelled():
-            return EXIT_CANCELLED
-    return EXIT_FAILED
 
 
 @dataclass
@@ -108,11 +67,15 @@ class Cli:
     @functools.cached_property
     def trust(self) -> Trust:
         """This node (the state directory's): its keys, and whom it trusts."""
+        from rbee_mesh.actors.trust import Trust
+
         return Trust.load(daemon.state_dir())
 
     @property
     def joined(self) -> str | None:
         """The endpoint of the queen this keeper joined (`keeper join`), if any."""
+        from rbee_mesh.actors.trust import Role
+
         queens = [t for t in self.trust.entries(Role.JOINED) if t.endpoint]
         return queens[-1].endpoint if queens else None
 
@@ -133,6 +96,8 @@ class Cli:
         return local_endpoint_for(info.endpoint if info else DEFAULT_QUEEN_BIND)
 
     def renderer(self) -> Renderer:
+        from rbee_mesh.actors.keeper.render import HumanRenderer, JsonRenderer
+
         return JsonRenderer() if self.as_json else HumanRenderer()
 
     def run_job(
@@ -141,50 +106,33 @@ class Cli:
         timeout_s: float | None = None,
     ) -> NoReturn:
         """Submit `op` to the queen, render its events live, exit with its outcome."""
+        import trio
+
+        from rbee_mesh.actors.keeper.session import run_job
+
         renderer = self.renderer()
-        code = trio.run(_run_job, self.endpoint, op, renderer, timeout_s, self.trust)
+        code = trio.run(run_job, self.endpoint, op, renderer, timeout_s, self.trust)
         sys.exit(code)
-
-
-async def _run_job(
-    endpoint: str, op: Operation, renderer: Renderer, timeout_s: float | None, trust: Trust
-) -> int:
-    try:
-        async with open_keeper(endpoint, trust=trust) as keeper:
-            return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
-    except ServerUnreachable as exc:
-        renderer.problem(exc.code, exc.message)
-        return EXIT_UNAVAILABLE
-
-
-async def stream_job(
-    keeper: JobClient, op: Operation, renderer: Renderer, *, timeout_s: float | None = None
-) -> int:
-    """Run one job to its end, rendering every event. Ctrl-C cancels it; a second one quits."""
-    job = await keeper.submit(op, timeout_s=timeout_s)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_interrupt, job, renderer, nursery.cancel_scope)
-        async for message in job:
-            renderer.event(message)
-        nursery.cancel_scope.cancel()
-    if job.terminal is None:  # a second Ctrl-C: stop waiting for the queen's answer
-        return EXIT_CANCELLED
-    return exit_code_for(job.terminal)
-
-
-async def _cancel_on_interrupt(job: ClientJob, renderer: Renderer, scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT) as signals:
-        await signals.__anext__()
-        renderer.note(f"cancelling job {job.job_id} (Ctrl-C again to stop waiting)")
-        await job.cancel("interrupted by the user (Ctrl-C)")
-        await signals.__anext__()
-        scope.cancel()
 
 
 # ---- the command tree ----------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The top command. The commands generated from the operation table are added when a command
+    is first looked up or listed (click's way of loading commands lazily): `--version` needs no
+    operation table, whose dataclasses take 15 ms to make."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _add_operation_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _add_operation_commands()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--queen",
     envvar="RBEE_MESH_QUEEN",
@@ -209,6 +157,8 @@ def main(ctx: click.Context, queen: str | None, as_json: bool, verbose: int) -> 
     A queen runs jobs; hives (one per machine) hold models and workers; this command is the
     keeper, which submits jobs to the queen and shows their narration live.
     """
+    import logging  # here: --help and --version need none
+
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = Cli(queen=queen, as_json=as_json)
@@ -228,6 +178,8 @@ def demo(cli: Cli) -> None:
     cancelled job, a job past its deadline, and the job list, with a timing summary. Needs
     nothing running; its state is kept in ~/.cache/rbee-mesh/demo, and yours is not touched.
     """
+    import trio
+
     from rbee_mesh.actors.keeper.demo import run_demo  # the actors: only for the demo
 
     ok = trio.run(run_demo, cli.renderer(), daemon.state_dir())
@@ -276,6 +228,8 @@ def doctor(cli: Cli, discovery: bool) -> None:
     Checks the queen, multicast on this machine, what mDNS announces against what the queen has
     linked, and for each hive: liveness, its port from here, its protocol, its clock.
     """
+    import trio
+
     from rbee_mesh.actors.keeper.doctor import run_doctor
 
     doctor = functools.partial(run_doctor, cli.endpoint, discovery=discovery, trust=cli.trust)
@@ -357,45 +311,18 @@ def chat(
     all of it is one message, answered once. With no queen running, a mesh runs inside the
     command for the chat, over this machine's hive.
     """
+    import trio
+
+    from rbee_mesh.actors.keeper.commands import make_operation
+    from rbee_mesh.actors.keeper.session import run_chat
+    from rbee_mesh.protocol import operations as ops
+
     turn = make_operation(
         ops.Infer, prompt=".", model=model, chat=True, system=system, max_tokens=max_tokens,
         temperature=temperature, seed=seed,
     )  # fmt: skip
     assert isinstance(turn, ops.Infer)
-    sys.exit(trio.run(_chat, cli, turn))
-
-
-async def _chat(cli: Cli, turn: ops.Infer) -> int:
-    renderer = cli.renderer()
-    try:
-        async with _keeper_here(cli, renderer) as keeper:
-            from rbee_mesh.actors.keeper.chat import chat_session
-
-            return await chat_session(keeper, turn, renderer)
-    except ServerUnreachable as exc:
-        renderer.problem(exc.code, exc.message)
-        return EXIT_UNAVAILABLE
-
-
-@asynccontextmanager
-async def _keeper_here(cli: Cli, renderer: Renderer) -> AsyncIterator[JobClient]:
-    """A keeper of the queen this command talks to; with none running (and none named or
-    joined), of a queen started in this process for the command, with the hive daemon of this
-    machine if one runs, else this machine's hive integrated."""
-    if cli.queen_known:
-        async with open_keeper(cli.endpoint, trust=cli.trust) as keeper:
-            yield keeper
-        return
-    from rbee_mesh.actors.mesh import mesh_for_one_command  # a queen and a hive: only here
-
-    hive = daemon.read_info("hive")
-    where = f"the hive daemon at {hive.endpoint}" if hive else "this machine's hive, integrated"
-    renderer.note(f"no queen is running: starting one in this process, with {where}")
-    async with (
-        mesh_for_one_command(daemon.state_dir(), hive.endpoint if hive else None) as queen,
-        open_keeper(queen.listener.endpoint) as keeper,
-    ):
-        yield keeper
+    sys.exit(trio.run(run_chat, cli, turn))
 
 
 @main.group()
@@ -416,11 +343,16 @@ def keeper_join(cli: Cli, token: str) -> None:
 def _join(cli: Cli, text: str, name: str, control_port: int | None = None) -> None:
     """Redeem a join token as this node, named `name` (a hive: with its control port). A token
     of "-" is read from stdin (a command line can be read by other users of the machine)."""
+    import trio
+
+    from rbee_mesh.actors.keeper.client import join_queen
+    from rbee_mesh.actors.trust import JoinToken
+
     try:
         token = JoinToken.decode(sys.stdin.readline() if text == "-" else text)
         result = trio.run(join_queen, token, cli.trust, name, control_port)
     except MeshError as exc:
-        _fail(cli, exc.code, exc.message, _EXIT_FOR_CODE.get(exc.code, EXIT_FAILED))
+        _fail(cli, exc.code, exc.message, EXIT_FOR_CODE.get(exc.code, EXIT_FAILED))
     fingerprint = result["queen_fingerprint"]
     _say(
         cli,
@@ -507,12 +439,16 @@ def queen_start(
     except EndpointError as exc:
         raise click.BadParameter(str(exc), param_hint="--api") from None
     if foreground:
-        serve = daemon.serve_queen_forever
+        from rbee_mesh.actors.keeper import serving
+
+        serve = serving.serve_queen_forever
         api_bind = None if no_api else api
         _serve_foreground(
             cli, bind, serve, bind, True, hives, integrated, discovery, heartbeat_s, api_bind
         )
         return
+    from rbee_mesh.actors.queen.config import load_config, peer_spec
+
     for hive in hives:  # refused here, not in the daemon's log
         peer_spec(hive)
     load_config(daemon.state_dir())
@@ -529,6 +465,8 @@ def queen_start(
 @pass_cli
 def queen_status(cli: Cli) -> None:
     """Whether the queen on this machine runs, and what it sees."""
+    from rbee_mesh.protocol.operations import Status
+
     info = _local_daemon(cli, "queen")
     cli.queen = cli.queen or local_endpoint_for(info.endpoint)
     cli.run_job(Status())
@@ -596,6 +534,8 @@ def hive_start(
         _join(cli, token, hive_id, control_port=parse_endpoint(bind).port)
     if foreground:
         from rbee_mesh.actors.hive.hive import HiveConfig
+        from rbee_mesh.actors.jobserver import ServerConfig
+        from rbee_mesh.actors.keeper import serving
 
         config = HiveConfig(
             state_dir=daemon.state_dir(),
@@ -605,7 +545,7 @@ def hive_start(
             server=ServerConfig(heartbeat_s=heartbeat_s),
             trust=cli.trust,
         )
-        _serve_foreground(cli, bind, daemon.serve_hive_forever, config, True)
+        _serve_foreground(cli, bind, serving.serve_hive_forever, config, True)
         return
     argv = [
         "hive",
@@ -630,6 +570,9 @@ def hive_status(cli: Cli, hive_id: str | None) -> None:
     """A hive asked itself (not the queen's view from its heartbeats): devices, workers,
     models and its own recent jobs. HIVE through the queen; without it, this machine's hive
     daemon, directly."""
+    from rbee_mesh.actors.keeper.commands import make_operation
+    from rbee_mesh.protocol.operations import HiveStatus
+
     if hive_id is not None:
         cli.run_job(make_operation(HiveStatus, hive=hive_id))
     info = _local_daemon(cli, "hive")
@@ -651,9 +594,11 @@ def hive_pair(cli: Cli, ttl_s: float) -> None:
     """Print a pairing code for this machine's hive: on the queen's machine, `rbee-mesh hive
     trust HIVE --code CODE` then makes the queen and this hive trust each other (the hive shows
     there as pending, found on the LAN). The code is good once, for --ttl seconds."""
+    from rbee_mesh.protocol.operations import HivePair
+
     info = _local_daemon(cli, "hive")
     cli.queen = local_endpoint_for(info.endpoint)
-    cli.run_job(ops.HivePair(ttl_s=ttl_s))
+    cli.run_job(HivePair(ttl_s=ttl_s))
 
 
 def _add_stop(group: click.Group, name: str, help: str) -> None:
@@ -693,41 +638,44 @@ def _run_operation(ctx: click.Context, op: Operation, timeout_s: float | None) -
 def _run_here_without_a_queen(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
     """With no queen running (and none named or joined), in a mesh made for this command, over
     this machine's hive: `infer`, and what reads or changes this machine's catalog."""
+    import trio
+
+    from rbee_mesh.actors.keeper.session import run_here
+
     cli = ctx.find_object(Cli)
     assert cli is not None
     if cli.queen_known:
         cli.run_job(op, timeout_s)
-    sys.exit(trio.run(_run_here, cli, op, timeout_s))
+    sys.exit(trio.run(run_here, cli, op, timeout_s))
 
 
-async def _run_here(cli: Cli, op: Operation, timeout_s: float | None) -> int:
-    """Run one job on a mesh that lives only as long as this command."""
-    renderer = cli.renderer()
-    async with _keeper_here(cli, renderer) as keeper:
-        return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
+@functools.cache
+def _add_operation_commands() -> None:
+    """Add the commands generated from the operation table (commands.py), once."""
+    from rbee_mesh.actors.keeper.commands import add_operation_commands
+    from rbee_mesh.protocol import operations as ops
 
-
-#: What a command can do with no queen running, on this machine's hive alone.
-_WITHOUT_A_QUEEN = (
-    ops.Infer,
-    ops.Status,
-    ops.Ping,
-    ops.HiveList,
-    ops.HiveGet,
-    ops.WorkerList,
-    ops.WorkerGet,
-    ops.ModelList,
-    ops.ModelGet,
-    ops.ModelDownload,
-    ops.ModelDelete,
-    ops.JobList,
-    ops.ApiKeyCreate,
-    ops.ApiKeyList,
-    ops.ApiKeyRevoke,
-)  # fmt: skip (and `model import`, a command of its own)
-add_operation_commands(
-    main, _run_operation, dict.fromkeys(_WITHOUT_A_QUEEN, _run_here_without_a_queen)
-)
+    #: What a command can do with no queen running, on this machine's hive alone.
+    without_a_queen = (
+        ops.Infer,
+        ops.Status,
+        ops.Ping,
+        ops.HiveList,
+        ops.HiveGet,
+        ops.WorkerList,
+        ops.WorkerGet,
+        ops.ModelList,
+        ops.ModelGet,
+        ops.ModelDownload,
+        ops.ModelDelete,
+        ops.JobList,
+        ops.ApiKeyCreate,
+        ops.ApiKeyList,
+        ops.ApiKeyRevoke,
+    )  # fmt: skip (and `model import`, a command of its own)
+    add_operation_commands(
+        main, _run_operation, dict.fromkeys(without_a_queen, _run_here_without_a_queen)
+    )
 
 
 @model.command("import")
@@ -742,7 +690,10 @@ def model_import(ctx: click.Context, path: Path, hive: str | None, name: str | N
     added), copied with its sha256 (progress for a large one), and listed only once whole;
     `model list` shows its architecture, quantization, context length and parameter count.
     """
-    op = make_operation(ops.ModelImport, path=str(path.resolve()), name=name, hive=hive)
+    from rbee_mesh.actors.keeper.commands import make_operation
+    from rbee_mesh.protocol.operations import ModelImport
+
+    op = make_operation(ModelImport, path=str(path.resolve()), name=name, hive=hive)
     _run_here_without_a_queen(ctx, op, None)
 
 
@@ -750,6 +701,8 @@ def model_import(ctx: click.Context, path: Path, hive: str | None, name: str | N
 
 
 def _valid_id(hive_id: str) -> str:
+    from rbee_mesh.protocol.operations import HiveGet
+
     try:
         return HiveGet(hive=hive_id).hive
     except ProtocolError as exc:
@@ -757,6 +710,10 @@ def _valid_id(hive_id: str) -> str:
 
 
 def _serve_foreground(cli: Cli, bind: str, serve: Callable[..., Any], *args: Any) -> None:
+    import logging
+
+    import trio
+
     logging.getLogger("rbee_mesh").setLevel(min(logging.INFO, logging.root.level))
     try:
         trio.run(serve, *args)
@@ -783,8 +740,12 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
             },
         )
         return
+    import trio
+
+    from rbee_mesh.actors.keeper.session import wait_until_serving
+
     proc = daemon.spawn_detached(name, argv)
-    info = trio.run(_wait_until_serving, name, proc.pid, proc.poll, cli.trust)
+    info = trio.run(wait_until_serving, name, proc.pid, proc.poll, cli.trust)
     if info is None:
         code = proc.poll()
         if code is None:
@@ -811,30 +772,6 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
             "started": True,
         },
     )
-
-
-async def _wait_until_serving(
-    name: str, pid: int, poll: Callable[[], int | None], trust: Trust, timeout_s: float = 15.0
-) -> daemon.DaemonInfo | None:
-    """Wait for the daemon `pid` to record its endpoint and answer a ping there, as the node of
-    `trust` (the daemon's own: one state directory)."""
-    quick = ClientConfig(accept_timeout_s=1.0)
-    with trio.move_on_after(timeout_s):
-        while poll() is None:
-            info = daemon.read_info(name)
-            if info is not None and info.pid == pid:
-                try:
-                    endpoint = local_endpoint_for(info.endpoint)
-                    async with open_keeper(endpoint, quick, trust) as keeper:
-                        job = await keeper.submit(Ping())
-                        async for _ in job:
-                            pass
-                        if isinstance(job.terminal, Done):
-                            return info
-                except ServerUnreachable:
-                    pass
-            await trio.sleep(0.05)
-    return None
 
 
 def _stop_daemon(cli: Cli, name: str) -> None:
@@ -891,5 +828,5 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CANCELLED)
     except MeshError as exc:
         click.secho(f"error: {exc.message} [{exc.code}]", err=True, fg="red")
-        sys.exit(_EXIT_FOR_CODE.get(exc.code, EXIT_FAILED))
+        sys.exit(EXIT_FOR_CODE.get(exc.code, EXIT_FAILED))
     sys.exit(result if isinstance(result, int) else EXIT_OK)
