@@ -53,7 +53,7 @@ from typing import IO, Any
 
 import trio
 
-from benchmarks import curve, openai_api
+from benchmarks import cli_startup, curve, openai_api
 from benchmarks.agent import MODEL_FILE, MODEL_REPO, NARRATION_EVENTS, TOKENS
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
@@ -537,6 +537,7 @@ def command(
     out: Path | None,
     as_json: bool,
     real_model: Path | None = None,
+    startup: bool = False,
 ) -> int:
     """`rbee-mesh bench`: run, print the table (or JSON), and return the exit code."""
 
@@ -552,7 +553,7 @@ def command(
         if unknown:
             return refuse(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
     missing = [m for m in ("matplotlib", "starlette", "uvicorn") if not _importable(m)]
-    if missing:
+    if missing and not startup:
         return refuse(
             f"{', '.join(missing)} not installed: the benchmark needs the bench extra "
             "(bin/setup bench)"
@@ -561,7 +562,9 @@ def command(
         return refuse(f"--real-model: {reason}")
     out_dir = out or RESULTS
     try:
-        if scale is not None:
+        if startup:
+            report = run_startup_report(quick=quick, out_dir=out_dir, progress=progress)
+        elif scale is not None:
             try:
                 counts = [int(n) for n in scale.split(",")]
             except ValueError:
@@ -587,7 +590,9 @@ def command(
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    if scale is not None:
+    if startup:
+        print(cli_startup.table(report["results"]))
+    elif scale is not None:
         from benchmarks.scale import print_table
 
         print_table(report["results"])
@@ -624,6 +629,22 @@ def run_scale_report(
         if n >= 1000
     ]
     return write_report("scale", out_dir, quick=quick, started=started, rows=rows, found=found)
+
+
+def run_startup_report(
+    *, quick: bool, out_dir: Path, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """The CLI start-up run (benchmarks/cli_startup.py), written to cli_startup.json."""
+    started = time.time()
+    rows = cli_startup.measure(cli_startup.plan(quick), progress)
+    return write_report(
+        "cli_startup",
+        out_dir,
+        quick=quick,
+        started=started,
+        rows=rows,
+        found=cli_startup.targets(rows),
+    )
 
 
 def write_report(
@@ -675,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and HTTP + SSE (uvicorn + starlette), interleaved round by round; with the tokens, "
         "inference on a real model by llama-cpp-python in process, the mesh's infer and the "
         "OpenAI-compatible API, when the model file is there (--real-model). Prints a table (or "
-        "JSON) and writes modes.json and modes.png (or scale.json).",
+        "JSON) and writes modes.json and modes.png (or scale.json, cli_startup.json).",
     )
     parser.add_argument(
         "--quick", action="store_true", help="fewer rounds and runs: done within a minute"
@@ -697,11 +718,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="OP",
         help=f"only this operation ({', '.join(OPS)}; repeatable)",
     )
-    parser.add_argument(
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument(
         "--scale",
         metavar="N,N,...",
         help="instead: the scale run, one queen with N simulated hives (8 workers each) for each "
         "N, e.g. 10,100,1000",
+    )
+    instead.add_argument(
+        "--startup",
+        action="store_true",
+        help="instead: the command line's start-up (--version, --help, status up to its first "
+        "frame) next to python's own and to importing zmq, trio and msgpack "
+        "(benchmarks/cli_startup.py); needs no bench extra",
     )
     parser.add_argument(
         "--serve",
@@ -727,7 +756,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", dest="as_json", action="store_true", help="the report as JSON")
     args = parser.parse_args(argv)
     return command(
-        args.quick, args.modes, args.ops, args.scale, args.out, args.as_json, args.real_model
+        args.quick,
+        args.modes,
+        args.ops,
+        args.scale,
+        args.out,
+        args.as_json,
+        args.real_model,
+        args.startup,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from benchmarks import bench, openai_api
+from benchmarks import bench, cli_startup, openai_api
 from tests.netns import unavailable_reason
 from tests.real_model import smollm2
 
@@ -47,6 +47,34 @@ def test_targets_are_judged_from_the_control_rows() -> None:
     assert verdicts["control p50, localhost tcp vs HTTP + SSE"]["value"] == pytest.approx(6.67)
     assert verdicts["control p50, localhost tcp vs HTTP + SSE"]["met"]
     assert verdicts["control p50, integrated"]["met"]
+
+
+def test_startup_ratios_are_taken_round_by_round_and_judged_against_their_goals() -> None:
+    # Round 2 ran on a machine twice as slow: a ratio within the round does not see it.
+    wall = {
+        "python": [0.02, 0.04],
+        "imports": [0.1, 0.2],
+        "version": [0.05, 0.10],
+        "help": [0.07, 0.14],
+        "status": [0.14, 0.28],
+    }
+    cpu = {name: [t / 2 for t in times] for name, times in wall.items()}
+    rows = {r["measure"]: r for r in cli_startup.summarise(wall, cpu)}
+    assert rows["version"]["vs_python"] == 2.5 and rows["version"]["median_ms"] == 75.0
+    assert rows["status"]["vs_imports"] == 1.4 and rows["status"]["cpu_vs_imports"] == 1.4
+    assert rows["help"]["cpu_ms"] == 52.5
+    verdicts = {t["target"]: t["met"] for t in cli_startup.targets(list(rows.values()))}
+    assert verdicts == {
+        "rbee-mesh --version vs python -c pass": True,
+        "rbee-mesh --help vs python -c pass": False,
+        "rbee-mesh status, first frame vs import zmq, trio, msgpack": False,
+    }
+
+
+def test_a_round_of_the_startup_run_times_every_command_to_its_end_or_first_frame() -> None:
+    rows = cli_startup.measure(rounds=1)
+    assert [r["measure"] for r in rows] == list(cli_startup.MEASURES)
+    assert all(r["runs"] == 1 and r["median_ms"] > 0 and r["cpu_ms"] > 0 for r in rows)
 
 
 def test_unknown_mode_is_refused_with_the_choices() -> None:
