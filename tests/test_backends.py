@@ -229,6 +229,26 @@ def test_a_generation_beyond_the_model_s_sequences_is_busy_until_one_ends(
         model.close()
 
 
+def test_a_prompt_longer_than_a_batch_joins_in_chunks_beside_a_generating_sequence(
+    tmp_path: Path,
+) -> None:
+    path = write_tiny_gguf(tmp_path / "2k.gguf", context_length=2048)
+    model, _ = load_model(path, "cpu", "llama-cpp", sequences=2)
+    try:
+        long_prompt = "word " * 400  # over three batches of 512 tokens: it must go in chunks
+        assert model.count_tokens(long_prompt) > 3 * 512
+        params = GenerationParams(max_tokens=40, temperature=0.0)
+        alone = "".join(model.generate(long_prompt, params))
+        running = model.generate(PROMPT, replace(params, max_tokens=200))
+        first = next(running)  # generating: the long prompt now joins in 128-token chunks
+        beside = "".join(model.generate(long_prompt, params))
+        rest = "".join(running)
+        assert beside == alone and first + rest
+        assert running.sampled == 200
+    finally:
+        model.close()
+
+
 def test_llama_cpp_runs_as_many_sequences_as_asked_ctransformers_one(tiny: Path) -> None:
     for backend, served in (("llama-cpp", 3), ("ctransformers", 1)):
         model, _ = load_model(tiny, "cpu", backend, sequences=3)
