@@ -27,12 +27,15 @@ from rbee_mesh.protocol.constants import DEFAULT_SLOTS
 from tests.conftest import FAST_KEEPER, Served, serving_a_mesh
 from tests.real_model import FILE, smollm2
 
-pytestmark = pytest.mark.slow
+#: Real-model jobs one after another, then at once: ~10 s each on a quiet 2-core machine, and
+#: many times that when other work stalls ggml's spinning threads (docs/notes.md).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+BOUND_S = 540
 
 MODEL = f"local/smollm2:{FILE}"
 
 
-def greedy(prompt: str, max_tokens: int = 48) -> Infer:
+def greedy(prompt: str, max_tokens: int = 32) -> Infer:
     return Infer(
         prompt=prompt, model=MODEL, temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens
     )
@@ -118,7 +121,7 @@ async def test_jobs_placed_at_once_share_one_worker_and_each_gets_its_text_from_
     sampled = replace(greedy("Once upon a time"), temperature=1.0, top_k=40, seed=7)
     short = greedy("def fibonacci(n):", max_tokens=5)
     colours = greedy("The three primary colors are")
-    with trio.fail_after(240):
+    with trio.fail_after(BOUND_S):
         async with a_mesh(tmp_path, model) as mesh:
             whole = (await alone(mesh, colours)).result["text"]
             # A stop string from the middle of its own text: the job must end just before it.
@@ -151,11 +154,11 @@ async def test_cancelling_one_sequence_leaves_the_others_streaming_to_their_end(
     tmp_path: Path, model: Path
 ) -> None:
     ops = [
-        greedy("The capital of France is", 96),
-        greedy("Once upon a time", 96),
-        greedy("The three primary colors are", 96),
+        greedy("The capital of France is", 64),
+        greedy("Once upon a time", 64),
+        greedy("The three primary colors are", 64),
     ]
-    with trio.fail_after(240):
+    with trio.fail_after(BOUND_S):
         async with a_mesh(tmp_path, model) as mesh:
             expected = [(await alone(mesh, op)).result["text"] for op in ops]
             runs = [Run(await mesh.keeper.submit(op)) for op in ops]
@@ -171,7 +174,7 @@ async def test_cancelling_one_sequence_leaves_the_others_streaming_to_their_end(
     for index in (0, 2):
         done = runs[index].done()
         assert done.result["text"] == runs[index].text == expected[index]
-        assert done.result["usage"]["generated_tokens"] == 96
+        assert done.result["usage"]["generated_tokens"] == 64
         # It kept streaming after its neighbour was cancelled.
         assert runs[index].token_times()[-1] > cancelled_at
 
@@ -180,7 +183,7 @@ async def test_a_worker_killed_mid_batch_ends_each_of_its_jobs_with_one_terminal
     tmp_path: Path, model: Path
 ) -> None:
     prompts = ["The capital of France is", "Once upon a time", "The three primary colors are"]
-    with trio.fail_after(240):
+    with trio.fail_after(BOUND_S):
         async with a_mesh(tmp_path, model) as mesh:
             runs = [Run(await mesh.keeper.submit(greedy(p, 2000))) for p in prompts]
             async with trio.open_nursery() as nursery:
