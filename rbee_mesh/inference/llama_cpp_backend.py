@@ -259,7 +259,8 @@ class _Batcher:
         self._vocab = vocab
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._piece_buffer = ctypes.create_string_buffer(64)
-        self._changed = threading.Condition()
+        # Re-entrant: a stream dropped unclosed in this thread cancels its sequence from here.
+        self._changed = threading.Condition(threading.RLock())
         #: Shared, under `_changed`: sequences waiting to join, and why it stops (once it does).
         self._waiting: deque[_Sequence] = deque()
         self._closing: MeshError | None = None

@@ -331,18 +331,16 @@ class TextStream:
         stop: tuple[str, ...],
         release: Callable[[], None],
     ) -> None:
-        #: Tokens the backend has sampled so far (end of sequence not counted).
-        self.sampled = 0
         self._release: Callable[[], None] | None = release
-        self._text = stream_text(self._counted(pieces), stop)
+        # The count lives apart: a generator holding `self` would make a cycle, and a stream
+        # dropped unclosed would then be closed by the cycle collector, in any thread.
+        self._counted = [0]
+        self._text = stream_text(_counting(pieces, self._counted), stop)
 
-    def _counted(self, pieces: Generator[bytes, None, None]) -> Generator[bytes, None, None]:
-        try:
-            for piece in pieces:
-                self.sampled += 1
-                yield piece
-        finally:
-            pieces.close()
+    @property
+    def sampled(self) -> int:
+        """Tokens the backend has sampled so far (end of sequence not counted)."""
+        return self._counted[0]
 
     def __iter__(self) -> TextStream:
         return self
@@ -362,6 +360,17 @@ class TextStream:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _counting(
+    pieces: Generator[bytes, None, None], counted: list[int]
+) -> Generator[bytes, None, None]:
+    try:
+        for piece in pieces:
+            counted[0] += 1
+            yield piece
+    finally:
+        pieces.close()
 
 
 class NativeModel(abc.ABC):
