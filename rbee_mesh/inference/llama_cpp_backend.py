@@ -266,7 +266,7 @@ class _Batcher:
         self._closing: MeshError | None = None
         #: The batcher's own: sequences in the batch, and the sequence ids free.
         self._running: list[_Sequence] = []
-        self._free_ids = list(range(sequences - 1, -1, -1))
+        self._free_ids = set(range(sequences))
         self._thread = threading.Thread(target=self._run, name="llama-cpp batcher", daemon=True)
         self._thread.start()
 
@@ -335,7 +335,8 @@ class _Batcher:
     def _enter(self, sequence: _Sequence) -> None:
         lib, params = self._lib, sequence.params
         assert params.seed is not None
-        sequence.id = self._free_ids.pop()
+        sequence.id = min(self._free_ids)  # the lowest: see _fill
+        self._free_ids.remove(sequence.id)
         self._running.append(sequence)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         samplers = [
@@ -369,7 +370,7 @@ class _Batcher:
         if sequence in self._running:
             self._running.remove(sequence)
             self._lib.llama_memory_seq_rm(self._memory, sequence.id, -1, -1)
-            self._free_ids.append(sequence.id)
+            self._free_ids.add(sequence.id)
         if sequence.sampler is not None:
             self._lib.llama_sampler_free(sequence.sampler)
             sequence.sampler = None
@@ -394,6 +395,10 @@ class _Batcher:
             sequence.position += 1
             count += 1
 
+        # In sequence id order: with a cache per sequence, llama.cpp decodes tokens of
+        # consecutive, rising ids in one pass, and splits the batch wherever they are not (4
+        # sequences: 18 ms a step in order, 25 ms as 1, 3, 0, 2; 3 as 0, 1, 3 took 43 ms).
+        self._running.sort(key=lambda s: s.id)
         generating = [s for s in self._running if s.last is not None]
         for sequence in generating:
             assert sequence.last is not None

@@ -353,10 +353,12 @@ class TextStream:
             raise
 
     def close(self) -> None:
-        self._text.close()
         release, self._release = self._release, None
-        if release is not None:
-            release()
+        try:
+            self._text.close()
+        finally:
+            if release is not None:
+                release()
 
     def __del__(self) -> None:
         self.close()
@@ -400,6 +402,8 @@ class NativeModel(abc.ABC):
         with self._lock:
             self._check_open()
             tokens = self._tokenize(prompt)
+            if not tokens:  # no text, and a vocabulary without BOS: nothing to continue from
+                raise MeshError(ErrorCode.INVALID_REQUEST, "the prompt has no tokens")
             if len(tokens) >= self.n_ctx:
                 raise MeshError(
                     ErrorCode.INVALID_REQUEST,
