@@ -71,23 +71,7 @@ if TYPE_CHECKING:
         WorkerSpawn,
     )
 else:  # each module imported when one of its names is first read
-    __getattr__ = lazy_attributes(
-        __name__,
-        {
-            "codec": "HEADER decode decode_heartbeat decode_state encode peek_route",
-            "jobs": "STREAMED JobLifecycle JobState outcome",
-            "liveness": "Liveness PeerClock PeerLiveness",
-            "messages": (
-                "MESSAGE_TYPES TERMINAL_KINDS Accepted Cancel Cancelled Data Disconnect Done Error "
-                "Heartbeat Kind Level Message Narration Ready Submit Token"
-            ),
-            "operations": (
-                "OPERATIONS Actor HiveGet HiveList HiveRefresh HiveStatus Infer JobCancel JobList "
-                "ModelDelete ModelDownload ModelGet ModelList Operation Ping Status WorkerDelete "
-                "WorkerGet WorkerList WorkerSpawn"
-            ),
-        },
-    )
+    __getattr__ = lazy_attributes(__name__)
 
 __all__ = [
     "HEADER",

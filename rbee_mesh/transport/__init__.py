@@ -48,20 +48,7 @@ if TYPE_CHECKING:
     from .zmq_transport import ZmqConnection, ZmqListener, ZmqPublisher
     from .zmq_trio import TrioSocket
 else:  # each module imported when one of its names is first read
-    __getattr__ = lazy_attributes(
-        __name__,
-        {
-            "base": "Connection Listener Publisher Subscriber",
-            "factory": (
-                "DEFAULT_HWM PUBSUB_HWM PUBSUB_OPTIONS SocketOptions make_socket shared_context"
-            ),
-            "memory": "MemoryConnection MemoryListener MemoryPublisher",
-            "pubsub": "MeshSubscriber open_publisher open_subscriber",
-            "reqrep": "open_connection open_listener",
-            "zmq_transport": "ZmqConnection ZmqListener ZmqPublisher",
-            "zmq_trio": "TrioSocket",
-        },
-    )
+    __getattr__ = lazy_attributes(__name__)
 
 __all__ = [
     "DEFAULT_HWM",
