@@ -425,10 +425,12 @@ class JobClient:
         job_id: str = "",
         timeout_s: float | None = None,
         relay: Relay | None = None,
+        keep: bool = False,
     ) -> ClientJob:
         """Submit `op` and wait for the server to accept it or refuse it (then the job's
         terminal frame is the refusal). `job_id`: the id it must run under (a forwarded job's);
-        `relay`: where its streamed frames go, unopened.
+        `relay`: where its streamed frames go, unopened; `keep`: the job runs on if this
+        client disconnects.
 
         Raises ServerUnreachable if no answer comes within `accept_timeout_s`: the job did not
         start and will not (the server refuses it past its `accept_by`).
@@ -438,7 +440,9 @@ class JobClient:
         wait = self.config.accept_timeout_s
         accept_by = time.time() + wait * (1 - ACCEPT_SLACK)
         frames = encode(
-            Submit(job_id=job_id, ref=ref, op=op, timeout_s=timeout_s, accept_by=accept_by)
+            Submit(
+                job_id=job_id, ref=ref, op=op, timeout_s=timeout_s, accept_by=accept_by, keep=keep
+            )
         )
         self._pending[ref] = job
         try:

@@ -11,10 +11,13 @@ Guarantees (docs/protocol.md, "Job lifecycle", "At most once" and "Liveness"):
 - no job can stop the server: whatever its handler raises, and a result that cannot be sent
   (RESULT_TOO_LARGE, or INTERNAL for our own bug), becomes that job's terminal frame;
 - every job has a deadline; its submitter (CANCEL) or anyone through `cancel()` can cancel it;
+- with a `JobHistory` that keeps records (a queen's), every frame a job streams is recorded,
+  and `watch()` lets another client follow it from its start (`jobs watch`);
 - a slow client only fills its own outbox: past `peer_backlog` unread frames it is dropped;
 - a client that vanishes (silent for SERVER_LOST_AFTER intervals, one fewer than a client waits
-  for its server), leaves, or whose session reconnects (a newer READY) has its jobs cancelled,
-  and its connection is fenced: nothing it started outlives it, and nothing it sent that
+  for its server), leaves, or whose session reconnects (a newer READY) has its jobs cancelled
+  (but those it submitted with `keep`, which run on), and its connection is fenced: nothing
+  else it started outlives it, and nothing it sent that
   arrives afterwards runs (it must connect again, as a new epoch of its session);
 - garbage, unknown versions and frames the server does not take are answered with ERROR (the
   peer's fault, logged as such) and the server goes on serving.
@@ -29,17 +32,18 @@ import itertools
 import logging
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 from trio_util import AsyncValue
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
-from rbee_mesh.actors.narration import JobContext, current_job
+from rbee_mesh.actors.narration import JobContext, current_job, narrate
+from rbee_mesh.actors.records import JobHistory, JobRecord
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.actors.trust import Role, Trust, admitted
 from rbee_mesh.protocol import (
@@ -48,6 +52,7 @@ from rbee_mesh.protocol import (
     Actor,
     Cancel,
     Cancelled,
+    Data,
     Disconnect,
     Done,
     Error,
@@ -70,7 +75,9 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
+from rbee_mesh.protocol.codec import HEADER
 from rbee_mesh.protocol.constants import (
+    FINISHED_JOBS_KEPT,
     HEARTBEAT_S,
     MAX_CONNECTIONS_PER_KEY,
     MIN_HEARTBEAT_S,
@@ -100,8 +107,8 @@ class ServerConfig:
     max_jobs_per_peer: int | None = None
     #: Connections one key may hold open at once; past this a new one is told DISCONNECT.
     max_connections_per_key: int = MAX_CONNECTIONS_PER_KEY
-    #: Finished jobs kept for job listings.
-    job_history: int = 200
+    #: Finished jobs kept for job listings (unless the server is given a history of its own).
+    job_history: int = FINISHED_JOBS_KEPT
     #: Grace given to running jobs to end on shutdown.
     shutdown_grace_s: float = 2.0
     #: Missed heartbeat intervals after which a silent client is dropped.
@@ -138,6 +145,8 @@ class Peer:
     #: interval later, by when what it sent before closing (a DISCONNECT, which libzmq may hold
     #: behind the news of the close) has been read.
     unreachable: float | None = None
+    #: Set when its queued frames have drained below a quarter of the backlog (see `writable`).
+    drained: trio.Event | None = None
 
     #: The server's own interval (the schedule's).
     beat_interval_s = None
@@ -159,6 +168,20 @@ class Peer:
             state={"jobs": len(server._jobs), "limit": server.config.max_running_jobs},
         )  # fmt: skip
         self.server._send(self, message)
+
+    async def writable(self) -> None:
+        """Wait while more than half its backlog of frames is queued: how a job that produces
+        frames faster than the peer reads them (a replay) is slowed rather than cut off."""
+        limit = self.server.config.peer_backlog // 2
+        while self.backlog > limit and not self.gone:
+            self.drained = self.drained or trio.Event()
+            await self.drained.wait()
+
+    def _sent_one(self) -> None:
+        self.backlog -= 1
+        if self.drained is not None and self.backlog <= self.server.config.peer_backlog // 4:
+            self.drained.set()
+            self.drained = None
 
     def liveness_changed(self, was: Liveness, now: Liveness) -> None:
         if now is Liveness.LOST:
@@ -183,6 +206,10 @@ class ServerJob:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Set when the job is aborted from outside: the terminal frame to send instead of a result.
     abort: Message | None = None
+    #: Whether it runs on when its submitter disconnects (SUBMIT's `keep`).
+    keep: bool = False
+    #: Its frames, for watchers (a server whose history keeps records).
+    record: JobRecord | None = None
 
     @property
     def state(self) -> JobState:
@@ -206,6 +233,8 @@ class ServerJob:
             if kind is Kind.TOKEN and self.first_token is None:
                 self.first_token = time.time()
             self.peer.server._send_frames(self.peer, frames)
+            if self.record is not None:
+                self.record.append(kind, frames[3])
 
     def summary(self) -> dict[str, Any]:
         end = self.ended if self.ended is not None else time.time()
@@ -221,6 +250,14 @@ class ServerJob:
 
 
 Handler = Callable[[ServerJob, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What a handler returns to end its job with this terminal frame, as another job ended
+    (a watch ends as the job it watched did)."""
+
+    terminal: Message
 
 
 class JobServer:
@@ -241,13 +278,15 @@ class JobServer:
         worker_id: str = "",
         on_peer_gone: Callable[[Peer, str, bool], None] | None = None,
         trust: Trust | None = None,
+        history: JobHistory | None = None,
     ) -> None:
         """`assigns_job_ids`: refuse SUBMITs that carry a job id (the queen) or adopt it (a hive
         or a worker, whose jobs keep the queen's id so narration is routed without
         translation). `ready_info`: what to answer a client's READY with. `on_peer_gone`: told
         when a client is dropped, why, and whether it left on purpose (DISCONNECT). `trust`:
         whose messages are taken, and what each role may submit (the listener's keys must be
-        this trust's)."""
+        this trust's). `history`: the finished jobs remembered, and whether each job's frames
+        are recorded (default: `config.job_history` summaries, no frames)."""
         self.listener = listener
         self.trust = trust or Trust.for_process()
         self._admitted = admitted(actor)
@@ -271,7 +310,7 @@ class JobServer:
         #: Dropped connections, and when a late frame from each was last answered (None: never).
         self._fenced: dict[bytes, float | None] = {}
         self._jobs: dict[str, ServerJob] = {}
-        self._history: deque[ServerJob] = deque(maxlen=self.config.job_history)
+        self.history = history or JobHistory(self.config.job_history)
         self._peer_numbers = itertools.count(1)
         #: Beats and watches every client; an actor may add links of its own (a hive's PUB).
         self.schedule = HeartbeatSchedule(self.config.heartbeat_s)
@@ -319,7 +358,7 @@ class JobServer:
     def job_summaries(self, *, include_finished: bool) -> list[dict[str, Any]]:
         jobs = [j.summary() for j in self._jobs.values()]
         if include_finished:
-            jobs += [j.summary() for j in self._history]
+            jobs += [ended.summary for ended in self.history]
         return sorted(jobs, key=lambda j: float(j["created"]))
 
     def drop_peers_with_key(self, key: str, why: str) -> int:
@@ -333,12 +372,61 @@ class JobServer:
         """Cancel a running job on behalf of `by`; NOT_FOUND or CONFLICT if it is not running."""
         target = self._jobs.get(job_id)
         if target is None:
-            ended = next((j for j in self._history if j.id == job_id), None)
+            ended = self.history.get(job_id)
             if ended is not None:
-                raise MeshError(ErrorCode.CONFLICT, f"job {job_id} already ended ({ended.state})")
+                state = ended.summary["state"]
+                raise MeshError(ErrorCode.CONFLICT, f"job {job_id} already ended ({state})")
             raise MeshError(ErrorCode.NOT_FOUND, f"no job {job_id}")
         self._abort(target, Cancelled(job_id=target.id, reason=sentence(f"cancelled by {by}")))
         return target
+
+    async def watch(self, watcher: ServerJob, job_id: str) -> Ending:
+        """Stream the job `job_id` (running or remembered) into `watcher`'s own: a DATA record
+        saying which job it is, its frames from the start (a gap that was not kept is narrated),
+        then the new ones as it sends them; end as it ended. Frames that queue for a slow
+        watcher slow the replay; live, a watcher that falls behind is dropped as any slow
+        client is. NOT_FOUND for a job this server does not remember, or a server that keeps
+        no records."""
+        if job_id == watcher.id:
+            raise MeshError(ErrorCode.INVALID_REQUEST, "a job cannot watch itself")
+        running = self._jobs.get(job_id)
+        ended = self.history.get(job_id) if running is None else None
+        record = running.record if running is not None else ended.record if ended else None
+        if record is None:
+            raise MeshError(ErrorCode.NOT_FOUND, f"no job {job_id} to watch here")
+        accepted = record.accepted
+        header = {"kind": "watch", "job": job_id, "op": accepted.op, "ref": accepted.ref,
+                  "deadline_s": accepted.deadline_s}  # fmt: skip
+        watcher.emit(Data(job_id=watcher.id, record=header))
+        tag = watcher.id.encode("ascii")
+
+        def relay(kind: Kind, body: bytes) -> None:
+            watcher.relay([HEADER, bytes([kind]), tag, body], kind)
+
+        if record.forgotten:
+            narrate("watch", f"the frames of job {job_id} are no longer kept (an old job's, or one "
+                    "that ran when the queen stopped); how it ended follows")  # fmt: skip
+        index = 0
+        while batch := list(itertools.islice(record.frames_from(index), 256)):
+            for after, frame in batch:
+                if frame is None:
+                    narrate("watch", f"{after - index} frame(s) of job {job_id} were dropped "
+                            "here: it streamed more than a queen keeps of one job")  # fmt: skip
+                else:
+                    relay(*frame)
+                index = after
+            await trio.lowlevel.checkpoint()  # let others run, and wait for a slow watcher
+            await watcher.peer.writable()
+        # All it has was sent; from here, in the same step, each frame as it comes.
+        if record.terminal is None:
+            record.watchers.append(relay)
+            try:
+                await record.ended.wait()
+            finally:
+                with suppress(ValueError):
+                    record.watchers.remove(relay)
+        assert record.terminal is not None
+        return Ending(record.terminal)
 
     # ---- receiving ---------------------------------------------------------------------------
 
@@ -500,7 +588,7 @@ class JobServer:
             async for frames in peer.inbox:
                 if not await self._send_patiently(peer, frames):
                     return
-                peer.backlog -= 1
+                peer._sent_one()
 
     async def _send_patiently(self, peer: Peer, frames: Sequence[bytes]) -> bool:
         """Retry while the peer is busy, for up to `peer_stall_s`; drop it if it never reads."""
@@ -565,11 +653,14 @@ class JobServer:
             del self._sessions[peer.session]
         self.schedule.discard(peer)
         peer.outbox.close()
-        if peer.jobs:
+        if peer.drained is not None:
+            peer.drained.set()
+        ended = [job for job in peer.jobs if not job.keep]  # the others run on, recorded
+        if ended:
             log.warning(
-                "dropping %s because %s; cancelling its %d job(s)", peer.label, why, len(peer.jobs)
+                "dropping %s because %s; cancelling its %d job(s)", peer.label, why, len(ended)
             )
-        for job in list(peer.jobs):
+        for job in ended:
             reason = sentence(f"{peer.label} is gone: {why}")
             self._abort(job, Cancelled(job_id=job.id, reason=reason))
         if self.on_peer_gone is not None:
@@ -613,12 +704,15 @@ class JobServer:
             return
         deadline = submit.timeout_s or submit.op.default_deadline_s
         job_id = submit.job_id or new_job_id()
-        job = ServerJob(id=job_id, op=submit.op, peer=peer, deadline_s=deadline)
+        job = ServerJob(id=job_id, op=submit.op, peer=peer, deadline_s=deadline, keep=submit.keep)
         job.scope.relative_deadline = deadline
         self._jobs[job.id] = job
         self.job_count.value = len(self._jobs)
         peer.jobs.add(job)
         accepted = Accepted(job_id=job.id, ref=submit.ref, op=job.op.NAME, deadline_s=deadline)
+        if self.history.records:
+            job.record = JobRecord(accepted)
+            self.history.started({**job.summary(), "ref": submit.ref, "deadline_s": deadline})
         self._send(peer, accepted)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job, name=f"job {job.id} {job.op.NAME}")
@@ -684,7 +778,10 @@ class JobServer:
                     message = f"{job.op.NAME} failed: {type(exc).__name__}: {exc}"
                     terminal = self._error(job, ErrorCode.INTERNAL, message)
                 else:
-                    terminal = self._done(job, result)
+                    if isinstance(result, Ending):
+                        terminal = replace(result.terminal, job_id=job.id)
+                    else:
+                        terminal = self._done(job, result)
         finally:
             # Also when the server itself is cancelled (its grace over, or its task cancelled):
             # its cancellation passes through the job's scope, and the job must still end.
@@ -737,7 +834,9 @@ class JobServer:
         self._jobs.pop(job.id, None)
         self.job_count.value = len(self._jobs)
         job.peer.jobs.discard(job)
-        self._history.append(job)
+        if job.record is not None:
+            job.record.end(terminal)
+        self.history.ended(job.summary(), job.record)
         log.info(
             "job %s %s %s in %.3fs%s",
             job.id,

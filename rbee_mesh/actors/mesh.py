@@ -49,6 +49,7 @@ async def running_queen(
     max_queued: int = 64,
     discover: bool = False,
     trust: Trust | None = None,
+    journal: Path | None = None,
 ) -> AsyncIterator[Queen]:
     """A queen serving on `endpoint` for the duration of the block, stopped gracefully after.
 
@@ -56,7 +57,8 @@ async def running_queen(
     alone takes the one trusted there, else this node's). `integrated_hive`: also run this hive
     in the same process, linked over the in-memory transport (the integrated mode).
     `max_queued`: inference jobs that may wait for a worker at once. `trust`: this node's keys
-    and whom it trusts (default: this process's node).
+    and whom it trusts (default: this process's node). `journal`: where its finished jobs are
+    remembered across restarts (none: in memory only).
     """
     trust = trust or Trust.for_process()
     listening = SocketOptions(curve=trust.server_keys(Actor.QUEEN))
@@ -72,8 +74,9 @@ async def running_queen(
                 local = await stack.enter_async_context(running_hive(integrated_hive))
             nursery = await stack.enter_async_context(trio.open_nursery())
             queen = Queen(
-                listener, subscriber, config, max_queued=max_queued, discover=discover, trust=trust
-            )
+                listener, subscriber, config, max_queued=max_queued, discover=discover,
+                trust=trust, journal=journal,
+            )  # fmt: skip
             await nursery.start(queen.run)
             stack.push_async_callback(_stop_shielded, queen)
             if local is not None:

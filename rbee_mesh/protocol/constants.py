@@ -10,7 +10,8 @@ from __future__ import annotations
 MAGIC = b"RBEE"
 #: 2: SUBMIT carries `accept_by`, ERROR carries `started`, READY carries a client's session.
 #: 3: every socket beyond a process is CURVE; the FORBIDDEN error code; trust operations.
-PROTOCOL_VERSION = 3
+#: 4: SUBMIT carries `keep`; the job_watch operation.
+PROTOCOL_VERSION = 4
 
 # ---- well-known ports ---------------------------------------------------------------------------
 
@@ -79,6 +80,15 @@ MAX_JOBS_PER_KEEPER = 1_000
 #: Connections one key may hold open to one server at once (a node's keepers share its key);
 #: past this a new one is told DISCONNECT.
 MAX_CONNECTIONS_PER_KEY = 256
+#: A queen keeps each job's frames (narration, data, tokens, its end) so that anyone may watch
+#: it from the start (`jobs watch`): of one job, its first JOB_RECORD_HEAD_BYTES and then the most
+#: recent, up to JOB_RECORD_BYTES in all (what falls between is dropped, and a replay says so).
+JOB_RECORD_BYTES = 1 << 20
+JOB_RECORD_HEAD_BYTES = 256 << 10
+#: Finished jobs a server remembers (job listings; a queen's watches, across its restarts), and
+#: the bytes of their frames a queen keeps in all; past either, the oldest are forgotten.
+FINISHED_JOBS_KEPT = 200
+FINISHED_RECORDS_BYTES = 64 << 20
 #: Jobs one worker runs at once: sequences of its model's batch (llama.cpp's server also
 #: defaults to 4). Each takes a KV cache; the default context budget is shared between them.
 DEFAULT_SLOTS = 4

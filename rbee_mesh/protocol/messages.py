@@ -129,7 +129,8 @@ class Submit(Message):
     sets it, so that narration from the hive is routed under the same id. `accept_by` is the
     latest time (the sender's clock, epoch seconds) the job may still be accepted: a SUBMIT that
     arrives later has waited on a cut link or a frozen peer, its sender has given up on it, and
-    it is refused (docs/protocol.md, "At most once").
+    it is refused (docs/protocol.md, "At most once"). `keep`: the job runs on if its submitter
+    disconnects (`infer --detach`; `jobs watch` follows it); otherwise that cancels it.
     """
 
     KIND = Kind.SUBMIT
@@ -138,6 +139,7 @@ class Submit(Message):
     op: Operation = spec(_OperationSpec())
     timeout_s: float | None = spec(Optional(Float(0.0, 7 * 86_400.0, open_lo=True)), None)
     accept_by: float | None = spec(Optional(Float(0.0, 1e11)), None)
+    keep: bool = spec(Bool(), False)
 
 
 @dataclass(frozen=True)

@@ -424,6 +424,23 @@ class JobCancel(Operation):
     job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
 
 
+@dataclass(frozen=True, kw_only=True)
+class JobWatch(Operation):
+    """Follow the job JOB_ID (any keeper's, running or recently finished): its narration and
+    output from the start, then live, as its submitter saw them; exit with its exit code.
+    Leaving (Ctrl-C) changes nothing for the job.
+
+    The job's frames come first as a DATA record {"kind": "watch", "job", "op", "ref",
+    "deadline_s"}, then as they were sent, under this job's id; this job ends as it did."""
+
+    NAME = "job_watch"
+    TARGET = Actor.QUEEN
+    #: It lasts as long as the job it follows (whose own deadline ends that).
+    DEADLINE_S = 7 * 86_400.0
+    COMMAND = ("jobs", "watch")
+    job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
+
+
 #: A CURVE public key in z85 (what `rbee-mesh id` prints).
 PUBLIC_KEY = Text(
     max_len=40,

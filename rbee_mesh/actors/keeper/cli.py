@@ -101,17 +101,19 @@ class Cli:
         return JsonRenderer() if self.as_json else HumanRenderer()
 
     def run_job(
-        self,
-        op: Operation,
-        timeout_s: float | None = None,
+        self, op: Operation, timeout_s: float | None = None, detach: bool = False
     ) -> NoReturn:
-        """Submit `op` to the queen, render its events live, exit with its outcome."""
+        """Submit `op` to the queen, render its events live, exit with its outcome; with
+        `detach`, print its id and exit once it is accepted (it runs on)."""
         import trio
 
+        from rbee_mesh.actors.keeper.render import WatchRenderer
         from rbee_mesh.actors.keeper.session import run_job
 
         renderer = self.renderer()
-        code = trio.run(run_job, self.endpoint, op, renderer, timeout_s, self.trust)
+        if op.NAME == "job_watch":
+            renderer = WatchRenderer(renderer)
+        code = trio.run(run_job, self.endpoint, op, renderer, timeout_s, self.trust, detach)
         sys.exit(code)
 
 
@@ -631,11 +633,15 @@ def apikey() -> None:
     """Keys for the queen's HTTP API (needed when it serves beyond this machine)."""
 
 
-def _run_operation(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
-    ctx.find_object(Cli).run_job(op, timeout_s)  # type: ignore[union-attr]
+def _run_operation(
+    ctx: click.Context, op: Operation, timeout_s: float | None, detach: bool = False
+) -> None:
+    ctx.find_object(Cli).run_job(op, timeout_s, detach)  # type: ignore[union-attr]
 
 
-def _run_here_without_a_queen(ctx: click.Context, op: Operation, timeout_s: float | None) -> None:
+def _run_here_without_a_queen(
+    ctx: click.Context, op: Operation, timeout_s: float | None, detach: bool = False
+) -> None:
     """With no queen running (and none named or joined), in a mesh made for this command, over
     this machine's hive: `infer`, and what reads or changes this machine's catalog."""
     import trio
@@ -645,7 +651,12 @@ def _run_here_without_a_queen(ctx: click.Context, op: Operation, timeout_s: floa
     cli = ctx.find_object(Cli)
     assert cli is not None
     if cli.queen_known:
-        cli.run_job(op, timeout_s)
+        cli.run_job(op, timeout_s, detach)
+    if detach:
+        raise click.UsageError(
+            "--detach needs a queen that runs on after this command (`rbee-mesh queen start`); "
+            "none is running here"
+        )
     sys.exit(trio.run(run_here, cli, op, timeout_s))
 
 

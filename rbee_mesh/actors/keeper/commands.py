@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rbee_mesh.protocol import OPERATIONS, Operation, ProtocolError
+from rbee_mesh.protocol import OPERATIONS, Actor, Operation, ProtocolError
 from rbee_mesh.protocol.fields import (
     Bool,
     Choice,
@@ -27,8 +27,9 @@ from rbee_mesh.protocol.fields import (
     parameters,
 )
 
-#: How a generated command runs its operation: (the click context, the operation, --timeout).
-Runner = Callable[[click.Context, Operation, float | None], None]
+#: How a generated command runs its operation: (the click context, the operation, --timeout,
+#: --detach).
+Runner = Callable[[click.Context, Operation, float | None, bool], None]
 
 
 def make_operation(op_cls: type[Operation], **values: Any) -> Operation:
@@ -66,9 +67,19 @@ def _command(name: str, op_cls: type[Operation], run: Runner) -> click.Command:
             help=f"Seconds the job may take (default {op_cls.DEADLINE_S:g}).",
         )
     )
+    if op_cls.TARGET in (Actor.HIVE, Actor.WORKER):  # what runs long enough to leave running
+        params.append(
+            click.Option(
+                ["--detach"],
+                is_flag=True,
+                help="Print the job's id and return; the job runs on (`rbee-mesh jobs watch "
+                "JOB_ID` follows it, `jobs cancel` stops it). Needs a running queen.",
+            )
+        )
 
-    def callback(timeout_s: float | None, **values: Any) -> None:
-        run(click.get_current_context(), make_operation(op_cls, **values), timeout_s)
+    def callback(timeout_s: float | None, detach: bool = False, **values: Any) -> None:
+        op = make_operation(op_cls, **values)
+        run(click.get_current_context(), op, timeout_s, detach)
 
     return click.Command(
         name, params=params, callback=callback, help=inspect.cleandoc(op_cls.__doc__ or "")

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import click
@@ -105,6 +106,37 @@ class HumanRenderer:
             self._open_tokens = False
         if self._bar is not None:
             self._bar.clear()
+
+
+class WatchRenderer:
+    """What `jobs watch` shows: the watched job's events as its submitter saw them, rendered by
+    `inner`. The watch's own ACCEPTED is not shown; its first frame (a DATA record, "kind":
+    "watch") says which job it follows, shown as that job's ACCEPTED; every event after it
+    carries that job's id."""
+
+    def __init__(self, inner: Renderer) -> None:
+        self.inner = inner
+        self.job_id = ""
+
+    def event(self, message: Message) -> None:
+        match message:
+            case Accepted() if not self.job_id:
+                return
+            case Data() if not self.job_id and message.record.get("kind") == "watch":
+                r = message.record
+                self.job_id = str(r["job"])
+                accepted = Accepted(
+                    job_id=self.job_id, ref=r["ref"], op=r["op"], deadline_s=r["deadline_s"]
+                )
+                self.inner.event(accepted)
+                return
+        self.inner.event(replace(message, job_id=self.job_id) if self.job_id else message)
+
+    def problem(self, code: str, message: str) -> None:
+        self.inner.problem(code, message)
+
+    def note(self, text: str) -> None:
+        self.inner.note(text)
 
 
 class ProgressBar:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the actors are imported by the daemon that runs them, not b
 
 log = logging.getLogger("rbee_mesh.daemon")
 
+#: The queen daemon's finished jobs, in its state directory (actors/records.py).
+JOB_JOURNAL = "jobs.journal"
+
 
 async def until_signalled() -> None:
     """Return on SIGTERM or SIGINT: how a foreground daemon waits to be stopped."""
@@ -55,9 +58,11 @@ async def serve_queen_forever(
     trust = Trust.load(state_dir())
     hive = integrated_hive_config(state_dir(), config, trust) if integrated else None
     peers = [peer_spec(h) for h in hives]
+    journal = state_dir() / JOB_JOURNAL
     async with running_queen(
-        bind, config, hives=peers, integrated_hive=hive, discover=discover, trust=trust
-    ) as queen:
+        bind, config, hives=peers, integrated_hive=hive, discover=discover, trust=trust,
+        journal=journal,
+    ) as queen:  # fmt: skip
         for endpoint, key in load_config(state_dir()).peers:
             if endpoint not in (p[0] for p in peers):
                 await queen.add_hive(endpoint, source="config", key=key)

@@ -26,7 +26,7 @@ from rbee_mesh.actors.keeper.exits import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
 )
-from rbee_mesh.actors.keeper.render import Renderer
+from rbee_mesh.actors.keeper.render import JsonRenderer, Renderer
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import Cancelled, Done, Error, Message, Operation, Ping
 from rbee_mesh.protocol import operations as ops
@@ -48,15 +48,39 @@ def exit_code_for(terminal: Message | None) -> int:
 
 
 async def run_job(
-    endpoint: str, op: Operation, renderer: Renderer, timeout_s: float | None, trust: Trust
+    endpoint: str,
+    op: Operation,
+    renderer: Renderer,
+    timeout_s: float | None,
+    trust: Trust,
+    detach: bool = False,
 ) -> int:
-    """Submit `op` to the queen at `endpoint`, render its events live; its exit code."""
+    """Submit `op` to the queen at `endpoint`, render its events live; its exit code. With
+    `detach`, only until it is accepted: it runs on without this keeper."""
     try:
         async with open_keeper(endpoint, trust=trust) as keeper:
+            if detach:
+                return await submit_detached(keeper, op, renderer, timeout_s=timeout_s)
             return await stream_job(keeper, op, renderer, timeout_s=timeout_s)
     except ServerUnreachable as exc:
         renderer.problem(exc.code, exc.message)
         return EXIT_UNAVAILABLE
+
+
+async def submit_detached(
+    keeper: JobClient, op: Operation, renderer: Renderer, *, timeout_s: float | None = None
+) -> int:
+    """Submit `op` to run on after this keeper leaves: its id on stdout (JSON: its ACCEPTED),
+    or its refusal."""
+    job = await keeper.submit(op, timeout_s=timeout_s, keep=True)
+    first = await job.__anext__()
+    renderer.event(first)
+    if job.accepted is None:  # refused: that was its end
+        return exit_code_for(job.terminal)
+    if not isinstance(renderer, JsonRenderer):
+        print(job.job_id, flush=True)
+        renderer.note(f"job {job.job_id} runs on; `rbee-mesh jobs watch {job.job_id}` follows it")
+    return EXIT_OK
 
 
 async def stream_job(

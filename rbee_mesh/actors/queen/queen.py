@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,10 +26,11 @@ from trio_util import AsyncValue
 
 from rbee_mesh import __version__
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, running_client
-from rbee_mesh.actors.jobserver import Handler, JobServer, ServerConfig, ServerJob
+from rbee_mesh.actors.jobserver import Ending, Handler, JobServer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
+from rbee_mesh.actors.records import JobHistory
 from rbee_mesh.actors.runtime import run_ping
 from rbee_mesh.actors.trust import (
     JoinToken,
@@ -80,10 +82,12 @@ class Queen:
         max_queued: int = 64,
         discover: bool = False,
         trust: Trust | None = None,
+        journal: Path | None = None,
     ) -> None:
         """`discover`: link hives announced on the LAN (mDNS) that are trusted, list the others
         as pending, and drop them on goodbye. `trust`: this node's keys and whom it trusts
-        (the listener's and subscriber's keys must be its)."""
+        (the listener's and subscriber's keys must be its). `journal`: where the finished jobs
+        are remembered across restarts (a daemon's; in memory only without)."""
         self.name = f"queen-{os.uname().nodename}"
         self.trust = trust or Trust.for_process()
         self.started = time.time()
@@ -98,6 +102,7 @@ class Queen:
                 ops.HiveGet: self._op_hive_get,
                 ops.JobList: self._op_job_list,
                 ops.JobCancel: self._op_job_cancel,
+                ops.JobWatch: self._op_job_watch,
                 ops.Infer: self._op_infer,
                 ops.Invite: self._op_invite,
                 ops.Join: self._op_join,
@@ -113,9 +118,10 @@ class Queen:
         config = config or ServerConfig()
         if config.max_jobs_per_peer is None:  # a keeper's share of the queen
             config = replace(config, max_jobs_per_peer=MAX_JOBS_PER_KEEPER)
+        history = JobHistory(config.job_history, records=True, journal=journal)
         self.server = JobServer(
             listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config,
-            trust=self.trust,
+            trust=self.trust, history=history,
         )  # fmt: skip
         self.hives = HiveRegistry(
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
@@ -155,7 +161,10 @@ class Queen:
                     await self.hives.add(hive.endpoint, source="trusted", key=hive.key)
             if self.discover:
                 nursery.start_soon(self._discover)
-            await self.server.run(task_status=task_status)
+            try:
+                await self.server.run(task_status=task_status)
+            finally:
+                self.server.history.close()
             nursery.cancel_scope.cancel()
 
     async def stop(self, reason: str = "the queen is shutting down") -> None:
@@ -483,6 +492,9 @@ class Queen:
             level=Level.WARN,
         )
         return {"job": target.id, "state": "cancelled"}
+
+    async def _op_job_watch(self, job: ServerJob, op: ops.JobWatch) -> Ending:
+        return await self.server.watch(job, op.job)
 
     # ---- trust ----------------------------------------------------------------------------------
 

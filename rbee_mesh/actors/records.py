@@ -1,0 +1,341 @@
+"""What a queen keeps of its jobs: each job's frames, so that anyone may watch it from the start
+(`jobs watch`), and the finished jobs it remembers, in a journal on disk across its restarts.
+
+A **record** holds one job's streamed frames (narration, data, tokens) as their kind and body,
+without the job id, which a watcher's own job puts back: the first JOB_RECORD_HEAD_BYTES, then
+the most recent up to JOB_RECORD_BYTES in all, and always the job's terminal frame. Frames
+dropped between the two are counted, and a replay says how many. Watchers of a running job are
+called with each new frame as it is recorded, in the task that records it: a watcher sees the
+same frames in the same order as the submitter.
+
+The **history** remembers the last FINISHED_JOBS_KEPT finished jobs (their summaries, and the
+frames of the newest up to FINISHED_RECORDS_BYTES in all). A queen's history is journaled: a
+line (a msgpack map) when a job starts and one with its record when it ends, appended and
+flushed (a killed queen loses nothing it wrote; a power cut may lose the last lines), and
+rewritten whole, atomically, when the queen starts and when the journal has grown to twice
+what it keeps. A job that started but never ended in the journal ran when its queen died: it is
+remembered as ended with UNAVAILABLE, which is what its submitter was told.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+import trio
+
+from rbee_mesh.files import write_atomic
+from rbee_mesh.protocol import Accepted, Error, ErrorCode, Kind, Message, ProtocolError, decode
+from rbee_mesh.protocol.codec import HEADER
+from rbee_mesh.protocol.constants import (
+    FINISHED_JOBS_KEPT,
+    FINISHED_RECORDS_BYTES,
+    JOB_RECORD_BYTES,
+    JOB_RECORD_HEAD_BYTES,
+)
+
+log = logging.getLogger("rbee_mesh.jobs")
+
+#: A frame as a record keeps it: its kind and its body (the job id is the watcher's).
+Frame = tuple[Kind, bytes]
+#: Called with each frame recorded after it started watching.
+Watcher = Callable[[Kind, bytes], None]
+
+#: What the last words of a job whose queen died mid-way say (its submitter was told UNAVAILABLE).
+LOST_WITH_THE_QUEEN = (
+    "the queen stopped (killed or crashed) while this job ran; the job ended with it "
+    "(its hive cancels what its queen no longer follows)"
+)
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """One job's frames, bounded, and its end."""
+
+    accepted: Accepted
+    head: list[Frame] = field(default_factory=list)
+    tail: deque[Frame] = field(default_factory=deque)
+    head_bytes: int = 0
+    tail_bytes: int = 0
+    #: Frames recorded in all (kept or dropped): the index the next one gets.
+    count: int = 0
+    #: Whether the frames were forgotten since (an old finished job's, or one from before a
+    #: queen's restart that had none written), though its end is remembered.
+    forgotten: bool = False
+    terminal: Message | None = None
+    watchers: list[Watcher] = field(default_factory=list)
+    ended: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def job_id(self) -> str:
+        return self.accepted.job_id
+
+    @property
+    def size(self) -> int:
+        return self.head_bytes + self.tail_bytes
+
+    def append(self, kind: Kind, body: bytes) -> None:
+        """Record a streamed frame and pass it to every watcher."""
+        self.count += 1
+        size = len(body)
+        if not self.tail and self.head_bytes + size <= JOB_RECORD_HEAD_BYTES:
+            self.head.append((kind, body))
+            self.head_bytes += size
+        else:
+            self.tail.append((kind, body))
+            self.tail_bytes += size
+            while self.tail and self.head_bytes + self.tail_bytes > JOB_RECORD_BYTES:
+                self.tail_bytes -= len(self.tail.popleft()[1])
+        for watcher in self.watchers:
+            watcher(kind, body)
+
+    def end(self, terminal: Message) -> None:
+        self.terminal = terminal
+        self.watchers.clear()
+        self.ended.set()
+
+    def frames_from(self, index: int) -> Iterator[tuple[int, Frame | None]]:
+        """The frames kept from `index` on, each with its index; a gap of dropped frames comes
+        as (the index after it, None)."""
+        if index < len(self.head):
+            for i in range(index, len(self.head)):
+                yield i + 1, self.head[i]
+            index = len(self.head)
+        first_tail = self.count - len(self.tail)
+        if index < first_tail:
+            yield first_tail, None
+            index = first_tail
+        for i in range(index - first_tail, len(self.tail)):
+            yield first_tail + i + 1, self.tail[i]
+
+    def forget_frames(self) -> None:
+        self.head, self.tail = [], deque()
+        self.head_bytes = self.tail_bytes = 0
+        self.forgotten = True
+
+    # ---- the journal's form ------------------------------------------------------------------
+
+    def to_journal(self) -> dict[str, Any]:
+        assert self.terminal is not None
+        return {
+            "accepted": self.accepted.to_wire(),
+            "head": [[int(k), b] for k, b in self.head],
+            "tail": [[int(k), b] for k, b in self.tail],
+            "count": self.count,
+            "forgotten": self.forgotten,
+            "terminal": [int(self.terminal.KIND), _body(self.terminal)],
+        }
+
+    @classmethod
+    def from_journal(cls, job_id: str, entry: dict[str, Any]) -> JobRecord:
+        """Raises ProtocolError, KeyError, TypeError or ValueError for an entry it cannot read."""
+        accepted = Accepted.from_wire(entry["accepted"], "ACCEPTED", job_id=job_id)
+        record = cls(accepted, count=int(entry["count"]), forgotten=bool(entry["forgotten"]))
+        for kind, body in entry["head"]:
+            record.head.append((Kind(kind), bytes(body)))
+            record.head_bytes += len(body)
+        for kind, body in entry["tail"]:
+            record.tail.append((Kind(kind), bytes(body)))
+            record.tail_bytes += len(body)
+        kind, body = entry["terminal"]
+        record.end(decode([HEADER, bytes([kind]), job_id.encode("ascii"), bytes(body)]))
+        return record
+
+
+def _body(message: Message) -> bytes:
+    packed: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)
+    return packed
+
+
+@dataclass(eq=False)
+class EndedJob:
+    summary: dict[str, Any]
+    #: Its frames and end, where a record was kept (a queen's jobs).
+    record: JobRecord | None
+
+
+class JobHistory:
+    """The finished jobs a server remembers, the newest last; journaled to `journal` if given."""
+
+    def __init__(
+        self,
+        limit: int = FINISHED_JOBS_KEPT,
+        *,
+        records: bool = False,
+        journal: Path | None = None,
+        records_bytes: int = FINISHED_RECORDS_BYTES,
+    ) -> None:
+        """`records`: keep each job's frames (a queen: `jobs watch`)."""
+        self.limit = limit
+        self.records = records or journal is not None
+        self.records_bytes = records_bytes
+        self._ended: OrderedDict[str, EndedJob] = OrderedDict()
+        self._kept_bytes = 0
+        #: Jobs started and not ended yet, as their journal lines say them.
+        self._running: dict[str, dict[str, Any]] = {}
+        self._path = journal
+        self._file: BinaryIO | None = None
+        self._written = 0
+        self._failed = False
+        if journal is not None:
+            self._load(journal)
+            self._rewrite()
+
+    def __iter__(self) -> Iterator[EndedJob]:
+        return iter(self._ended.values())
+
+    def get(self, job_id: str) -> EndedJob | None:
+        return self._ended.get(job_id)
+
+    def started(self, summary: dict[str, Any]) -> None:
+        if self._path is not None:
+            self._running[summary["id"]] = summary
+            self._append({"start": summary})
+
+    def ended(self, summary: dict[str, Any], record: JobRecord | None) -> None:
+        self._add(EndedJob(summary, record))
+        if self._path is not None:
+            self._running.pop(summary["id"], None)
+            self._append({"end": _journal_entry(summary, record)})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _add(self, ended: EndedJob) -> None:
+        self._ended[ended.summary["id"]] = ended
+        if ended.record is not None:
+            self._kept_bytes += ended.record.size
+        while len(self._ended) > self.limit:
+            _, old = self._ended.popitem(last=False)
+            if old.record is not None:
+                self._kept_bytes -= old.record.size
+        for old in self._ended.values():  # the oldest first
+            if self._kept_bytes <= self.records_bytes:
+                break
+            if old.record is not None and not old.record.forgotten:
+                self._kept_bytes -= old.record.size
+                old.record.forget_frames()
+
+    # ---- the journal ---------------------------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read the job journal %s (%s); starting without it", path, exc)
+            return
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+        unpacker.feed(data)
+        read = 0
+        try:
+            for entry in unpacker:
+                self._replay(entry)
+                read = unpacker.tell()
+        except Exception as exc:  # a torn last line (a crash mid-write), or damage
+            log.warning(
+                "the job journal %s is unreadable after byte %d (%s); the rest is dropped",
+                path, read, type(exc).__name__,
+            )  # fmt: skip
+        for summary in self._running.values():  # they ran when the queen died
+            self._add(_lost(summary))
+        self._running.clear()
+
+    def _replay(self, entry: Any) -> None:
+        if not isinstance(entry, dict):
+            raise ValueError("not a map")
+        if "start" in entry:
+            summary = dict(entry["start"])
+            self._running[str(summary["id"])] = summary
+            return
+        end = entry["end"]
+        summary = dict(end["summary"])
+        job_id = str(summary["id"])
+        self._running.pop(job_id, None)
+        record = None
+        if end.get("record") is not None:
+            try:
+                record = JobRecord.from_journal(job_id, end["record"])
+            except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+                log.warning("the journal's record of job %s is unreadable: %s", job_id, exc)
+        self._add(EndedJob(summary, record))
+
+    def _rewrite(self) -> None:
+        """Write the journal anew: what is remembered, and the jobs running now."""
+        assert self._path is not None
+        self.close()
+        entries = [{"end": _journal_entry(e.summary, e.record)} for e in self._ended.values()]
+        entries += [{"start": summary} for summary in self._running.values()]
+        packed = [msgpack.packb(entry, use_bin_type=True) for entry in entries]
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self._path, packed)
+            self._file = self._path.open("ab")
+        except OSError as exc:
+            self._journal_failed(exc)
+            return
+        self._written = sum(map(len, packed))
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        line = msgpack.packb(entry, use_bin_type=True)
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:
+            self._journal_failed(exc)
+            return
+        self._written += len(line)
+        if self._written > 2 * (self.records_bytes + self.limit * 1024):
+            self._rewrite()
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """A full or read-only disk: jobs run on; what they did is not remembered across a
+        restart (said once)."""
+        if not self._failed:
+            log.error(
+                "cannot write the job journal %s (%s): job history will not survive a restart",
+                self._path, exc,
+            )  # fmt: skip
+            self._failed = True
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+def _journal_entry(summary: dict[str, Any], record: JobRecord | None) -> dict[str, Any]:
+    return {"summary": summary, "record": record.to_journal() if record is not None else None}
+
+
+def _lost(summary: dict[str, Any]) -> EndedJob:
+    """A job that started in the journal and never ended: it ran when its queen died."""
+    summary = dict(summary)
+    job_id = str(summary["id"])
+    error = Error(job_id=job_id, code=ErrorCode.UNAVAILABLE, message=LOST_WITH_THE_QUEEN)
+    ref, deadline_s = summary.pop("ref", None), summary.pop("deadline_s", None)
+    summary = {
+        **summary,
+        "state": "failed",
+        "error": f"{error.code}: {error.message}",
+        "duration_s": None,
+    }
+    accepted = Accepted(
+        job_id=job_id,
+        ref=str(ref or "lost"),
+        op=str(summary["op"]),
+        deadline_s=float(deadline_s or 1.0),
+    )
+    record = JobRecord(accepted, forgotten=True)
+    record.end(error)
+    return EndedJob(summary, record)
