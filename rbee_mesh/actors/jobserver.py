@@ -710,7 +710,7 @@ class JobServer:
         self.job_count.value = len(self._jobs)
         peer.jobs.add(job)
         accepted = Accepted(job_id=job.id, ref=submit.ref, op=job.op.NAME, deadline_s=deadline)
-        if self.history.records:
+        if self.history.records and job.op.RECORDED:
             job.record = JobRecord(accepted)
             self.history.started({**job.summary(), "ref": submit.ref, "deadline_s": deadline})
         self._send(peer, accepted)

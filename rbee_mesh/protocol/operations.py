@@ -96,6 +96,8 @@ class Operation(Validated):
     DEADLINE_S: ClassVar[float] = 30.0
     #: The words of the `rbee-mesh` command that submits it (None: no command of its own).
     COMMAND: ClassVar[tuple[str, ...] | None] = None
+    #: Whether a queen records its frames for watchers (`job_watch`).
+    RECORDED: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -438,6 +440,8 @@ class JobWatch(Operation):
     #: It lasts as long as the job it follows (whose own deadline ends that).
     DEADLINE_S = 7 * 86_400.0
     COMMAND = ("jobs", "watch")
+    #: Its frames are another job's, recorded there already.
+    RECORDED = False
     job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
 
 

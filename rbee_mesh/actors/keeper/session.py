@@ -101,7 +101,10 @@ async def stream_job(
 async def _cancel_on_interrupt(job: ClientJob, renderer: Renderer, scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT) as signals:
         await signals.__anext__()
-        renderer.note(f"cancelling job {job.job_id} (Ctrl-C again to stop waiting)")
+        if job.op.NAME == "job_watch":
+            renderer.note("leaving; the job runs on (Ctrl-C again to stop waiting)")
+        else:
+            renderer.note(f"cancelling job {job.job_id} (Ctrl-C again to stop waiting)")
         await job.cancel("interrupted by the user (Ctrl-C)")
         await signals.__anext__()
         scope.cancel()
