@@ -17,7 +17,7 @@ from rbee_mesh.actors.jobclient import ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.queen.queen import Queen
-from rbee_mesh.actors.records import LOST_WITH_THE_QUEEN, JobHistory, JobRecord
+from rbee_mesh.actors.records import LOST_WITH_THE_QUEEN, JobHistory, JobRecord, RecordBudget
 from rbee_mesh.protocol import (
     Accepted,
     Cancelled,
@@ -176,6 +176,24 @@ def test_one_record_is_bounded_head_first_then_the_most_recent() -> None:
     gap = [after for after, frame in kept if frame is None]
     assert gap == [record.count - len(record.tail)]
     assert kept[-1][0] == record.count
+
+
+def test_all_records_share_one_budget_past_which_running_jobs_drop_their_newest_frames() -> None:
+    budget = RecordBudget(limit=3 * JOB_RECORD_HEAD_BYTES)
+    records = [
+        JobRecord(Accepted(job_id=f"job-{n}", ref="r", op="ping", deadline_s=10.0), budget)
+        for n in range(4)
+    ]
+    for _ in range(JOB_RECORD_BYTES // 1000):  # each would keep 1 MiB alone
+        for record in records:
+            record.append(Kind.NARRATION, b"x" * 1000)
+    assert sum(r.size for r in records) == budget.used <= budget.limit
+    assert budget.used > budget.limit - 4 * 1000  # the room is used: by their heads
+    assert all(r.head and not r.tail for r in records)  # the newest frames are what is dropped
+    assert all(r.count == JOB_RECORD_BYTES // 1000 for r in records)  # counted, if not kept
+    for record in records:
+        record.forget_frames()
+    assert budget.used == 0
 
 
 def test_the_history_forgets_the_oldest_jobs_and_frames_past_its_limits() -> None:

@@ -711,7 +711,7 @@ class JobServer:
         peer.jobs.add(job)
         accepted = Accepted(job_id=job.id, ref=submit.ref, op=job.op.NAME, deadline_s=deadline)
         if self.history.records and job.op.RECORDED:
-            job.record = JobRecord(accepted)
+            job.record = JobRecord(accepted, self.history.budget)
             self.history.started({**job.summary(), "ref": submit.ref, "deadline_s": deadline})
         self._send(peer, accepted)
         assert self._nursery is not None

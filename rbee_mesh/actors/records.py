@@ -38,6 +38,7 @@ from rbee_mesh.protocol.constants import (
     FINISHED_RECORDS_BYTES,
     JOB_RECORD_BYTES,
     JOB_RECORD_HEAD_BYTES,
+    JOB_RECORDS_BYTES,
 )
 
 log = logging.getLogger("rbee_mesh.jobs")
@@ -55,16 +56,28 @@ LOST_WITH_THE_QUEEN = (
 
 
 @dataclass(eq=False)
+class RecordBudget:
+    """The bytes of frames all of a server's records may hold at once, running jobs' and
+    finished ones': past it, a running job keeps its head and drops its most recent frames."""
+
+    limit: int = JOB_RECORDS_BYTES
+    used: int = 0
+
+
+@dataclass(eq=False)
 class JobRecord:
     """One job's frames, bounded, and its end."""
 
     accepted: Accepted
+    budget: RecordBudget = field(default_factory=RecordBudget)
     head: list[Frame] = field(default_factory=list)
     tail: deque[Frame] = field(default_factory=deque)
     head_bytes: int = 0
     tail_bytes: int = 0
     #: Frames recorded in all (kept or dropped): the index the next one gets.
     count: int = 0
+    #: Whether frames still go to the head (until the first that does not fit there).
+    head_open: bool = True
     #: Whether the frames were forgotten since (an old finished job's, or one from before a
     #: queen's restart that had none written), though its end is remembered.
     forgotten: bool = False
@@ -84,14 +97,25 @@ class JobRecord:
         """Record a streamed frame and pass it to every watcher."""
         self.count += 1
         size = len(body)
-        if not self.tail and self.head_bytes + size <= JOB_RECORD_HEAD_BYTES:
+        budget = self.budget
+        budget.used += size
+        if (
+            self.head_open
+            and self.head_bytes + size <= JOB_RECORD_HEAD_BYTES
+            and budget.used <= budget.limit
+        ):
             self.head.append((kind, body))
             self.head_bytes += size
         else:
+            self.head_open = False
             self.tail.append((kind, body))
             self.tail_bytes += size
-            while self.tail and self.head_bytes + self.tail_bytes > JOB_RECORD_BYTES:
-                self.tail_bytes -= len(self.tail.popleft()[1])
+            while self.tail and (
+                self.head_bytes + self.tail_bytes > JOB_RECORD_BYTES or budget.used > budget.limit
+            ):
+                dropped = len(self.tail.popleft()[1])
+                self.tail_bytes -= dropped
+                budget.used -= dropped
         for watcher in self.watchers:
             watcher(kind, body)
 
@@ -115,6 +139,7 @@ class JobRecord:
             yield first_tail + i + 1, self.tail[i]
 
     def forget_frames(self) -> None:
+        self.budget.used -= self.size
         self.head, self.tail = [], deque()
         self.head_bytes = self.tail_bytes = 0
         self.forgotten = True
@@ -133,18 +158,20 @@ class JobRecord:
         }
 
     @classmethod
-    def from_journal(cls, job_id: str, entry: dict[str, Any]) -> JobRecord:
+    def from_journal(cls, job_id: str, entry: dict[str, Any], budget: RecordBudget) -> JobRecord:
         """Raises ProtocolError, KeyError, TypeError or ValueError for an entry it cannot read."""
         accepted = Accepted.from_wire(entry["accepted"], "ACCEPTED", job_id=job_id)
-        record = cls(accepted, count=int(entry["count"]), forgotten=bool(entry["forgotten"]))
-        for kind, body in entry["head"]:
-            record.head.append((Kind(kind), bytes(body)))
-            record.head_bytes += len(body)
-        for kind, body in entry["tail"]:
-            record.tail.append((Kind(kind), bytes(body)))
-            record.tail_bytes += len(body)
         kind, body = entry["terminal"]
-        record.end(decode([HEADER, bytes([kind]), job_id.encode("ascii"), bytes(body)]))
+        terminal = decode([HEADER, bytes([kind]), job_id.encode("ascii"), bytes(body)])
+        head = [(Kind(k), bytes(b)) for k, b in entry["head"]]
+        tail = deque((Kind(k), bytes(b)) for k, b in entry["tail"])
+        record = cls(
+            accepted, budget, head, tail, head_bytes=sum(len(b) for _, b in head),
+            tail_bytes=sum(len(b) for _, b in tail), count=int(entry["count"]), head_open=False,
+            forgotten=bool(entry["forgotten"]),
+        )  # fmt: skip
+        budget.used += record.size
+        record.end(terminal)
         return record
 
 
@@ -175,6 +202,8 @@ class JobHistory:
         self.limit = limit
         self.records = records or journal is not None
         self.records_bytes = records_bytes
+        #: Shared by every record, the running jobs' (the server makes them) and these.
+        self.budget = RecordBudget()
         self._ended: OrderedDict[str, EndedJob] = OrderedDict()
         self._kept_bytes = 0
         #: Jobs started and not ended yet, as their journal lines say them.
@@ -217,6 +246,7 @@ class JobHistory:
             _, old = self._ended.popitem(last=False)
             if old.record is not None:
                 self._kept_bytes -= old.record.size
+                old.record.forget_frames()
         for old in self._ended.values():  # the oldest first
             if self._kept_bytes <= self.records_bytes:
                 break
@@ -264,7 +294,7 @@ class JobHistory:
         record = None
         if end.get("record") is not None:
             try:
-                record = JobRecord.from_journal(job_id, end["record"])
+                record = JobRecord.from_journal(job_id, end["record"], self.budget)
             except (ProtocolError, KeyError, TypeError, ValueError) as exc:
                 log.warning("the journal's record of job %s is unreadable: %s", job_id, exc)
         self._add(EndedJob(summary, record))
@@ -336,6 +366,6 @@ def _lost(summary: dict[str, Any]) -> EndedJob:
         op=str(summary["op"]),
         deadline_s=float(deadline_s or 1.0),
     )
-    record = JobRecord(accepted, forgotten=True)
+    record = JobRecord(accepted, head_open=False, forgotten=True)
     record.end(error)
     return EndedJob(summary, record)

@@ -89,6 +89,9 @@ JOB_RECORD_HEAD_BYTES = 256 << 10
 #: the bytes of their frames a queen keeps in all; past either, the oldest are forgotten.
 FINISHED_JOBS_KEPT = 200
 FINISHED_RECORDS_BYTES = 64 << 20
+#: The bytes of frames a queen keeps of all its jobs at once, running and finished: past it, a
+#: running job keeps its head (while there is room) and drops its most recent frames.
+JOB_RECORDS_BYTES = 256 << 20
 #: Jobs one worker runs at once: sequences of its model's batch (llama.cpp's server also
 #: defaults to 4). Each takes a KV cache; the default context budget is shared between them.
 DEFAULT_SLOTS = 4
