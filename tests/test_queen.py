@@ -32,6 +32,7 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
+from rbee_mesh.protocol.constants import MAX_DEADLINE_S
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, queen_address
 from tests.keyed import open_connection
 
@@ -82,6 +83,19 @@ async def test_deadline_ends_job_with_timeout(keeper: JobClient) -> None:
     assert isinstance(job.terminal, Error)
     assert job.terminal.code is ErrorCode.TIMEOUT
     assert "0.3s" in job.terminal.message
+
+
+async def test_a_job_whose_own_deadline_is_past_the_longest_gets_the_longest(
+    keeper: JobClient,
+) -> None:
+    """A ping of 100,000 pongs 10 s apart would take 11 days: it runs with a week's deadline
+    (it stopped the queen's job server once, whose ACCEPTED could not say 11 days)."""
+    with trio.fail_after(10):
+        job = await keeper.submit(Ping(count=100_000, interval_s=10.0))
+        await job.cancel()
+        await collect(job)
+    assert job.accepted is not None and job.accepted.deadline_s == MAX_DEADLINE_S
+    assert isinstance(job.terminal, Cancelled)
 
 
 async def test_job_cancel_from_another_keeper(queen: Queen, keeper: JobClient) -> None:

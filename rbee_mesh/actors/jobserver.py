@@ -80,6 +80,7 @@ from rbee_mesh.protocol.constants import (
     FINISHED_JOBS_KEPT,
     HEARTBEAT_S,
     MAX_CONNECTIONS_PER_KEY,
+    MAX_DEADLINE_S,
     MIN_HEARTBEAT_S,
     SERVER_LOST_AFTER,
 )
@@ -702,7 +703,8 @@ class JobServer:
                 peer, Error(job_id="", code=code, ref=submit.ref, message=why, started=False)
             )
             return
-        deadline = submit.timeout_s or submit.op.default_deadline_s
+        # An operation's own default may be longer than a frame may say (a long ping's).
+        deadline = min(submit.timeout_s or submit.op.default_deadline_s, MAX_DEADLINE_S)
         job_id = submit.job_id or new_job_id()
         job = ServerJob(id=job_id, op=submit.op, peer=peer, deadline_s=deadline, keep=submit.keep)
         job.scope.relative_deadline = deadline

@@ -70,6 +70,9 @@ SERVER_LOST_AFTER = CLIENT_LOST_AFTER - 1
 #: `accept_by` fell before, and the next hop refuses it if it arrives later (a cut link, a frozen
 #: process). A job not started may be placed elsewhere.
 FORWARD_ACCEPT_S = 2.0
+#: The longest deadline a job may have, in seconds (a week): what a SUBMIT may ask for, and what
+#: an operation's own default is cut to (a ping of 100,000 pongs 10 s apart would ask for 11 days).
+MAX_DEADLINE_S = 7 * 86_400.0
 
 # ---- hives --------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
 from rbee_mesh.protocol.constants import (
+    MAX_DEADLINE_S,
     MAX_HEARTBEAT_S,
     MAX_JOB_ID,
     MAX_SENTENCE,
@@ -137,7 +138,7 @@ class Submit(Message):
     NEEDS_JOB = False
     ref: str = spec(ident())
     op: Operation = spec(_OperationSpec())
-    timeout_s: float | None = spec(Optional(Float(0.0, 7 * 86_400.0, open_lo=True)), None)
+    timeout_s: float | None = spec(Optional(Float(0.0, MAX_DEADLINE_S, open_lo=True)), None)
     accept_by: float | None = spec(Optional(Float(0.0, 1e11)), None)
     keep: bool = spec(Bool(), False)
 
@@ -149,7 +150,7 @@ class Accepted(Message):
     KIND = Kind.ACCEPTED
     ref: str = spec(ident())
     op: str = spec(ident(32))
-    deadline_s: float = spec(Float(0.0, 7 * 86_400.0, open_lo=True))
+    deadline_s: float = spec(Float(0.0, MAX_DEADLINE_S, open_lo=True))
 
 
 @dataclass(frozen=True)
