@@ -24,9 +24,10 @@ import zmq
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.mesh import running_queen
+from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
+    PROTOCOL_VERSION,
     Accepted,
     Actor,
     Cancel,
@@ -36,6 +37,7 @@ from rbee_mesh.protocol import (
     Error,
     ErrorCode,
     Heartbeat,
+    HiveList,
     JobList,
     Message,
     Narration,
@@ -46,9 +48,10 @@ from rbee_mesh.protocol import (
     decode,
     encode,
 )
-from rbee_mesh.protocol.constants import MAX_JOBS_PER_KEEPER
+from rbee_mesh.protocol.constants import MAX_ANNOUNCED_HIVES, MAX_JOBS_PER_KEEPER
 from rbee_mesh.transport import Connection, SocketOptions
 from rbee_mesh.transport.curve import ClientKeys, Keypair
+from rbee_mesh.transport.discovery import HiveAnnouncement
 from rbee_mesh.transport.factory import make_socket
 from rbee_mesh.transport.zmq_trio import TrioSocket
 from tests import clitools
@@ -346,6 +349,29 @@ async def test_past_the_queens_own_limit_several_keepers_are_refused_busy(
     assert isinstance(refused_fresh, Error)
     assert_busy(refused_fresh)
     assert isinstance(served, Done)
+
+
+# ---- announcements on the LAN ----------------------------------------------------------------
+
+
+async def test_hives_announced_on_the_lan_are_remembered_up_to_a_limit_the_newest_kept() -> None:
+    """mDNS announcements are not authenticated: a LAN peer announcing thousands of made-up
+    hives leaves the queen with the MAX_ANNOUNCED_HIVES announced last, pending, listed."""
+    made_up = MAX_ANNOUNCED_HIVES + 100
+    async with (
+        running_queen(memory_endpoint("queen")) as queen,
+        open_keeper(queen.listener.endpoint, KEEPER) as keeper,
+    ):
+        with trio.fail_after(60):
+            for n in range(made_up):
+                key = Keypair.generate().public
+                await queen._found(
+                    HiveAnnouncement(f"h{n}", PROTOCOL_VERSION, "10.0.0.1", 1, 2, key, "0")
+                )
+            listed = await run(keeper, HiveList())
+    assert isinstance(listed, Done)
+    assert [row["hive"] for row in listed.result] == [f"h{n}" for n in range(100, made_up)]
+    assert {row["liveness"] for row in listed.result} == {"pending"}
 
 
 # ---- a client that stops reading -------------------------------------------------------------

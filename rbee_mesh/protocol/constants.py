@@ -78,6 +78,10 @@ MAX_DEADLINE_S = 7 * 86_400.0
 
 #: Workers one hive runs at once (its heartbeat lists each of them).
 MAX_WORKERS_PER_HIVE = 64
+#: Hives a queen keeps announcements of: those found on the LAN (by mDNS, which anyone there may
+#: send), and of them those it lists without linking (pending: a key it does not trust; or
+#: another protocol). Past this the oldest is forgotten.
+MAX_ANNOUNCED_HIVES = 1_024
 #: Jobs one keeper's connection may run at once at a queen; past this its SUBMITs are BUSY.
 MAX_JOBS_PER_KEEPER = 1_000
 #: Connections one key may hold open to one server at once (a node's keepers share its key);

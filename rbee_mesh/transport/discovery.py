@@ -43,6 +43,7 @@ from zeroconf import (
 )
 
 from rbee_mesh.protocol import PROTOCOL_VERSION, ErrorCode, MeshError
+from rbee_mesh.protocol.constants import MAX_ANNOUNCED_HIVES
 from rbee_mesh.transport.curve import check_key, fingerprint
 
 log = logging.getLogger("rbee_mesh.transport.discovery")
@@ -246,7 +247,10 @@ class _Listener:
             return
         if self._known.get(name) == ann:
             return
+        self._known.pop(name, None)
         self._known[name] = ann
+        while len(self._known) > MAX_ANNOUNCED_HIVES:  # the oldest: its goodbye is not heard
+            del self._known[next(iter(self._known))]
         if not protocol_compatible(ann):
             log.warning(
                 "hive %s speaks protocol %d; this build speaks %d",

@@ -51,7 +51,7 @@ from rbee_mesh.protocol import (
     outcome,
 )
 from rbee_mesh.protocol import operations as ops
-from rbee_mesh.protocol.constants import MAX_JOBS_PER_KEEPER
+from rbee_mesh.protocol.constants import MAX_ANNOUNCED_HIVES, MAX_JOBS_PER_KEEPER
 from rbee_mesh.transport import Listener, Subscriber, parse_endpoint
 from rbee_mesh.transport.curve import ClientKeys, fingerprint
 from rbee_mesh.transport.discovery import (
@@ -134,6 +134,7 @@ class Queen:
         #: Hives announced on the LAN that speak another protocol version (for `doctor`).
         self.incompatible: dict[str, HiveAnnouncement] = {}
         #: Hives announced on the LAN with a key this queen does not trust: listed, not used.
+        #: (Of each, the MAX_ANNOUNCED_HIVES announced last.)
         self.pending: dict[str, HiveAnnouncement] = {}
         #: Inference jobs this queen has running on each worker (by worker id).
         self._inflight: Counter[str] = Counter()
@@ -197,7 +198,7 @@ class Queen:
 
     async def _found(self, ann: HiveAnnouncement) -> None:
         if not protocol_compatible(ann):
-            self.incompatible[ann.hive_id] = ann
+            _remember(self.incompatible, ann)
             log.warning(
                 "hive %s at %s speaks protocol %d, this queen %d: not linked",
                 ann.hive_id,
@@ -210,7 +211,7 @@ class Queen:
         if self.trust.role_of(ann.key) not in (Role.HIVE, Role.OWNER):
             if ann.hive_id not in self.pending:
                 log.warning("%s", self._pending_note(ann))
-            self.pending[ann.hive_id] = ann
+            _remember(self.pending, ann)
             return
         self.pending.pop(ann.hive_id, None)
         for link in list(self.hives.links):
@@ -692,6 +693,15 @@ class Queen:
         entry = self.trust.find(who, role)
         self.trust.untrust(entry)
         return entry
+
+
+def _remember(table: dict[str, HiveAnnouncement], ann: HiveAnnouncement) -> None:
+    """Keep `ann` in `table` as its newest entry. Announcements are not authenticated (anyone on
+    the LAN can make up thousands): past MAX_ANNOUNCED_HIVES the oldest is forgotten."""
+    table.pop(ann.hive_id, None)
+    table[ann.hive_id] = ann
+    while len(table) > MAX_ANNOUNCED_HIVES:
+        del table[next(iter(table))]
 
 
 def _timed(result: Any, job: ServerJob, placed: float) -> Any:
