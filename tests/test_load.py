@@ -25,6 +25,7 @@ from rbee_mesh.actors.jobclient import ClientConfig, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import memory_endpoint, running_queen
+from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
@@ -349,6 +350,69 @@ async def test_past_the_queens_own_limit_several_keepers_are_refused_busy(
     assert isinstance(refused_fresh, Error)
     assert_busy(refused_fresh)
     assert isinstance(served, Done)
+
+
+# ---- the HTTP API ----------------------------------------------------------------------------
+
+
+async def http(url: str, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send a whole HTTP/1.1 request (which asks to close) to the API at `url`; its status and
+    JSON body."""
+    host, _, port = url.removeprefix("http://").partition("/")[0].rpartition(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(request)
+        answer = b""
+        while chunk := await stream.receive_some():
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+
+
+#: A completion request whose body never comes whole: it holds its place in the API.
+HELD = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100\r\n\r\n{"
+)
+
+
+async def api_requests(url: str, requests: int) -> None:
+    """Wait until the API serves `requests` requests (its health says)."""
+    while True:  # polled: the count is the API's, over HTTP
+        _, health = await http(url, get("/health"))
+        if health["requests"] == requests:
+            return
+        await trio.sleep(0.05)
+
+
+async def test_the_api_serves_its_limit_of_requests_at_once_and_refuses_more_busy() -> None:
+    limit = 8
+    async with (
+        running_queen(memory_endpoint("queen")) as queen,
+        serving_api(queen, "127.0.0.1:0", max_requests=limit) as url,
+    ):
+        host, _, port = url.removeprefix("http://").partition("/")[0].rpartition(":")
+        with trio.fail_after(30):
+            held = [await trio.open_tcp_stream(host, int(port)) for _ in range(limit)]
+            for stream in held:
+                await stream.send_all(HELD)
+            await api_requests(url, limit)
+            refused = await http(url, get("/v1/models"))
+            for stream in held:
+                await stream.aclose()
+            await api_requests(url, 0)
+            served = await http(url, get("/v1/models"))
+    status, body = refused
+    assert status == 429, refused
+    assert body["error"]["code"] == "busy"
+    assert body["error"]["message"] == (
+        f"the API serves {limit} requests at once; try again when one ends"
+    )
+    # Served: run as a job, which found no hive to list models on.
+    assert served[0] == 503 and served[1]["error"]["code"] == "unavailable", served
 
 
 # ---- announcements on the LAN ----------------------------------------------------------------

@@ -29,6 +29,10 @@ LOCAL_QUEEN_BIND = f"tcp://127.0.0.1:{QUEEN_PORT}"
 #: Where a queen serves its OpenAI-compatible HTTP API unless told otherwise: this machine
 #: only, where it needs no API key.
 DEFAULT_API_BIND = f"127.0.0.1:{API_PORT}"
+#: HTTP requests the queen's API serves at once: each holds a job on the API's one connection to
+#: the queen (where a keeper runs at most MAX_JOBS_PER_KEEPER), and a body of up to
+#: MAX_BODY_BYTES while it is read. Past this a request is answered 429 at once; /health never is.
+MAX_API_REQUESTS = 1_000
 
 # ---- frames -------------------------------------------------------------------------------------
 

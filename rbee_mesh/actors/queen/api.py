@@ -48,6 +48,7 @@ from rbee_mesh.protocol import (
     outcome,
 )
 from rbee_mesh.protocol import operations as ops
+from rbee_mesh.protocol.constants import MAX_API_REQUESTS
 from rbee_mesh.transport import EndpointError, HttpBind, local_endpoint_for, parse_http_bind
 
 log = logging.getLogger("rbee_mesh.api")
@@ -57,12 +58,22 @@ CANCEL_SEND_S = 2.0
 
 
 class Api:
-    """The ASGI application: routes, keys, and each request as a job of `client`."""
+    """The ASGI application: routes, keys, and each request as a job of `client`; at most
+    `max_requests` at once."""
 
-    def __init__(self, client: JobClient, trust: Trust, where: HttpBind) -> None:
+    def __init__(
+        self,
+        client: JobClient,
+        trust: Trust,
+        where: HttpBind,
+        max_requests: int = MAX_API_REQUESTS,
+    ) -> None:
         self.client = client
         self.trust = trust
         self.require_key = not where.loopback
+        self.max_requests = max_requests
+        #: Requests being served now (/health aside).
+        self.requests = 0
         # Without keys (on loopback), only requests that name this machine: a web page that
         # rebinds its own name to 127.0.0.1 reaches the port, but not with a Host of ours.
         local = ["127.0.0.1", "localhost", "::1", where.host]
@@ -80,11 +91,36 @@ class Api:
             exception_handlers={404: _not_found, 405: _not_allowed},
         )
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a request, or refuse it at once when `max_requests` are being served: what
+        each holds (a task, a body being read, a job) is bounded. A health check is always
+        answered: it is what says that the API is busy."""
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        if self.requests >= self.max_requests:
+            busy = ApiError(
+                429,
+                f"the API serves {self.max_requests} requests at once; try again when one ends",
+                type="rate_limit_error",
+                code="busy",
+            )
+            await _error(busy)(scope, receive, send)
+            return
+        self.requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.requests -= 1
+
     # ---- endpoints -------------------------------------------------------------------------
 
     async def health(self, request: HttpRequest) -> Response:
         live = self.client.is_live
-        body = {"status": "ok" if live else "unavailable", "queen": self.client.state}
+        body = {
+            "status": "ok" if live else "unavailable", "queen": self.client.state,
+            "requests": self.requests, "max_requests": self.max_requests,
+        }  # fmt: skip
         return JSONResponse(body, status_code=200 if live else 503)
 
     async def models(self, request: HttpRequest) -> Response:
@@ -209,9 +245,12 @@ class Api:
 
 
 @asynccontextmanager
-async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
-    """Serve the API of `queen` at `bind` (HOST:PORT; port 0 picks a free one) for the block;
-    yields its base URL (http://HOST:PORT/v1). EndpointError if it cannot listen there."""
+async def serving_api(
+    queen: Queen, bind: str | HttpBind, max_requests: int = MAX_API_REQUESTS
+) -> AsyncIterator[str]:
+    """Serve the API of `queen` at `bind` (HOST:PORT; port 0 picks a free one) for the block,
+    `max_requests` at once; yields its base URL (http://HOST:PORT/v1). EndpointError if it
+    cannot listen there."""
     where = parse_http_bind(bind) if isinstance(bind, str) else bind
     endpoint = local_endpoint_for(queen.listener.endpoint)
     # Each request reads its own job: one that reads too slowly has its job cancelled.
@@ -222,7 +261,7 @@ async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
         open_keeper(endpoint, config, queen.trust, name="api") as client,
         trio.open_nursery() as nursery,
     ):
-        api = Api(client, queen.trust, where)
+        api = Api(client, queen.trust, where, max_requests)
         http = HttpConfig()
         http.bind = [str(where)]
         http.accesslog = None
@@ -230,7 +269,7 @@ async def serving_api(queen: Queen, bind: str | HttpBind) -> AsyncIterator[str]:
         http.graceful_timeout = 1.0
         try:
             with single_errors():  # hypercorn's nurseries wrap it
-                bound = await nursery.start(serve_http, api.app, http)
+                bound = await nursery.start(serve_http, api, http)
         except OSError as exc:
             raise EndpointError(
                 f"the API cannot listen on {where}: {exc.strerror or exc} "
