@@ -10,6 +10,7 @@ the daemon can be given, a queen of this process over tcp with CURVE, which is t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,12 +22,15 @@ import pytest
 import trio
 import zmq
 
+from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.hive.hive import HiveConfig, running_hive
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import memory_endpoint, running_queen
 from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.actors.trust import Trust
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
     Accepted,
@@ -39,6 +43,7 @@ from rbee_mesh.protocol import (
     ErrorCode,
     Heartbeat,
     HiveList,
+    Infer,
     JobList,
     Message,
     Narration,
@@ -46,10 +51,11 @@ from rbee_mesh.protocol import (
     Ready,
     Status,
     Submit,
+    WorkerList,
     decode,
     encode,
 )
-from rbee_mesh.protocol.constants import MAX_ANNOUNCED_HIVES, MAX_JOBS_PER_KEEPER
+from rbee_mesh.protocol.constants import DEFAULT_SLOTS, MAX_ANNOUNCED_HIVES, MAX_JOBS_PER_KEEPER
 from rbee_mesh.transport import Connection, SocketOptions
 from rbee_mesh.transport.curve import ClientKeys, Keypair
 from rbee_mesh.transport.discovery import HiveAnnouncement
@@ -233,11 +239,13 @@ class RawKeeper:
         del self.submissions[ref]  # not one of the test's
 
 
-def assert_each_ended_once(keepers: Sequence[RawKeeper], kind: type[Message]) -> None:
+def assert_each_ended_once(keepers: Sequence[RawKeeper], *kinds: type[Message]) -> None:
+    """Each accepted job got exactly one terminal frame, of one of `kinds`, and nothing after."""
     for keeper in keepers:
         for ref, submission in keeper.submissions.items():
             if isinstance(submission.answer, Accepted):
-                assert [type(m) for m in submission.terminals] == [kind], (ref, submission)
+                assert len(submission.terminals) == 1, (ref, submission)
+                assert isinstance(submission.terminals[0], kinds), (ref, submission)
                 assert submission.after_end == [], (ref, submission)
 
 
@@ -436,6 +444,61 @@ async def test_hives_announced_on_the_lan_are_remembered_up_to_a_limit_the_newes
     assert isinstance(listed, Done)
     assert [row["hive"] for row in listed.result] == [f"h{n}" for n in range(100, made_up)]
     assert {row["liveness"] for row in listed.result} == {"pending"}
+
+
+@pytest.mark.slow
+async def test_a_thousand_inferences_at_once_wait_in_the_queue_or_are_refused_busy(
+    tmp_path: Path,
+) -> None:
+    """One worker of DEFAULT_SLOTS (this process on one core: the queen spawns no second), a
+    queue of 64: a thousand inferences at once from one keeper are each accepted, then run (at
+    once or after their wait in the queue) or end BUSY, not started, as the queue is full."""
+    state = tmp_path / "state"
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
+    Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
+    hive_config = HiveConfig(
+        state_dir=state, hive_id="h", control="tcp://127.0.0.1:0",
+        heartbeats="tcp://127.0.0.1:0",
+    )  # fmt: skip
+    max_queued = 64
+    infer = Infer(prompt="Once", model="rbee-test/tiny:tiny.gguf", max_tokens=64, seed=1)
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        async with (
+            running_hive(hive_config) as hive,
+            running_queen(
+                "tcp://127.0.0.1:0", hives=[hive.server.listener.endpoint], max_queued=max_queued
+            ) as queen,
+        ):
+            endpoint, node = queen.listener.endpoint, queen.trust
+            with trio.fail_after(300):
+                await queen.hives.links[0].heard.wait()
+                async with open_keeper(endpoint, KEEPER) as first:  # its worker, spawned
+                    spawned = await run(first, infer)
+                async with RawKeeper.open(endpoint, node, "burst") as burst:
+                    await burst.submit_all([infer] * MAX_JOBS_PER_KEEPER)
+                    await burst.read_until(burst.ended)
+                    await burst.settle()
+                async with open_keeper(endpoint, KEEPER) as fresh:
+                    served = await run(fresh, infer)
+                    workers = await run(fresh, WorkerList())
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert isinstance(spawned, Done) and isinstance(served, Done)
+    assert isinstance(workers, Done) and len(workers.result) == 1
+    assert len(burst.accepted()) == MAX_JOBS_PER_KEEPER
+    ends = [s.terminals[0] for s in burst.submissions.values()]
+    done = [m for m in ends if isinstance(m, Done)]
+    busy = [m for m in ends if isinstance(m, Error)]
+    print(f"\n{len(done)} ran, {len(busy)} refused busy", end="")
+    assert len(done) + len(busy) == MAX_JOBS_PER_KEEPER
+    # The worker's slots and the queue filled, and each that got a place ran to its end.
+    assert len(done) >= DEFAULT_SLOTS + max_queued and busy
+    for refusal in busy:
+        assert_busy(refusal)
+        assert "(the queue is full); try again later" in refusal.message
+    assert_each_ended_once([burst], Done, Error)
 
 
 # ---- a client that stops reading -------------------------------------------------------------

@@ -348,6 +348,7 @@ class Queen:
                                 ErrorCode.BUSY,
                                 f"{decision.reason}, and {len(self._queue)} jobs already wait "
                                 "(the queue is full); try again later",
+                                started=False,
                             )
                         self._queue.append(job)
                         queued = True
