@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from rbee_mesh.protocol.constants import (
     DEFAULT_SLOTS,
     MAX_CONTEXT_TOKENS,
+    MAX_DEADLINE_S,
     MAX_GENERATED_TOKENS,
     MAX_SLOTS,
     MIN_CONTEXT_TOKENS,
@@ -438,7 +439,7 @@ class JobWatch(Operation):
     NAME = "job_watch"
     TARGET = Actor.QUEEN
     #: It lasts as long as the job it follows (whose own deadline ends that).
-    DEADLINE_S = 7 * 86_400.0
+    DEADLINE_S = MAX_DEADLINE_S
     COMMAND = ("jobs", "watch")
     #: Its frames are another job's, recorded there already.
     RECORDED = False
