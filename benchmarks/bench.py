@@ -28,7 +28,8 @@ machine noise falls on all modes alike. Reported per mode and operation: p50, p9
 integrated mode.
 
 `--serve` runs another benchmark instead: concurrent requests served by llama-cpp-python and by
-rbee-mesh (benchmarks/serving.py).
+rbee-mesh (benchmarks/serving.py); `--detection` how long failures take to notice
+(benchmarks/detection.py).
 """
 
 from __future__ import annotations
@@ -687,6 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args_.remove("--serve")
         return serving.main(args_, prog="rbee-mesh bench --serve")
+    if "--detection" in args_:  # the failure detection benchmark, with its own options
+        from benchmarks import detection
+
+        args_.remove("--detection")
+        return detection.main(args_, prog="rbee-mesh bench --detection")
     parser = argparse.ArgumentParser(
         prog="rbee-mesh bench",
         description="Measure the transport modes side by side, next to an HTTP + SSE baseline: "
@@ -738,6 +744,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead: the serving benchmark, concurrent requests to llama-cpp-python (direct "
         "and its OpenAI server) and to rbee-mesh (API and CLI) on the real model "
         "(benchmarks/serving.py; its options: rbee-mesh bench --serve --help)",
+    )
+    parser.add_argument(
+        "--detection",
+        action="store_true",
+        help="instead: how long the mesh takes to notice a worker killed, a hive killed, frozen "
+        "or cut off and the queen killed, each mid-job, in network namespaces "
+        "(benchmarks/detection.py; its options: rbee-mesh bench --detection --help)",
     )
     parser.add_argument(
         "--out",
