@@ -13,9 +13,10 @@ What runs, for each N:
   factory) that answers READY as `Hive` does and runs `worker_list` jobs (ACCEPTED, one
   NARRATION, DONE with its 8 worker records), every frame built and encoded by the protocol's
   own code; and a heartbeat PUB (`open_publisher`) on which it publishes a HEARTBEAT every
-  interval (1 s, as a real hive), the N hives spread evenly over the interval. The heartbeat's
-  state is shaped like a real hive's: a CPU and two GPUs, the catalog's count and digest, and
-  a row for each of 8 workers (1.7 KB packed; their full records, 6.5 KB, answer
+  interval (1 s, the queen's too: what a mesh this large should run at, `--heartbeat 1`; the
+  default 0.5 s doubles the load, docs/reliability.md), the N hives spread evenly over it. The
+  heartbeat's state is shaped like a real hive's: a CPU and two GPUs, the catalog's count and
+  digest, and a row for each of 8 workers (1.7 KB packed; their full records, 6.5 KB, answer
   `worker_list`). What a simulated hive lacks is what the queen cannot see: processes behind
   its workers, a catalog on disk. The simulator is lean on purpose, since
   it shares the machine's cores with the queen: one task serves all control sockets (see
@@ -861,6 +862,7 @@ async def running_mesh(
             (home / "config.toml").write_text(f"[queen]\npeers = {json.dumps(peers)}\n")
             argv = ["-m", "rbee_mesh", "queen", "start", "--foreground"]
             argv += ["--bind", "tcp://127.0.0.1:0", "--no-discovery"]
+            argv += ["--heartbeat", str(heartbeat_s)]
             queen = Child("queen", argv, env=env, log=queen_log)
             children.append(queen)
             with trio.move_on_after(setup_timeout) as scope:

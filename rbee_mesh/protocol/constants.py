@@ -53,8 +53,12 @@ MAX_VALUE_DEPTH = 16
 
 # ---- liveness -----------------------------------------------------------------------------------
 
-#: Default heartbeat interval, in seconds, of every link.
-HEARTBEAT_S = 1.0
+#: Default heartbeat interval, in seconds, of every link. A peer that falls silent (frozen, its
+#: link cut, killed) is found lost 3.5 intervals after its last frame, so within 1.75-2.25 s of
+#: the fault: under the 3 s that `rbee-mesh bench --detection` holds the mesh to (at 1 s it was
+#: 3.5-4 s). A queen of 1,000 hives takes two frames per hive per interval for it (its cost:
+#: docs/benchmarks.md, "Scale"); such a mesh can run its hives at `--heartbeat 1`.
+HEARTBEAT_S = 0.5
 #: The shortest interval a peer may keep: a server's heartbeat schedule wakes twice per the
 #: shortest interval among its peers, and no peer may make it spin.
 MIN_HEARTBEAT_S = 0.05
