@@ -62,6 +62,8 @@ NOTES = (
 )
 #: How long the probe waits for a job's end or a registry change before it reports none.
 PATIENCE_S = 20.0
+#: Tokens of the inference whose worker is killed (~15 s of generation on the bench's model).
+LONG_TOKENS = 4000
 #: How often the probe asks the queen for its registry.
 POLL_S = 0.02
 
@@ -124,7 +126,7 @@ async def _run(keeper: Any, request: dict[str, Any]) -> None:
     worker = request.get("worker")
     if worker:
         op: Any = Infer(prompt="Once upon a time", model=MODEL, worker=worker, hive=HIVE,
-                        max_tokens=30_000, temperature=0.0)  # fmt: skip
+                        max_tokens=LONG_TOKENS, temperature=0.0)  # fmt: skip
     else:
         op = Ping(count=100_000, interval_s=0.01, hive=HIVE)
     with trio.fail_after(60):
@@ -350,7 +352,12 @@ def run_detection(
     """Every fault `repetitions` times, in turn; one sample per fault and repetition."""
     from tests.netns import LanUnavailable, open_lan
 
-    model = write_tiny_gguf(workdir / MODEL_FILE, context_length=32_768)
+    # Wide enough that an inference of LONG_TOKENS takes seconds: it is still running when
+    # its worker is killed.
+    model = write_tiny_gguf(
+        workdir / MODEL_FILE, context_length=4096, embedding_length=256,
+        feed_forward_length=1024, block_count=4, head_count=4, head_count_kv=4,
+    )  # fmt: skip
     try:
         lan_cm = open_lan(["q", "h1"])
         lan = lan_cm.__enter__()

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.slow
 MODEL_REPO, MODEL_FILE = "rbee-test/tiny-GGUF", "tiny.gguf"
 MODEL = f"{MODEL_REPO}:{MODEL_FILE}"
 HIVE = "box"
+#: Tokens of a job that runs for longer than any wait of these tests.
+LONG = "4000"
 #: A hive killed mid-job is found lost, and its job ended HIVE_LOST, within this (issue 14).
 HIVE_LOST_WITHIN_S = 3.0
 
@@ -88,7 +90,11 @@ class Daemons:
 
 @pytest.fixture(params=["static", "joined"])
 def daemons(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemons]:
-    gguf = write_tiny_gguf(tmp_path / MODEL_FILE, context_length=2048)
+    # Wide enough that LONG tokens take seconds (~15 s on this machine), past any wait here.
+    gguf = write_tiny_gguf(
+        tmp_path / MODEL_FILE, context_length=4096, embedding_length=256,
+        feed_forward_length=1024, block_count=4, head_count=4, head_count_kv=4,
+    )  # fmt: skip
     joined = request.param == "joined"
     queen = Mesh(tmp_path / "queen")
     hive = Mesh(tmp_path / "hive") if joined else queen
@@ -169,7 +175,7 @@ def test_a_job_running_on_a_hive_when_its_queen_died_ends_there_and_frees_its_sl
     d = daemons
     spawned = d.result("worker", "spawn", "-m", MODEL, "--slots", "1")
     keeper = d.queen.popen(
-        "--json", "infer", "-m", MODEL, "--max-tokens", "1800", "--temperature", "0", "Hello"
+        "--json", "infer", "-m", MODEL, "--max-tokens", LONG, "--temperature", "0", "Hello"
     )
     try:
         while read_event(keeper, 60)["event"] != "token":
