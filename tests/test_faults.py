@@ -554,6 +554,28 @@ async def test_a_job_that_ends_before_its_hive_answered_is_reported_only_once_it
     assert ended.code is ErrorCode.UNAVAILABLE and "did not run model_list" in ended.message
 
 
+@pytest.mark.slow
+async def test_a_model_on_a_hive_that_cannot_list_its_catalog_is_unavailable_not_missing(
+    tmp_path: Path, tiny: Path, hive_processes: list[HiveProcess]
+) -> None:
+    """The queen has not read a hive's catalog yet (it never needed it: jobs went to workers)
+    when a job needs it, and the hive does not answer (frozen). The hive may hold the model:
+    the job ends UNAVAILABLE saying so, not NOT_FOUND ("no hive holds it")."""
+    seed_model(tmp_path / "frozen", tiny)
+    frozen = HiveProcess(tmp_path / "frozen", "frozen", heartbeat_s=5.0)  # not lost meanwhile
+    hive_processes.append(frozen)
+    async with queen_of(hive_processes) as (_, keeper):
+        with trio.fail_after(60):
+            frozen.process.send_signal(signal.SIGSTOP)
+            try:
+                job = await run(keeper, replace(SHORT, download=False))
+            finally:
+                frozen.process.send_signal(signal.SIGCONT)
+    ended = error_of(job)
+    assert ended.code is ErrorCode.UNAVAILABLE, ended
+    assert "hive frozen has not listed its models" in ended.message, ended.message
+
+
 # ---- frames that cost the most to decode ---------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -97,6 +98,19 @@ def test_a_bare_name_no_hive_holds_is_not_found() -> None:
     with pytest.raises(MeshError) as err:
         place(infer(model="nothing.gguf"), [hive("a")], {})
     assert err.value.code is ErrorCode.NOT_FOUND
+
+
+def test_a_hive_whose_catalog_was_never_read_may_hold_the_model_so_it_is_unavailable() -> None:
+    """Neither "no hive holds it" nor a download: the hive that did not list its models may
+    hold it. A hive that did list the model still gets the job."""
+    unread = replace(hive("a"), models_unread="no answer from hive a within 2s")
+    for op in (infer(model="nothing.gguf"), infer(model="owner/new-GGUF"), infer()):
+        with pytest.raises(MeshError) as err:
+            place(op, [unread, hive("b")], {})
+        assert err.value.code is ErrorCode.UNAVAILABLE, op
+        assert "hive a has not listed its models (no answer from hive a" in err.value.message
+    d = place(infer(model=MODEL), [unread, hive("b", models=[model()])], {})
+    assert (d.action, d.hive) == (Action.SPAWN, "b")
 
 
 def test_a_pinned_busy_worker_means_waiting_and_an_unknown_one_not_found() -> None:

@@ -82,6 +82,8 @@ class HiveLink:
     models: list[dict[str, Any]] = field(default_factory=list)
     models_digest: str = ""
     fetched: trio.Event | None = None
+    #: Why the last fetch of the catalog failed ("" if it did not).
+    models_error: str = ""
     #: Workers that refused a job (busy, gone) when `states` was this: not chosen again until a
     #: newer state says how they are.
     refused: dict[str, int] = field(default_factory=dict)
@@ -124,6 +126,14 @@ class HiveLink:
         models = self.state.get("models")
         digest = models.get("digest") if isinstance(models, dict) else None
         return digest if isinstance(digest, str) else ""
+
+    @property
+    def models_unread(self) -> str:
+        """Why this queen has never read the hive's catalog, or "" once it has: until then the
+        hive may hold any model."""
+        if self.models_digest:
+            return ""
+        return self.models_error or "it did not list them in time"
 
     @property
     def model_count(self) -> int:
@@ -279,8 +289,9 @@ class HiveRegistry:
                 for r in rows
                 if isinstance(r, dict)
             ]
-            link.models_digest = digest
+            link.models_digest, link.models_error = digest, ""
         except MeshError as exc:
+            link.models_error = exc.message
             log.warning("could not list the models of hive %s: %s", link.name, exc)
         finally:
             assert link.fetched is not None

@@ -417,6 +417,7 @@ class Queen:
                 models=await self.hives.fresh_models(link),
                 devices=link.state.get("devices", []),
                 starting=[m for h, m in self._starting.elements() if h == link.name],
+                models_unread=link.models_unread,
             )
             for link in links
         ]

@@ -17,8 +17,10 @@ The rules, in order:
    crawl, so the job waits for one instead;
 4. a model no hive holds, named as a hub reference (OWNER/REPO[:FILE]), is downloaded by the hive
    with the most free memory, unless the job says not to: `download` (then the rules run again);
-5. otherwise the job fails, saying why: no such model, not enough memory anywhere, or a model
-   file that failed to load before (`unloadable`: not tried again for every job).
+5. otherwise the job fails, saying why: no such model, not enough memory anywhere, a model
+   file that failed to load before (`unloadable`: not tried again for every job), or a hive
+   whose catalog the queen has never read (it did not answer for it: it may hold the model,
+   so the job is neither told the model is missing nor downloads it, but is UNAVAILABLE).
 
 Every decision carries a sentence saying why, which the queen narrates.
 """
@@ -50,6 +52,9 @@ class HiveView:
     devices: Sequence[Mapping[str, Any]]
     #: Models whose workers are being spawned there now (one entry per worker): busy already.
     starting: Sequence[str] = ()
+    #: Why the queen has never read this hive's catalog ("" once it has): `models` is empty,
+    #: but the hive may hold any model.
+    models_unread: str = ""
 
     @property
     def most_free_memory(self) -> int:
@@ -195,6 +200,14 @@ def place(op: Infer, hives: Sequence[HiveView], inflight: Mapping[str, int]) -> 
             ErrorCode.INVALID_REQUEST,
             f"{m['id']} on hive {hive.name} cannot be loaded: {m.get('error')} "
             f"(`rbee-mesh worker spawn -m {m['id']}` tries again)",
+        )
+    unread = [hive for hive in hives if hive.models_unread]
+    if unread:  # neither missing (NOT_FOUND) nor to download: it may be there
+        hive = unread[0]
+        raise MeshError(
+            ErrorCode.UNAVAILABLE,
+            f"hive {hive.name} has not listed its models ({hive.models_unread}); it may hold "
+            f"{op.model or 'one'}: try again",
         )
     if op.model is None:
         raise MeshError(
