@@ -29,7 +29,7 @@ integrated mode.
 
 `--serve` runs another benchmark instead: concurrent requests served by llama-cpp-python and by
 rbee-mesh (benchmarks/serving.py); `--detection` how long failures take to notice
-(benchmarks/detection.py).
+(benchmarks/detection.py); `--chaos` the chaos soak (benchmarks/chaos.py).
 """
 
 from __future__ import annotations
@@ -680,19 +680,19 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+#: Benchmarks of their own, run instead of this one: `rbee-mesh bench FLAG [their options]`.
+_OTHER_BENCHMARKS = {"--serve": "serving", "--detection": "detection", "--chaos": "chaos"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks.bench` (what `rbee-mesh bench` runs)."""
     args_ = list(sys.argv[1:] if argv is None else argv)
-    if "--serve" in args_:  # the serving benchmark, with its own options
-        from benchmarks import serving
-
-        args_.remove("--serve")
-        return serving.main(args_, prog="rbee-mesh bench --serve")
-    if "--detection" in args_:  # the failure detection benchmark, with its own options
-        from benchmarks import detection
-
-        args_.remove("--detection")
-        return detection.main(args_, prog="rbee-mesh bench --detection")
+    for flag, module in _OTHER_BENCHMARKS.items():  # each with its own options
+        if flag in args_:
+            args_.remove(flag)
+            other = importlib.import_module(f"benchmarks.{module}")
+            code: int = other.main(args_, prog=f"rbee-mesh bench {flag}")
+            return code
     parser = argparse.ArgumentParser(
         prog="rbee-mesh bench",
         description="Measure the transport modes side by side, next to an HTTP + SSE baseline: "
@@ -751,6 +751,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead: how long the mesh takes to notice a worker killed, a hive killed, frozen "
         "or cut off and the queen killed, each mid-job, in network namespaces "
         "(benchmarks/detection.py; its options: rbee-mesh bench --detection --help)",
+    )
+    parser.add_argument(
+        "--chaos",
+        action="store_true",
+        help="instead: the chaos soak, jobs of every kind on a queen and two hives in network "
+        "namespaces while workers are killed, hives frozen and links cut (needs root; "
+        "benchmarks/chaos.py; its options: rbee-mesh bench --chaos --help)",
     )
     parser.add_argument(
         "--out",

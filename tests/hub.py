@@ -12,13 +12,17 @@ Tests steer it: refuse every request with a status, accept and never answer, dro
 after N body bytes, serve at a limited rate, ignore Range, require a token. It records every
 request (method, path, Range, Authorization) and counts the body bytes it sent.
 
-Use the `hub` fixture: it sets HF_ENDPOINT for the test. Import it into a test module as
+Use the `hub` fixture: it sets HF_ENDPOINT for the test. Another process (a host of a test LAN) runs
+one with ``python -m tests.hub [--host H] [--rate-bps N] DIR``: it serves every file
+DIR/OWNER/REPO/NAME as NAME of repo OWNER/REPO, prints its endpoint, and serves until its stdin
+closes. Import it into a test module as
 ``from tests import hub as fake_hub`` and ``hub = fake_hub.hub`` (importing the name itself makes
 ruff see every `hub` parameter as a redefinition, F811).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -26,11 +30,13 @@ import random
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -76,7 +82,8 @@ class _Repo:
 class FakeHub:
     """The hub; see the module docstring. Attributes below are the controls (set them freely)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        """A hub on `host` (the loopback; a multi-host test binds a namespace's address)."""
         self.repos: dict[str, _Repo] = {}
         self.requests: list[HubRequest] = []
         self.body_bytes_sent = 0
@@ -95,7 +102,7 @@ class FakeHub:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._connections: set[socket.socket] = set()
-        self._server = _Server(self)
+        self._server = _Server(self, host)
         # A short poll interval: shutdown() waits for one, and every test closes a hub.
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.01,), name="fake-hub", daemon=True
@@ -340,9 +347,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, hub: FakeHub) -> None:
+    def __init__(self, hub: FakeHub, host: str) -> None:
         self.hub = hub
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((host, 0), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -387,3 +394,25 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
         yield fake
     finally:
         fake.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the files of a directory (see the module docstring) until stdin closes."""
+    parser = argparse.ArgumentParser(prog="python -m tests.hub")
+    parser.add_argument("root", type=Path, help="DIR/OWNER/REPO/NAME is NAME of repo OWNER/REPO")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--rate-bps", type=int, default=None)
+    args = parser.parse_args(argv)
+    hub = FakeHub(args.host)
+    hub.rate_bps = args.rate_bps
+    for path in sorted(args.root.glob("*/*/*")):
+        owner, repo = path.parent.parent.name, path.parent.name
+        hub.add_file(f"{owner}/{repo}", path.name, path.read_bytes())
+    hub.start()
+    print(hub.endpoint, flush=True)
+    sys.stdin.read()
+    hub.close()
+
+
+if __name__ == "__main__":
+    main()
