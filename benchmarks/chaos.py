@@ -18,7 +18,8 @@ Each fault is logged with its times. Then the soak checks what the issue asks:
   UNAVAILABLE or TIMEOUT near a freeze or a cut of the hive it names); anything else is
   listed as surprising;
 - no orphan: every worker process in a hive's namespace is one its hive lists, and every worker
-  pid seen during the run is listed or gone;
+  pid seen during the run is listed or gone; once the hives and the queen are stopped, no
+  process of the mesh is left;
 - no partial file published: every catalog entry of a hub file that is available has the hub's
   bytes (size and sha256), and every download that said DONE is available;
 - the mesh serves an infer, a status and a download right after;
@@ -336,7 +337,8 @@ class Run:
     catalogs: dict[str, dict[str, int]]
     after: dict[str, Any]
     log_problems: list[str]
-    loaded: bool
+    #: Whether the load ran to its end (not stopped at `max_seconds`).
+    finished: bool
 
 
 def drive(
@@ -353,11 +355,15 @@ def drive(
         infer_streams=plan.infer_streams,
         download_streams=plan.download_streams,
     )
-    load = mesh.lan["q"].popen(
-        [sys.executable, "-m", "benchmarks.chaos_load", spec.to_json()],
-        env=mesh.env("q"),
-        cwd=REPO_ROOT,
-    )
+    # Its log to a file: a pipe nobody reads while the load runs could fill up and stall it.
+    log_path = mesh.root / "load.log"
+    with log_path.open("w") as stderr:
+        load = mesh.lan["q"].popen(
+            [sys.executable, "-m", "benchmarks.chaos_load", spec.to_json()],
+            env=mesh.env("q"),
+            cwd=REPO_ROOT,
+            stderr=stderr,
+        )
     records: list[dict[str, Any]] = []
     ended = threading.Event()
 
@@ -393,8 +399,8 @@ def drive(
     reader.join(timeout=10)
     seconds = time.time() - started
     if finished and load.returncode != 0:
-        err = load.stderr.read() if load.stderr else ""
-        raise ChaosError(f"the load failed (exit {load.returncode}): {err[-2000:]}")
+        err = log_path.read_text(errors="replace")[-2000:]
+        raise ChaosError(f"the load failed (exit {load.returncode}): {err}")
     return records, nemesis, seconds, finished
 
 
@@ -412,6 +418,7 @@ def soak(plan: ChaosPlan, workdir: Path, log: Callable[[str], None] = lambda _: 
         orphans = check_orphans(mesh, nemesis)
         partial, catalogs = check_catalogs(mesh, files, records)
         after = check_after(mesh, files)
+        orphans += check_stopped(mesh)
         problems = log_problems(mesh)
     return Run(
         plan,
@@ -451,6 +458,26 @@ def check_orphans(mesh: MultiHost, nemesis: Nemesis, timeout: float = 60) -> lis
         if not problems or time.monotonic() > deadline:
             return sorted(set(problems))
         time.sleep(0.2)  # polling another process's state under a deadline
+
+
+def check_stopped(mesh: MultiHost, timeout: float = 60) -> list[str]:
+    """Stop the hives and the queen as a person would: then no process of the mesh is left on
+    any host (a worker that outlived its hive would be an orphan)."""
+    for host, what in (*((h, "hive") for h in HIVES), ("q", "queen")):
+        stopped = mesh.rbee(host, what, "stop", timeout=60)
+        if stopped.returncode != 0:
+            return [f"{host}: `{what} stop` failed: {stopped.stderr.strip()[-300:]}"]
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [
+            f"{host.name}: pid {pid} outlived the mesh: {' '.join(_cmdline(pid))[:200]}"
+            for host in mesh.lan
+            for pid in host.pids()
+            if "rbee_mesh" in _cmdline(pid) and alive(pid)
+        ]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)  # polling other processes' exits under a deadline
 
 
 def check_catalogs(
@@ -660,7 +687,7 @@ def summarise(run: Run) -> dict[str, Any]:
     return {
         "plan": asdict(run.plan),
         "seconds": round(run.seconds, 1),
-        "finished": run.loaded,
+        "finished": run.finished,
         "load_ended": max((j["ended"] or 0.0 for j in run.jobs), default=0.0),
         "jobs": dict(Counter(j["kind"] for j in run.jobs)),
         "outcomes": {k: dict(v.most_common()) for k, v in sorted(outcomes.items())},
@@ -751,8 +778,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "rbee-mesh bench --chaos
         low, high = (float(x) for x in args.hold.split(","))
     except ValueError:
         parser.error(f"--hold takes MIN,MAX in seconds, not {args.hold!r}")
-    if args.jobs < 1 or args.seconds <= 0 or args.every <= 0 or not 0 < low <= high:
-        parser.error("--jobs, --seconds, --every and --hold must be positive")
+    if args.jobs < 1 or args.seconds <= 0 or args.every <= 0:
+        parser.error("--jobs, --seconds and --every must be positive")
+    if not 0 < low <= high:
+        parser.error(f"--hold takes MIN,MAX with 0 < MIN <= MAX, not {args.hold!r}")
     plan = ChaosPlan(
         jobs=args.jobs,
         seed=args.seed,

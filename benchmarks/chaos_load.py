@@ -79,6 +79,9 @@ class LoadSpec:
     #: Pause between two control jobs of one stream: pacing, so that control does not crowd
     #: out the rest on a small machine.
     control_pause_s: float = 0.05
+    #: Pause of an infer or download stream after a job that failed, as a client backs off:
+    #: while no hive can serve, jobs fail at once, and would use up the soak in a moment.
+    backoff_s: float = 0.2
 
     @classmethod
     def from_json(cls, text: str) -> LoadSpec:
@@ -199,6 +202,11 @@ class Load:
     def emit(self, record: JobRecord) -> None:
         print(json.dumps({"type": "job", **asdict(record)}), file=self.out, flush=True)
 
+    async def emit_and_back_off(self, record: JobRecord) -> None:
+        self.emit(record)
+        if record.end != "done":
+            await trio.sleep(self.spec.backoff_s)
+
     async def infer_stream(self, keeper: JobClient) -> None:
         while (n := self._next("infer")) is not None:
             op = Infer(
@@ -208,12 +216,13 @@ class Load:
                 temperature=0.0,
                 download=False,
             )
-            self.emit(await run_job(keeper, "infer", n, op))
+            await self.emit_and_back_off(await run_job(keeper, "infer", n, op))
 
     async def download_stream(self, keeper: JobClient) -> None:
         while (n := self._next("download")) is not None and n < len(self.spec.downloads):
             hive, model = self.spec.downloads[n]
-            self.emit(await run_job(keeper, "download", n, ModelDownload(model=model, hive=hive)))
+            op = ModelDownload(model=model, hive=hive)
+            await self.emit_and_back_off(await run_job(keeper, "download", n, op))
 
     async def control_stream(self, keeper: JobClient, ops: tuple[type[Operation], ...]) -> None:
         turn = 0

@@ -90,6 +90,18 @@ def test_unknown_mode_is_refused_with_the_choices() -> None:
     assert "integrated, ipc, tcp, remote, http" in done.stderr
 
 
+def test_bench_chaos_runs_the_chaos_soak_which_refuses_a_hold_that_ends_before_it_begins() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rbee_mesh", "bench", "--chaos", "--hold", "3,1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "rbee-mesh bench --chaos: error: --hold takes MIN,MAX" in done.stderr, done.stderr
+
+
 def test_a_mode_whose_queen_never_answers_fails_with_the_agents_reason(tmp_path: Path) -> None:
     setup = bench.Setup(tmp_path, model=tmp_path / "unused.gguf")
     nobody = f"ipc://{tmp_path}/nobody.sock"
