@@ -42,7 +42,7 @@ import trio
 from trio_util import AsyncValue
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
-from rbee_mesh.actors.narration import JobContext, current_job, narrate
+from rbee_mesh.actors.narration import JobContext, current_job, emit_record, narrate
 from rbee_mesh.actors.records import JobHistory, JobRecord
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.actors.trust import Role, Trust, admitted
@@ -52,7 +52,6 @@ from rbee_mesh.protocol import (
     Actor,
     Cancel,
     Cancelled,
-    Data,
     Disconnect,
     Done,
     Error,
@@ -398,7 +397,7 @@ class JobServer:
         accepted = record.accepted
         header = {"kind": "watch", "job": job_id, "op": accepted.op, "ref": accepted.ref,
                   "deadline_s": accepted.deadline_s}  # fmt: skip
-        watcher.emit(Data(job_id=watcher.id, record=header))
+        emit_record(header)
         tag = watcher.id.encode("ascii")
 
         def relay(kind: Kind, body: bytes) -> None:
