@@ -17,8 +17,8 @@ Guarantees (docs/protocol.md, "Job lifecycle", "At most once" and "Liveness"):
 - a client that vanishes (silent for SERVER_LOST_AFTER intervals, one fewer than a client waits
   for its server), leaves, or whose session reconnects (a newer READY) has its jobs cancelled
   (but those it submitted with `keep`, which run on), and its connection is fenced: nothing
-  else it started outlives it, and nothing it sent that
-  arrives afterwards runs (it must connect again, as a new epoch of its session);
+  else it started outlives it, and nothing it sent that arrives afterwards runs (it must
+  connect again, as a new epoch of its session);
 - garbage, unknown versions and frames the server does not take are answered with ERROR (the
   peer's fault, logged as such) and the server goes on serving.
 
