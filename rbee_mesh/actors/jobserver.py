@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -93,6 +94,31 @@ log = logging.getLogger("rbee_mesh.jobs")
 _FENCED_REMEMBERED = 4_096
 
 
+class _LineBudget:
+    """At most `limit` lines per `window_s` seconds; the lines past it are counted, and the
+    count is logged with the next line that is."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._window = -math.inf
+        self._logged = 0
+        self._unlogged = 0
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now - self._window >= self.window_s:
+            self._window, self._logged = now, 0
+        if self._logged >= self.limit:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        if self._unlogged:
+            message += f" ({self._unlogged} more such line(s) not logged before this one)"
+            self._unlogged = 0
+        log.log(level, message, *args)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     #: Heartbeat interval used towards peers, and assumed for a peer until it says its own.
@@ -113,6 +139,12 @@ class ServerConfig:
     shutdown_grace_s: float = 2.0
     #: Missed heartbeat intervals after which a silent client is dropped.
     lost_after: int = SERVER_LOST_AFTER
+    #: Lines logged per window about what clients sent that is not acted on (a frame rejected,
+    #: a SUBMIT refused, a CANCEL ignored), whoever sent it; past this they are counted, and
+    #: the count goes with the next line. A client that floods such frames (10,000 a second is
+    #: easy) must not fill the log, and the disk under it. Each frame is still answered.
+    peer_lines_logged: int = 10
+    peer_lines_window_s: float = 10.0
 
 
 @dataclass(eq=False)
@@ -317,6 +349,9 @@ class JobServer:
         self._nursery: trio.Nursery | None = None
         self._senders: trio.Nursery | None = None
         self._stopping = False
+        self._peer_lines = _LineBudget(
+            self.config.peer_lines_logged, self.config.peer_lines_window_s
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -456,7 +491,9 @@ class JobServer:
             try:
                 message = decode(frames)
             except RemoteProtocolError as exc:
-                log.warning("rejected a frame from %s (their fault): %s", peer.label, exc)
+                self._peer_lines.log(
+                    logging.WARNING, "rejected a frame from %s (their fault): %s", peer.label, exc
+                )
                 rejection = f"rejected: {exc.message}"
                 refusal = Error(
                     job_id="", code=exc.code, message=rejection, ref=exc.ref, started=False
@@ -487,7 +524,8 @@ class JobServer:
                     # Either it raced with the job's end (whose terminal frame is on its way), or
                     # it names another peer's job, which only `cancel()` may cancel. An ERROR
                     # here would be a second terminal frame for that job id.
-                    log.info(
+                    self._peer_lines.log(
+                        logging.INFO,
                         "ignored CANCEL of %s from %s: not a running job of theirs",
                         message.job_id,
                         peer.label,
@@ -697,7 +735,9 @@ class JobServer:
         refusal = self._refusal(peer, submit)
         if refusal is not None:
             code, why = refusal
-            log.info("refused %s from %s: %s", submit.op.NAME, peer.label, why)
+            self._peer_lines.log(
+                logging.INFO, "refused %s from %s: %s", submit.op.NAME, peer.label, why
+            )
             self._send(
                 peer, Error(job_id="", code=code, ref=submit.ref, message=why, started=False)
             )
