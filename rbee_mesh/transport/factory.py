@@ -69,6 +69,13 @@ handshake's commands too, and CURVE's are several hundred bytes (its INITIATE ca
 client's vouch and metadata); a larger message is a peer's attempt to make the publisher store
 megabytes of topics, and libzmq drops that peer's connection."""
 
+MAX_TOPIC_BYTES = 64 * 1_024
+"""Bytes of topics one subscriber's key may send a publisher, in all. Ours send none: they
+subscribe to everything. libzmq keeps each topic a subscriber sends until its connection ends,
+even in manual mode (some 25 bytes of memory per byte of topic; 1,600 random topics of 1 KB took
+40 MiB), so a subscriber that sends many could grow the publisher without bound. Past this its
+key is refused by that publisher from then on, and its connection is cut."""
+
 _PUBSUB_KINDS = frozenset({zmq.PUB, zmq.SUB, zmq.XPUB, zmq.XSUB})
 
 

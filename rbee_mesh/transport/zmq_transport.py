@@ -9,23 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import trio
 import zmq
 
 from .base import Connection, Listener, Publisher
-from .curve import ClientKeys, ServerKeys, release_server, set_server_key
+from .curve import (
+    Admission,
+    ClientKeys,
+    ServerKeys,
+    fingerprint,
+    release_server,
+    set_server_key,
+)
 from .endpoints import Endpoint
 from .errors import EndpointError, PeerBusy, PeerUnreachable, TransportClosed, TransportError
-from .factory import SocketOptions, make_socket
+from .factory import MAX_TOPIC_BYTES, SocketOptions, make_socket
 from .zmq_trio import TrioSocket
+
+log = logging.getLogger("rbee_mesh.transport")
 
 _UNBIND_TIMEOUT_S = 1.0
 """How long a publisher's aclose waits for libzmq to release a tcp port before giving up."""
@@ -150,18 +161,35 @@ class ZmqPublisher(_Bound, Publisher):
     to 1.2 GB); this one runs in manual mode (XPUB_MANUAL) and admits only the subscription to
     everything, the one our subscribers make, once per subscriber. Subscriptions are read before
     each publish, so a new subscriber hears the next message; a message over
-    MAX_SUBSCRIPTION_BYTES drops its sender's connection.
+    MAX_SUBSCRIPTION_BYTES drops its sender's connection. libzmq still keeps each topic until its
+    subscriber's connection ends: a key that sends more than MAX_TOPIC_BYTES of topics is refused
+    from then on, and every connection is cut (libzmq cannot cut one) by unbinding and binding
+    again; the others connect again within their reconnect interval and subscribe again.
     """
 
-    def __init__(self, sock: TrioSocket, endpoint: str, ipc_file: os.stat_result | None) -> None:
+    def __init__(
+        self,
+        sock: TrioSocket,
+        endpoint: str,
+        ipc_file: os.stat_result | None,
+        refused: set[str] | None = None,
+    ) -> None:
         super().__init__(sock, endpoint, ipc_file)
         self._closed = False
+        #: Bytes of topics each subscriber key sent, and the keys refused for sending too many.
+        self._topic_bytes: Counter[str] = Counter()
+        self._refused = refused if refused is not None else set()
+        self._unbound = False
 
     @classmethod
     def bind(cls, endpoint: Endpoint, options: SocketOptions | None = None) -> ZmqPublisher:
         """Create a PUB and bind it to ``endpoint`` (tcp port 0: see ``self.endpoint``)."""
+        refused: set[str] = set()
+        if options is not None and isinstance(options.curve, ServerKeys):
+            admission = _Refusing(options.curve.admission, refused)
+            options = replace(options, curve=replace(options.curve, admission=admission))
         sock, bound, ipc_file = _bind_socket(zmq.XPUB, endpoint, options, "publisher or listener")
-        publisher = cls(TrioSocket(sock), bound, ipc_file)
+        publisher = cls(TrioSocket(sock), bound, ipc_file, refused)
         if endpoint.scheme == "inproc":
             _rejoin_inproc_subscribers(bound)
         return publisher
@@ -172,12 +200,69 @@ class ZmqPublisher(_Bound, Publisher):
         if self._closed:
             raise TransportClosed(f"publisher {self.endpoint} is closed")
         try:
-            self._sock.call_sync(_admit_subscriptions)
+            if self._unbound:
+                self._sock.call_sync(self._bind_again)
+            flooding = self._sock.call_sync(self._admit_subscriptions)
+            if flooding is not None:
+                self._cut_off(flooding)
             self._sock.send_multipart_nowait(frames)
         except zmq.Again:
-            pass  # A PUB drops at the high-water mark rather than raising; this is for safety.
+            return  # A PUB drops at the high-water mark rather than raising; this is for safety.
         except zmq.ZMQError as exc:
             raise TransportError(f"publish on {self.endpoint} failed: {exc.strerror}") from exc
+
+    def _admit_subscriptions(self, sock: zmq.Socket[bytes]) -> str | None:
+        """Read the subscriptions waiting on the XPUB_MANUAL socket and admit the empty topic
+        only; count the bytes of the other topics by the key of the subscriber that sent them
+        ("" for one without a key). Returns the first key past MAX_TOPIC_BYTES, at once: libzmq
+        takes in more of the waiting messages (and keeps their topics) on every call.
+
+        In manual mode, SUBSCRIBE applies to the subscriber whose message was read last.
+        """
+        for _ in range(_SUBSCRIPTIONS_PER_PUBLISH):
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            message = frame.bytes
+            if message == _SUBSCRIBE_ALL:
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            elif message == _UNSUBSCRIBE_ALL:
+                sock.setsockopt(zmq.UNSUBSCRIBE, b"")
+            elif message[:1] == _SUBSCRIBE_ALL:
+                try:
+                    key = str(frame.get("User-Id"))
+                except zmq.ZMQError:  # no CURVE (inproc)
+                    key = ""
+                if key in self._refused:
+                    continue  # sent before its connection was cut
+                self._topic_bytes[key] += len(message) - 1
+                if self._topic_bytes[key] > MAX_TOPIC_BYTES:
+                    return key
+        return None
+
+    def _cut_off(self, key: str) -> None:
+        """Refuse `key` from now on, and cut every connection (the others come back)."""
+        who = f"the subscriber with key {fingerprint(key)}" if key else "a subscriber"
+        log.warning(
+            "%s sent %d bytes of topics to %s (the limit is %d): refusing it, and cutting every "
+            "subscriber's connection (the others connect again)",
+            who, self._topic_bytes[key], self.endpoint, MAX_TOPIC_BYTES,
+        )  # fmt: skip
+        if key:
+            self._refused.add(key)
+        self._topic_bytes.clear()  # every connection's topics go with it
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.call_sync(lambda s: s.unbind(self.endpoint))
+        self._unbound = True
+        with contextlib.suppress(zmq.ZMQError):  # the port is not always free at once
+            self._sock.call_sync(self._bind_again)
+
+    def _bind_again(self, sock: zmq.Socket[bytes]) -> None:
+        sock.bind(self.endpoint)
+        self._unbound = False
+        if self._ipc_file is not None:
+            self._ipc_file = os.stat(self.endpoint.removeprefix("ipc://"))
 
     async def aclose(self) -> None:
         """Unbind, wait until the endpoint can be bound again, and close the socket."""
@@ -185,27 +270,23 @@ class ZmqPublisher(_Bound, Publisher):
         await super().aclose()
 
 
+@dataclass(frozen=True)
+class _Refusing:
+    """What a publisher admits: what its keys admit, less the keys it cut off. (Read on the ZAP
+    thread; a key is only ever added to `refused`.)"""
+
+    admission: Admission
+    refused: set[str]
+
+    def admits(self, key: str) -> bool:
+        return key not in self.refused and self.admission.admits(key)
+
+
 _SUBSCRIBE_ALL = b"\x01"
 _UNSUBSCRIBE_ALL = b"\x00"
 _SUBSCRIPTIONS_PER_PUBLISH = 10_000
 """At most this many subscription messages are read per publish (~1 us each): a peer that sends
 more waits for the next publish, on its own connection (libzmq's pipe holds RCVHWM)."""
-
-
-def _admit_subscriptions(sock: zmq.Socket[bytes]) -> None:
-    """Read the subscriptions waiting on an XPUB_MANUAL socket and admit the empty topic only.
-
-    In manual mode, SUBSCRIBE applies to the subscriber whose message was read last.
-    """
-    for _ in range(_SUBSCRIPTIONS_PER_PUBLISH):
-        try:
-            message = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if message == _SUBSCRIBE_ALL:
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
-        elif message == _UNSUBSCRIBE_ALL:
-            sock.setsockopt(zmq.UNSUBSCRIBE, b"")
 
 
 class ZmqSubscription:
