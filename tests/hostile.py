@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import random
 import string
 from collections.abc import Callable, Iterator
@@ -381,3 +382,127 @@ def oversize_subscriptions(limit: int) -> list[Frames]:
     PUB kept it; as a subscription it overflows the stack of libzmq's XSUB that sends it, so it
     goes as another message), a topic just past the limit, a many-part message of such frames."""
     return [[b"x" * (12 * 2**20)], [b"\x01" + b"y" * limit], [b"x" * (limit + 1)] * 3]
+
+
+# ---- what a client sends the queen's HTTP API ----------------------------------------------------
+
+#: The paths a request goes to: the API's own, with what a client could make of them.
+_PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/x", "/health"]
+_JSON_PATHS = _PATHS[:2]
+
+
+def _http(method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 request that asks the server to close the connection after its answer."""
+    head = {"Host": "127.0.0.1", "Connection": "close", "Content-Type": "application/json",
+            "Content-Length": str(len(body)), **(headers or {})}  # fmt: skip
+    lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in head.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _request_body(rng: random.Random) -> dict[str, Any]:
+    """A request body whose each field has a plausible value, and one that no request may have
+    (max_tokens 0): a drawn body is refused before any work, whatever else is wrong with it."""
+    body: dict[str, Any] = {
+        "model": rng.choice(["m", "rbee-test/tiny-GGUF", "x" * 300, "../../etc/passwd"]),
+        "messages": [{"role": "user", "content": "hi"}],
+        "prompt": "hi",
+        "max_tokens": 0,
+        "stream": rng.choice([True, False]),
+    }
+    return body
+
+
+def _wrong_json_types(rng: random.Random) -> bytes:
+    body = _request_body(rng)
+    for key in rng.sample(sorted(set(body) - {"max_tokens"}), rng.randrange(1, len(body) - 1)):
+        value = _wrong(rng)
+        body[key] = value if isinstance(value, (int, float, str, list, dict, type(None))) else None
+    return _to(rng, _json_safe(body))
+
+
+def _json_safe(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, default=repr, allow_nan=True).encode()
+
+
+def _to(rng: random.Random, body: bytes, **headers: str) -> bytes:
+    return _http("POST", rng.choice(_JSON_PATHS), body, headers)
+
+
+def _cut_short(rng: random.Random) -> bytes:
+    return _to(rng, _json(_request_body(rng)))[: rng.randrange(1, 120)]
+
+
+def _truncated_json(rng: random.Random) -> bytes:
+    body = _json(_request_body(rng))
+    return _to(rng, body[: rng.randrange(len(body))])
+
+
+def _deep(rng: random.Random) -> bytes:
+    depth = rng.choice([100, 10_000, 100_000])
+    return _to(rng, b"[" * depth + b"]" * rng.choice([0, depth]))
+
+
+def _extra_and_missing(rng: random.Random) -> bytes:
+    kept = {k: v for k, v in _request_body(rng).items() if rng.random() < 0.5}
+    extra = {f"x{rng.randrange(10**6)}": rng.random() for _ in range(rng.randrange(0, 50))}
+    return _to(rng, _json({**kept, **extra, "max_tokens": 0}))
+
+
+def _elsewhere(rng: random.Random) -> bytes:
+    method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"])
+    path = rng.choice([*_PATHS, "/", "/v2", "/v1/models/" + "a/" * 500, "/%00", "/..%2f..%2f"])
+    return _http(method, path, b"")
+
+
+def _content_type(rng: random.Random) -> bytes:
+    kind = rng.choice(["text/plain", "", "application/x-msgpack", "a" * 5000])
+    return _to(rng, _json(_request_body(rng)), **{"Content-Type": kind})
+
+
+def _headers(rng: random.Random) -> bytes:
+    count, size = rng.choice([(200, 10), (4, 10_000), (1, 100_000)])
+    many = {f"X-{n}": "v" * size for n in range(count)}
+    return _http("GET", "/health", b"", many)
+
+
+def _foreign(rng: random.Random) -> bytes:
+    """A request of a web page whose name was rebound to 127.0.0.1 (its Host is its own)."""
+    body = _json(_request_body(rng))
+    length = rng.choice([str(len(body)), "1000000"])  # and one that never sends all its body
+    return _to(rng, body, Host="rebound.example", **{"Content-Length": length})
+
+
+#: Each category, and how often it is drawn (a 4 MiB body costs more than the others).
+HTTP_CATEGORIES: dict[str, tuple[Callable[[random.Random], bytes], int]] = {
+    "random bytes": (lambda rng: rng.randbytes(rng.randrange(1, 2_000)), 10),
+    "a request cut short": (_cut_short, 10),
+    "not JSON": (lambda rng: _to(rng, rng.randbytes(rng.randrange(0, 500))), 10),
+    "truncated JSON": (_truncated_json, 10),
+    "wrong types": (_wrong_json_types, 10),
+    "deep nesting": (_deep, 10),
+    "extra and missing fields": (_extra_and_missing, 10),
+    "huge declared length": (
+        lambda rng: _to(rng, b"{}", **{"Content-Length": str(rng.choice([10**12, 2**63]))}),
+        10,
+    ),
+    "oversize body": (lambda rng: _to(rng, _json({"prompt": "a" * (MAX_BODY_BYTES + 10)})), 1),
+    "wrong methods and paths": (_elsewhere, 10),
+    "wrong content types": (_content_type, 10),
+    "many and huge headers": (_headers, 10),
+    "a foreign host": (_foreign, 5),
+}
+
+
+def hostile_requests(seed: int, count: int) -> Iterator[tuple[str, bytes]]:
+    """`count` hostile HTTP requests (category, bytes), the same for the same seed. None of them
+    is a request the API may run: each is malformed, or asks for what no request may have."""
+    rng = random.Random(seed)
+    names = list(HTTP_CATEGORIES)
+    weights = [HTTP_CATEGORIES[name][1] for name in names]
+    for _ in range(count):
+        name = rng.choices(names, weights)[0]
+        yield name, HTTP_CATEGORIES[name][0](rng)

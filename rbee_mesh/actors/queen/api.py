@@ -96,7 +96,7 @@ class Api:
         each holds (a task, a body being read, a job) is bounded. A health check is always
         answered: it is what says that the API is busy."""
         if scope["type"] != "http" or scope["path"] == "/health":
-            await self.app(scope, receive, send)
+            await self._serve(scope, receive, send)
             return
         if self.requests >= self.max_requests:
             busy = ApiError(
@@ -109,9 +109,19 @@ class Api:
             return
         self.requests += 1
         try:
-            await self.app(scope, receive, send)
+            await self._serve(scope, receive, send)
         finally:
             self.requests -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except trio.BusyResourceError:
+            # hypercorn (0.18) closes a connection whose client closed its side (send_eof)
+            # without taking the lock its sends take: an answer that races that close fails so.
+            # The client is gone, nothing is lost; without this, a traceback in the log for each
+            # such request (one a second is easy for any local process).
+            log.debug("a client left as its answer was sent: %s", scope.get("path"))
 
     # ---- endpoints -------------------------------------------------------------------------
 
