@@ -98,13 +98,16 @@ def round_trips(endpoint: str, runs: int) -> dict[str, float]:
     }
 
 
-def measure(runs: int) -> list[dict[str, Any]]:
+def measure(
+    runs: int,
+    drivers: tuple[str, ...] = ("blocking", "trio"),
+    schemes: tuple[str, ...] = ("ipc", "tcp"),
+) -> list[dict[str, Any]]:
     rows = []
     servers = {"blocking": (echo, relay), "trio": (trio_echo, trio_relay)}
     with tempfile.TemporaryDirectory() as tmp:
-        for (driver, (echo_fn, relay_fn)), scheme in itertools.product(
-            servers.items(), ("ipc", "tcp")
-        ):
+        for driver, scheme in itertools.product(drivers, schemes):
+            echo_fn, relay_fn = servers[driver]
             if scheme == "ipc":
                 back, front = f"ipc://{tmp}/echo-{driver}", f"ipc://{tmp}/relay-{driver}"
             else:
