@@ -230,3 +230,26 @@ def test_a_hive_killed_mid_job_is_lost_within_3_s_takes_its_workers_and_rejoins(
     pong = d.queen.run("ping", "--hive", HIVE, "-n", "2", timeout=30)
     assert pong.returncode == 0, pong.stderr
     assert d.pid("queen") == queen_pid and not wait_exit(queen_pid, 0)
+
+
+#: A stall of the hive twice as long as its queen and its workers used to allow (3.5 and 2.5
+#: intervals of 0.5 s): its queen finds it lost, its workers wait for it (WORKER_PATIENCE_S).
+STALL_S = 4.0
+
+
+def test_a_hive_stopped_for_seconds_comes_back_with_its_workers(daemons: Daemons) -> None:
+    d = daemons
+    spawned = d.result("worker", "spawn", "-m", MODEL)
+    hive_pid = d.pid("hive")
+    os.kill(hive_pid, signal.SIGSTOP)
+    try:
+        # The stall is the fault: it must last, and nothing else can make it.
+        assert not wait_exit(spawned["pid"], STALL_S), "the worker left its stalled hive"
+    finally:
+        os.kill(hive_pid, signal.SIGCONT)
+    d.wait_live(timeout=10)
+    after = d.result("infer", "-m", MODEL, "--max-tokens", "4", "Hello")
+    assert after["worker"] == spawned["id"]
+    assert [(w["pid"], w["state"]) for w in d.result("worker", "list")] == [
+        (spawned["pid"], "ready")
+    ]

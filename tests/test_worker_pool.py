@@ -300,6 +300,8 @@ async def test_worker_exits_by_itself_when_no_hive_comes(model: Path, short_dir:
         "cpu",
         "--heartbeat-s",
         "0.1",
+        "--patience-s",
+        "0.25",
     ]
     with trio.fail_after(20):
         result = await trio.run_process(argv, stdin=SECRET, capture_stderr=True, check=False)
@@ -317,7 +319,7 @@ async def test_worker_exits_by_itself_when_its_hive_falls_silent(
     argv = [
         sys.executable, "-m", "rbee_mesh.actors.worker", "--listen", endpoint,
         "--worker-id", "w-quiet", "--model", str(model), "--device", "cpu",
-        "--heartbeat-s", "0.1",
+        "--heartbeat-s", "0.1", "--patience-s", "0.25",
     ]  # fmt: skip
     async with trio.open_nursery() as nursery:
         done = trio.Event()

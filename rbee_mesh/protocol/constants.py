@@ -73,6 +73,12 @@ CLIENT_LOST_AFTER = 3
 #: Missed intervals after which a server gives up on a client and cancels its jobs: one fewer
 #: than the client's, so that by the time a client reports a job lost, its server has stopped it.
 SERVER_LOST_AFTER = CLIENT_LOST_AFTER - 1
+#: How long a worker waits for a silent hive (or one that never came) before it exits. A hive
+#: that dies takes its workers at once (PR_SET_PDEATHSIG); one that only stalls (a long pause,
+#: a stopped process, a starved machine) finds them there when it comes back, models loaded,
+#: and meanwhile cancels their jobs itself. The hive kills a worker silent for
+#: CLIENT_LOST_AFTER of its intervals, so a job it reports lost has stopped there.
+WORKER_PATIENCE_S = 30.0
 #: How long an actor that forwards a job one hop down (queen to hive, hive to worker) waits for
 #: it to be accepted. Past that the job counts as not started, and it is not: the SUBMIT's
 #: `accept_by` fell before, and the next hop refuses it if it arrives later (a cut link, a frozen

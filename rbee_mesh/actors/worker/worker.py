@@ -2,7 +2,8 @@
 
     python -m rbee_mesh.actors.worker --listen ENDPOINT --worker-id ID --model PATH
                                       --device DEVICE [--backend auto|llama-cpp|ctransformers]
-                                      [--slots N] [--hive-id ID] [--heartbeat-s 1.0]
+                                      [--slots N] [--hive-id ID] [--heartbeat-s 0.5]
+                                      [--patience-s 30]
 
 What it does, in order:
 
@@ -26,10 +27,10 @@ How it ends (the exit code is how the hive's pool tells these apart; see `Worker
 - 4 when this machine cannot load it now (out of memory, the backend not installed, the device
   missing): the reason likewise;
 - 2 for bad arguments (as argparse does) or no key on stdin: the reason likewise;
-- 3 when the hive has been silent for SERVER_LOST_AFTER heartbeat intervals (or never came).
+- 3 when the hive has been silent for WORKER_PATIENCE_S (30 s; `--patience-s`), or never came.
   The pool also makes the kernel SIGKILL a worker whose hive dies (PR_SET_PDEATHSIG); this
   covers a hive that hangs instead, and a worker started by hand. Either way a worker is never
-  left running without its hive.
+  left running without its hive; a hive that only stalls for a while keeps its workers.
 
 Running jobs end first (each within one token), for at most STOP_GRACE_S.
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -61,6 +63,8 @@ from rbee_mesh.protocol.constants import (
     MAX_SLOTS,
     MIN_CONTEXT_TOKENS,
     MIN_HEARTBEAT_S,
+    SERVER_LOST_AFTER,
+    WORKER_PATIENCE_S,
 )
 from rbee_mesh.protocol.fields import Spec, ident
 from rbee_mesh.protocol.operations import BACKEND, WORKER_DEVICE
@@ -103,6 +107,8 @@ class WorkerConfig:
     model: Path
     device: str
     heartbeat_s: float = HEARTBEAT_S
+    #: Seconds of its hive's silence (or absence) after which it exits.
+    patience_s: float = WORKER_PATIENCE_S
     backend: str = "auto"
     slots: int = 1
     #: Tokens of context per slot (None: the model's own, within a memory budget).
@@ -224,6 +230,9 @@ class Worker:
                     heartbeat_s=config.heartbeat_s,
                     max_running_jobs=self.slots,
                     shutdown_grace_s=STOP_GRACE_S,
+                    lost_after=max(
+                        SERVER_LOST_AFTER, math.ceil(config.patience_s / config.heartbeat_s)
+                    ),
                 ),
                 assigns_job_ids=False,
                 ready_info=self._ready_info,
@@ -370,6 +379,12 @@ def _parser() -> argparse.ArgumentParser:
         "--heartbeat-s",
         type=_number(float, MIN_HEARTBEAT_S, MAX_HEARTBEAT_S, "the heartbeat interval"),
         default=HEARTBEAT_S,
+    )
+    parser.add_argument(
+        "--patience-s",
+        type=_number(float, MIN_HEARTBEAT_S, 3_600.0, "the patience"),
+        default=WORKER_PATIENCE_S,
+        help="seconds of the hive's silence after which the worker exits",
     )
     return parser
 
