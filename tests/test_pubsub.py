@@ -420,3 +420,35 @@ async def test_publisher_replaces_a_stale_ipc_file_and_removes_its_own(tmp_path:
             await queen.connect(hive.endpoint)
             await publish_until_heard(hive, queen.receive, b"alive")
     assert not path.exists(), "a cleanly closed publisher removes its socket file"
+
+
+async def test_a_subscriber_that_sent_other_messages_first_still_hears_what_it_subscribed_to() -> (
+    None
+):
+    """A subscriber's other messages (not subscriptions) must not cost another subscriber its
+    subscription: in libzmq's manual mode they put the queue that pairs each subscription with
+    its connection out of step, and the subscription of one was applied to another."""
+    endpoint = f"inproc://{uuid.uuid4().hex[:12]}"
+    context = zmq.Context.instance()
+    chatty, quiet = context.socket(zmq.XSUB), context.socket(zmq.XSUB)
+    try:
+        with trio.fail_after(10):
+            async with await open_publisher(endpoint) as hive:
+                for sock in (chatty, quiet):
+                    sock.connect(endpoint)
+                chatty.send(b"not a subscription")
+                chatty.send(b"\x01")  # everything
+                quiet.send(b"\x01")
+                heard: dict[str, list[bytes]] = {}
+                n = 0
+                while len(heard) < 2:  # publish until both have heard (bounded above)
+                    hive.publish([b"beat", b"%d" % n])
+                    n += 1
+                    for name, sock in (("chatty", chatty), ("quiet", quiet)):
+                        if sock.poll(0):
+                            heard[name] = sock.recv_multipart()
+                    await trio.sleep(0.001)  # pacing: a thousand probes a second
+    finally:
+        chatty.close(linger=0)
+        quiet.close(linger=0)
+    assert heard["chatty"][0] == heard["quiet"][0] == b"beat"

@@ -71,10 +71,10 @@ megabytes of topics, and libzmq drops that peer's connection."""
 
 MAX_TOPIC_BYTES = 64 * 1_024
 """Bytes of topics one subscriber's key may send a publisher, in all. Ours send none: they
-subscribe to everything. libzmq keeps each topic a subscriber sends until its connection ends,
-even in manual mode (some 25 bytes of memory per byte of topic; 1,600 random topics of 1 KB took
-40 MiB), so a subscriber that sends many could grow the publisher without bound. Past this its
-key is refused by that publisher from then on, and its connection is cut."""
+subscribe to everything. libzmq keeps each topic a subscriber sends until its connection ends
+(some 25 bytes of memory per byte of topic; 1,600 random topics of 1 KB took 40 MiB), so a
+subscriber that sends many could grow the publisher without bound. Past this its key is refused
+by that publisher from then on, and its connection is cut."""
 
 _PUBSUB_KINDS = frozenset({zmq.PUB, zmq.SUB, zmq.XPUB, zmq.XSUB})
 
@@ -153,7 +153,8 @@ def make_socket(
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         if kind == zmq.XPUB:
-            sock.setsockopt(zmq.XPUB_MANUAL, 1)
+            # Every subscription is passed up (not only a topic's first), to be counted.
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         if isinstance(opts.curve, ServerKeys):
             apply_server(sock, opts.curve)

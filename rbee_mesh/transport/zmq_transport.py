@@ -153,18 +153,22 @@ class ZmqListener(_Bound, Listener):
 
 
 class ZmqPublisher(_Bound, Publisher):
-    """An XPUB socket bound to one endpoint, admitting subscriptions itself.
+    """An XPUB socket bound to one endpoint, counting what its subscribers subscribe to.
 
     libzmq's PUB never blocks and never reports a full pipe: at a subscriber's high-water mark
-    it drops the message for that subscriber, silently. A plain PUB also stores every topic any
-    peer subscribes to, of any size and number (two 12 MiB subscriptions took a hive from 474 MB
-    to 1.2 GB); this one runs in manual mode (XPUB_MANUAL) and admits only the subscription to
-    everything, the one our subscribers make, once per subscriber. Subscriptions are read before
-    each publish, so a new subscriber hears the next message; a message over
-    MAX_SUBSCRIPTION_BYTES drops its sender's connection. libzmq still keeps each topic until its
-    subscriber's connection ends: a key that sends more than MAX_TOPIC_BYTES of topics is refused
-    from then on, and every connection is cut (libzmq cannot cut one) by unbinding and binding
-    again; the others connect again within their reconnect interval and subscribe again.
+    it drops the message for that subscriber, silently. It also stores every topic any peer
+    subscribes to, of any size and number (two 12 MiB subscriptions took a hive from 474 MB to
+    1.2 GB): a message over MAX_SUBSCRIPTION_BYTES drops its sender's connection, and the
+    subscriptions, each passed up (XPUB_VERBOSE), are read and counted by the key that sent them
+    before each publish (so a new subscriber also hears the next message): a key that sends more
+    than MAX_TOPIC_BYTES of topics (ours send none: they subscribe to everything) is refused from
+    then on, and every connection is cut (libzmq cannot cut one) by unbinding and binding again;
+    the others connect again within their reconnect interval and subscribe again.
+
+    Not manual mode (XPUB_MANUAL), where the publisher would admit subscriptions itself: there
+    libzmq pairs each subscription with its connection through a queue that other messages from
+    subscribers put out of step, and a subscriber's "everything" could be applied to another
+    connection (a fuzz found subscribers that never heard a heartbeat).
     """
 
     def __init__(
@@ -212,24 +216,17 @@ class ZmqPublisher(_Bound, Publisher):
             raise TransportError(f"publish on {self.endpoint} failed: {exc.strerror}") from exc
 
     def _admit_subscriptions(self, sock: zmq.Socket[bytes]) -> str | None:
-        """Read the subscriptions waiting on the XPUB_MANUAL socket and admit the empty topic
-        only; count the bytes of the other topics by the key of the subscriber that sent them
-        ("" for one without a key). Returns the first key past MAX_TOPIC_BYTES, at once: libzmq
-        takes in more of the waiting messages (and keeps their topics) on every call.
-
-        In manual mode, SUBSCRIBE applies to the subscriber whose message was read last.
-        """
+        """Read what subscribers sent (libzmq has applied their subscriptions) and count the
+        bytes of topics by the key of the subscriber that sent them ("" for one without a key).
+        Returns the first key past MAX_TOPIC_BYTES, at once: libzmq takes in more of the
+        waiting messages (and keeps their topics) on every call."""
         for _ in range(_SUBSCRIPTIONS_PER_PUBLISH):
             try:
                 frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return None
             message = frame.bytes
-            if message == _SUBSCRIBE_ALL:
-                sock.setsockopt(zmq.SUBSCRIBE, b"")
-            elif message == _UNSUBSCRIBE_ALL:
-                sock.setsockopt(zmq.UNSUBSCRIBE, b"")
-            elif message[:1] == _SUBSCRIBE_ALL:
+            if len(message) > 1 and message[:1] == _SUBSCRIBE_ALL:
                 try:
                     key = str(frame.get("User-Id"))
                 except zmq.ZMQError:  # no CURVE (inproc)
@@ -283,7 +280,6 @@ class _Refusing:
 
 
 _SUBSCRIBE_ALL = b"\x01"
-_UNSUBSCRIBE_ALL = b"\x00"
 _SUBSCRIPTIONS_PER_PUBLISH = 10_000
 """At most this many subscription messages are read per publish (~1 us each): a peer that sends
 more waits for the next publish, on its own connection (libzmq's pipe holds RCVHWM)."""
