@@ -206,7 +206,7 @@ class ZmqPublisher(_Bound, Publisher):
         try:
             if self._unbound:
                 self._sock.call_sync(self._bind_again)
-            flooding = self._sock.call_sync(self._admit_subscriptions)
+            flooding = self._sock.call_sync(self._count_subscriptions)
             if flooding is not None:
                 self._cut_off(flooding)
             self._sock.send_multipart_nowait(frames)
@@ -215,7 +215,7 @@ class ZmqPublisher(_Bound, Publisher):
         except zmq.ZMQError as exc:
             raise TransportError(f"publish on {self.endpoint} failed: {exc.strerror}") from exc
 
-    def _admit_subscriptions(self, sock: zmq.Socket[bytes]) -> str | None:
+    def _count_subscriptions(self, sock: zmq.Socket[bytes]) -> str | None:
         """Read what subscribers sent (libzmq has applied their subscriptions) and count the
         bytes of topics by the key of the subscriber that sent them ("" for one without a key).
         Returns the first key past MAX_TOPIC_BYTES, at once: libzmq takes in more of the
@@ -226,7 +226,7 @@ class ZmqPublisher(_Bound, Publisher):
             except zmq.Again:
                 return None
             message = frame.bytes
-            if len(message) > 1 and message[:1] == _SUBSCRIBE_ALL:
+            if len(message) > 1 and message[:1] == _SUBSCRIBE:
                 try:
                     key = str(frame.get("User-Id"))
                 except zmq.ZMQError:  # no CURVE (inproc)
@@ -279,7 +279,7 @@ class _Refusing:
         return key not in self.refused and self.admission.admits(key)
 
 
-_SUBSCRIBE_ALL = b"\x01"
+_SUBSCRIBE = b"\x01"
 _SUBSCRIPTIONS_PER_PUBLISH = 10_000
 """At most this many subscription messages are read per publish (~1 us each): a peer that sends
 more waits for the next publish, on its own connection (libzmq's pipe holds RCVHWM)."""
