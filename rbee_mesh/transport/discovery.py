@@ -48,6 +48,16 @@ from rbee_mesh.transport.curve import check_key, fingerprint
 
 log = logging.getLogger("rbee_mesh.transport.discovery")
 
+
+def remember(table: dict[str, HiveAnnouncement], key: str, ann: HiveAnnouncement) -> None:
+    """Keep `ann` in `table` as its newest entry. Announcements are not authenticated (anyone on
+    the LAN can make up thousands): past MAX_ANNOUNCED_HIVES the oldest is forgotten."""
+    table.pop(key, None)
+    table[key] = ann
+    while len(table) > MAX_ANNOUNCED_HIVES:
+        del table[next(iter(table))]
+
+
 SERVICE_TYPE = "_rbee-hive._tcp.local."
 
 #: How long a browser waits for a service's records that did not arrive with its announcement.
@@ -247,10 +257,7 @@ class _Listener:
             return
         if self._known.get(name) == ann:
             return
-        self._known.pop(name, None)
-        self._known[name] = ann
-        while len(self._known) > MAX_ANNOUNCED_HIVES:  # the oldest: its goodbye is not heard
-            del self._known[next(iter(self._known))]
+        remember(self._known, name, ann)  # the oldest forgotten: its goodbye is not heard
         if not protocol_compatible(ann):
             log.warning(
                 "hive %s speaks protocol %d; this build speaks %d",

@@ -51,7 +51,7 @@ from rbee_mesh.protocol import (
     outcome,
 )
 from rbee_mesh.protocol import operations as ops
-from rbee_mesh.protocol.constants import MAX_ANNOUNCED_HIVES, MAX_JOBS_PER_KEEPER
+from rbee_mesh.protocol.constants import MAX_JOBS_PER_KEEPER
 from rbee_mesh.transport import Listener, Subscriber, parse_endpoint
 from rbee_mesh.transport.curve import ClientKeys, fingerprint
 from rbee_mesh.transport.discovery import (
@@ -62,6 +62,7 @@ from rbee_mesh.transport.discovery import (
     browsing,
     machine_ipv4_addresses,
     protocol_compatible,
+    remember,
 )
 
 log = logging.getLogger("rbee_mesh.queen")
@@ -198,7 +199,7 @@ class Queen:
 
     async def _found(self, ann: HiveAnnouncement) -> None:
         if not protocol_compatible(ann):
-            _remember(self.incompatible, ann)
+            remember(self.incompatible, ann.hive_id, ann)
             log.warning(
                 "hive %s at %s speaks protocol %d, this queen %d: not linked",
                 ann.hive_id,
@@ -211,7 +212,7 @@ class Queen:
         if self.trust.role_of(ann.key) not in (Role.HIVE, Role.OWNER):
             if ann.hive_id not in self.pending:
                 log.warning("%s", self._pending_note(ann))
-            _remember(self.pending, ann)
+            remember(self.pending, ann.hive_id, ann)
             return
         self.pending.pop(ann.hive_id, None)
         for link in list(self.hives.links):
@@ -695,15 +696,6 @@ class Queen:
         entry = self.trust.find(who, role)
         self.trust.untrust(entry)
         return entry
-
-
-def _remember(table: dict[str, HiveAnnouncement], ann: HiveAnnouncement) -> None:
-    """Keep `ann` in `table` as its newest entry. Announcements are not authenticated (anyone on
-    the LAN can make up thousands): past MAX_ANNOUNCED_HIVES the oldest is forgotten."""
-    table.pop(ann.hive_id, None)
-    table[ann.hive_id] = ann
-    while len(table) > MAX_ANNOUNCED_HIVES:
-        del table[next(iter(table))]
 
 
 def _timed(result: Any, job: ServerJob, placed: float) -> Any:
