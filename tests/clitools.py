@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -60,3 +61,30 @@ def free_port() -> int:
 
 def json_events(stdout: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in stdout.splitlines()]
+
+
+def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM (after SIGCONT: it may have been stopped), then SIGKILL if it is not gone in 15 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """A process's resident memory now (VmRSS) and at its most (VmHWM), in bytes, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def open_files(pid: int) -> int:
+    """How many file descriptors a process holds, from /proc."""
+    return len(os.listdir(f"/proc/{pid}/fd"))

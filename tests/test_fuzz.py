@@ -205,11 +205,10 @@ class Held:
 
 
 def held(mesh: Mesh, pid: int) -> Held:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    rss = clitools.memory_of(pid)["VmRSS"]
     log = mesh.log(pid).read_bytes()
     lines = log.count(b"\n") - len(JOB_ENDED.findall(log))
-    return Held(rss, len(os.listdir(f"/proc/{pid}/fd")), lines)
+    return Held(rss, clitools.open_files(pid), lines)
 
 
 def alive(pid: int) -> bool:

@@ -95,32 +95,18 @@ class QueenProcess:
             await trio.sleep(0.05)
         assert json.loads(info.read_text())["pid"] == self.process.pid
 
-    def _status(self) -> dict[str, int]:
-        fields = {}
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                fields[name] = int(value.split()[0]) * 1024
-        return fields
-
     def rss_bytes(self) -> int:
-        return self._status()["VmRSS"]
+        return clitools.memory_of(self.process.pid)["VmRSS"]
 
     def peak_rss_bytes(self) -> int:
         """The most memory it has held resident since it started (the kernel's high-water)."""
-        return self._status()["VmHWM"]
+        return clitools.memory_of(self.process.pid)["VmHWM"]
 
     def open_files(self) -> int:
-        return len(list(Path(f"/proc/{self.process.pid}/fd").iterdir()))
+        return clitools.open_files(self.process.pid)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        clitools.stop_process(self.process)
 
 
 @pytest.fixture
