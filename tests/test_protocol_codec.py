@@ -27,6 +27,7 @@ from rbee_mesh.protocol import (
     MESSAGE_TYPES,
     OPERATIONS,
     PROTOCOL_VERSION,
+    Batch,
     Data,
     Done,
     ErrorCode,
@@ -46,9 +47,11 @@ from rbee_mesh.protocol import (
     decode_heartbeat,
     decode_state,
     encode,
+    encode_batch,
     peek_route,
 )
 from rbee_mesh.protocol import fields as F
+from rbee_mesh.protocol.constants import MAX_BATCH
 from rbee_mesh.protocol.messages import _OperationSpec
 
 ROUND_TRIP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -139,7 +142,17 @@ def operation_strategy(cls: type[Operation]) -> st.SearchStrategy[Operation]:
 
 @functools.cache
 def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
+    if cls is Batch:  # its frames are of its own job
+        return JOB_ID.flatmap(_batch_of_job)
     return st.builds(cls, **_field_strategies(cls))
+
+
+def _batch_of_job(job_id: str) -> st.SearchStrategy[Message]:
+    frame = (message_strategy(Narration) | message_strategy(Data)).map(
+        lambda message: dataclasses.replace(message, job_id=job_id)
+    )
+    frames = st.lists(frame, min_size=1, max_size=MAX_BATCH).map(tuple)
+    return st.builds(Batch, job_id=st.just(job_id), messages=frames)
 
 
 def any_message() -> st.SearchStrategy[Message]:
@@ -506,6 +519,44 @@ def test_decode_names_an_unknown_field() -> None:
 def test_decode_names_a_missing_field() -> None:
     exc = refusal(frames_for(Kind.TOKEN, {"text": "hello"}))
     assert "seq" in exc.message
+
+
+_PONG = {"actor": "hive", "action": "pong", "human": "pong"}
+
+
+@pytest.mark.parametrize(
+    ("items", "words"),
+    [
+        ([], "1 to 256 frames"),
+        ([[int(Kind.NARRATION), _PONG]] * (MAX_BATCH + 1), "1 to 256 frames"),
+        ([[int(Kind.TOKEN), {"seq": 0, "text": "x"}]], "NARRATION or DATA"),
+        ([[int(Kind.DONE), {"result": None}]], "NARRATION or DATA"),
+        ([[[3], _PONG]], "NARRATION or DATA"),
+        ([[int(Kind.NARRATION)]], "NARRATION or DATA"),
+        ([[int(Kind.NARRATION), _PONG], [int(Kind.NARRATION), {**_PONG, "level": "loud"}]],
+         "messages[1] (NARRATION): level"),
+        ([[int(Kind.DATA), {"record": {}, "extra": 1}]], "unknown field(s): extra"),
+    ],
+)  # fmt: skip
+def test_decode_refuses_a_batch_naming_what_is_wrong(items: list[Any], words: str) -> None:
+    assert words in refusal(frames_for(Kind.BATCH, {"messages": items})).message
+
+
+def test_a_batch_joined_from_encoded_frames_decodes_to_them_in_order() -> None:
+    said = [
+        Narration(job_id="job-1", actor="hive", action="pong", human=f"pong {i}") for i in range(3)
+    ]
+    said.insert(1, Data(job_id="job-1", record={"done": 1}))
+    frames = encode_batch("job-1", [(m.KIND, encode(m)[3]) for m in said])
+    batch = decode(frames)
+    assert isinstance(batch, Batch) and list(batch.messages) == said
+    assert encode(batch) == frames
+
+
+def test_a_batch_refuses_a_frame_of_another_job() -> None:
+    other = Narration(job_id="job-2", actor="hive", action="pong", human="pong")
+    with pytest.raises(ProtocolError, match="of another job"):
+        Batch(job_id="job-1", messages=(other,))
 
 
 def test_decode_names_an_unknown_operation() -> None:

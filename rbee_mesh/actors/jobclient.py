@@ -43,6 +43,7 @@ from rbee_mesh.protocol import (
     TERMINAL_KINDS,
     Accepted,
     Actor,
+    Batch,
     Cancel,
     Disconnect,
     Error,
@@ -135,6 +136,8 @@ class ClientJob:
         self._answered = trio.Event()
         self._fell_behind = False
         self._send, self._receive = trio.open_memory_channel[Message](buffer)
+        #: Frames of a BATCH not read yet (a BATCH is delivered whole, and read frame by frame).
+        self._unread: deque[Message] = deque()
 
     async def _deliver(self, message: Message) -> None:
         if isinstance(message, Accepted):
@@ -158,10 +161,17 @@ class ClientJob:
         return self
 
     async def __anext__(self) -> Message:
+        if self._unread:  # the rest of a BATCH: no task switch per frame
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return self._unread.popleft()
         try:
-            return await self._receive.receive()
+            message = await self._receive.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+        if isinstance(message, Batch):
+            self._unread.extend(message.messages)
+            return self._unread.popleft()
+        return message
 
     async def end(self) -> Message:
         """Wait for the job's terminal frame (passing over what else is delivered)."""

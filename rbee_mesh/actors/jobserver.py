@@ -74,11 +74,15 @@ from rbee_mesh.protocol import (
     TooLarge,
     decode,
     encode,
+    encode_batch,
 )
 from rbee_mesh.protocol.codec import HEADER
 from rbee_mesh.protocol.constants import (
+    BATCH_BYTES,
+    COALESCE_S,
     FINISHED_JOBS_KEPT,
     HEARTBEAT_S,
+    MAX_BATCH,
     MAX_CONNECTIONS_PER_KEY,
     MAX_DEADLINE_S,
     MIN_HEARTBEAT_S,
@@ -88,6 +92,9 @@ from rbee_mesh.protocol.messages import sentence
 from rbee_mesh.transport import Listener, PeerBusy, PeerUnreachable, TransportClosed
 
 log = logging.getLogger("rbee_mesh.jobs")
+
+#: The frames a job's emit may hold to send as one BATCH.
+_COALESCED = frozenset({Kind.NARRATION, Kind.DATA})
 
 #: Connections dropped (and so fenced), remembered so that their late frames are refused (a
 #: bounded memory: the oldest are forgotten).
@@ -242,6 +249,11 @@ class ServerJob:
     keep: bool = False
     #: Its frames, for watchers (a server whose history keeps records).
     record: JobRecord | None = None
+    #: NARRATION and DATA frames held to go as one BATCH, as (kind, body), and their bytes.
+    held: list[tuple[Kind, bytes]] = field(default_factory=list)
+    held_bytes: int = 0
+    #: When it last sent a streamed frame (trio's clock).
+    sent_at: float = -math.inf
 
     @property
     def state(self) -> JobState:
@@ -254,19 +266,53 @@ class ServerJob:
 
     def emit(self, message: Message) -> None:
         """Send a NARRATION, DATA or TOKEN frame of this job to its submitter, if still running.
+        A NARRATION or DATA within COALESCE_S of the job's last frame is held, to go with those
+        that follow it as one BATCH (`flush`).
 
         Raises TooLarge if the frame is over the size limit (the job then ends with it)."""
-        self.relay(encode(message), message.KIND)
+        frames = encode(message)
+        body = frames[3]
+        if (
+            message.KIND in _COALESCED
+            and (self.held or trio.current_time() - self.sent_at < COALESCE_S)
+            and len(body) <= BATCH_BYTES
+            and self.lifecycle.streaming
+        ):
+            if len(self.held) == MAX_BATCH or self.held_bytes + len(body) > BATCH_BYTES:
+                self.flush()
+            if not self.held:
+                self.peer.server._flush_at(self, self.sent_at + COALESCE_S)
+            self.held.append((message.KIND, body))
+            self.held_bytes += len(body)
+            return
+        self.relay(frames, message.KIND)
 
     def relay(self, frames: Sequence[bytes], kind: Kind) -> None:
-        """Pass a NARRATION, DATA or TOKEN frame of this job (from an actor it was forwarded
-        to) on, unopened; dropped once the job has ended."""
+        """Pass a NARRATION, DATA, TOKEN or BATCH frame of this job (from an actor it was
+        forwarded to) on, unopened, after what is held; dropped once the job has ended."""
         if kind in STREAMED and self.lifecycle.streaming:
+            self.flush()
             if kind is Kind.TOKEN and self.first_token is None:
                 self.first_token = time.time()
-            self.peer.server._send_frames(self.peer, frames)
-            if self.record is not None:
-                self.record.append(kind, frames[3])
+            self._send(frames, kind)
+
+    def flush(self) -> None:
+        """Send the frames held (one alone, several as a BATCH)."""
+        if not self.held:
+            return
+        held, self.held, self.held_bytes = self.held, [], 0
+        self.peer.server._flushes.pop(self, None)
+        if len(held) == 1:
+            kind, body = held[0]
+            self._send([HEADER, bytes([kind]), self.id.encode("ascii"), body], kind)
+        else:
+            self._send(encode_batch(self.id, held), Kind.BATCH)
+
+    def _send(self, frames: Sequence[bytes], kind: Kind) -> None:
+        self.sent_at = trio.current_time()
+        self.peer.server._send_frames(self.peer, frames)
+        if self.record is not None:
+            self.record.append(kind, frames[3])
 
     def summary(self) -> dict[str, Any]:
         end = self.ended if self.ended is not None else time.time()
@@ -352,6 +398,10 @@ class JobServer:
         self._peer_lines = _LineBudget(
             self.config.peer_lines_logged, self.config.peer_lines_window_s
         )
+        #: Jobs holding frames, and when each sends them; the flusher sleeps in the scope
+        #: until the first of them.
+        self._flushes: dict[ServerJob, float] = {}
+        self._flush_wait = trio.CancelScope()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -363,6 +413,7 @@ class JobServer:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self.schedule.run)
+                nursery.start_soon(self._flusher)
                 log.info("%s serving on %s", self.name, self.listener.endpoint)
                 task_status.started()
             # Let each peer's last frames go out, but never wait on a stalled one for long.
@@ -462,6 +513,21 @@ class JobServer:
                     record.watchers.remove(relay)
         assert record.terminal is not None
         return Ending(record.terminal)
+
+    def _flush_at(self, job: ServerJob, when: float) -> None:
+        self._flushes[job] = when
+        self._flush_wait.deadline = min(self._flush_wait.deadline, when)
+
+    async def _flusher(self) -> None:
+        """Sends each job's held frames when they are due (a job's next frame, or its end,
+        sends them sooner)."""
+        while True:
+            with trio.CancelScope(deadline=min(self._flushes.values(), default=math.inf)) as wait:
+                self._flush_wait = wait
+                await trio.sleep_forever()
+            now = trio.current_time()
+            for job in [job for job, when in self._flushes.items() if when <= now]:
+                job.flush()
 
     # ---- receiving ---------------------------------------------------------------------------
 
@@ -865,6 +931,7 @@ class JobServer:
         except ProtocolError as exc:
             terminal = self._unsendable(job, exc)
             frames = encode(terminal)
+        job.flush()
         job.ended = time.time()
         job.lifecycle.send(terminal.KIND)
         if isinstance(terminal, Error):

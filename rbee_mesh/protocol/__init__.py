@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         decode_heartbeat,
         decode_state,
         encode,
+        encode_batch,
         peek_route,
     )
     from rbee_mesh.protocol.jobs import STREAMED, JobLifecycle, JobState, outcome
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         MESSAGE_TYPES,
         TERMINAL_KINDS,
         Accepted,
+        Batch,
         Cancel,
         Cancelled,
         Data,
@@ -85,6 +87,7 @@ __all__ = [
     "TERMINAL_KINDS",
     "Accepted",
     "Actor",
+    "Batch",
     "Cancel",
     "Cancelled",
     "Data",
@@ -133,6 +136,7 @@ __all__ = [
     "decode_heartbeat",
     "decode_state",
     "encode",
+    "encode_batch",
     "outcome",
     "peek_route",
 ]

@@ -12,8 +12,9 @@ A message is four frames: ``[header, kind, job_id, body]``.
 most a few milliseconds whatever they are. `encode` raises `LocalProtocolError` (`TooLarge` for a
 body over the limit): what this process cannot send is its own problem, never a peer's.
 `peek_route` reads only the first three frames, for relays that forward a body they never
-unpack. `decode_heartbeat` leaves a heartbeat's state packed, for a receiver of many heartbeats
-that reads few states; `decode_state` finishes the job, with the same checks as `decode`.
+unpack. `encode_batch` joins frames already encoded into one BATCH, without packing them again.
+`decode_heartbeat` leaves a heartbeat's state packed, for a receiver of many heartbeats that
+reads few states; `decode_state` finishes the job, with the same checks as `decode`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,23 @@ def encode(message: Message) -> list[bytes]:
             f"{message.KIND.name} body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}"
         )
     return [HEADER, bytes([message.KIND]), message.job_id.encode("ascii"), body]
+
+
+def encode_batch(job_id: str, frames: Sequence[tuple[Kind, bytes]]) -> list[bytes]:
+    """One BATCH of a job's NARRATION and DATA frames, given as (kind, body) as `encode` made
+    them: at most MAX_BATCH of them, their bodies at most BATCH_BYTES in all (the sender's
+    duty: both keep a BATCH within what a receiver decodes at once)."""
+    packer = msgpack.Packer()
+    parts = [_BATCH_HEAD, packer.pack_array_header(len(frames))]
+    for kind, body in frames:
+        parts += (_PAIR_HEAD, packer.pack(int(kind)), body)
+    return [HEADER, _BATCH_KIND, job_id.encode("ascii"), b"".join(parts)]
+
+
+#: A BATCH body is {"messages": [[kind, body], ...]}: its start, and each pair's.
+_BATCH_HEAD = msgpack.packb({"messages": 0})[:-1]
+_PAIR_HEAD = msgpack.Packer().pack_array_header(2)
+_BATCH_KIND = bytes([Kind.BATCH])
 
 
 def peek_route(frames: Sequence[bytes]) -> tuple[Kind, str]:

@@ -11,7 +11,8 @@ MAGIC = b"RBEE"
 #: 2: SUBMIT carries `accept_by`, ERROR carries `started`, READY carries a client's session.
 #: 3: every socket beyond a process is CURVE; the FORBIDDEN error code; trust operations.
 #: 4: SUBMIT carries `keep`; the job_watch operation.
-PROTOCOL_VERSION = 4
+#: 5: BATCH: a job's narration and data records, coalesced.
+PROTOCOL_VERSION = 5
 
 # ---- well-known ports ---------------------------------------------------------------------------
 
@@ -50,6 +51,14 @@ MAX_BODY_VALUES = 32_768
 MAX_SENTENCE = 8_192
 #: How deep free-form values (results, records, heartbeat state) may nest.
 MAX_VALUE_DEPTH = 16
+#: A job's NARRATION and DATA frames that come within this long of its last streamed frame are
+#: held, and go together as one BATCH frame when it has passed (or before any other frame of the
+#: job): per-frame costs are paid once per burst, and a lone frame is never held.
+COALESCE_S = 0.001
+#: The frames one BATCH holds, and the bytes of their bodies. A body of n bytes holds at most n
+#: values, so a BATCH is always far within MAX_BODY_VALUES; a frame bigger than this goes alone.
+MAX_BATCH = 256
+BATCH_BYTES = 16 * 1024
 
 # ---- liveness -----------------------------------------------------------------------------------
 

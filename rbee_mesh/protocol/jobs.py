@@ -1,6 +1,7 @@
 """The job lifecycle: the one place that knows a job's states and which frame may follow which.
 
-A job is SUBMITTED, then ACCEPTED, then streams NARRATION / DATA / TOKEN frames, then ends with
+A job is SUBMITTED, then ACCEPTED, then streams NARRATION / DATA / TOKEN frames (NARRATION and
+DATA also coalesced into BATCH frames), then ends with
 exactly one terminal frame: DONE, ERROR or CANCELLED. A submission can also be refused before it
 becomes a job (an ERROR with the SUBMIT's `ref`).
 
@@ -43,7 +44,7 @@ class JobState(StrEnum):
 
 #: The frames of a running job that stream to its submitter, between ACCEPTED and the end (a
 #: relay passes them on unopened).
-STREAMED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN})
+STREAMED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN, Kind.BATCH})
 
 #: The frames a server sends about one job, by the job's state: (state, frame) -> next state.
 TRANSITIONS: dict[tuple[JobState, Kind], JobState] = {
@@ -53,6 +54,7 @@ TRANSITIONS: dict[tuple[JobState, Kind], JobState] = {
     (JobState.RUNNING, Kind.NARRATION): JobState.RUNNING,
     (JobState.RUNNING, Kind.DATA): JobState.RUNNING,
     (JobState.RUNNING, Kind.TOKEN): JobState.RUNNING,
+    (JobState.RUNNING, Kind.BATCH): JobState.RUNNING,
     (JobState.RUNNING, Kind.DONE): JobState.DONE,
     (JobState.RUNNING, Kind.ERROR): JobState.FAILED,
     (JobState.RUNNING, Kind.CANCELLED): JobState.CANCELLED,
@@ -82,8 +84,8 @@ class JobLifecycle:
 
     @property
     def streaming(self) -> bool:
-        """Whether a streamed frame (NARRATION, DATA, TOKEN) may follow now; one never changes
-        the state. (Every relayed frame asks this: a set lookup, not the table's.)"""
+        """Whether a streamed frame (NARRATION, DATA, TOKEN, BATCH) may follow now; one never
+        changes the state. (Every relayed frame asks this: a set lookup, not the table's.)"""
         return self.state in _STREAMING
 
     def send(self, kind: Kind) -> JobState:

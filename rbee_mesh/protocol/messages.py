@@ -12,6 +12,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
 from rbee_mesh.protocol.constants import (
+    MAX_BATCH,
     MAX_DEADLINE_S,
     MAX_HEARTBEAT_S,
     MAX_JOB_ID,
@@ -52,6 +53,7 @@ class Kind(IntEnum):
     HEARTBEAT = 10
     READY = 11
     DISCONNECT = 12
+    BATCH = 13
 
 
 class Level(StrEnum):
@@ -176,6 +178,57 @@ class Data(Message):
     record: dict[str, Any] = spec(Value(mapping=True))
 
 
+class _Batched(Spec):
+    """The frames of a BATCH: NARRATION and DATA messages in memory; on the wire, a list of
+    [kind, body] pairs (turned into messages by the BATCH, which knows their job)."""
+
+    def load(self, name: str, value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"{name} must be a list, got {type(value).__name__}")
+        if not 1 <= len(value) <= MAX_BATCH:
+            raise ProtocolError(f"{name} must hold 1 to {MAX_BATCH} frames, got {len(value)}")
+        for i, item in enumerate(value):
+            if isinstance(item, Narration | Data):
+                continue
+            pair = isinstance(item, list | tuple) and len(item) == 2
+            if not (pair and type(item[0]) is int and item[0] in _BATCHED):
+                raise ProtocolError(f"{name}[{i}] must be a NARRATION or DATA as [kind, body]")
+        return tuple(value)
+
+    def dump(self, value: Any) -> Any:
+        return [[int(m.KIND), m.to_wire()] for m in value]
+
+
+@dataclass(frozen=True)
+class Batch(Message):
+    """Several NARRATION and DATA frames of one job, in order, as one frame: what a job says
+    faster than COALESCE_S apart travels so (docs/protocol.md, "Coalescing"). A receiver hands
+    on its `messages` one by one; nothing reads a BATCH as such."""
+
+    KIND = Kind.BATCH
+    messages: tuple[Narration | Data, ...] = spec(_Batched())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        messages = []
+        items: tuple[Any, ...] = self.messages  # as they came: messages, or [kind, body] pairs
+        for i, item in enumerate(items):
+            if isinstance(item, Message):
+                if item.job_id != self.job_id:
+                    raise ProtocolError(f"BATCH: messages[{i}] is of another job")
+                messages.append(item)
+                continue
+            cls = _BATCHED[item[0]]
+            what = f"BATCH messages[{i}] ({cls.KIND.name})"
+            try:
+                messages.append(cls.from_wire(item[1], what, job_id=self.job_id))
+            except ProtocolError as exc:
+                if exc.message.startswith(what):
+                    raise
+                raise ProtocolError(f"{what}: {exc.message}") from None
+        object.__setattr__(self, "messages", tuple(messages))
+
+
 @dataclass(frozen=True)
 class Token(Message):
     """Generated text. `seq` is the index of the first token in `text`; `count` how many it holds.
@@ -269,5 +322,8 @@ class Disconnect(Message):
 
 #: Every message kind's class, by kind.
 MESSAGE_TYPES: dict[Kind, type[Message]] = {cls.KIND: cls for cls in Message.__subclasses__()}
+
+#: The kinds a BATCH holds, by their byte.
+_BATCHED: dict[int, type[Narration | Data]] = {Kind.NARRATION: Narration, Kind.DATA: Data}
 
 TERMINAL_KINDS = frozenset({Kind.DONE, Kind.ERROR, Kind.CANCELLED})
