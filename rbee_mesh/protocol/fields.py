@@ -10,9 +10,10 @@ message that exists is a message that is valid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Self, TypeVar
@@ -44,6 +45,15 @@ class Text(Spec):
     hint: str = ""
 
     def load(self, name: str, value: Any) -> str:
+        # The common case in one expression (a hot path: every text field of every frame); the
+        # checks below say what is wrong with anything else.
+        if (
+            type(value) is str
+            and self.min_len <= len(value) <= self.max_len
+            and value.isascii()
+            and (self.pattern is None or not value or self.pattern.fullmatch(value))
+        ):
+            return value
         if not isinstance(value, str):
             raise ProtocolError(f"{name} must be a string, got {_type_name(value)}")
         if not self.min_len <= len(value) <= self.max_len:
@@ -91,6 +101,12 @@ class Float(Spec):
     open_lo: bool = False
 
     def load(self, name: str, value: Any) -> float:
+        if (  # the common case (NaN and the infinities fail it)
+            type(value) is float
+            and (self.lo < value if self.open_lo else self.lo <= value)
+            and value <= self.hi
+        ):
+            return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ProtocolError(f"{name} must be a number, got {_type_name(value)}")
         try:
@@ -128,18 +144,21 @@ class OneOf(Spec):
     def load(self, name: str, value: Any) -> Enum:
         if isinstance(value, self.enum):
             return value
-        # Only strings reach the Enum lookup: its own error message repr()s the value, and the
-        # repr of a deeply nested list off the wire raises RecursionError.
+        # Only strings are looked up: a list off the wire is not hashable.
         if isinstance(value, str):
-            try:
-                return self.enum(value)
-            except ValueError:
-                pass
+            member = self._members.get(value)
+            if member is not None:
+                return member
         choices = ", ".join(str(m.value) for m in self.enum)
         raise ProtocolError(f"{name} must be one of {choices}; got {_brief(value)}")
 
     def dump(self, value: Any) -> Any:
         return value.value
+
+    @functools.cached_property
+    def _members(self) -> dict[str, Enum]:
+        """The members by their values (a dict lookup, where `enum(value)` costs a microsecond)."""
+        return {member.value: member for member in self.enum}
 
 
 @dataclass(frozen=True)
@@ -375,10 +394,15 @@ class _FieldSpec:
     spec: Spec
     required: bool
     on_wire: bool
+    #: `spec.load`, bound once.
+    load: Callable[[str, Any], Any]
+    #: `spec.dump`, or None where it gives the value unchanged.
+    dump: Callable[[Any], Any] | None
 
 
 _FIELD_SPECS: dict[type, tuple[_FieldSpec, ...]] = {}
 _WIRE_SHAPES: dict[type, tuple[frozenset[str], tuple[str, ...]]] = {}
+_WIRE_FIELDS: dict[type, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
 
 
 def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
@@ -393,11 +417,43 @@ def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
             spec=f.metadata["spec"],
             required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
             on_wire=f.name not in exclude,
+            load=f.metadata["spec"].load,
+            dump=None if type(f.metadata["spec"]).dump is Spec.dump else f.metadata["spec"].dump,
         )
         for f in dataclasses.fields(cls)
         if "spec" in f.metadata
     )
     return specs
+
+
+_DEFAULTS: dict[type, tuple[tuple[tuple[str, Any, Callable[[], Any] | None], ...], int]] = {}
+
+
+def _defaults(cls: type) -> tuple[tuple[tuple[str, Any, Callable[[], Any] | None], ...], int]:
+    """A class's fields that have defaults, as (name, default, factory or None), and how many
+    fields it has in all."""
+    cached = _DEFAULTS.get(cls)
+    if cached is None:
+        fields = dataclasses.fields(cls)
+        defaults = tuple(
+            (
+                f.name,
+                f.default,
+                None if f.default_factory is dataclasses.MISSING else f.default_factory,
+            )
+            for f in fields
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        cached = _DEFAULTS[cls] = (defaults, len(fields))
+    return cached
+
+
+def _wire_fields(cls: type) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """The fields a class puts on the wire, each with its dump (None: the value as it is)."""
+    fields = _WIRE_FIELDS.get(cls)
+    if fields is None:
+        fields = _WIRE_FIELDS[cls] = tuple((f.name, f.dump) for f in _field_specs(cls) if f.on_wire)
+    return fields
 
 
 def check_field(cls: type, field: str, value: Any, *, name: str = "") -> Any:
@@ -428,8 +484,11 @@ class Validated:
     WIRE_EXCLUDE: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
+        # Straight into the instance's dict: a frozen dataclass's fields live there, and
+        # object.__setattr__ per field costs a third of a message's construction.
+        values = self.__dict__
         for f in _field_specs(type(self)):
-            object.__setattr__(self, f.name, f.spec.load(f.name, getattr(self, f.name)))
+            values[f.name] = f.load(f.name, values[f.name])
 
     @classmethod
     def from_wire(cls, body: Any, what: str, **extra: Any) -> Self:
@@ -443,16 +502,29 @@ class Validated:
         missing = [name for name in required if name not in body]
         if missing:
             raise ProtocolError(f"{what} is missing field(s): {', '.join(missing)}")
-        try:
-            return cls(**body, **extra)
-        except TypeError as exc:  # a field name the dataclass refuses despite the checks above
-            raise ProtocolError(f"{what}: {exc}") from None
+        # Built as __init__ would (defaults, then the values given), without its per-field
+        # object.__setattr__: a frozen dataclass's fields live in the instance's dict. Then
+        # validated as every instance is.
+        defaults, count = _defaults(cls)
+        instance = object.__new__(cls)
+        values = instance.__dict__
+        for name, default, factory in defaults:
+            values[name] = default if factory is None else factory()
+        values.update(body)
+        values.update(extra)
+        if len(values) != count:
+            try:  # a field neither given nor defaulted: __init__ says which
+                return cls(**body, **extra)
+            except TypeError as exc:
+                raise ProtocolError(f"{what}: {exc}") from None
+        instance.__post_init__()
+        return instance
 
     def to_wire(self) -> dict[str, Any]:
+        values = self.__dict__
         return {
-            f.name: f.spec.dump(getattr(self, f.name))
-            for f in _field_specs(type(self))
-            if f.on_wire
+            name: values[name] if dump is None else dump(values[name])
+            for name, dump in _wire_fields(type(self))
         }
 
 
