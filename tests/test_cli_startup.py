@@ -30,8 +30,8 @@ print(json.dumps({"exit": code, "modules": sorted(sys.modules)}))
 
 #: What a command that only answers (`--version`, `--help`) needs none of.
 HEAVY = (
-    "zmq", "trio", "msgpack", "hypercorn", "huggingface_hub", "llama_cpp", "ctransformers",
-    "numpy", "gguf", "jinja2",
+    "zmq", "trio", "msgpack", "msgspec", "hypercorn", "huggingface_hub", "llama_cpp",
+    "ctransformers", "numpy", "gguf", "jinja2",
 )  # fmt: skip
 
 #: What a command that talks to a queen needs none of: the hub client, the backends, the HTTP

@@ -363,6 +363,133 @@ def test_decode_of_perturbed_valid_body_raises_only_protocol_error(frames: list[
     decode_or_refuse(frames)
 
 
+# --- the checks in C agree with the specs ---------------------------------------------------------
+
+
+def loaded_by_specs(cls: type, body: Any) -> dict[str, Any] | None:
+    """What the specs' `load` alone make of a decoded body: its fields, or None if refused."""
+    declared = {f.name: f for f in dataclasses.fields(cls) if "spec" in f.metadata}
+    if not isinstance(body, dict) or not set(body) <= set(declared) - {"job_id"}:
+        return None
+    out = {}
+    for name, field in declared.items():
+        if name in body:
+            value = body[name]
+        elif field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            return None
+        try:
+            out[name] = field.metadata["spec"].load(name, value)
+        except ProtocolError:
+            return None
+    return out
+
+
+def loaded_in_c(cls: type, body: bytes) -> dict[str, Any] | None:
+    """What a class's C path makes of a body: its fields, or None if refused."""
+    path = F._c_path(cls)
+    assert path is not None
+    try:
+        values = path.as_dict(path.decode(body))
+        for name, load in path.load_after:
+            values[name] = load(name, values[name])
+    except path.refused_or_invalid:
+        return None
+    return values
+
+
+def _c_checked(kind: Kind) -> bool:
+    return F._c_path(MESSAGE_TYPES[kind]) is not None
+
+
+@FUZZ
+@given(perturbed_bodies())
+def test_what_the_c_path_takes_the_specs_take_as_the_same_values(frames: list[bytes]) -> None:
+    cls = MESSAGE_TYPES[Kind(frames[1][0])]
+    if not _c_checked(cls.KIND):
+        return
+    in_c = loaded_in_c(cls, frames[3])
+    if in_c is not None:  # (what it refuses the specs decide alone: only this way must agree)
+        assert loaded_by_specs(cls, msgpack.unpackb(frames[3])) == in_c
+
+
+@ROUND_TRIP
+@given(data=st.data())
+def test_the_c_path_takes_every_valid_message_and_encodes_it_as_msgpack_does(
+    data: st.DataObject,
+) -> None:
+    kind = data.draw(st.sampled_from([kind for kind in Kind if _c_checked(kind)]))
+    message = data.draw(message_strategy(MESSAGE_TYPES[kind]))
+    packed = msgpack.packb(message.to_wire(), use_bin_type=True)
+    assert message.body in (None, packed)  # (none kept where a field is a dict or a list)
+    assert encode(message)[3] == packed
+    assert loaded_in_c(type(message), packed) is not None
+
+
+def _specs_checked_in_c() -> list[tuple[str, F.Spec]]:
+    classes = [*MESSAGE_TYPES.values(), *OPERATIONS.values()]
+    return sorted(
+        {
+            (f"{cls.__name__}.{f.name}", f.metadata["spec"])
+            for cls in classes
+            if F._c_path(cls) is not None
+            for f in dataclasses.fields(cls)
+            if "spec" in f.metadata
+        },
+        key=lambda pair: pair[0],
+    )
+
+
+def _near(spec: F.Spec) -> st.SearchStrategy[Any]:
+    """Values at and around a spec's limits, and of the wrong kinds."""
+    edges: st.SearchStrategy[Any] = st.nothing()
+    if isinstance(spec, F.Optional):
+        spec = spec.inner
+    if isinstance(spec, F.Text):
+        size = st.sampled_from(sorted({0, 1, spec.min_len, spec.max_len, spec.max_len + 1}))
+        alphabet = st.sampled_from([*"aZ09._:/@+-", ".", "\n", " ", "é", "\x00"])
+        pieces = st.text(alphabet, min_size=1, max_size=4)
+        edges = st.tuples(size, pieces).map(lambda drawn: (drawn[1] * drawn[0])[: drawn[0]])
+    elif isinstance(spec, F.Int):
+        edges = st.sampled_from([spec.lo - 1, spec.lo, spec.hi, spec.hi + 1, 0])
+    elif isinstance(spec, F.Float):
+        edges = st.sampled_from([spec.lo, spec.hi, spec.hi + 1, spec.lo - 1, math.nan, math.inf])
+        edges = edges | st.sampled_from([int(spec.lo), int(spec.hi)])
+    elif isinstance(spec, F.OneOf | F.Choice):
+        words = [m.value for m in spec.enum] if isinstance(spec, F.OneOf) else spec.values
+        edges = st.sampled_from([*words, *(w.upper() for w in words), ""])
+    return edges | FUZZ_SCALAR | st.lists(FUZZ_SCALAR, max_size=3)
+
+
+@pytest.mark.parametrize(("field", "spec"), _specs_checked_in_c(), ids=lambda v: str(v)[:40])
+@settings(FUZZ, max_examples=100)
+@given(data=st.data())
+def test_a_specs_msgspec_type_takes_nothing_its_load_refuses(
+    field: str, spec: F.Spec, data: st.DataObject
+) -> None:
+    import msgspec
+
+    value = data.draw(_near(spec))
+    try:
+        packed = msgpack.packb(value, use_bin_type=True)
+        taken = msgspec.msgpack.decode(packed, type=spec.wire_type())
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError):
+        return
+    if spec.load_after_wire_type:
+        return  # load runs after it anyway
+    assert spec.load(field, value) == taken
+
+
+def test_most_kinds_and_operations_are_checked_in_c() -> None:
+    unchecked = {kind.name for kind in Kind if not _c_checked(kind)}
+    assert unchecked == {"SUBMIT", "BATCH"}  # an operation, and frames: checked one by one
+    in_python = sorted(name for name, cls in OPERATIONS.items() if F._c_path(cls) is None)
+    assert in_python == ["infer"]  # (its chat turns)
+
+
 # --- explicit refusals ------------------------------------------------------------------------
 
 

@@ -50,10 +50,12 @@ _KINDS = {kind.value: kind for kind in Kind}
 def encode(message: Message) -> list[bytes]:
     """Frames for `message`. Raises TooLarge if the body would exceed MAX_BODY_BYTES, and
     LocalProtocolError if msgpack cannot pack it."""
-    try:
-        body = msgpack.packb(message.to_wire(), use_bin_type=True)
-    except (ValueError, TypeError, OverflowError) as exc:  # nested past msgpack's own limit
-        raise LocalProtocolError(f"{message.KIND.name} cannot be packed: {exc}") from None
+    body = message.body  # made as it was built, where its class checks in C
+    if body is None:
+        try:
+            body = msgpack.packb(message.to_wire(), use_bin_type=True)
+        except (ValueError, TypeError, OverflowError) as exc:  # nested past msgpack's own limit
+            raise LocalProtocolError(f"{message.KIND.name} cannot be packed: {exc}") from None
     if len(body) > MAX_BODY_BYTES:
         raise TooLarge(
             f"{message.KIND.name} body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}"
@@ -114,18 +116,24 @@ def decode(frames: Sequence[bytes], route: tuple[Kind, str] | None = None) -> Me
     `route`: what `peek_route` already said of these frames, so as not to read them twice.
     """
     kind, job_id = route if route is not None else peek_route(frames)
+    body = bytes(frames[3])
     try:
-        body = _unpack(frames[3])
-    except ProtocolError as exc:
-        raise _remote(exc) from None
-    try:
-        return MESSAGE_TYPES[kind].from_wire(body, kind.name, job_id=job_id)
+        return MESSAGE_TYPES[kind].from_body(body, kind.name, _unpack, job_id=job_id)
     except ProtocolError as exc:
         remote = _remote(exc)
         # Let the receiver address its rejection to the submission it refuses, where it can.
-        ref = body.get("ref") if isinstance(body, dict) else None
-        remote.ref = ref if isinstance(ref, str) and 0 < len(ref) <= MAX_JOB_ID else ""
+        remote.ref = _ref_of(body) if kind is Kind.SUBMIT else ""
         raise remote from None
+
+
+def _ref_of(body: bytes) -> str:
+    """The `ref` of a refused SUBMIT's body, where it can be read."""
+    try:
+        fields = _unpack(body)
+    except ProtocolError:
+        return ""
+    ref = fields.get("ref") if isinstance(fields, dict) else None
+    return ref if isinstance(ref, str) and 0 < len(ref) <= MAX_JOB_ID else ""
 
 
 def decode_heartbeat(frames: Sequence[bytes]) -> tuple[Heartbeat, bytes]:

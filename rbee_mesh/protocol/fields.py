@@ -5,6 +5,13 @@ user or off the wire into the value the dataclass keeps (`load`, which rejects a
 range with a ProtocolError that names the field), and back into a msgpack-ready value (`dump`).
 One mechanism validates both construction in our own code and decoding of untrusted bytes, so a
 message that exists is a message that is valid.
+
+The same checks run in C where they can: each spec also names the msgspec type that checks what
+its `load` checks (`wire_type`), and a class whose fields all have one gets a msgspec Struct of
+its wire fields, which checks an instance as it is built and a body as it is decoded, and encodes
+it (`_CPath`): 0.2 us each for a narration, where `load` and msgpack took 2.3, 1.6 and 3.7 us.
+What the Struct refuses is checked again by `load`, which says what is wrong; so `load` alone
+decides what is valid, and a test holds the two to the same answers.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from rbee_mesh.protocol.constants import MAX_BODY_VALUES, MAX_VALUE_DEPTH
 from rbee_mesh.protocol.errors import ProtocolError, TooLarge
@@ -33,6 +40,15 @@ class Spec:
 
     def dump(self, value: Any) -> Any:
         return value
+
+    def wire_type(self) -> Any:
+        """The msgspec type that accepts exactly what `load` accepts, as `load` returns it, or
+        None where there is none (the class then checks in Python alone)."""
+        return None
+
+    #: Whether `load` must still run after the msgspec type has checked a value (checks it
+    #: cannot express: a free-form value's depth, keys and numbers).
+    load_after_wire_type: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,13 @@ class Text(Spec):
             raise ProtocolError(f"{name} {value[:80]!r} is not valid{self.hint}")
         return value
 
+    def wire_type(self) -> Any:
+        pattern = None
+        if self.pattern is not None:  # load matches it whole, and only against a non-empty text
+            optional = "?" if self.min_len == 0 else ""
+            pattern = f"^(?:{self.pattern.pattern}){optional}\\Z"
+        return _annotated(str, min_length=self.min_len, max_length=self.max_len, pattern=pattern)
+
 
 def ident(max_len: int = 64) -> Text:
     """An identifier: job, hive, worker or sender id."""
@@ -90,6 +113,9 @@ class Int(Spec):
         if not self.lo <= value <= self.hi:
             raise ProtocolError(f"{name} must be between {self.lo} and {self.hi}, got {value}")
         return value
+
+    def wire_type(self) -> Any:
+        return _annotated(int, ge=self.lo, le=self.hi)
 
 
 @dataclass(frozen=True)
@@ -123,6 +149,10 @@ class Float(Spec):
             )
         return number
 
+    def wire_type(self) -> Any:  # (msgspec takes integers for a float, as load does)
+        low = {"gt": self.lo} if self.open_lo else {"ge": self.lo}
+        return _annotated(float, **low, le=self.hi)
+
 
 @dataclass(frozen=True)
 class Bool(Spec):
@@ -130,6 +160,9 @@ class Bool(Spec):
         if not isinstance(value, bool):
             raise ProtocolError(f"{name} must be true or false, got {_type_name(value)}")
         return value
+
+    def wire_type(self) -> Any:
+        return bool
 
 
 E = TypeVar("E", bound=Enum)
@@ -155,6 +188,9 @@ class OneOf(Spec):
     def dump(self, value: Any) -> Any:
         return value.value
 
+    def wire_type(self) -> Any:
+        return self.enum
+
     @functools.cached_property
     def _members(self) -> dict[str, Enum]:
         """The members by their values (a dict lookup, where `enum(value)` costs a microsecond)."""
@@ -173,6 +209,10 @@ class Optional(Spec):
     def dump(self, value: Any) -> Any:
         return None if value is None else self.inner.dump(value)
 
+    def wire_type(self) -> Any:
+        inner = self.inner.wire_type()
+        return None if inner is None or self.inner.load_after_wire_type else inner | None
+
 
 @dataclass(frozen=True)
 class TextList(Spec):
@@ -190,6 +230,11 @@ class TextList(Spec):
 
     def dump(self, value: Any) -> Any:
         return list(value)
+
+    def wire_type(self) -> Any:
+        item = self.item.wire_type()
+        items = tuple[item, ...]  # type: ignore[valid-type]  # (a type made at run time)
+        return None if item is None else _annotated(items, max_length=self.max_items)
 
 
 @dataclass(frozen=True)
@@ -233,12 +278,16 @@ class Value(Spec):
     """
 
     mapping: bool = False
+    load_after_wire_type = True
 
     def load(self, name: str, value: Any) -> Any:
         if self.mapping and not isinstance(value, Mapping):
             raise ProtocolError(f"{name} must be a map, got {_type_name(value)}")
         _check_value(name, value)
         return value
+
+    def wire_type(self) -> Any:
+        return dict[str, Any] if self.mapping else Any
 
 
 def _check_value(name: str, root: Any) -> None:
@@ -329,6 +378,9 @@ class Choice(Spec):
         if isinstance(value, str) and value in self.values:
             return value
         raise ProtocolError(f"{name} must be one of {', '.join(self.values)}; got {_brief(value)}")
+
+    def wire_type(self) -> Any:
+        return Literal[self.values]
 
 
 @dataclass(frozen=True)
@@ -456,6 +508,79 @@ def _wire_fields(cls: type) -> tuple[tuple[str, Callable[[Any], Any] | None], ..
     return fields
 
 
+def _annotated(kind: Any, **constraints: Any) -> Any:
+    """`kind` with msgspec's constraints (those given as None left out)."""
+    import msgspec
+
+    given = {key: value for key, value in constraints.items() if value is not None}
+    return Annotated[kind, msgspec.Meta(**given)]
+
+
+@dataclass(frozen=True)
+class _CPath:
+    """A class's wire fields as a msgspec Struct: built, checked, encoded and decoded in C."""
+
+    struct: Any
+    #: The names of its wire fields, and those whose spec's `load` runs after the Struct's check.
+    names: tuple[str, ...]
+    load_after: tuple[tuple[str, Callable[[str, Any], Any]], ...]
+    convert: Callable[..., Any]
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes], Any]
+    as_dict: Callable[[Any], dict[str, Any]]
+    #: What msgspec raises for a value it refuses (the Python checks then say why), and that
+    #: with what a `load` after it raises.
+    refused: tuple[type[BaseException], ...]
+    refused_or_invalid: tuple[type[BaseException], ...]
+
+
+#: Each class's C path, or None where a field's spec has no msgspec type.
+_C_PATHS: dict[type, _CPath | None] = {}
+
+
+def _c_path(cls: type) -> _CPath | None:
+    try:
+        return _C_PATHS[cls]
+    except KeyError:
+        pass
+    fields = [f for f in _field_specs(cls) if f.on_wire]
+    types = [f.spec.wire_type() for f in fields]
+    exclude: frozenset[str] = getattr(cls, "WIRE_EXCLUDE", frozenset())
+    unchecked = [f for f in dataclasses.fields(cls) if "spec" not in f.metadata]
+    if any(kind is None for kind in types) or any(f.name not in exclude for f in unchecked):
+        _C_PATHS[cls] = None  # (a field a decoded body could not fill: from_wire fills it)
+        return None
+    import msgspec
+
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    declared: list[Any] = []
+    for f, kind in zip(fields, types, strict=True):
+        field = defaults[f.name]
+        if field.default is not dataclasses.MISSING:
+            declared.append((f.name, kind, field.default))
+        elif field.default_factory is not dataclasses.MISSING:
+            declared.append((f.name, kind, msgspec.field(default_factory=field.default_factory)))
+        else:
+            declared.append((f.name, kind))
+    struct = msgspec.defstruct(
+        f"{cls.__name__}Wire", declared, kw_only=True, forbid_unknown_fields=True
+    )
+    refused = (msgspec.ValidationError, msgspec.DecodeError, UnicodeEncodeError, TypeError,
+               OverflowError, RecursionError)  # fmt: skip
+    path = _C_PATHS[cls] = _CPath(
+        struct=struct,
+        names=tuple(f.name for f in fields),
+        load_after=tuple((f.name, f.load) for f in fields if f.spec.load_after_wire_type),
+        convert=functools.partial(msgspec.convert, type=struct, from_attributes=True),
+        encode=msgspec.msgpack.Encoder().encode,
+        decode=msgspec.msgpack.Decoder(struct).decode,
+        as_dict=msgspec.structs.asdict,
+        refused=refused,
+        refused_or_invalid=(*refused, ProtocolError),
+    )
+    return path
+
+
 def check_field(cls: type, field: str, value: Any, *, name: str = "") -> Any:
     """`value` as `cls`'s field `field` takes it, or ProtocolError naming it `name` (by default
     the field's own name): one field checked alone, as another interface (the HTTP API) calls
@@ -487,8 +612,58 @@ class Validated:
         # Straight into the instance's dict: a frozen dataclass's fields live there, and
         # object.__setattr__ per field costs a third of a message's construction.
         values = self.__dict__
+        path = _c_path(type(self))
+        if path is not None:
+            try:
+                checked = path.convert(self)
+                body = path.encode(checked)
+            except path.refused:
+                pass  # the checks below say what is wrong
+            else:
+                values.update(path.as_dict(checked))
+                for name, load in path.load_after:
+                    values[name] = load(name, values[name])
+                if not path.load_after:  # (a free-form value is a dict or list: mutable)
+                    values[_BODY] = body
+                return
         for f in _field_specs(type(self)):
             values[f.name] = f.load(f.name, values[f.name])
+
+    @classmethod
+    def from_body(
+        cls, body: bytes, what: str, unpack: Callable[[bytes], Any], **extra: Any
+    ) -> Self:
+        """Build from a msgpack body (at most MAX_BODY_VALUES bytes: it can hold no more
+        values than that); `extra` supplies fields that travel outside it. What the class's C
+        path refuses is unpacked with `unpack` and checked by `from_wire`, which says why."""
+        path = _c_path(cls)
+        if path is not None and len(body) <= MAX_BODY_VALUES:
+            try:
+                instance = object.__new__(cls)
+                values = instance.__dict__
+                values.update(path.as_dict(path.decode(body)))
+                values.update(extra)
+                for name, load in path.load_after:
+                    values[name] = load(name, values[name])
+                instance._checked()
+            except path.refused_or_invalid:
+                pass  # decoded again below, to say why
+            else:
+                if not path.load_after:
+                    values[_BODY] = body
+                return instance
+        return cls.from_wire(unpack(body), what, **extra)
+
+    def _checked(self) -> None:
+        """What a class checks beyond its fields, on an instance decoded in C (whose
+        __post_init__ did not run)."""
+
+    @property
+    def body(self) -> bytes | None:
+        """Its msgpack body, where its C path made it (or it was decoded from one) and none of
+        its fields is a free-form value (a dict or a list, which may change after)."""
+        body: bytes | None = self.__dict__.get(_BODY)
+        return body
 
     @classmethod
     def from_wire(cls, body: Any, what: str, **extra: Any) -> Self:
@@ -526,6 +701,10 @@ class Validated:
             name: values[name] if dump is None else dump(values[name])
             for name, dump in _wire_fields(type(self))
         }
+
+
+#: Where an instance keeps its encoded body (not a field: no part of equality or repr).
+_BODY = "_wire_body"
 
 
 def _type_name(value: Any) -> str:
