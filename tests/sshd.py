@@ -53,6 +53,16 @@ class Sshd:
         """Another ssh config for this server: the client offers `key` and trusts `known_hosts`."""
         return write_client_config(directory, self.port, self.user, key, known_hosts)
 
+    @contextlib.contextmanager
+    def environment(self, **variables: str) -> Iterator[None]:
+        """The user's sessions get `variables` (~/.ssh/environment, which this sshd reads)."""
+        path = self.home / ".ssh" / "environment"
+        path.write_text("".join(f"{name}={value}\n" for name, value in variables.items()))
+        try:
+            yield
+        finally:
+            path.unlink()
+
     def fingerprint(self) -> str:
         """The server's host key fingerprint, as ssh-keygen prints it (SHA256:...)."""
         out = subprocess.run(
@@ -116,7 +126,7 @@ def running_sshd() -> Iterator[Sshd]:
             f"PidFile {work / 'sshd.pid'}\nAuthorizedKeysFile .ssh/authorized_keys\n"
             "PubkeyAuthentication yes\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin no\n"
-            f"AllowUsers {user}\nStrictModes yes\n"
+            f"AllowUsers {user}\nStrictModes yes\nPermitUserEnvironment yes\n"
         )
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation
         server = subprocess.Popen(

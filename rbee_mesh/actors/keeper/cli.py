@@ -565,6 +565,90 @@ def hive_start(
     _start_daemon(cli, "hive", argv)
 
 
+_ssh_config_option = click.option(
+    "--ssh-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The ssh config file to read. Default: ssh's own (~/.ssh/config).",
+)
+
+
+@hive.command("install")
+@click.argument("host", metavar="HOST")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Copy the wheels of every dependency from here: HOST needs no package index (it must "
+    "then have this machine's platform and Python minor version).",
+)
+@_ssh_config_option
+@pass_cli
+def hive_install(cli: Cli, host: str, offline: bool, ssh_config: Path | None) -> None:
+    """Install this rbee-mesh on HOST over SSH; again, to upgrade it in place.
+
+    It goes into a virtual environment in the remote user's data directory
+    (~/.local/share/rbee-mesh; no root needed), built from this rbee-mesh's own source, its
+    dependencies from HOST's package index (or, with --offline, from here). HOST is whatever
+    ssh takes (an alias from your ssh config, user@host) or host:port; keys come from your
+    agent or your ssh config, and HOST's key must be in known_hosts already.
+    """
+    from rbee_mesh.actors.keeper.install import install
+
+    done = _over_ssh(cli, host, ssh_config, lambda h, say: install(h, offline=offline, say=say))
+    _say(
+        cli,
+        f"{done.version} installed on {done.host} in {done.path} (Python {done.python})",
+        {"event": "installed", "host": done.host, "path": done.path, "python": done.python,
+         "version": done.version},
+    )  # fmt: skip
+
+
+@hive.command("uninstall")
+@click.argument("host", metavar="HOST")
+@_ssh_config_option
+@pass_cli
+def hive_uninstall(cli: Cli, host: str, ssh_config: Path | None) -> None:
+    """Remove rbee-mesh from HOST (what `hive install HOST` put there). The hive's state there,
+    its models among it, stays."""
+    from rbee_mesh.actors.keeper.install import uninstall
+
+    removed = _over_ssh(cli, host, ssh_config, lambda h, say: uninstall(h, say=say))
+    text = f"rbee-mesh removed from {host}" if removed else f"rbee-mesh was not installed on {host}"
+    _say(cli, text, {"event": "uninstalled", "host": host, "removed": removed})
+
+
+def _over_ssh(
+    cli: Cli,
+    host: str,
+    ssh_config: Path | None,
+    work: Callable[[Any, Callable[[str, str], None]], Any],
+) -> Any:
+    """Run `work(host, say)` (a coroutine function), its steps shown as they start; a failure
+    ends the command with its exit code (exits.py)."""
+    import trio
+
+    from rbee_mesh.actors.keeper.exits import EXIT_FOR_REMOTE
+    from rbee_mesh.actors.keeper.install import InstallError
+    from rbee_mesh.actors.keeper.remote import Host, SshError
+
+    try:
+        target = Host.parse(host, config=ssh_config)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="HOST") from None
+
+    def say(step: str, text: str) -> None:
+        if cli.as_json:
+            click.echo(json.dumps({"event": "step", "step": step, "message": text,
+                                   "ts": time.time()}))  # fmt: skip
+        else:
+            click.secho(f"[{'keeper':<10}] {step:<15} : {text}", err=True)
+
+    try:
+        return trio.run(work, target, say)
+    except (SshError, InstallError) as exc:
+        cli.renderer().problem(str(exc.failure), exc.message)
+        sys.exit(EXIT_FOR_REMOTE.get(exc.failure, EXIT_FAILED))
+
+
 @hive.command("status")
 @click.argument("hive_id", metavar="[HIVE]", required=False)
 @pass_cli

@@ -2,7 +2,9 @@
 and what its commands run (session.py) both end with them, and the tree imports nothing heavy.
 
 0 done; 1 the job failed; 2 invalid usage or request; 3 the queen (or the actor a job needs) is
-unreachable; 4 not found; 5 timed out; 6 not permitted; 130 cancelled (Ctrl-C).
+unreachable; 4 not found; 5 timed out; 6 not permitted; 130 cancelled (Ctrl-C). Over SSH
+(`hive install HOST`): 10 the host is unreachable or its name does not resolve; 11 it refused
+every key; 12 its host key is unknown or changed; 13 it has no Python 3.11; 14 installing failed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ EXIT_NOT_FOUND = 4
 EXIT_TIMEOUT = 5
 EXIT_FORBIDDEN = 6
 EXIT_CANCELLED = 130
+EXIT_HOST_UNREACHABLE = 10
+EXIT_SSH_REFUSED = 11
+EXIT_HOST_KEY = 12
+EXIT_NO_PYTHON = 13
+EXIT_INSTALL_FAILED = 14
+
+#: The exit code of a failure over SSH, by its name (remote.SshFailure, install.InstallFailure).
+EXIT_FOR_REMOTE = {
+    "unresolvable": EXIT_HOST_UNREACHABLE,
+    "unreachable": EXIT_HOST_UNREACHABLE,
+    "auth-refused": EXIT_SSH_REFUSED,
+    "host-key-unknown": EXIT_HOST_KEY,
+    "host-key-changed": EXIT_HOST_KEY,
+    "no-python": EXIT_NO_PYTHON,
+    "install-failed": EXIT_INSTALL_FAILED,
+}
 
 #: The exit code of a job or command that ended with an error of this code (else EXIT_FAILED).
 EXIT_FOR_CODE = {

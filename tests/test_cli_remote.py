@@ -1,0 +1,109 @@
+"""`rbee-mesh hive install HOST` and `hive uninstall HOST`, as a person runs them, against a real
+sshd on loopback for a user of its own (tests/sshd.py): rbee-mesh installed there from this
+checkout, run there, upgraded in place, removed; and each failure with its own exit code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rbee_mesh import __version__
+from rbee_mesh.actors.keeper.exits import (
+    EXIT_HOST_KEY,
+    EXIT_HOST_UNREACHABLE,
+    EXIT_INSTALL_FAILED,
+    EXIT_NO_PYTHON,
+    EXIT_SSH_REFUSED,
+)
+from tests.clitools import Mesh, free_port
+from tests.sshd import Sshd, make_key, running_sshd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Sshd]:
+    with running_sshd() as sshd:
+        yield sshd
+
+
+def rbee(tmp_path: Path, box: Sshd, *args: str, config: Path | None = None, timeout: float = 600):
+    mesh = Mesh(tmp_path / "state")
+    return mesh.run(*args, "--ssh-config", str(config or box.config), timeout=timeout)
+
+
+def installed(box: Sshd) -> Path:
+    return box.home / ".local" / "share" / "rbee-mesh"
+
+
+def test_install_runs_there_upgrades_in_place_and_uninstall_removes_it(
+    box: Sshd, tmp_path: Path
+) -> None:
+    first = rbee(tmp_path, box, "--json", "hive", "install", "testbox", "--offline")
+    assert first.returncode == 0, first.stderr
+    events = [json.loads(line) for line in first.stdout.splitlines()]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == ["connect", "python", "build", "download", "copy", "venv", "install", "verify"]
+    assert events[-1]["version"] == f"rbee-mesh, version {__version__}"
+    venv = installed(box) / "venv"
+    assert events[-1]["path"] == str(installed(box))
+    assert venv.stat().st_uid == (box.home / ".ssh").stat().st_uid  # the user's, not root's
+    [package] = venv.glob("lib/python3*/site-packages/rbee_mesh/__init__.py")
+    before = (venv / "pyvenv.cfg").stat().st_ino, package.stat().st_ino
+
+    again = rbee(tmp_path, box, "hive", "install", "testbox", "--offline")
+    assert again.returncode == 0, again.stderr
+    assert f"installed on testbox in {installed(box)}" in again.stdout
+    [package] = venv.glob("lib/python3*/site-packages/rbee_mesh/__init__.py")
+    after = (venv / "pyvenv.cfg").stat().st_ino, package.stat().st_ino
+    assert after[0] == before[0] and after[1] != before[1]  # same venv, rbee-mesh replaced
+
+    removed = rbee(tmp_path, box, "--json", "hive", "uninstall", "testbox")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout.splitlines()[-1])["removed"] is True
+    assert not installed(box).exists() and (box.home / ".ssh").is_dir()
+    nothing = rbee(tmp_path, box, "hive", "uninstall", "testbox")
+    assert nothing.returncode == 0 and "was not installed" in nothing.stdout
+
+
+def test_an_unreachable_host_exits_10(box: Sshd, tmp_path: Path) -> None:
+    done = rbee(tmp_path, box, "hive", "install", f"{box.user}@127.0.0.1:{free_port()}")
+    assert done.returncode == EXIT_HOST_UNREACHABLE
+    assert "cannot reach" in done.stderr and "[unreachable]" in done.stderr
+
+
+def test_a_refused_key_exits_11(box: Sshd, tmp_path: Path) -> None:
+    config = box.client_config(tmp_path, key=make_key(tmp_path / "k"), known_hosts=box.known_hosts)
+    done = rbee(tmp_path, box, "hive", "install", "testbox", config=config)
+    assert done.returncode == EXIT_SSH_REFUSED
+    assert "refused every key" in done.stderr
+
+
+def test_an_unknown_host_key_exits_12_naming_it(box: Sshd, tmp_path: Path) -> None:
+    (tmp_path / "known_hosts").write_text("")
+    config = box.client_config(tmp_path, key=box.key, known_hosts=tmp_path / "known_hosts")
+    done = rbee(tmp_path, box, "--json", "hive", "install", "testbox", config=config)
+    assert done.returncode == EXIT_HOST_KEY
+    error = json.loads(done.stdout.splitlines()[-1])
+    assert error["code"] == "host-key-unknown" and box.fingerprint() in error["message"]
+
+
+def test_no_python3_there_exits_13(box: Sshd, tmp_path: Path) -> None:
+    with box.environment(PATH="/nonexistent"):
+        done = rbee(tmp_path, box, "hive", "install", "testbox")
+    assert done.returncode == EXIT_NO_PYTHON
+    assert "has no python3" in done.stderr and "3.11" in done.stderr
+
+
+def test_a_failed_install_exits_14_with_what_pip_said(box: Sshd, tmp_path: Path) -> None:
+    # An index that refuses at once, and no pip config of the machine's: nothing leaves it.
+    unreachable = {"PIP_INDEX_URL": f"http://127.0.0.1:{free_port()}/simple",
+                   "PIP_CONFIG_FILE": "/dev/null", "PIP_RETRIES": "0"}  # fmt: skip
+    with box.environment(**unreachable):
+        done = rbee(tmp_path, box, "hive", "install", "testbox")
+    assert done.returncode == EXIT_INSTALL_FAILED
+    assert "pip install failed on testbox" in done.stderr
+    assert "No matching distribution" in done.stderr or "Could not find" in done.stderr
