@@ -5,6 +5,9 @@ checkout, run there, upgraded in place, removed; and each failure with its own e
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,10 @@ from rbee_mesh.actors.keeper.exits import (
     EXIT_HOST_UNREACHABLE,
     EXIT_INSTALL_FAILED,
     EXIT_NO_PYTHON,
+    EXIT_NOT_FOUND,
+    EXIT_PORT_IN_USE,
     EXIT_SSH_REFUSED,
+    EXIT_UNAVAILABLE,
 )
 from tests.clitools import Mesh, free_port
 from tests.sshd import Sshd, make_key, running_sshd
@@ -107,3 +113,90 @@ def test_a_failed_install_exits_14_with_what_pip_said(box: Sshd, tmp_path: Path)
     assert done.returncode == EXIT_INSTALL_FAILED
     assert "pip install failed on testbox" in done.stderr
     assert "No matching distribution" in done.stderr or "Could not find" in done.stderr
+
+
+def test_a_hive_started_over_ssh_joins_this_queen_and_stops_leaving_no_process(
+    box: Sshd, tmp_path: Path
+) -> None:
+    mesh = Mesh(tmp_path / "state")
+    queen = mesh.run("queen", "start", "--no-discovery", "--no-api", "--bind",
+                     f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+    assert queen.returncode == 0, queen.stderr
+    try:
+        ssh = ("--ssh-config", str(box.config))
+        assert (
+            mesh.run("hive", "install", "testbox", "--offline", *ssh, timeout=600).returncode == 0
+        )
+        hive = ("--bind", f"tcp://127.0.0.1:{free_port()}",
+                "--heartbeat-bind", f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+        # The hive there looks for no queen on the LAN, and for no model hub: loopback only.
+        with box.environment(RBEE_MESH_DISCOVERY="0", HF_ENDPOINT="http://127.0.0.1:9"):
+            started = mesh.run("--json", "hive", "start", "--ssh", "testbox", "--id", "far-hive",
+                               *hive, *ssh, timeout=120)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        record = json.loads(started.stdout.splitlines()[-1])
+        assert (record["hive"], record["queen_address"]) == ("far-hive", "127.0.0.1")
+        wait_until_live(mesh, "far-hive")
+
+        running = mesh.run("--json", "hive", "status", "--ssh", "testbox", *ssh)
+        assert running.returncode == 0, running.stderr
+        said = json.loads(running.stdout.splitlines()[-1])
+        assert said["version"] == f"rbee-mesh, version {__version__}" and said["running"]
+
+        stopped = mesh.run("hive", "stop", "--ssh", "testbox", *ssh)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+        assert live_processes(box.user) == []
+        assert mesh.run("hive", "status", "--ssh", "testbox", *ssh).returncode == EXIT_UNAVAILABLE
+    finally:
+        mesh.run("queen", "stop")
+        mesh.run("hive", "uninstall", "testbox", "--ssh-config", str(box.config))
+
+
+def test_a_port_in_use_there_exits_15_and_a_box_without_rbee_mesh_4(
+    box: Sshd, tmp_path: Path
+) -> None:
+    mesh = Mesh(tmp_path / "state")
+    ssh = ("--ssh-config", str(box.config))
+    assert mesh.run("hive", "uninstall", "testbox", *ssh).returncode == 0  # whatever ran before
+    absent = mesh.run("hive", "status", "--ssh", "testbox", *ssh)
+    assert absent.returncode == EXIT_NOT_FOUND and "not installed" in absent.stdout
+    queen = mesh.run("queen", "start", "--no-discovery", "--no-api", "--bind",
+                     f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+    assert queen.returncode == 0, queen.stderr
+    try:
+        not_there = mesh.run("hive", "start", "--ssh", "testbox", *ssh)
+        assert not_there.returncode == EXIT_NOT_FOUND and "hive install testbox" in not_there.stderr
+        assert (
+            mesh.run("hive", "install", "testbox", "--offline", *ssh, timeout=600).returncode == 0
+        )
+        with socket.socket() as taken, box.environment(RBEE_MESH_DISCOVERY="0"):
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            done = mesh.run("hive", "start", "--ssh", "testbox", "--bind",
+                            f"tcp://127.0.0.1:{port}", *ssh, timeout=120)  # fmt: skip
+        assert done.returncode == EXIT_PORT_IN_USE, done.stderr
+        assert "in use" in done.stderr
+    finally:
+        mesh.run("queen", "stop")
+        mesh.run("hive", "uninstall", "testbox", *ssh)
+
+
+def live_processes(user: str) -> list[str]:
+    """The processes of `user` that run (not the exited ones that wait to be reaped: where PID
+    1 is not an init, they do, and they are no process of the hive's any more)."""
+    ps = subprocess.run(["ps", "-u", user, "-o", "stat=,args="], capture_output=True, text=True)
+    return [line for line in ps.stdout.splitlines() if not line.strip().startswith("Z")]
+
+
+def wait_until_live(mesh: Mesh, hive: str, timeout_s: float = 60) -> None:
+    """Until the queen lists `hive` live (other processes: a bounded poll, no event to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = mesh.run("--json", "hive", "list")
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        result = next((r["result"] for r in rows if "result" in r), [])
+        if any(row["hive"] == hive and row["liveness"] == "live" for row in result):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{hive} was not live within {timeout_s:g}s: {listed.stdout[-500:]}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from rbee_mesh import __version__
 from rbee_mesh.actors.keeper import daemon
@@ -265,6 +266,13 @@ _heartbeat_option = click.option(
 
 
 #: `--local-only`, for the queen and a hive alike.
+_ssh_config_option = click.option(
+    "--ssh-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The ssh config file to read. Default: ssh's own (~/.ssh/config).",
+)
+
+
 _local_only_option = click.option(
     "--local-only",
     is_flag=True,
@@ -509,6 +517,14 @@ def hive() -> None:
 )
 @_heartbeat_option
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
+@click.option(
+    "--ssh",
+    "ssh_host",
+    metavar="HOST",
+    help="Start the hive of HOST instead (installed there by `hive install HOST`), over SSH, "
+    "joined to this machine's queen.",
+)
+@_ssh_config_option
 @pass_cli
 def hive_start(
     cli: Cli,
@@ -519,13 +535,38 @@ def hive_start(
     hive_id: str,
     heartbeat_s: float,
     foreground: bool,
+    ssh_host: str | None,
+    ssh_config: Path | None,
 ) -> None:
     """Start this machine's hive (a daemon, unless --foreground); return once it answers.
 
     It serves the LAN and announces itself there (mDNS): a queen lists it as pending until a
     person trusts it (`hive trust` there). With --join TOKEN it joins that queen at once. It
     obeys the queens it trusts only: one of this machine's state directory, or one it joined.
+
+    With --ssh HOST it starts the hive of HOST (a daemon there, which outlives the SSH
+    session) and joins it to this machine's queen, which manages it at once: the join token
+    goes over the SSH connection, so no pairing step is needed. --bind, --heartbeat-bind, --id
+    and --heartbeat apply to that hive; its name is HOST's own unless --id says otherwise.
     """
+    if ssh_host is not None:
+        if foreground or local_only or token is not None:
+            raise click.UsageError(
+                "--ssh starts a daemon joined to this queen: it takes no --foreground, "
+                "--local-only or --join"
+            )
+        source = click.get_current_context().get_parameter_source
+        given = {
+            "--bind": bind,
+            "--heartbeat-bind": heartbeat_bind,
+            "--id": hive_id if source("hive_id") is ParameterSource.COMMANDLINE else None,
+            "--heartbeat": str(heartbeat_s)
+            if source("heartbeat_s") is ParameterSource.COMMANDLINE
+            else None,
+        }
+        args = [part for option, value in given.items() if value for part in (option, value)]
+        _start_over_ssh(cli, ssh_host, ssh_config, args)
+        return
     host = "127.0.0.1" if local_only else "0.0.0.0"
     bind = bind or f"tcp://{host}:{HIVE_PORT}"
     heartbeat_bind = heartbeat_bind or f"tcp://{host}:{HEARTBEAT_PORT}"
@@ -565,13 +606,6 @@ def hive_start(
     _start_daemon(cli, "hive", argv)
 
 
-_ssh_config_option = click.option(
-    "--ssh-config",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="The ssh config file to read. Default: ssh's own (~/.ssh/config).",
-)
-
-
 @hive.command("install")
 @click.argument("host", metavar="HOST")
 @click.option(
@@ -591,7 +625,7 @@ def hive_install(cli: Cli, host: str, offline: bool, ssh_config: Path | None) ->
     ssh takes (an alias from your ssh config, user@host) or host:port; keys come from your
     agent or your ssh config, and HOST's key must be in known_hosts already.
     """
-    from rbee_mesh.actors.keeper.install import install
+    from rbee_mesh.actors.keeper.remote_hive import install
 
     done = _over_ssh(cli, host, ssh_config, lambda h, say: install(h, offline=offline, say=say))
     _say(
@@ -609,11 +643,55 @@ def hive_install(cli: Cli, host: str, offline: bool, ssh_config: Path | None) ->
 def hive_uninstall(cli: Cli, host: str, ssh_config: Path | None) -> None:
     """Remove rbee-mesh from HOST (what `hive install HOST` put there). The hive's state there,
     its models among it, stays."""
-    from rbee_mesh.actors.keeper.install import uninstall
+    from rbee_mesh.actors.keeper.remote_hive import uninstall
 
     removed = _over_ssh(cli, host, ssh_config, lambda h, say: uninstall(h, say=say))
     text = f"rbee-mesh removed from {host}" if removed else f"rbee-mesh was not installed on {host}"
     _say(cli, text, {"event": "uninstalled", "host": host, "removed": removed})
+
+
+def _start_over_ssh(cli: Cli, host: str, ssh_config: Path | None, hive_args: list[str]) -> None:
+    from rbee_mesh.actors.keeper.client import open_keeper
+    from rbee_mesh.actors.keeper.remote_hive import start
+    from rbee_mesh.protocol import outcome
+    from rbee_mesh.protocol.operations import Invite
+
+    endpoint = local_endpoint_for(_local_daemon(cli, "queen").endpoint)
+
+    async def invite(address: str) -> str:
+        async with open_keeper(endpoint, trust=cli.trust) as keeper:
+            job = await keeper.submit(Invite(role="hive", address=address))
+            token: str = outcome(await job.end(), "the queen")["token"]
+            return token
+
+    done = _over_ssh(
+        cli, host, ssh_config, lambda h, say: start(h, hive_args, invite=invite, say=say)
+    )
+    _say(
+        cli,
+        f"hive {done.hive} started on {done.host} (pid {done.pid}) on {done.endpoint}, joined "
+        f"to this queen at {done.queen_address}",
+        {"event": "hive", "state": "running", "host": done.host, "hive": done.hive,
+         "endpoint": done.endpoint, "pid": done.pid, "queen_address": done.queen_address},
+    )  # fmt: skip
+
+
+def _status_over_ssh(cli: Cli, host: str, ssh_config: Path | None) -> NoReturn:
+    from rbee_mesh.actors.keeper.exits import EXIT_NOT_FOUND
+    from rbee_mesh.actors.keeper.remote_hive import status
+
+    found = _over_ssh(cli, host, ssh_config, lambda h, say: status(h, say=say))
+    if found["version"] is None:
+        text = f"rbee-mesh is not installed on {host}"
+    elif found["running"]:
+        hive = found["hive"] or {}
+        text = f"{found['version']} on {host}: hive {hive.get('hive', '?')} runs"
+    else:
+        text = f"{found['version']} on {host}: no hive runs"
+    _say(cli, text, {"event": "status", **found})
+    sys.exit(
+        EXIT_OK if found["running"] else EXIT_UNAVAILABLE if found["version"] else EXIT_NOT_FOUND
+    )
 
 
 def _over_ssh(
@@ -627,8 +705,8 @@ def _over_ssh(
     import trio
 
     from rbee_mesh.actors.keeper.exits import EXIT_FOR_REMOTE
-    from rbee_mesh.actors.keeper.install import InstallError
     from rbee_mesh.actors.keeper.remote import Host, SshError
+    from rbee_mesh.actors.keeper.remote_hive import RemoteHiveError
 
     try:
         target = Host.parse(host, config=ssh_config)
@@ -644,21 +722,33 @@ def _over_ssh(
 
     try:
         return trio.run(work, target, say)
-    except (SshError, InstallError) as exc:
+    except (SshError, RemoteHiveError) as exc:
         cli.renderer().problem(str(exc.failure), exc.message)
         sys.exit(EXIT_FOR_REMOTE.get(exc.failure, EXIT_FAILED))
 
 
 @hive.command("status")
 @click.argument("hive_id", metavar="[HIVE]", required=False)
+@click.option(
+    "--ssh",
+    "ssh_host",
+    metavar="HOST",
+    help="Ask HOST over SSH instead: whether rbee-mesh is installed there, which, and whether "
+    "its hive runs (exit 0 runs, 3 does not, 4 not installed).",
+)
+@_ssh_config_option
 @pass_cli
-def hive_status(cli: Cli, hive_id: str | None) -> None:
+def hive_status(
+    cli: Cli, hive_id: str | None, ssh_host: str | None, ssh_config: Path | None
+) -> None:
     """A hive asked itself (not the queen's view from its heartbeats): devices, workers,
     models and its own recent jobs. HIVE through the queen; without it, this machine's hive
     daemon, directly."""
     from rbee_mesh.actors.keeper.commands import make_operation
     from rbee_mesh.protocol.operations import HiveStatus
 
+    if ssh_host is not None:
+        _status_over_ssh(cli, ssh_host, ssh_config)
     if hive_id is not None:
         cli.run_job(make_operation(HiveStatus, hive=hive_id))
     info = _local_daemon(cli, "hive")
@@ -687,19 +777,28 @@ def hive_pair(cli: Cli, ttl_s: float) -> None:
     cli.run_job(HivePair(ttl_s=ttl_s))
 
 
-def _add_stop(group: click.Group, name: str, help: str) -> None:
-    """`queen stop`, `hive stop`: stop this machine's daemon."""
-
-    @group.command("stop", help=help)
-    @pass_cli
-    def stop(cli: Cli) -> None:
-        _stop_daemon(cli, name)
+@queen.command("stop")
+@pass_cli
+def queen_stop(cli: Cli) -> None:
+    """Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."""
+    _stop_daemon(cli, "queen")
 
 
-_add_stop(
-    queen, "queen", "Stop the queen on this machine: its jobs end with UNAVAILABLE, then it exits."
-)
-_add_stop(hive, "hive", "Stop this machine's hive: its jobs end, its workers stop, then it exits.")
+@hive.command("stop")
+@click.option("--ssh", "ssh_host", metavar="HOST", help="Stop the hive of HOST instead, over SSH.")
+@_ssh_config_option
+@pass_cli
+def hive_stop(cli: Cli, ssh_host: str | None, ssh_config: Path | None) -> None:
+    """Stop this machine's hive: its jobs end, its workers stop, then it exits."""
+    if ssh_host is None:
+        _stop_daemon(cli, "hive")
+        return
+    from rbee_mesh.actors.keeper.remote_hive import stop
+
+    was_running = _over_ssh(cli, ssh_host, ssh_config, lambda h, say: stop(h, say=say))
+    text = f"the hive on {ssh_host} stopped" if was_running else f"no hive ran on {ssh_host}"
+    _say(cli, text, {"event": "hive", "state": "stopped", "host": ssh_host,
+                     "was_running": was_running})  # fmt: skip
 
 
 @main.group()

@@ -1,4 +1,5 @@
-"""rbee-mesh on another machine, over SSH: `hive install HOST` and `hive uninstall HOST`.
+"""A hive on another machine, over SSH: `hive install`, `hive uninstall`, and `hive start`,
+`hive stop` and `hive status` with `--ssh HOST`.
 
 Where: a virtual environment in the remote user's data directory, `REMOTE_DIR/venv` (no root
 needed), with the wheels copied over beside it (`REMOTE_DIR/wheels`). What: this machine's own
@@ -9,22 +10,34 @@ Python minor version, or pip refuses them, and says so). Installing again upgrad
 Uninstalling removes REMOTE_DIR and nothing else: a hive's state (its models) stays where the
 hive keeps it.
 
-Each step is reported to `say` as it starts; a failure is an `InstallError` (no Python 3.11 on
-the remote, or a step that failed, with the last lines of what it printed) or the SshError of
-the connection.
+Starting runs the installed rbee-mesh's own `hive start` there (a detached daemon: it outlives
+the SSH session), joined to this machine's queen with a join token that this command asks the
+queen for and passes to it over the SSH connection, on its standard input: the secret that
+makes the queen trust the hive (and the hive the queen) travels only inside the authenticated
+channel, and the person runs no pairing step. The token names the queen at the address the
+remote sees this machine at (the SSH connection's own). Stopping and asking run `hive stop`
+and `hive status` there.
+
+Each step is reported to `say` as it starts; a failure is a `RemoteHiveError` (no Python 3.11
+on the remote, rbee-mesh not installed there, its port in use, or a step that failed, with the
+last lines of what it printed) or the SshError of the connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import shlex
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -44,13 +57,15 @@ TAIL_LINES = 12
 Say = Callable[[str, str], None]
 
 
-class InstallFailure(StrEnum):
+class HiveFailure(StrEnum):
     NO_PYTHON = "no-python"
-    FAILED = "install-failed"
+    NOT_INSTALLED = "not-installed"
+    PORT_IN_USE = "port-in-use"
+    FAILED = "step-failed"
 
 
-class InstallError(Exception):
-    def __init__(self, failure: InstallFailure, message: str) -> None:
+class RemoteHiveError(Exception):
+    def __init__(self, failure: HiveFailure, message: str) -> None:
         super().__init__(message)
         self.failure = failure
         self.message = message
@@ -105,8 +120,8 @@ async def install(host: Host, *, offline: bool, say: Say) -> Installed:
     )
     version = ran.stdout.strip()
     if version != f"rbee-mesh, version {__version__}":
-        raise InstallError(
-            InstallFailure.FAILED,
+        raise RemoteHiveError(
+            HiveFailure.FAILED,
             f"the rbee-mesh installed on {host} says {version!r}, this one is {__version__}",
         )
     return Installed(str(host), python, where, version)
@@ -121,8 +136,97 @@ async def uninstall(host: Host, *, say: Say) -> bool:
     return ran.stdout.strip() == "removed"
 
 
+@dataclass(frozen=True)
+class Started:
+    host: str
+    #: The hive's name, where it serves (as the remote says it), and its process there.
+    hive: str
+    endpoint: str
+    pid: int
+    #: The queen's address as the remote reaches it (what the join token named).
+    queen_address: str
+
+
+async def start(
+    host: Host,
+    hive_args: list[str],
+    *,
+    invite: Callable[[str], Awaitable[str]],
+    say: Say,
+) -> Started:
+    """Start the hive on `host` (`hive start` there with `hive_args`), joined to the queen that
+    `invite(address)` asks for a join token naming it at `address`."""
+    say("connect", f"connecting to {host}")
+    look = 'echo "${SSH_CONNECTION%% *}"; [ -x "$d/venv/bin/rbee-mesh" ] && echo ok'
+    ran = await _step(host, "the look at rbee-mesh", f"d={REMOTE_DIR}; {look}", allowed=(1,))
+    address, _, installed = ran.stdout.strip().partition("\n")
+    _require_installed(host, installed)
+    say(
+        "invite",
+        f"asking this machine's queen for a join token, for {host} to reach it at {address}",
+    )
+    token = await invite(address)
+    say("start", f"starting the hive on {host}, joined to this queen")
+    starting = f'"$d/venv/bin/rbee-mesh" --json hive start --join - {shlex.join(hive_args)}'
+    token_line = f"{token}\n".encode()
+    ran = await _step(host, "hive start", f"d={REMOTE_DIR}; {starting}", stdin=token_line)
+    events = _json_lines(ran.stdout)
+    hive = next((e for e in events if e.get("event") == "hive"), None)
+    joined = next((e for e in events if e.get("event") == "joined"), None)
+    if hive is None or joined is None:
+        raise RemoteHiveError(HiveFailure.FAILED, f"hive start on {host} said: {ran.stdout[-500:]}")
+    return Started(str(host), str(joined["name"]), str(hive["endpoint"]), int(hive["pid"]), address)
+
+
+async def stop(host: Host, *, say: Say) -> bool:
+    """Stop the hive on `host`; whether one was running."""
+    say("connect", f"connecting to {host}")
+    ran = await _step(
+        host, "hive stop", f'd={REMOTE_DIR}; [ -x "$d/venv/bin/rbee-mesh" ] || exit 9; '
+        '"$d/venv/bin/rbee-mesh" --json hive stop', allowed=(9,),
+    )  # fmt: skip
+    _require_installed(host, "ok" if ran.status != 9 else "")
+    return any(e.get("state") == "stopped" and e.get("pid") for e in _json_lines(ran.stdout))
+
+
+async def status(host: Host, *, say: Say) -> dict[str, Any]:
+    """What runs on `host`: {"host", "version" (None: not installed), "running", and where
+    it runs: "hive" (its status, as `hive status` there says it)}."""
+    say("connect", f"connecting to {host}")
+    ran = await _step(
+        host, "hive status",
+        f'd={REMOTE_DIR}; [ -x "$d/venv/bin/rbee-mesh" ] || exit 9; "$d/venv/bin/rbee-mesh" '
+        '--version; "$d/venv/bin/rbee-mesh" --json hive status',
+        allowed=(9, 3),
+    )  # fmt: skip
+    if ran.status == 9:
+        return {"host": str(host), "version": None, "running": False}
+    version, _, rest = ran.stdout.strip().partition("\n")
+    answers = _json_lines(rest)
+    result = next((a["result"] for a in answers if isinstance(a.get("result"), dict)), None)
+    return {"host": str(host), "version": version, "running": ran.status == 0, "hive": result}
+
+
+def _require_installed(host: Host, said: str) -> None:
+    if said.strip() != "ok":
+        raise RemoteHiveError(
+            HiveFailure.NOT_INSTALLED,
+            f"rbee-mesh is not installed on {host}: `rbee-mesh hive install {host}` first",
+        )
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                out.append(value)
+    return out
+
+
 async def _python(host: Host) -> tuple[str, str]:
-    """The version of the remote's python3, and where rbee-mesh goes there; InstallError if it
+    """The version of the remote's python3, and where rbee-mesh goes there; RemoteHiveError if it
     has no python3, or one too old."""
     probe = (
         f"echo {REMOTE_DIR}; command -v python3 >/dev/null 2>&1 || exit 0; "
@@ -132,29 +236,38 @@ async def _python(host: Host) -> tuple[str, str]:
     where, _, version = ran.stdout.strip().partition("\n")
     wanted = ".".join(map(str, PYTHON_MIN))
     if ran.status != 0 or not version:
-        raise InstallError(
-            InstallFailure.NO_PYTHON,
+        raise RemoteHiveError(
+            HiveFailure.NO_PYTHON,
             f"{host} has no python3 on its PATH; rbee-mesh needs Python {wanted} or newer there",
         )
     if tuple(int(part) for part in version.split(".")[:2]) < PYTHON_MIN:
-        raise InstallError(
-            InstallFailure.NO_PYTHON,
+        raise RemoteHiveError(
+            HiveFailure.NO_PYTHON,
             f"{host}'s python3 is {version}; rbee-mesh needs Python {wanted} or newer there",
         )
     return version, where
 
 
-async def _step(host: Host, what: str, script: str, *, stdin: bytes = b"", hint: str = "") -> Ran:
-    """Run `script` with sh on the remote; InstallError with its output's last lines if it
-    fails."""
+async def _step(
+    host: Host,
+    what: str,
+    script: str,
+    *,
+    stdin: bytes = b"",
+    hint: str = "",
+    allowed: tuple[int, ...] = (),
+) -> Ran:
+    """Run `script` with sh on the remote; RemoteHiveError with its output's last lines if it
+    fails (exits with a status other than 0 and `allowed`)."""
     ran = await run(host, ["sh", "-c", script], stdin=stdin, timeout_s=STEP_TIMEOUT_S)
-    if ran.status != 0:
-        lines = (ran.stderr.strip() or ran.stdout.strip()).splitlines()[-TAIL_LINES:]
+    if ran.status != 0 and ran.status not in allowed:
+        output = f"{ran.stderr.strip()}\n{ran.stdout.strip()}".strip()
+        lines = output.splitlines()[-TAIL_LINES:]
         said = "\n  ".join(lines) or "(it printed nothing)"
         advice = f"\n{hint}" if hint else ""
-        raise InstallError(
-            InstallFailure.FAILED,
-            f"{what} failed on {host} (exit status {ran.status}):\n  {said}{advice}",
+        failure = HiveFailure.PORT_IN_USE if "in use" in output else HiveFailure.FAILED
+        raise RemoteHiveError(
+            failure, f"{what} failed on {host} (exit status {ran.status}):\n  {said}{advice}"
         )
     return ran
 
@@ -163,8 +276,8 @@ def _build_wheel(into: Path) -> Path:
     """This rbee-mesh's wheel, built from its source (the directory its package lives in)."""
     root = Path(__file__).resolve().parents[3]
     if not (root / "pyproject.toml").is_file():
-        raise InstallError(
-            InstallFailure.FAILED,
+        raise RemoteHiveError(
+            HiveFailure.FAILED,
             f"this rbee-mesh ({root}) is not a source checkout: there is no source to build "
             "the wheel that goes to the remote from",
         )
@@ -186,7 +299,7 @@ def _local(what: str, argv: list[str]) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         lines = (done.stderr.strip() or done.stdout.strip()).splitlines()[-TAIL_LINES:]
-        raise InstallError(InstallFailure.FAILED, f"{what} failed here:\n  " + "\n  ".join(lines))
+        raise RemoteHiveError(HiveFailure.FAILED, f"{what} failed here:\n  " + "\n  ".join(lines))
 
 
 def _tar(directory: Path) -> tuple[int, bytes]:
