@@ -24,10 +24,15 @@ from rbee_mesh.actors.keeper.exits import (
     EXIT_SSH_REFUSED,
     EXIT_UNAVAILABLE,
 )
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+from tests import hub as fake_hub
 from tests.clitools import Mesh, free_port
 from tests.sshd import Sshd, make_key, running_sshd
 
 pytestmark = pytest.mark.slow
+
+hub = fake_hub.hub
+REPO = "rbee-test/tiny-llama-GGUF"
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +120,11 @@ def test_a_failed_install_exits_14_with_what_pip_said(box: Sshd, tmp_path: Path)
     assert "No matching distribution" in done.stderr or "Could not find" in done.stderr
 
 
-def test_a_hive_started_over_ssh_joins_this_queen_and_stops_leaving_no_process(
-    box: Sshd, tmp_path: Path
+def test_a_hive_started_over_ssh_joins_this_queen_runs_a_job_and_stops_leaving_no_process(
+    box: Sshd, tmp_path: Path, hub: fake_hub.FakeHub
 ) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    hub.add_file(REPO, "tiny-llama.Q8_0.gguf", (tmp_path / "tiny.gguf").read_bytes())
     mesh = Mesh(tmp_path / "state")
     queen = mesh.run("queen", "start", "--no-discovery", "--no-api", "--bind",
                      f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
@@ -129,14 +136,24 @@ def test_a_hive_started_over_ssh_joins_this_queen_and_stops_leaving_no_process(
         )
         hive = ("--bind", f"tcp://127.0.0.1:{free_port()}",
                 "--heartbeat-bind", f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
-        # The hive there looks for no queen on the LAN, and for no model hub: loopback only.
-        with box.environment(RBEE_MESH_DISCOVERY="0", HF_ENDPOINT="http://127.0.0.1:9"):
+        # The hive there looks for no queen on the LAN, and for models on the test's hub.
+        there = {"RBEE_MESH_DISCOVERY": "0", "HF_ENDPOINT": hub.endpoint,
+                 "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+        with box.environment(**there):
             started = mesh.run("--json", "hive", "start", "--ssh", "testbox", "--id", "far-hive",
                                *hive, *ssh, timeout=120)  # fmt: skip
         assert started.returncode == 0, started.stderr
         record = json.loads(started.stdout.splitlines()[-1])
         assert (record["hive"], record["queen_address"]) == ("far-hive", "127.0.0.1")
         wait_until_live(mesh, "far-hive")
+        pulled = mesh.run("model", "download", REPO, "--hive", "far-hive", timeout=120)
+        assert pulled.returncode == 0, pulled.stderr
+        inferred = mesh.run("--json", "infer", "-m", REPO, "--hive", "far-hive", "-n", "8",
+                            "--seed", "1", "Once upon a time", timeout=120)  # fmt: skip
+        assert inferred.returncode == 0, inferred.stderr
+        done = json.loads(inferred.stdout.splitlines()[-1])["result"]
+        assert done["usage"]["generated_tokens"] > 0 and done["worker"]
+        assert (box.home / ".local" / "state" / "rbee-mesh" / "hive").is_dir()  # the user's
 
         running = mesh.run("--json", "hive", "status", "--ssh", "testbox", *ssh)
         assert running.returncode == 0, running.stderr
