@@ -4,11 +4,18 @@ checkout, run there, upgraded in place, removed; and each failure with its own e
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import re
+import shutil
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -78,6 +85,55 @@ def test_install_runs_there_upgrades_in_place_and_uninstall_removes_it(
     assert not installed(box).exists() and (box.home / ".ssh").is_dir()
     nothing = rbee(tmp_path, box, "hive", "uninstall", "testbox")
     assert nothing.returncode == 0 and "was not installed" in nothing.stdout
+
+
+def test_install_takes_the_dependencies_from_the_remotes_package_index(
+    box: Sshd, tmp_path: Path
+) -> None:
+    """Without --offline pip there reads its own index: here one on loopback over real HTTP
+    (a directory of the wheels, as PEP 503 lays it out), and no pip config of the machine's."""
+    with (
+        package_index(tmp_path / "index") as index,
+        box.environment(PIP_INDEX_URL=index, PIP_CONFIG_FILE="/dev/null"),
+    ):
+        done = rbee(tmp_path, box, "--json", "hive", "install", "testbox")
+    try:
+        assert done.returncode == 0, done.stderr
+        steps = [json.loads(line).get("step") for line in done.stdout.splitlines()]
+        assert "download" not in steps and "install" in steps
+        assert json.loads(done.stdout.splitlines()[-1])["version"].endswith(__version__)
+    finally:
+        rbee(tmp_path, box, "hive", "uninstall", "testbox")
+
+
+@contextlib.contextmanager
+def package_index(root: Path) -> Iterator[str]:
+    """A package index of rbee-mesh's dependencies, served on 127.0.0.1: its URL."""
+    wheels = root / "wheels"
+    here = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(here)], check=True)
+    [ours] = wheels.glob("rbee_mesh-*.whl")
+    subprocess.run([*pip, "download", "--only-binary=:all:", "-d", str(wheels), str(ours)],
+                   check=True)  # fmt: skip
+    for wheel in wheels.glob("*.whl"):
+        project = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        (root / "simple" / project).mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, root / "simple" / project / wheel.name)
+    handler = functools.partial(_QuietFiles, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # pip's requests are not the test's output
 
 
 def test_an_unreachable_host_exits_10(box: Sshd, tmp_path: Path) -> None:

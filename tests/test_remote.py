@@ -56,6 +56,20 @@ async def test_user_at_host_colon_port_reaches_the_same_box(box: Sshd) -> None:
     assert ran.stdout.strip() == box.user
 
 
+async def test_a_proxyjump_in_the_ssh_config_is_followed(box: Sshd, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(
+        # "jumped" is reached through "testbox" (the same box: ssh there, then a channel on).
+        f"Host jumped\n    HostName 127.0.0.1\n    Port {box.port}\n    User {box.user}\n"
+        f"    ProxyJump testbox\n"
+        f"Match all\n    Include {box.config}\n"
+    )
+    config.chmod(0o600)
+    with trio.fail_after(30):
+        ran = await run(box.host("jumped", config=config), ["sh", "-c", "echo $SSH_CONNECTION"])
+    assert ran.stdout.split()[0] == "127.0.0.1"  # it came from the box itself: the jump
+
+
 async def test_a_closed_port_is_unreachable(box: Sshd) -> None:
     error = await refusal(box.host(f"{box.user}@127.0.0.1:{free_port()}"))
     assert error.failure is SshFailure.UNREACHABLE
