@@ -4,7 +4,10 @@ apart and said so that a person knows what to do."""
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ from rbee_mesh.actors.keeper.remote import Host, SshError, SshFailure, run
 from tests import netns
 from tests.clitools import free_port
 from tests.skips import skip_or_fail
-from tests.sshd import Sshd, make_key, running_sshd
+from tests.sshd import ALIAS, Sshd, make_key, running_sshd
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +71,34 @@ async def test_a_proxyjump_in_the_ssh_config_is_followed(box: Sshd, tmp_path: Pa
     with trio.fail_after(30):
         ran = await run(box.host("jumped", config=config), ["sh", "-c", "echo $SSH_CONNECTION"])
     assert ran.stdout.split()[0] == "127.0.0.1"  # it came from the box itself: the jump
+
+
+@pytest.fixture
+def agent(box: Sshd, tmp_path: Path) -> Iterator[Path]:
+    """An ssh-agent holding the box's key: its socket."""
+    sock = tmp_path / "agent.sock"
+    started = subprocess.run(["ssh-agent", "-a", str(sock)], capture_output=True, text=True)
+    found = re.search(r"SSH_AGENT_PID=(\d+)", started.stdout)
+    assert found is not None, started.stderr
+    try:
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(box.key)], env=env, check=True, capture_output=True)
+        yield sock
+    finally:
+        os.kill(int(found.group(1)), signal.SIGTERM)
+
+
+async def test_a_key_from_the_agent_is_offered(box: Sshd, agent: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(  # no key file named: the agent's key, or none
+        f"Host {ALIAS}\n    HostName 127.0.0.1\n    Port {box.port}\n    User {box.user}\n"
+        f"    IdentityAgent {agent}\n    IdentityFile none\n"
+        f"    UserKnownHostsFile {box.known_hosts}\n    GlobalKnownHostsFile /dev/null\n"
+    )
+    config.chmod(0o600)
+    with trio.fail_after(30):
+        ran = await run(box.host(config=config), ["id", "-un"])
+    assert ran.stdout.strip() == box.user
 
 
 async def test_a_closed_port_is_unreachable(box: Sshd) -> None:
