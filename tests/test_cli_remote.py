@@ -220,6 +220,14 @@ def test_a_hive_started_over_ssh_joins_this_queen_runs_a_job_and_stops_leaving_n
         assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
         assert live_processes(box.user) == []
         assert mesh.run("hive", "status", "--ssh", "testbox", *ssh).returncode == EXIT_UNAVAILABLE
+
+        # Uninstalling stops a hive that runs from it first.
+        with box.environment(**there):
+            again = mesh.run("hive", "start", "--ssh", "testbox", *hive, *ssh, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert live_processes(box.user) != []
+        assert mesh.run("hive", "uninstall", "testbox", *ssh).returncode == 0
+        assert live_processes(box.user) == [] and not installed(box).exists()
     finally:
         mesh.run("queen", "stop")
         mesh.run("hive", "uninstall", "testbox", "--ssh-config", str(box.config))

@@ -265,14 +265,14 @@ _heartbeat_option = click.option(
 )
 
 
-#: `--local-only`, for the queen and a hive alike.
+#: `--ssh-config`, for every command that reaches another machine over SSH.
 _ssh_config_option = click.option(
     "--ssh-config",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="The ssh config file to read. Default: ssh's own (~/.ssh/config).",
 )
 
-
+#: `--local-only`, for the queen and a hive alike.
 _local_only_option = click.option(
     "--local-only",
     is_flag=True,
@@ -641,8 +641,8 @@ def hive_install(cli: Cli, host: str, offline: bool, ssh_config: Path | None) ->
 @_ssh_config_option
 @pass_cli
 def hive_uninstall(cli: Cli, host: str, ssh_config: Path | None) -> None:
-    """Remove rbee-mesh from HOST (what `hive install HOST` put there). The hive's state there,
-    its models among it, stays."""
+    """Remove rbee-mesh from HOST (what `hive install HOST` put there), its hive stopped first
+    if it runs. The hive's state there, its models among it, stays."""
     from rbee_mesh.actors.keeper.remote_hive import uninstall
 
     removed = _over_ssh(cli, host, ssh_config, lambda h, say: uninstall(h, say=say))
@@ -689,9 +689,9 @@ def _status_over_ssh(cli: Cli, host: str, ssh_config: Path | None) -> NoReturn:
     else:
         text = f"{found['version']} on {host}: no hive runs"
     _say(cli, text, {"event": "status", **found})
-    sys.exit(
-        EXIT_OK if found["running"] else EXIT_UNAVAILABLE if found["version"] else EXIT_NOT_FOUND
-    )
+    if found["version"] is None:
+        sys.exit(EXIT_NOT_FOUND)
+    sys.exit(EXIT_OK if found["running"] else EXIT_UNAVAILABLE)
 
 
 def _over_ssh(

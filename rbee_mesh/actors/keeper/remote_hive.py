@@ -128,11 +128,15 @@ async def install(host: Host, *, offline: bool, say: Say) -> Installed:
 
 
 async def uninstall(host: Host, *, say: Say) -> bool:
-    """Remove rbee-mesh from `host`; whether there was one to remove."""
+    """Remove rbee-mesh from `host`, its hive stopped first if it runs; whether there was one
+    to remove."""
     say("connect", f"connecting to {host}")
     ran = await _step(
-        host, "remove", f'd={REMOTE_DIR}; if [ -d "$d" ]; then rm -rf "$d" && echo removed; fi'
-    )
+        host, "remove",
+        f'd={REMOTE_DIR}; [ -d "$d" ] || exit 0; '
+        '[ -x "$d/venv/bin/rbee-mesh" ] && "$d/venv/bin/rbee-mesh" hive stop >/dev/null; '
+        'rm -rf "$d" && echo removed',
+    )  # fmt: skip
     return ran.stdout.strip() == "removed"
 
 
