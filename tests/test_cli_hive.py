@@ -6,6 +6,8 @@ import json
 import os
 import select
 import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from tests import hub as fake_hub
-from tests.clitools import NARRATION_LINE, Mesh, json_events
+from tests.clitools import NARRATION_LINE, Mesh, free_port, json_events
 
 hub = fake_hub.hub
 
@@ -115,6 +117,32 @@ def test_queen_manages_a_hive_named_by_flag_or_config(mesh: Mesh, how: str) -> N
     finally:
         mesh.run("queen", "stop")
         mesh.run("hive", "stop")
+
+
+def test_a_hive_that_serves_already_joins_a_queen_and_goes_live(tmp_path: Path) -> None:
+    """The queen connects as soon as it takes the join: the hive must trust it by then (its
+    refusal would end libzmq's tries for good, and the queen would wait "connecting")."""
+    queen, far = Mesh(tmp_path / "queen"), Mesh(tmp_path / "hive")
+    hive_args = ("--id", "late", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                 "--heartbeat-bind", f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+    assert queen.run("queen", "start", "--no-api", "--bind", "tcp://127.0.0.1:0").returncode == 0
+    try:
+        assert far.run("hive", "start", *hive_args).returncode == 0
+        token = result(queen, "queen", "invite", "--address", "127.0.0.1")["token"]  # type: ignore[index]
+        joined = subprocess.run(
+            far.argv("hive", "start", *hive_args, "--join", "-"), input=f"{token}\n",
+            env=far.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert joined.returncode == 0 and "already running" in joined.stdout, joined.stderr
+        deadline = time.monotonic() + 30
+        while (rows := result(queen, "hive", "list")) and rows[0]["liveness"] != "live":  # type: ignore[index]
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.1)  # another process's state: polled, within a deadline
+        trusted = json.loads((tmp_path / "hive" / "trust.json").read_text())
+        assert [t["name"] for t in trusted if t["role"] == "queen"] != ["queen-being-joined"]
+    finally:
+        far.run("hive", "stop")
+        queen.run("queen", "stop")
 
 
 def test_a_malformed_peer_is_refused_before_the_queen_starts(mesh: Mesh) -> None:

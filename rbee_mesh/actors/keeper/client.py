@@ -69,6 +69,10 @@ async def _client(
         yield client
 
 
+#: What a queen being joined is trusted as until it has answered.
+JOINING = "queen-being-joined"
+
+
 async def join_queen(
     token: JoinToken, trust: Trust, name: str, control_port: int | None = None
 ) -> dict[str, Any]:
@@ -82,6 +86,14 @@ async def join_queen(
     """
     config = ClientConfig(accept_timeout_s=JOIN_TIMEOUT_S)
     keys = ClientKeys(token.invite, token.queen_key)
+    # A hive obeys the queen it joined; a keeper only talks to it (its key pinned).
+    role = Role.QUEEN if token.role is Role.HIVE else Role.JOINED
+    # The queen connects to a hive as soon as it has taken the join, before it answers: a hive
+    # that serves already must trust it by then, or its refusal at the handshake ends the
+    # queen's tries for good (libzmq does not reconnect after one). Undone if the join fails.
+    early = None
+    if control_port is not None and trust.role_of(token.queen_key) is None:
+        early = trust.trust(token.queen_key, role, JOINING)
     tried = []
     for endpoint in token.endpoints:
         control = None
@@ -95,10 +107,14 @@ async def join_queen(
         except ServerUnreachable as exc:
             tried.append(f"{endpoint}: {exc.message}")
             continue
-        # A hive obeys the queen it joined; a keeper only talks to it (its key pinned).
-        role = Role.QUEEN if token.role is Role.HIVE else Role.JOINED
+        except BaseException:
+            if early is not None:
+                trust.untrust(early)
+            raise
         trust.trust(token.queen_key, role, str(result["queen"]), endpoint=endpoint)
         return result
+    if early is not None:
+        trust.untrust(early)
     raise MeshError(
         ErrorCode.UNAVAILABLE,
         "the queen did not answer ("
