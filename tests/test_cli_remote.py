@@ -258,6 +258,8 @@ def test_a_port_in_use_there_exits_15_and_a_box_without_rbee_mesh_4(
                             f"tcp://127.0.0.1:{port}", *ssh, timeout=120)  # fmt: skip
         assert done.returncode == EXIT_PORT_IN_USE, done.stderr
         assert "in use" in done.stderr
+        listed = mesh.run("--json", "hive", "list")  # it never joined: nothing is left of it
+        assert [json.loads(line) for line in listed.stdout.splitlines()][-1]["result"] == []
     finally:
         mesh.run("queen", "stop")
         mesh.run("hive", "uninstall", "testbox", *ssh)

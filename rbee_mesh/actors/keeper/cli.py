@@ -574,6 +574,9 @@ def hive_start(
     if token is not None and local_only:
         raise click.UsageError("--join needs the LAN: a queen cannot reach a --local-only hive")
     if token is not None:
+        if daemon.read_info("hive") is None:  # (a hive that runs holds its ports itself)
+            for endpoint in (bind, heartbeat_bind):
+                _port_free_or_fail(cli, endpoint)  # before the queen is told of this hive
         _join(cli, token, hive_id, control_port=parse_endpoint(bind).port)
     if foreground:
         from rbee_mesh.actors.hive.hive import HiveConfig
@@ -917,6 +920,25 @@ def _serve_foreground(cli: Cli, bind: str, serve: Callable[..., Any], *args: Any
         _fail(cli, ErrorCode.UNAVAILABLE, f"cannot serve on {bind}: {exc}", EXIT_UNAVAILABLE)
     except KeyboardInterrupt:
         pass
+
+
+def _port_free_or_fail(cli: Cli, endpoint: str) -> None:
+    """End the command if the tcp `endpoint` cannot be bound now (as libzmq binds it: with
+    SO_REUSEADDR); other schemes pass."""
+    import socket
+
+    parsed = parse_endpoint(endpoint)
+    if parsed.scheme != "tcp" or parsed.host is None or not parsed.port:
+        return
+    host = parsed.host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, parsed.port))
+        except OSError as exc:
+            _fail(cli, ErrorCode.UNAVAILABLE, f"cannot serve on {endpoint}: {exc.strerror}",
+                  EXIT_UNAVAILABLE)  # fmt: skip
 
 
 def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
