@@ -633,9 +633,10 @@ class Validated:
     def from_body(
         cls, body: bytes, what: str, unpack: Callable[[bytes], Any], **extra: Any
     ) -> Self:
-        """Build from a msgpack body (at most MAX_BODY_VALUES bytes: it can hold no more
-        values than that); `extra` supplies fields that travel outside it. What the class's C
-        path refuses is unpacked with `unpack` and checked by `from_wire`, which says why."""
+        """Build from a msgpack body; `extra` supplies fields that travel outside it. A body of
+        at most MAX_BODY_VALUES bytes (which can hold no more values than that) is checked by
+        the class's C path; a larger one, and what the C path refuses, is unpacked with
+        `unpack` (which counts values) and checked by `from_wire`, which says what is wrong."""
         path = _c_path(cls)
         if path is not None and len(body) <= MAX_BODY_VALUES:
             try:
