@@ -44,7 +44,7 @@ from trio_util import AsyncValue
 
 from rbee_mesh.actors.heartbeat import HeartbeatSchedule
 from rbee_mesh.actors.narration import JobContext, current_job, emit_record, narrate
-from rbee_mesh.actors.records import JobHistory, JobRecord
+from rbee_mesh.actors.records import JobHistory, JobRecord, messages_in
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.actors.trust import Role, Trust, admitted
 from rbee_mesh.protocol import (
@@ -492,14 +492,17 @@ class JobServer:
         if record.forgotten:
             narrate("watch", f"the frames of job {job_id} are no longer kept (an old job's, or one "
                     "that ran when the queen stopped); how it ended follows")  # fmt: skip
-        index = 0
+        index = seen = 0  # frames, and the messages in them (a BATCH holds several)
         while batch := list(itertools.islice(record.frames_from(index), 256)):
             for after, frame in batch:
                 if frame is None:
-                    narrate("watch", f"{after - index} frame(s) of job {job_id} were dropped "
-                            "here: it streamed more than a queen keeps of one job")  # fmt: skip
+                    dropped = record.messages_before_tail - seen
+                    narrate("watch", f"{dropped} message(s) of job {job_id} were dropped here: "
+                            "it streamed more than a queen keeps of one job")  # fmt: skip
+                    seen += dropped
                 else:
                     relay(*frame)
+                    seen += messages_in(*frame)
                 index = after
             await trio.lowlevel.checkpoint()  # let others run, and wait for a slow watcher
             await watcher.peer.writable()

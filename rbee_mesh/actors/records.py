@@ -32,7 +32,7 @@ import trio
 
 from rbee_mesh.files import write_atomic
 from rbee_mesh.protocol import Accepted, Error, ErrorCode, Kind, Message, ProtocolError, decode
-from rbee_mesh.protocol.codec import HEADER
+from rbee_mesh.protocol.codec import HEADER, batch_length
 from rbee_mesh.protocol.constants import (
     FINISHED_JOBS_KEPT,
     FINISHED_RECORDS_BYTES,
@@ -76,6 +76,9 @@ class JobRecord:
     tail_bytes: int = 0
     #: Frames recorded in all (kept or dropped): the index the next one gets.
     count: int = 0
+    #: Messages recorded in all (a BATCH frame holds several), and in the tail as kept now.
+    messages: int = 0
+    tail_messages: int = 0
     #: Whether frames still go to the head (until the first that does not fit there).
     head_open: bool = True
     #: Whether the frames were forgotten since (an old finished job's, or one from before a
@@ -96,6 +99,8 @@ class JobRecord:
     def append(self, kind: Kind, body: bytes) -> None:
         """Record a streamed frame and pass it to every watcher."""
         self.count += 1
+        held = messages_in(kind, body)
+        self.messages += held
         size = len(body)
         budget = self.budget
         budget.used += size
@@ -110,12 +115,14 @@ class JobRecord:
             self.head_open = False
             self.tail.append((kind, body))
             self.tail_bytes += size
+            self.tail_messages += held
             while self.tail and (
                 self.head_bytes + self.tail_bytes > JOB_RECORD_BYTES or budget.used > budget.limit
             ):
-                dropped = len(self.tail.popleft()[1])
-                self.tail_bytes -= dropped
-                budget.used -= dropped
+                dropped_kind, dropped = self.tail.popleft()
+                self.tail_bytes -= len(dropped)
+                self.tail_messages -= messages_in(dropped_kind, dropped)
+                budget.used -= len(dropped)
         for watcher in self.watchers:
             watcher(kind, body)
 
@@ -123,6 +130,11 @@ class JobRecord:
         self.terminal = terminal
         self.watchers.clear()
         self.ended.set()
+
+    @property
+    def messages_before_tail(self) -> int:
+        """The messages recorded before the oldest frame the tail keeps (head, and dropped)."""
+        return self.messages - self.tail_messages
 
     def frames_from(self, index: int) -> Iterator[tuple[int, Frame | None]]:
         """The frames kept from `index` on, each with its index; a gap of dropped frames comes
@@ -153,6 +165,7 @@ class JobRecord:
             "head": [[int(k), b] for k, b in self.head],
             "tail": [[int(k), b] for k, b in self.tail],
             "count": self.count,
+            "messages": self.messages,
             "forgotten": self.forgotten,
             "terminal": [int(self.terminal.KIND), _body(self.terminal)],
         }
@@ -169,10 +182,18 @@ class JobRecord:
             accepted, budget, head, tail, head_bytes=sum(len(b) for _, b in head),
             tail_bytes=sum(len(b) for _, b in tail), count=int(entry["count"]), head_open=False,
             forgotten=bool(entry["forgotten"]),
+            # (a journal from before BATCH frames held one message a frame)
+            messages=int(entry.get("messages", entry["count"])),
+            tail_messages=sum(messages_in(k, b) for k, b in tail),
         )  # fmt: skip
         budget.used += record.size
         record.end(terminal)
         return record
+
+
+def messages_in(kind: Kind, body: bytes) -> int:
+    """How many messages a recorded frame holds: a BATCH its frames, any other one."""
+    return batch_length(body) if kind is Kind.BATCH else 1
 
 
 def _body(message: Message) -> bytes:

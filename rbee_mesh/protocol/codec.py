@@ -74,6 +74,19 @@ def encode_batch(job_id: str, frames: Sequence[tuple[Kind, bytes]]) -> list[byte
     return [HEADER, _BATCH_KIND, job_id.encode("ascii"), b"".join(parts)]
 
 
+def batch_length(body: bytes) -> int:
+    """How many frames a BATCH body holds, read from its start alone (1 if it cannot be read:
+    it is ours, from `encode_batch`, or it would not have been kept)."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(body[:32])
+    try:
+        unpacker.read_map_header()
+        unpacker.skip()
+        return max(int(unpacker.read_array_header()), 1)
+    except Exception:  # msgpack raises several types
+        return 1
+
+
 #: A BATCH body is {"messages": [[kind, body], ...]}: its start, and each pair's.
 _BATCH_HEAD = msgpack.packb({"messages": 0})[:-1]
 _PAIR_HEAD = msgpack.Packer().pack_array_header(2)
