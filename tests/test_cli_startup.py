@@ -35,12 +35,13 @@ HEAVY = (
 )  # fmt: skip
 
 #: What a command that talks to a queen needs none of: the hub client, the backends, the HTTP
-#: server, the actors a queen or a hive is made of, and asyncio (pyzmq's auth and monitor
-#: modules import it; a keeper uses neither).
+#: server, the actors a queen or a hive is made of, asyncio (pyzmq's auth and monitor modules
+#: import it; a keeper uses neither), and msgspec (the protocol's checks in C, for classes that
+#: have had C_PATH_AFTER instances: a command builds a few).
 NOT_FOR_A_KEEPER = (
     "huggingface_hub", "llama_cpp", "ctransformers", "numpy", "gguf", "jinja2", "hypercorn",
     "asyncio", "rbee_mesh.actors.hive", "rbee_mesh.actors.queen", "rbee_mesh.actors.worker",
-    "rbee_mesh.actors.mesh", "rbee_mesh.actors.jobserver", "rbee_mesh.inference",
+    "rbee_mesh.actors.mesh", "rbee_mesh.actors.jobserver", "rbee_mesh.inference", "msgspec",
 )  # fmt: skip
 
 

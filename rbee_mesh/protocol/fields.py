@@ -10,6 +10,8 @@ The same checks run in C where they can: each spec also names the msgspec type t
 its `load` checks (`wire_type`), and a class whose fields all have one gets a msgspec Struct of
 its wire fields, which checks an instance as it is built and a body as it is decoded, and encodes
 it (`_CPath`): 0.2 us each for a narration, where `load` and msgpack took 2.3, 1.6 and 3.7 us.
+A class gets it after its first C_PATH_AFTER instances, so that a short command never pays for
+importing msgspec.
 What the Struct refuses is checked again by `load`, which says what is wrong; so `load` alone
 decides what is valid, and a test holds the two to the same answers.
 """
@@ -537,6 +539,27 @@ class _CPath:
 #: Each class's C path, or None where a field's spec has no msgspec type.
 _C_PATHS: dict[type, _CPath | None] = {}
 
+#: Instances of a class built or decoded before it gets its C path: a command that sends a few
+#: messages never imports msgspec (14 ms, 7 of a keeper's start-up to its first frame), an actor
+#: that sends thousands does after its first few.
+C_PATH_AFTER = 64
+_USES: dict[type, int] = {}
+
+
+def _warm_c_path(cls: type) -> _CPath | None:
+    """`cls`'s C path once it has had C_PATH_AFTER instances (None before, or if it has none)."""
+    try:
+        return _C_PATHS[cls]
+    except KeyError:
+        pass
+    uses = _USES[cls] = _USES.get(cls, 0) + 1
+    return _c_path(cls) if uses >= C_PATH_AFTER else None
+
+
+def c_path_built(cls: type) -> bool:
+    """Whether `cls` checks in C now."""
+    return _C_PATHS.get(cls) is not None
+
 
 def _c_path(cls: type) -> _CPath | None:
     try:
@@ -612,7 +635,7 @@ class Validated:
         # Straight into the instance's dict: a frozen dataclass's fields live there, and
         # object.__setattr__ per field costs a third of a message's construction.
         values = self.__dict__
-        path = _c_path(type(self))
+        path = _warm_c_path(type(self))
         if path is not None:
             try:
                 checked = path.convert(self)
@@ -637,7 +660,7 @@ class Validated:
         at most MAX_BODY_VALUES bytes (which can hold no more values than that) is checked by
         the class's C path; a larger one, and what the C path refuses, is unpacked with
         `unpack` (which counts values) and checked by `from_wire`, which says what is wrong."""
-        path = _c_path(cls)
+        path = _warm_c_path(cls)
         if path is not None and len(body) <= MAX_BODY_VALUES:
             try:
                 instance = object.__new__(cls)

@@ -32,6 +32,7 @@ from rbee_mesh.protocol.fields import (
     Text,
     Validated,
     Value,
+    c_path_built,
     ident,
     spec,
 )
@@ -220,6 +221,8 @@ class Batch(Message):
     ) -> Self:
         """Each frame decoded by its own class (in C, where it can), straight from its bytes in
         the BATCH's; anything refused is decoded again the slow way, which says why."""
+        if not c_path_built(Narration):  # (a few frames: not worth importing msgspec for)
+            return super().from_body(body, what, unpack, **extra)
         job_id = extra["job_id"]
         try:
             frames = _batch_decoder().decode(body).messages
