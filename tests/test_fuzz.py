@@ -454,13 +454,26 @@ async def reply(connection: Connection) -> Message:
     return answer
 
 
+@contextlib.contextmanager
+def logs_shown_on_failure(*logs: Path) -> Iterator[None]:
+    """If the block fails, the ends of these logs go to the test's output (pytest shows it): the
+    daemons' own account of what they were doing, which the test's tmp directory may not keep."""
+    try:
+        yield
+    except BaseException:
+        for log in logs:
+            with contextlib.suppress(OSError):
+                print(f"--- the end of {log} ---\n{log.read_text(errors='replace')[-6000:]}")
+        raise
+
+
 @pytest.mark.slow
 async def test_hostile_frames_at_the_queen_leave_it_serving_its_keepers_in_bounds(
     mesh: Mesh,
 ) -> None:
     rng = random.Random(SEED)
     before = held(mesh, mesh.queen_pid)
-    with trio.fail_after(60):
+    with trio.fail_after(60), logs_shown_on_failure(mesh.log(mesh.queen_pid)):
         async with served_throughout(mesh, ping_queen) as served:
             fuzzed = await fuzz_listener(
                 lambda: open_connection(mesh.queen, node=mesh.keeper, server_key=mesh.owner.public),
@@ -482,7 +495,7 @@ async def test_hostile_frames_at_the_hive_leave_it_serving_its_queen_in_bounds(
     rng = random.Random(SEED + 1)
     hive = mesh.hive
     before = held(mesh, hive.process.pid)
-    with trio.fail_after(60):
+    with trio.fail_after(60), logs_shown_on_failure(mesh.log(hive.process.pid)):
         async with served_throughout(mesh, ping_hive) as served:
             fuzzed = await fuzz_listener(
                 lambda: open_connection(hive.control, node=NODE, server_key=hive.key), SEED + 1
@@ -763,7 +776,7 @@ async def test_hostile_subscriptions_at_a_hive_leave_it_publishing_in_bounds(mes
     rng = random.Random(SEED + 3)
     hive = mesh.hive
     before = held(mesh, hive.process.pid)
-    with trio.fail_after(60):
+    with trio.fail_after(60), logs_shown_on_failure(mesh.log(hive.process.pid)):
         async with (
             served_throughout(mesh, ping_hive) as served,
             await open_subscriber() as subscriber,  # a trusted one, before, during and after
