@@ -1,6 +1,7 @@
-"""`rbee-mesh hive install HOST` and `hive uninstall HOST`, as a person runs them, against a real
-sshd on loopback for a user of its own (tests/sshd.py): rbee-mesh installed there from this
-checkout, run there, upgraded in place, removed; and each failure with its own exit code."""
+"""`rbee-mesh hive install HOST`, `hive uninstall HOST` and `hive start/stop/status --ssh HOST`,
+as a person runs them, against a real sshd on loopback for a user of its own (tests/sshd.py):
+rbee-mesh installed there from this checkout, upgraded in place, its hive started and joined to
+this queen, running a job, stopped, removed; and each failure with its own exit code."""
 
 from __future__ import annotations
 
