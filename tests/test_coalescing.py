@@ -8,13 +8,13 @@ takes the job's streamed frames unopened (`relay`), as a queen does, to see them
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from rbee_mesh.actors.jobclient import JobClient
+from rbee_mesh.actors.jobclient import ClientJob, JobClient
 from rbee_mesh.actors.jobserver import JobServer, ServerJob
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.narration import emit_record, narrate
@@ -54,6 +54,23 @@ async def serving(handler: Handler) -> AsyncIterator[JobClient]:
             await server.stop("the test is over")
 
 
+async def streamed(
+    handler: Handler,
+    op: Ping = Ping(),  # noqa: B008 - frozen, never changed
+    during: Callable[[ClientJob, Frames], Awaitable[None]] | None = None,
+) -> tuple[Frames, ClientJob]:
+    """Run `op` on a server whose `ping` is `handler`, its frames taken as they came (and
+    `during` run while the job runs); the frames and the ended job."""
+    frames = Frames()
+    with trio.fail_after(20):
+        async with serving(handler) as keeper:
+            job = await keeper.submit(op, relay=frames)
+            if during is not None:
+                await during(job, frames)
+            await job.end()
+    return frames, job
+
+
 class Frames:
     """A job's streamed frames as they arrived (decoded), and an event per frame."""
 
@@ -87,11 +104,7 @@ async def test_a_burst_goes_in_batches_in_order_and_whole() -> None:
                 emit_record({"i": i})
         return {"count": op.count}
 
-    frames = Frames()
-    with trio.fail_after(20):
-        async with serving(burst) as keeper:
-            job = await keeper.submit(Ping(count=1_000), relay=frames)
-            await job.end()
+    frames, job = await streamed(burst, Ping(count=1_000))
     assert isinstance(job.terminal, Done)
     said = [(m.human if isinstance(m, Narration) else m.record["i"]) for m in frames.messages]
     expected: list[Any] = []
@@ -114,13 +127,11 @@ async def test_a_held_frame_goes_while_the_job_is_quiet() -> None:
         narrate("second", "held, then sent though nothing follows it")
         await go_on.wait()
 
-    frames = Frames()
-    with trio.fail_after(20):
-        async with serving(pause) as keeper:
-            job = await keeper.submit(Ping(), relay=frames)
-            await frames.wait_for(2)  # while the job waits on this test
-            go_on.set()
-            await job.end()
+    async def release(job: ClientJob, frames: Frames) -> None:
+        await frames.wait_for(2)  # while the job waits on this test
+        go_on.set()
+
+    frames, job = await streamed(pause, during=release)
     assert [m.action for m in frames.messages if isinstance(m, Narration)] == ["first", "second"]
     assert isinstance(job.terminal, Done)
 
@@ -131,11 +142,7 @@ async def test_a_lone_frame_is_never_held() -> None:
             narrate("pong", f"pong {i}")
             await trio.sleep(0.05)  # far more than COALESCE_S apart: the pace under test
 
-    frames = Frames()
-    with trio.fail_after(20):
-        async with serving(apart) as keeper:
-            job = await keeper.submit(Ping(), relay=frames)
-            await job.end()
+    frames, _ = await streamed(apart)
     assert [type(f) for f in frames.frames] == [Narration] * 3
 
 
@@ -148,13 +155,11 @@ async def test_held_frames_go_before_a_token_and_before_a_cancellation() -> None
         narrate("four", "held")
         await trio.sleep_forever()
 
-    frames = Frames()
-    with trio.fail_after(20):
-        async with serving(then_wait) as keeper:
-            job = await keeper.submit(Ping(), relay=frames)
-            await frames.wait_for(3)
-            await job.cancel("the test cancels it")
-            await job.end()
+    async def cancel(job: ClientJob, frames: Frames) -> None:
+        await frames.wait_for(3)
+        await job.cancel("the test cancels it")
+
+    frames, job = await streamed(then_wait, during=cancel)
     kinds = [type(m).__name__ for m in frames.messages]
     assert kinds == ["Narration", "Narration", "Token", "Narration", "Narration"]
     assert isinstance(job.terminal, Cancelled)
@@ -169,10 +174,6 @@ async def test_a_record_too_big_for_a_batch_goes_alone_after_those_held() -> Non
         emit_record(big)
         narrate("three", "held again")
 
-    frames = Frames()
-    with trio.fail_after(20):
-        async with serving(mixed) as keeper:
-            job = await keeper.submit(Ping(), relay=frames)
-            await job.end()
+    frames, _ = await streamed(mixed)
     assert [type(f) for f in frames.frames] == [Narration, Narration, Data, Narration]
     assert isinstance(frames.frames[2], Data) and frames.frames[2].record == big

@@ -710,6 +710,7 @@ def _over_ssh(
     from rbee_mesh.actors.keeper.exits import EXIT_FOR_REMOTE
     from rbee_mesh.actors.keeper.remote import Host, SshError
     from rbee_mesh.actors.keeper.remote_hive import RemoteHiveError
+    from rbee_mesh.actors.keeper.render import said_line
 
     try:
         target = Host.parse(host, config=ssh_config)
@@ -721,7 +722,7 @@ def _over_ssh(
             click.echo(json.dumps({"event": "step", "step": step, "message": text,
                                    "ts": time.time()}))  # fmt: skip
         else:
-            click.secho(f"[{'keeper':<10}] {step:<15} : {text}", err=True)
+            click.secho(said_line("keeper", step, text), err=True)
 
     try:
         return trio.run(work, target, say)

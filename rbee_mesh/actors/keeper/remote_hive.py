@@ -266,12 +266,11 @@ async def _step(
     ran = await run(host, ["sh", "-c", script], stdin=stdin, timeout_s=STEP_TIMEOUT_S)
     if ran.status != 0 and ran.status not in allowed:
         output = f"{ran.stderr.strip()}\n{ran.stdout.strip()}".strip()
-        lines = output.splitlines()[-TAIL_LINES:]
-        said = "\n  ".join(lines) or "(it printed nothing)"
         advice = f"\n{hint}" if hint else ""
         failure = HiveFailure.PORT_IN_USE if "in use" in output else HiveFailure.FAILED
         raise RemoteHiveError(
-            failure, f"{what} failed on {host} (exit status {ran.status}):\n  {said}{advice}"
+            failure,
+            f"{what} failed on {host} (exit status {ran.status}):\n  {_tail(output)}{advice}",
         )
     return ran
 
@@ -302,8 +301,13 @@ def _download_dependencies(wheel: Path, into: Path) -> None:
 def _local(what: str, argv: list[str]) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        lines = (done.stderr.strip() or done.stdout.strip()).splitlines()[-TAIL_LINES:]
-        raise RemoteHiveError(HiveFailure.FAILED, f"{what} failed here:\n  " + "\n  ".join(lines))
+        output = done.stderr.strip() or done.stdout.strip()
+        raise RemoteHiveError(HiveFailure.FAILED, f"{what} failed here:\n  {_tail(output)}")
+
+
+def _tail(output: str) -> str:
+    """The last TAIL_LINES lines of what a step printed, indented under its message."""
+    return "\n  ".join(output.splitlines()[-TAIL_LINES:]) or "(it printed nothing)"
 
 
 def _tar(directory: Path) -> tuple[int, bytes]:

@@ -50,7 +50,12 @@ class Renderer(Protocol):
 
 
 def narration_line(n: Narration) -> str:
-    return f"[{n.actor:<10}] {n.action:<15} : {n.human}"
+    return said_line(n.actor, n.action, n.human)
+
+
+def said_line(actor: str, action: str, human: str) -> str:
+    """What an actor says, as a person reads narration (also the keeper's own steps)."""
+    return f"[{actor:<10}] {action:<15} : {human}"
 
 
 class HumanRenderer:
