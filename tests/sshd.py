@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def running_sshd() -> Iterator[Sshd]:
             stderr=(work / "sshd.log").open("w"),
         )
         stack.callback(stop_process, server)
-        _wait_for_port(port, server)
+        _wait_for(lambda: _listens(port), server, f"sshd on port {port}")
         known_hosts = work / "known_hosts"
         public = host_key.with_suffix(".pub").read_text().split()
         known_hosts.write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
@@ -143,19 +144,93 @@ def running_sshd() -> Iterator[Sshd]:
         yield Sshd(port, user, home, key, known_hosts, config, host_key.with_suffix(".pub"))
 
 
-def _wait_for_port(port: int, server: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
-    """Until sshd accepts connections (another process: no event to wait on, so a bounded poll)."""
+def _wait_for(
+    ready: Callable[[], bool], process: subprocess.Popen[bytes], what: str, timeout_s: float = 20
+) -> None:
+    """Until `ready()` (another process: no event to wait on, so a bounded poll)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"sshd exited with {server.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        if ready():
             return
         time.sleep(0.02)
-    raise RuntimeError(f"sshd did not listen on port {port} within {timeout_s:g}s")
+    raise RuntimeError(f"no {what} within {timeout_s:g}s")
+
+
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _remove_user(user: str) -> None:
     """The user, every process of theirs, and their home."""
     subprocess.run(["pkill", "-KILL", "-u", user], check=False)
     subprocess.run(["userdel", "--remove", user], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def user_manager(box: Sshd) -> Iterator[dict[str, str]]:
+    """A systemd user manager (`systemd --user`) for the box's user, as logind starts one; with
+    no logind to stop it at their last logout, it runs until this block ends, as lingering
+    does. Yields what their sessions need to reach it (XDG_RUNTIME_DIR).
+
+    This machine need not run systemd as PID 1: the manager runs in a mount namespace of its own
+    where /run/systemd/system exists (what systemd looks at to know it was booted with), in a
+    cgroup of each hierarchy that it may manage (delegated to the user, as logind does)."""
+    systemd = Path("/lib/systemd/systemd")
+    if not systemd.exists() or shutil.which("systemctl") is None:
+        skip_or_fail("no systemd (apt-get install systemd; .ci/run does)")
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    hierarchies = [  # cgroup v2's, and v1's own of systemd (where the two are mixed)
+        Path(mount[1])
+        for mount in mounts
+        if mount[2] == "cgroup2" or (mount[2] == "cgroup" and "name=systemd" in mount[3])
+    ]
+    if not hierarchies:
+        skip_or_fail("no cgroup hierarchy to delegate to a systemd user manager")
+    uid = pwd.getpwnam(box.user).pw_uid
+    groups = [path / f"rbee-{box.user}" for path in hierarchies]
+    with contextlib.ExitStack() as stack:
+        runtime = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rbee-run-")))
+        os.chown(runtime, uid, uid)
+        stack.callback(_remove_cgroups, groups)
+        for group in groups:
+            group.mkdir()
+            subprocess.run(["chown", "-R", f"{box.user}:{box.user}", str(group)], check=True)
+        enter = "; ".join(f"echo $$ > {group}/cgroup.procs" for group in groups)
+        setup = f"mount -t tmpfs rbee-run /run && mkdir -p /run/systemd/system && {enter}"
+        manager = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'{setup} && exec setpriv --reuid={uid} --regid={uid} --init-groups "$@"', "-",
+             "env", "-i", f"HOME={box.home}", f"USER={box.user}", f"LOGNAME={box.user}",
+             f"XDG_RUNTIME_DIR={runtime}", "PATH=/usr/local/bin:/usr/bin:/bin",
+             str(systemd), "--user"],
+            stdout=subprocess.DEVNULL,
+            stderr=stack.enter_context((runtime / "manager.log").open("w")),
+        )  # fmt: skip
+        stack.callback(stop_process, manager)
+        _wait_for(lambda: (runtime / "systemd" / "private").exists(), manager, "its socket")
+        yield {"XDG_RUNTIME_DIR": str(runtime)}
+
+
+def _remove_cgroups(groups: list[Path]) -> None:
+    """Every process left in `groups` killed, then the groups, innermost first."""
+    for group in groups:
+        for procs in group.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+    deadline = time.monotonic() + 10
+    for group in groups:
+        for directory in [*sorted(group.rglob("*/"), key=lambda p: -len(p.parts)), group]:
+            while directory.exists():
+                try:
+                    directory.rmdir()
+                except OSError:  # (its killed processes not yet gone)
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)

@@ -83,6 +83,30 @@ def test_hive_daemon_starts_answers_and_stops(mesh: Mesh) -> None:
     assert after.returncode == 3 and "no hive is running" in after.stderr
 
 
+def test_a_systemd_unit_where_no_user_manager_runs_is_refused_and_auto_starts_a_daemon(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No user manager answers here: its socket would be in this (empty) runtime directory.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    ports = ("--bind", "tcp://127.0.0.1:0", "--heartbeat-bind", "tcp://127.0.0.1:0")
+    refused = mesh.run("hive", "start", "--service", "systemd", *ports)
+    assert refused.returncode == 3, refused.stderr
+    assert "cannot run the hive as a systemd user unit" in refused.stderr
+    assert not (mesh.home / "hive.json").exists() and not (tmp_path / "config").exists()
+    both = mesh.run("hive", "start", "--foreground", "--service", "auto", *ports)
+    assert both.returncode == 2 and "takes no --service" in both.stderr
+
+    started = mesh.run("--json", "hive", "start", "--service", "auto", *ports)
+    try:
+        assert started.returncode == 0, started.stderr
+        record = json_events(started.stdout)[-1]
+        assert record["service"] == "daemon" and record["not_systemd_because"]
+        assert alive(record["pid"]) and not (tmp_path / "config").exists()
+    finally:
+        assert mesh.run("hive", "stop").returncode == 0
+
+
 @pytest.mark.parametrize("how", ["flag", "config"])
 def test_queen_manages_a_hive_named_by_flag_or_config(mesh: Mesh, how: str) -> None:
     assert (

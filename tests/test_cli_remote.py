@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from rbee_mesh.actors.keeper.exits import (
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from tests import hub as fake_hub
 from tests.clitools import Mesh, free_port
-from tests.sshd import Sshd, make_key, running_sshd
+from tests.sshd import Sshd, make_key, running_sshd, user_manager
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +204,8 @@ def test_a_hive_started_over_ssh_joins_this_queen_runs_a_job_and_stops_leaving_n
         assert started.returncode == 0, started.stderr
         record = json.loads(started.stdout.splitlines()[-1])
         assert (record["hive"], record["queen_address"]) == ("far-hive", "127.0.0.1")
+        assert record["service"] == "daemon"  # (no systemd user manager there; one is tested below)
+        assert "no systemd user manager" in record["not_systemd_because"]
         wait_until_live(mesh, "far-hive")
         pulled = mesh.run("model", "download", REPO, "--hive", "far-hive", timeout=120)
         assert pulled.returncode == 0, pulled.stderr
@@ -232,6 +236,53 @@ def test_a_hive_started_over_ssh_joins_this_queen_runs_a_job_and_stops_leaving_n
     finally:
         mesh.run("queen", "stop")
         mesh.run("hive", "uninstall", "testbox", "--ssh-config", str(box.config))
+
+
+def test_where_a_systemd_user_manager_runs_the_hive_is_a_unit_that_restarts_it_and_stop_removes(
+    box: Sshd, tmp_path: Path
+) -> None:
+    mesh = Mesh(tmp_path / "state")
+    ssh = ("--ssh-config", str(box.config))
+    queen = mesh.run("queen", "start", "--no-discovery", "--no-api", "--bind",
+                     f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+    assert queen.returncode == 0, queen.stderr
+    unit = box.home / ".config" / "systemd" / "user" / "rbee-mesh-hive.service"
+    state = box.home / ".local" / "state" / "rbee-mesh"
+    try:
+        assert (
+            mesh.run("hive", "install", "testbox", "--offline", *ssh, timeout=600).returncode == 0
+        )
+        with user_manager(box) as session, box.environment(RBEE_MESH_DISCOVERY="0", **session):
+            started = mesh.run("--json", "hive", "start", "--ssh", "testbox", "--id", "unit-hive",
+                               "--bind", f"tcp://127.0.0.1:{free_port()}", "--heartbeat-bind",
+                               f"tcp://127.0.0.1:{free_port()}", *ssh, timeout=120)  # fmt: skip
+            assert started.returncode == 0, started.stderr
+            record = json.loads(started.stdout.splitlines()[-1])
+            assert (record["service"], record["not_systemd_because"]) == ("systemd", None)
+            assert unit.stat().st_mode & 0o077 == 0  # the user's alone
+            assert '"RBEE_MESH_DISCOVERY=0"' in unit.read_text()  # the shell's settings
+            assert hive_pids(box.user) == [record["pid"]]
+            wait_until_live(mesh, "unit-hive")
+
+            os.kill(record["pid"], signal.SIGKILL)  # systemd starts it again
+            deadline = time.monotonic() + 60
+            while hive_pids(box.user) in ([], [record["pid"]]) and time.monotonic() < deadline:
+                time.sleep(0.1)  # (systemd's restart: another process, a bounded poll)
+            assert len(hive_pids(box.user)) == 1 and hive_pids(box.user) != [record["pid"]]
+            wait_until_live(mesh, "unit-hive")
+
+            stopped = mesh.run("--json", "hive", "stop", "--ssh", "testbox", *ssh)
+            assert stopped.returncode == 0, stopped.stderr
+            assert hive_pids(box.user) == [] and not unit.exists()
+            assert not (state / "hive.json").exists()
+    finally:
+        mesh.run("queen", "stop")
+        mesh.run("hive", "uninstall", "testbox", *ssh)
+
+
+def hive_pids(user: str) -> list[int]:
+    """The live rbee-mesh processes of `user`."""
+    return [pid for pid, args in live_processes(user) if "rbee_mesh" in args or "rbee-mesh" in args]
 
 
 def test_a_port_in_use_there_exits_15_and_a_box_without_rbee_mesh_4(
@@ -266,11 +317,13 @@ def test_a_port_in_use_there_exits_15_and_a_box_without_rbee_mesh_4(
         mesh.run("hive", "uninstall", "testbox", *ssh)
 
 
-def live_processes(user: str) -> list[str]:
+def live_processes(user: str) -> list[tuple[int, str]]:
     """The processes of `user` that run (not the exited ones that wait to be reaped: where PID
-    1 is not an init, they do, and they are no process of the hive's any more)."""
-    ps = subprocess.run(["ps", "-u", user, "-o", "stat=,args="], capture_output=True, text=True)
-    return [line for line in ps.stdout.splitlines() if not line.strip().startswith("Z")]
+    1 is not an init, they do, and they are no process of the hive's any more): (pid, args)."""
+    ps = subprocess.run(["ps", "-u", user, "-o", "pid=,stat=,args="], capture_output=True,
+                        text=True)  # fmt: skip
+    rows = [[*line.split(None, 2), ""][:3] for line in ps.stdout.splitlines()]
+    return [(int(pid), args) for pid, stat, args in rows if not stat.startswith("Z")]
 
 
 def wait_until_live(mesh: Mesh, hive: str, timeout_s: float = 60) -> None:

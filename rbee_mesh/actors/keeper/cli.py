@@ -518,6 +518,14 @@ def hive() -> None:
 @_heartbeat_option
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @click.option(
+    "--service",
+    type=click.Choice(["daemon", "systemd", "auto"]),
+    help="How it runs (default: daemon; with --ssh, auto). daemon: detached, until stopped or "
+    "the machine restarts; systemd: a systemd user unit, rbee-mesh-hive.service, started again "
+    "if it fails and at boot; auto: the unit where a user manager runs that outlives your "
+    "sessions, else the daemon.",
+)
+@click.option(
     "--ssh",
     "ssh_host",
     metavar="HOST",
@@ -535,6 +543,7 @@ def hive_start(
     hive_id: str,
     heartbeat_s: float,
     foreground: bool,
+    service: str | None,
     ssh_host: str | None,
     ssh_config: Path | None,
 ) -> None:
@@ -545,9 +554,10 @@ def hive_start(
     obeys the queens it trusts only: one of this machine's state directory, or one it joined.
 
     With --ssh HOST it starts the hive of HOST (a daemon there, which outlives the SSH
-    session) and joins it to this machine's queen, which manages it at once: the join token
-    goes over the SSH connection, so no pairing step is needed. --bind, --heartbeat-bind, --id
-    and --heartbeat apply to that hive; its name is HOST's own unless --id says otherwise.
+    session: a systemd user unit where one would do, as --service auto says) and joins it to
+    this machine's queen, which manages it at once: the join token goes over the SSH
+    connection, so no pairing step is needed. --bind, --heartbeat-bind, --id, --heartbeat and
+    --service apply to that hive; its name is HOST's own unless --id says otherwise.
     """
     if ssh_host is not None:
         if foreground or local_only or token is not None:
@@ -563,6 +573,7 @@ def hive_start(
             "--heartbeat": str(heartbeat_s)
             if source("heartbeat_s") is ParameterSource.COMMANDLINE
             else None,
+            "--service": service or "auto",
         }
         args = [part for option, value in given.items() if value for part in (option, value)]
         _start_over_ssh(cli, ssh_host, ssh_config, args)
@@ -573,6 +584,8 @@ def hive_start(
     hive_id = _valid_id(hive_id)
     if token is not None and local_only:
         raise click.UsageError("--join needs the LAN: a queen cannot reach a --local-only hive")
+    if foreground and service is not None:
+        raise click.UsageError("--foreground runs the hive here and now: it takes no --service")
     if token is not None:
         if daemon.read_info("hive") is None:  # (a hive that runs holds its ports itself)
             for endpoint in (bind, heartbeat_bind):
@@ -606,7 +619,7 @@ def hive_start(
         "--heartbeat",
         str(heartbeat_s),
     ]
-    _start_daemon(cli, "hive", argv)
+    _start_daemon(cli, "hive", argv, service or "daemon")
 
 
 @hive.command("install")
@@ -656,6 +669,7 @@ def hive_uninstall(cli: Cli, host: str, ssh_config: Path | None) -> None:
 def _start_over_ssh(cli: Cli, host: str, ssh_config: Path | None, hive_args: list[str]) -> None:
     from rbee_mesh.actors.keeper.client import open_keeper
     from rbee_mesh.actors.keeper.remote_hive import start
+    from rbee_mesh.actors.keeper.systemd import unit_name
     from rbee_mesh.protocol import outcome
     from rbee_mesh.protocol.operations import Invite
 
@@ -670,12 +684,16 @@ def _start_over_ssh(cli: Cli, host: str, ssh_config: Path | None, hive_args: lis
     done = _over_ssh(
         cli, host, ssh_config, lambda h, say: start(h, hive_args, invite=invite, say=say)
     )
+    how = f"systemd user unit {unit_name('hive')}" if done.service == "systemd" else "daemon"
     _say(
         cli,
-        f"hive {done.hive} started on {done.host} (pid {done.pid}) on {done.endpoint}, joined "
-        f"to this queen at {done.queen_address}",
+        f"hive {done.hive} started on {done.host} (pid {done.pid}, {how}) on {done.endpoint}, "
+        f"joined to this queen at {done.queen_address}"
+        + (f"\n(not a systemd user unit: {done.not_systemd_because})"
+           if done.not_systemd_because else ""),
         {"event": "hive", "state": "running", "host": done.host, "hive": done.hive,
-         "endpoint": done.endpoint, "pid": done.pid, "queen_address": done.queen_address},
+         "endpoint": done.endpoint, "pid": done.pid, "queen_address": done.queen_address,
+         "service": done.service, "not_systemd_because": done.not_systemd_because},
     )  # fmt: skip
 
 
@@ -942,7 +960,9 @@ def _port_free_or_fail(cli: Cli, endpoint: str) -> None:
                   EXIT_UNAVAILABLE)  # fmt: skip
 
 
-def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
+def _start_daemon(cli: Cli, name: str, argv: list[str], service: str = "daemon") -> None:
+    """Start `rbee-mesh <argv>` as the daemon `name`: detached, or with `service` "systemd" as
+    a systemd user unit ("auto": the unit where one would do, saying why not where not)."""
     running = daemon.read_info(name)
     if running is not None:
         _say(
@@ -959,14 +979,32 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
         return
     import trio
 
+    from rbee_mesh.actors.keeper import systemd
     from rbee_mesh.actors.keeper.session import wait_until_serving
 
-    proc = daemon.spawn_detached(name, argv)
-    info = trio.run(wait_until_serving, name, proc.pid, proc.poll, cli.trust)
+    why_not = systemd.unusable() if service != "daemon" else None
+    if service == "systemd" and why_not is not None:
+        _fail(cli, ErrorCode.UNAVAILABLE, f"cannot run the {name} as a systemd user unit: "
+              f"{why_not}", EXIT_UNAVAILABLE)  # fmt: skip
+    unit = service != "daemon" and why_not is None
+    poll: Callable[[], int | None]
+    if unit:
+        try:
+            pid = systemd.install(name, argv)
+        except systemd.SystemdError as exc:
+            systemd.remove(name)
+            _fail(cli, ErrorCode.UNAVAILABLE, str(exc), EXIT_UNAVAILABLE)
+        poll = functools.partial(_exited, pid)
+    else:
+        proc = daemon.spawn_detached(name, argv)
+        pid, poll = proc.pid, proc.poll
+    info = trio.run(wait_until_serving, name, pid, poll, cli.trust)
     if info is None:
-        code = proc.poll()
-        if code is None:
-            daemon.stop_process(proc.pid, grace_s=2)
+        code = poll()
+        if unit:
+            systemd.remove(name)
+        elif code is None:
+            daemon.stop_process(pid, grace_s=2)
         why = f"exited with code {code}" if code is not None else "did not answer within 15s"
         _fail(
             cli,
@@ -975,11 +1013,13 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
             f"{daemon.log_tail(name)}",
             EXIT_UNAVAILABLE,
         )
+    how = f"systemd user unit {systemd.unit_name(name)}" if unit else "daemon"
     _say(
         cli,
-        f"{name} started (pid {info.pid}) on {info.endpoint}"
+        f"{name} started (pid {info.pid}, {how}) on {info.endpoint}"
         + (f", OpenAI-compatible API at {info.api}" if info.api else "")
-        + f"; log: {daemon.log_path(name)}",
+        + f"; log: {daemon.log_path(name)}"
+        + (f"\n(not a systemd user unit: {why_not})" if why_not else ""),
         {
             "event": name,
             "state": "running",
@@ -987,17 +1027,32 @@ def _start_daemon(cli: Cli, name: str, argv: list[str]) -> None:
             "endpoint": info.endpoint,
             "api": info.api or None,
             "started": True,
+            "service": "systemd" if unit else "daemon",
+            "not_systemd_because": why_not,
         },
     )
 
 
+def _exited(pid: int) -> int | None:
+    """None while `pid` runs, else 1 (a process not our child: its status is not ours to read)."""
+    return None if daemon.is_running(pid) else 1
+
+
 def _stop_daemon(cli: Cli, name: str) -> None:
+    """Stop the daemon `name`, and disable and remove its systemd user unit if it has one."""
+    from rbee_mesh.actors.keeper import systemd
+
     info = daemon.read_info(name)
+    try:
+        unit = systemd.remove(name)  # (systemd stops it: else it would start it again)
+    except systemd.SystemdError as exc:
+        _fail(cli, ErrorCode.UNAVAILABLE, str(exc), EXIT_UNAVAILABLE)
+    removed = f"; systemd user unit {systemd.unit_name(name)} removed" if unit else ""
     if info is None:
         _say(
             cli,
-            f"no {name} is running on this machine",
-            {"event": name, "state": "stopped", "pid": None},
+            f"no {name} is running on this machine{removed}",
+            {"event": name, "state": "stopped", "pid": None, "unit_removed": unit},
         )
         return
     killed = daemon.stop_process(info.pid)
@@ -1005,9 +1060,10 @@ def _stop_daemon(cli: Cli, name: str) -> None:
     how = "killed after it ignored SIGTERM" if killed else "stopped"
     _say(
         cli,
-        f"{name} {how} (pid {info.pid})",
-        {"event": name, "state": "stopped", "pid": info.pid, "killed": killed},
-    )
+        f"{name} {how} (pid {info.pid}){removed}",
+        {"event": name, "state": "stopped", "pid": info.pid, "killed": killed,
+         "unit_removed": unit},
+    )  # fmt: skip
 
 
 def _local_daemon(cli: Cli, name: str) -> daemon.DaemonInfo:

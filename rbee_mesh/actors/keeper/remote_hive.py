@@ -10,13 +10,14 @@ Python minor version, or pip refuses them, and says so). Installing again upgrad
 Uninstalling removes REMOTE_DIR and nothing else: a hive's state (its models) stays where the
 hive keeps it.
 
-Starting runs the installed rbee-mesh's own `hive start` there (a detached daemon: it outlives
-the SSH session), joined to this machine's queen with a join token that this command asks the
-queen for and passes to it over the SSH connection, on its standard input: the secret that
-makes the queen trust the hive (and the hive the queen) travels only inside the authenticated
-channel, and the person runs no pairing step. The token names the queen at the address the
-remote sees this machine at (the SSH connection's own). Stopping and asking run `hive stop`
-and `hive status` there.
+Starting runs the installed rbee-mesh's own `hive start` there (a daemon that outlives the SSH
+session: a systemd user unit where a user manager runs that outlives the user's sessions, as
+`--service auto` says, else a detached process), joined to this machine's queen with a join token
+that this command asks the queen for and passes to it over the SSH connection, on its standard
+input: the secret that makes the queen trust the hive (and the hive the queen) travels only inside
+the authenticated channel, and the person runs no pairing step. The token names the queen at the
+address the remote sees this machine at (the SSH connection's own). Stopping and asking run `hive
+stop` and `hive status` there.
 
 Each step is reported to `say` as it starts; a failure is a `RemoteHiveError` (no Python 3.11
 on the remote, rbee-mesh not installed there, its port in use, or a step that failed, with the
@@ -149,6 +150,9 @@ class Started:
     pid: int
     #: The queen's address as the remote reaches it (what the join token named).
     queen_address: str
+    #: How it runs there: "systemd" (a user unit) or "daemon"; and, for a daemon, why no unit.
+    service: str
+    not_systemd_because: str | None
 
 
 async def start(
@@ -179,7 +183,10 @@ async def start(
     joined = next((e for e in events if e.get("event") == "joined"), None)
     if hive is None or joined is None:
         raise RemoteHiveError(HiveFailure.FAILED, f"hive start on {host} said: {ran.stdout[-500:]}")
-    return Started(str(host), str(joined["name"]), str(hive["endpoint"]), int(hive["pid"]), address)
+    return Started(
+        str(host), str(joined["name"]), str(hive["endpoint"]), int(hive["pid"]), address,
+        str(hive.get("service", "daemon")), hive.get("not_systemd_because"),
+    )  # fmt: skip
 
 
 async def stop(host: Host, *, say: Say) -> bool:
