@@ -12,12 +12,13 @@ Tests steer it: refuse every request with a status, accept and never answer, dro
 after N body bytes, serve at a limited rate, ignore Range, require a token. It records every
 request (method, path, Range, Authorization) and counts the body bytes it sent.
 
-Use the `hub` fixture: it sets HF_ENDPOINT for the test. Another process (a host of a test LAN) runs
-one with ``python -m tests.hub [--host H] [--rate-bps N] DIR``: it serves every file
+Use the `hub` fixture: it sets HF_ENDPOINT for the test. Another process (a host of a test LAN)
+runs one with ``python -m tests.hub [--host H] [--rate-bps N] DIR``: it serves every file
 DIR/OWNER/REPO/NAME as NAME of repo OWNER/REPO, prints its endpoint, and serves until its stdin
-closes. Import it into a test module as
-``from tests import hub as fake_hub`` and ``hub = fake_hub.hub`` (importing the name itself makes
-ruff see every `hub` parameter as a redefinition, F811).
+closes; then it prints {"file_gets": [...]}, the paths of the file GETs it served, as one JSON
+line. Import it into a test module as ``from tests import hub as fake_hub`` and ``hub =
+fake_hub.hub`` (importing the name itself makes ruff see every `hub` parameter as a redefinition,
+F811).
 """
 
 from __future__ import annotations
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     print(hub.endpoint, flush=True)
     sys.stdin.read()
     hub.close()
+    print(json.dumps({"file_gets": [r.path for r in hub.file_gets()]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,15 @@ class Lan:
         _ip("bridge", "-n", self.bridge_netns, "link", "set", "dev", host.port, "state", "3")
         self._cut.discard(host.name)
 
+    def shape(self, host: Host, rate: str) -> None:
+        """Let the host send at most `rate` (tc's units, such as "40mbit"), as over a slow
+        cable: a token bucket (tbf) on its eth0; what it receives is not slowed."""
+        _ip("ip", "netns", "exec", host.netns, "tc", "qdisc", "replace", "dev", "eth0", "root",
+            "tbf", "rate", rate, "burst", "64kb", "latency", "400ms")  # fmt: skip
+
+    def unshape(self, host: Host) -> None:
+        _ip("ip", "netns", "exec", host.netns, "tc", "qdisc", "del", "dev", "eth0", "root")
+
     # ---- cleanup --------------------------------------------------------------------------------
 
     def close(self) -> None:

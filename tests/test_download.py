@@ -232,8 +232,9 @@ async def test_progress_is_narrated_and_emitted_every_interval_with_rate_and_eta
     records = job.records()
     assert len(records) == len(progress)
     assert all(
-        set(r) == {"kind", "model", "bytes", "total", "rate_bps", "eta_s"}
+        set(r) == {"kind", "model", "bytes", "total", "rate_bps", "eta_s", "source"}
         and r["kind"] == "progress"
+        and r["source"] == f"the hub at {hub.endpoint}"
         and r["model"] == REF
         and r["total"] == 200_000
         for r in records

@@ -112,6 +112,8 @@ def strategy_for_spec(spec: F.Spec) -> st.SearchStrategy[Any]:
         return st.floats(spec.lo, spec.hi, exclude_min=spec.open_lo, allow_nan=False)
     if isinstance(spec, F.Bool):
         return st.booleans()
+    if isinstance(spec, F.Blob):
+        return st.binary(max_size=min(spec.max_len, TEXT_CAP))
     if isinstance(spec, F.OneOf):
         return st.sampled_from(list(spec.enum))
     if isinstance(spec, F.Choice):

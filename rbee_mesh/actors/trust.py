@@ -9,6 +9,8 @@ owner's key). Other nodes are trusted by role:
     queen    a queen this hive joined or paired with: everything a hive serves
     hive     a hive this queen manages: its key is pinned; it may submit nothing
     keeper   a keeper of another machine that joined: the keepers' operations
+    peer     another hive of the mesh, vouched for by a queen this hive trusts: it may read
+             this hive's models (to fetch one from here), and nothing else
     joined   a queen this node joined as a keeper: pinned to talk to it; it may ask nothing
     invite   a join token's or pairing code's one-time key: `join` (queen) or `pair` (hive)
 
@@ -80,6 +82,8 @@ class Role(StrEnum):
     JOINED = "joined"
     #: A client of the queen's HTTP API, by the hash of its API key (never a socket's key).
     API = "api"
+    #: Another hive of the mesh, as a queen this hive trusts named it (`peer_trust`).
+    PEER = "peer"
 
 
 #: Operations only the owner may submit to a queen: they change whom it trusts, or name a path
@@ -94,6 +98,10 @@ OWNER_ONLY = frozenset(
 API_KEY_PREFIX = "rbee-sk-"
 #: What a node may send with a one-time key: a join token's to a queen, a pairing code's to a hive.
 REDEEMING = frozenset({"join", "pair"})
+#: What a hive serves to its queens and peers alone: a queen runs them on no one's behalf.
+HIVE_TO_HIVE = frozenset({"model_read", "peer_trust"})
+#: What a peer (another hive of the mesh) may ask of a hive: its models, to fetch one.
+PEERS = frozenset({"model_read", "model_get"})
 
 ALL: frozenset[str] | None = None
 """In a policy: every operation the actor serves."""
@@ -103,11 +111,14 @@ def _policy(actor: Actor) -> Mapping[Role, frozenset[str] | None]:
     """What each role may submit to `actor`. A role not named may submit nothing, and is not
     even admitted at the handshake of the actor's sockets."""
     if actor is Actor.QUEEN:
-        keepers = frozenset(OPERATIONS) - OWNER_ONLY - REDEEMING - {"hive_pair"}
+        keepers = frozenset(OPERATIONS) - OWNER_ONLY - REDEEMING - HIVE_TO_HIVE - {"hive_pair"}
         return {Role.OWNER: ALL, Role.KEEPER: keepers, Role.INVITE: frozenset({"join"})}
     if actor is Actor.HIVE:
         queens = frozenset(OPERATIONS) - REDEEMING - {"hive_pair", "model_import"}
-        return {Role.OWNER: ALL, Role.QUEEN: queens, Role.INVITE: frozenset({"pair"})}
+        return {
+            Role.OWNER: ALL, Role.QUEEN: queens, Role.INVITE: frozenset({"pair"}),
+            Role.PEER: PEERS,
+        }  # fmt: skip
     return {Role.OWNER: ALL}  # a worker: its hive, whose key it holds
 
 

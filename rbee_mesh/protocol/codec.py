@@ -29,6 +29,7 @@ from rbee_mesh.protocol.constants import (
     MAGIC,
     MAX_BODY_BYTES,
     MAX_BODY_VALUES,
+    MAX_CHUNK_BYTES,
     MAX_JOB_ID,
     PROTOCOL_VERSION,
 )
@@ -235,13 +236,14 @@ def _check_header(header: bytes) -> None:
     )
 
 
-#: How every body is unpacked: no bytes or extension types, and explicit limits.
+#: How every body is unpacked: no extension types, bytes no longer than a CHUNK's (only its
+#: `data` takes bytes: every other field, free-form values too, refuses them), explicit limits.
 _UNPACK_OPTIONS: dict[str, Any] = {
     "raw": False,
     "strict_map_key": True,
     "use_list": True,
     "max_str_len": MAX_BODY_BYTES,
-    "max_bin_len": 0,
+    "max_bin_len": MAX_CHUNK_BYTES,
     "max_ext_len": 0,
     "max_array_len": MAX_BODY_VALUES,
     "max_map_len": MAX_BODY_VALUES,

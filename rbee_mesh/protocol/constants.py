@@ -12,7 +12,8 @@ MAGIC = b"RBEE"
 #: 3: every socket beyond a process is CURVE; the FORBIDDEN error code; trust operations.
 #: 4: SUBMIT carries `keep`; the job_watch operation.
 #: 5: BATCH: a job's narration and data records, coalesced.
-PROTOCOL_VERSION = 5
+#: 6: CHUNK: bytes of a model, from the hive that holds it to one that fetches it (model_read).
+PROTOCOL_VERSION = 6
 
 # ---- well-known ports ---------------------------------------------------------------------------
 
@@ -59,6 +60,15 @@ COALESCE_S = 0.001
 #: values, so a BATCH is always far within MAX_BODY_VALUES; a frame bigger than this goes alone.
 MAX_BATCH = 256
 BATCH_BYTES = 16 * 1024
+
+#: The bytes of a file one CHUNK frame carries (a model, hive to hive): big enough that a
+#: frame's own costs vanish beside its bytes, small enough to be read, sent and written while
+#: others are in flight.
+MAX_CHUNK_BYTES = 1 << 20
+#: The bytes one `model_read` job may ask for (it streams them as CHUNK frames).
+MAX_READ_BYTES = 16 * MAX_CHUNK_BYTES
+#: The hives a queen names to one that fetches a model from the mesh (in the order to try).
+MAX_MESH_SOURCES = 8
 
 # ---- liveness -----------------------------------------------------------------------------------
 

@@ -240,6 +240,23 @@ class TextList(Spec):
 
 
 @dataclass(frozen=True)
+class Blob(Spec):
+    """Bytes (msgpack's bin), at most `max_len` of them: a piece of a file, never text."""
+
+    max_len: int
+
+    def load(self, name: str, value: Any) -> bytes:
+        if type(value) is not bytes:
+            raise ProtocolError(f"{name} must be bytes, got {_type_name(value)}")
+        if len(value) > self.max_len:
+            raise ProtocolError(f"{name} may hold at most {self.max_len} bytes, got {len(value)}")
+        return value
+
+    def wire_type(self) -> Any:
+        return _annotated(bytes, max_length=self.max_len)
+
+
+@dataclass(frozen=True)
 class Turns(Spec):
     """The earlier turns of a chat: a bounded list of {"role", "content"} maps, kept as a tuple
     of (role, content) pairs."""

@@ -44,7 +44,7 @@ class JobState(StrEnum):
 
 #: The frames of a running job that stream to its submitter, between ACCEPTED and the end (a
 #: relay passes them on unopened).
-STREAMED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN, Kind.BATCH})
+STREAMED = frozenset({Kind.NARRATION, Kind.DATA, Kind.TOKEN, Kind.BATCH, Kind.CHUNK})
 
 #: The frames a server sends about one job, by the job's state: (state, frame) -> next state.
 TRANSITIONS: dict[tuple[JobState, Kind], JobState] = {
@@ -55,6 +55,7 @@ TRANSITIONS: dict[tuple[JobState, Kind], JobState] = {
     (JobState.RUNNING, Kind.DATA): JobState.RUNNING,
     (JobState.RUNNING, Kind.TOKEN): JobState.RUNNING,
     (JobState.RUNNING, Kind.BATCH): JobState.RUNNING,
+    (JobState.RUNNING, Kind.CHUNK): JobState.RUNNING,
     (JobState.RUNNING, Kind.DONE): JobState.DONE,
     (JobState.RUNNING, Kind.ERROR): JobState.FAILED,
     (JobState.RUNNING, Kind.CANCELLED): JobState.CANCELLED,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from rbee_mesh.protocol.constants import (
     MAX_BATCH,
+    MAX_CHUNK_BYTES,
     MAX_DEADLINE_S,
     MAX_HEARTBEAT_S,
     MAX_JOB_ID,
@@ -23,6 +24,7 @@ from rbee_mesh.protocol.constants import (
 )
 from rbee_mesh.protocol.errors import ErrorCode, ProtocolError
 from rbee_mesh.protocol.fields import (
+    Blob,
     Bool,
     Float,
     Int,
@@ -57,6 +59,7 @@ class Kind(IntEnum):
     READY = 11
     DISCONNECT = 12
     BATCH = 13
+    CHUNK = 14
 
 
 class Level(StrEnum):
@@ -266,6 +269,16 @@ class Token(Message):
     seq: int = spec(Int(0, 2**31))
     text: str = spec(Text(max_len=1_000_000))
     count: int = spec(Int(1, 1_000_000), 1)
+
+
+@dataclass(frozen=True)
+class Chunk(Message):
+    """Bytes of a file, from `offset` on: what a `model_read` job streams (one hive fetching a
+    model from another). Never relayed by a queen, never shown to a person."""
+
+    KIND = Kind.CHUNK
+    offset: int = spec(Int(0, 2**62))
+    data: bytes = spec(Blob(MAX_CHUNK_BYTES))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from rbee_mesh.protocol.constants import (
     MAX_CONTEXT_TOKENS,
     MAX_DEADLINE_S,
     MAX_GENERATED_TOKENS,
+    MAX_MESH_SOURCES,
+    MAX_READ_BYTES,
     MAX_SLOTS,
     MIN_CONTEXT_TOKENS,
 )
@@ -59,6 +61,30 @@ MODEL_REF = Text(
     min_len=1,
     pattern=re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._/-]*)?"),
     hint=" (expected a model id or OWNER/REPO[:FILE], without '..')",
+)
+_KEY = r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}"
+_TCP = r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
+#: A CURVE public key in z85 (what `rbee-mesh id` prints).
+PUBLIC_KEY = Text(
+    max_len=40,
+    min_len=40,
+    pattern=re.compile(_KEY),
+    hint=" (expected a 40-character public key, as `rbee-mesh id` prints it)",
+)
+#: A tcp endpoint another node can connect to.
+TCP_ENDPOINT = Text(
+    max_len=128,
+    min_len=1,
+    pattern=re.compile(_TCP),
+    hint=" (expected tcp://HOST:PORT)",
+)
+#: A hive that holds a model, as a queen names it to a hive that is to fetch the model from it:
+#: "NAME tcp://HOST:PORT KEY" (its name, its control endpoint, its public key).
+MESH_SOURCE = Text(
+    max_len=240,
+    min_len=50,
+    pattern=re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/@+-]{{0,63}} {_TCP} {_KEY}"),
+    hint=" (expected NAME tcp://HOST:PORT KEY)",
 )
 DEVICE = Text(
     max_len=16,
@@ -280,16 +306,54 @@ class WorkerDelete(_OnWorker):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelDownload(_OnHive):
-    """Download a GGUF model from the hub (HF_ENDPOINT honoured) into a hive's catalog.
+    """Download a GGUF model into a hive's catalog: from another hive of the mesh that holds
+    it, else from the hub (HF_ENDPOINT honoured).
 
     Without :FILE, a quantization is chosen in this order: Q4_K_M, Q5_K_M, Q4_0, Q8_0, F16.
-    An interrupted download resumes on the next request; Ctrl-C cancels and cleans up.
+    An interrupted download resumes on the next request, from whichever source; Ctrl-C
+    cancels and cleans up.
     """
 
     NAME = "model_download"
     DEADLINE_S = 6 * 3600.0
     COMMAND = ("model", "download")
     model: str = spec(MODEL_REF, arg=Arg(argument=True, metavar="REPO[:FILE]"))
+    source: str = spec(
+        Choice(("auto", "mesh", "hub")),
+        "auto",
+        arg=Arg("Where the bytes come from: auto takes them from a hive that holds the model, "
+                "else (or if they all fail) from the hub; mesh only from hives; hub only from "
+                "the hub.", name="from"),
+    )  # fmt: skip
+    #: The hives to take it from, in order (set by the queen, from what its hives hold).
+    peers: tuple[str, ...] = spec(
+        TextList(MESH_SOURCE, max_items=MAX_MESH_SOURCES), (), arg=Arg(hidden=True)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRead(Operation):
+    """Bytes of a model of this hive's catalog, `length` of them from `offset`, as CHUNK
+    frames; DONE says how many. A hive that fetches the model asks it (docs/sharing.md)."""
+
+    NAME = "model_read"
+    TARGET = Actor.HIVE
+    #: Its frames are bytes of a model, which nobody watches.
+    RECORDED = False
+    model: str = spec(MODEL_REF)
+    offset: int = spec(Int(0, 2**62))
+    length: int = spec(Int(1, MAX_READ_BYTES))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerTrust(Operation):
+    """Sent by a queen to a hive it manages: trust the hive NAME, of key KEY, as a peer, which
+    may read this hive's models (`model_read`, `model_get`) and nothing else."""
+
+    NAME = "peer_trust"
+    TARGET = Actor.HIVE
+    name: str = spec(ident())
+    key: str = spec(PUBLIC_KEY)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -446,20 +510,6 @@ class JobWatch(Operation):
     job: str = spec(ident(), arg=Arg(argument=True, metavar="JOB_ID"))
 
 
-#: A CURVE public key in z85 (what `rbee-mesh id` prints).
-PUBLIC_KEY = Text(
-    max_len=40,
-    min_len=40,
-    pattern=re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}"),
-    hint=" (expected a 40-character public key, as `rbee-mesh id` prints it)",
-)
-#: A tcp endpoint another node can connect to.
-TCP_ENDPOINT = Text(
-    max_len=128,
-    min_len=1,
-    pattern=re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"),
-    hint=" (expected tcp://HOST:PORT)",
-)
 #: A trusted node: its name, fingerprint or key.
 NODE = Text(max_len=64, min_len=1, pattern=re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=-]*"))
 

@@ -31,12 +31,12 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 import trio
 
@@ -51,11 +51,15 @@ from rbee_mesh.actors.hive.catalog import (
     model_id,
     parse_ref,
 )
+from rbee_mesh.actors.jobclient import ClientJob, JobClient, running_client
 from rbee_mesh.actors.narration import emit_record, narrate
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
+from rbee_mesh.actors.trust import Trust
 from rbee_mesh.files import fsync_dir
-from rbee_mesh.protocol import Level
+from rbee_mesh.protocol import Actor, Chunk, Level, ModelGet, ModelRead, outcome
+from rbee_mesh.protocol.constants import MAX_CHUNK_BYTES
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
+from rbee_mesh.transport import EndpointError
 from rbee_mesh.units import human_bytes, human_duration
 
 if TYPE_CHECKING:
@@ -74,6 +78,8 @@ _QUANT_PATTERNS = {
     for quant in QUANT_ORDER
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A revision as a hub names one (a commit), or "local" for a file imported by hand.
+_REVISION = re.compile(r"[0-9A-Za-z._-]{1,100}")
 #: Bytes gathered before a write (in a worker thread): few thread hops, little lost on a crash.
 _FLUSH_BYTES = 1 << 20
 _HASH_CHUNK = 1 << 20
@@ -88,22 +94,27 @@ async def download_model(
     *,
     endpoint: str | None = None,
     token: str | None = None,
+    mesh: Mesh | None = None,
+    use_hub: bool = True,
     progress_interval_s: float = 1.0,
     connect_timeout_s: float = 10.0,
     idle_timeout_s: float = 30.0,
 ) -> ModelEntry:
     """Download `ref` (``OWNER/REPO[:FILE]``) into `catalog` and return its available entry.
 
-    Without FILE, a GGUF file is chosen in the order of `QUANT_ORDER`. `endpoint` defaults to
+    From the hives of `mesh` that hold it, in their order, where one does; else, or if each
+    fails (with `use_hub`), from the hub, resuming from the bytes already here whatever their
+    source. Without FILE, a GGUF file is chosen in the order of `QUANT_ORDER` (by the hub; a
+    hive of the mesh takes its one file of that repo). `endpoint` defaults to
     ``$HF_ENDPOINT``, read at each call, else huggingface.co; `token` defaults to the one
     huggingface-hub finds (``$HF_TOKEN`` or a saved login). The hub may not stay silent longer
     than `idle_timeout_s`; connecting for the transfer may take `connect_timeout_s`, and each
     metadata request at most `connect_timeout_s + idle_timeout_s` in all.
 
     Raises MeshError: INVALID_REQUEST for a malformed ref; NOT_FOUND when the hub has no such
-    repo or file, or refuses access; UNAVAILABLE when the hub fails, the connection drops, the
-    file does not verify, or the disk is full; TIMEOUT when the hub is silent; CONFLICT when
-    another job is downloading the same model.
+    repo or file, or refuses access (or, without `use_hub`, no hive holds it); UNAVAILABLE when
+    the hub fails, the connection drops, the file does not verify, or the disk is full; TIMEOUT
+    when the hub is silent; CONFLICT when another job is downloading the same model.
     """
     repo, file = parse_ref(ref)
     if file is not None and (ready := _already_here(catalog, model_id(repo, file))) is not None:
@@ -114,13 +125,22 @@ async def download_model(
         connect_timeout_s=connect_timeout_s,
         idle_timeout_s=idle_timeout_s,
     )
-    narrate("download", f"asking {hub.endpoint} about {repo}", target=ref)
-    remote = await hub.locate(repo, file)
+    remote, sources = None, list[_Source]()
+    if mesh is not None and mesh.peers:
+        remote, holders = await _locate_in_mesh(mesh, ref, connect_timeout_s + idle_timeout_s)
+        sources += holders
+    if remote is None:
+        if not use_hub:
+            raise MeshError(ErrorCode.NOT_FOUND, f"no hive of the mesh has {ref} to give")
+        narrate("download", f"asking {hub.endpoint} about {repo}", target=ref)
+        remote = await hub.locate(repo, file)
+    if use_hub:
+        sources.append(hub)
     with catalog.download_lock(remote.id):
         # Checked again under the lock: another job may have just finished the same model.
         if (ready := _already_here(catalog, remote.id)) is not None:
             return ready
-        return await _download(catalog, hub, remote, progress_interval_s)
+        return await _download(catalog, sources, remote, progress_interval_s)
 
 
 def choose_gguf(files: Iterable[str]) -> tuple[str, str] | None:
@@ -153,14 +173,14 @@ def choose_gguf(files: Iterable[str]) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class _RemoteFile:
-    """A file on the hub, pinned to a commit: the bytes at `url` never change."""
+    """A file of a hub repo, pinned to a commit (its bytes never change): as the hub lists it,
+    or as a hive of the mesh that downloaded it from the hub holds it."""
 
     repo: str
     file: str
     revision: str
     size: int
     sha256: str | None
-    url: str
 
     @property
     def id(self) -> str:
@@ -200,7 +220,7 @@ class _Hub:
         )
         if not info.sha:
             raise MeshError(
-                ErrorCode.UNAVAILABLE, f"{subject}: {self._name} did not say which commit it is at"
+                ErrorCode.UNAVAILABLE, f"{subject}: {self.name} did not say which commit it is at"
             )
         siblings = {s.rfilename: s for s in info.siblings or []}
         if file is None:
@@ -239,13 +259,17 @@ class _Hub:
             sha256 = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
         if size is None:
             raise MeshError(
-                ErrorCode.UNAVAILABLE, f"{self._name} did not say how large {file} of {repo} is"
+                ErrorCode.UNAVAILABLE, f"{self.name} did not say how large {file} of {repo} is"
             )
-        return _RemoteFile(repo, file, meta.commit_hash or info.sha, size, sha256, url)
+        return _RemoteFile(repo, file, meta.commit_hash or info.sha, size, sha256)
 
     @property
-    def _name(self) -> str:
+    def name(self) -> str:
         return f"the hub at {self.endpoint}"
+
+    async def stream(self, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
+        """Append the rest of `remote` to `sink`, from the hub."""
+        await _stream(self, remote, sink, progress)
 
     async def _call(self, subject: str, call: Callable[[], T]) -> T:
         """Run a blocking huggingface-hub call in a thread, under our own deadline.
@@ -262,7 +286,7 @@ class _Hub:
             except Exception as exc:
                 raise self.error(subject, exc) from exc
         raise MeshError(
-            ErrorCode.TIMEOUT, f"{subject}: {self._name} did not answer within {budget:g}s"
+            ErrorCode.TIMEOUT, f"{subject}: {self.name} did not answer within {budget:g}s"
         )
 
     @asynccontextmanager
@@ -312,14 +336,14 @@ class _Hub:
             if status in (401, 403) or isinstance(exc, GatedRepoError):
                 return MeshError(
                     ErrorCode.NOT_FOUND,
-                    f"{subject}: {self._name} refused access (HTTP {status}); the repo does not "
+                    f"{subject}: {self.name} refused access (HTTP {status}); the repo does not "
                     "exist, or it is private or gated and needs a token with access (HF_TOKEN)",
                 )
             if status == 404:
-                return MeshError(ErrorCode.NOT_FOUND, f"{subject}: not found at {self._name}")
+                return MeshError(ErrorCode.NOT_FOUND, f"{subject}: not found at {self.name}")
             return MeshError(
                 ErrorCode.UNAVAILABLE,
-                f"{subject}: {self._name} answered HTTP {status}; try again later",
+                f"{subject}: {self.name} answered HTTP {status}; try again later",
             )
         if isinstance(exc, httpx2.UnsupportedProtocol | httpx2.InvalidURL):
             return MeshError(
@@ -331,21 +355,21 @@ class _Hub:
         if isinstance(exc, httpx2.ConnectTimeout):
             return MeshError(
                 ErrorCode.TIMEOUT,
-                f"{subject}: could not connect to {self._name} in time{resume}",
+                f"{subject}: could not connect to {self.name} in time{resume}",
             )
         if isinstance(exc, httpx2.TimeoutException):
             return MeshError(
                 ErrorCode.TIMEOUT,
-                f"{subject}: {self._name} sent nothing for {self.idle_timeout_s:g}s{resume}",
+                f"{subject}: {self.name} sent nothing for {self.idle_timeout_s:g}s{resume}",
             )
         if isinstance(exc, httpx2.ConnectError):
             return MeshError(
-                ErrorCode.UNAVAILABLE, f"{subject}: cannot connect to {self._name}: {exc}"
+                ErrorCode.UNAVAILABLE, f"{subject}: cannot connect to {self.name}: {exc}"
             )
         if isinstance(exc, httpx2.TransportError):
             return MeshError(
                 ErrorCode.UNAVAILABLE,
-                f"{subject}: the connection to {self._name} dropped{resume} ({exc})",
+                f"{subject}: the connection to {self.name} dropped{resume} ({exc})",
             )
         if isinstance(exc, OfflineModeIsEnabled):
             return MeshError(
@@ -356,7 +380,7 @@ class _Hub:
             # A server that is not a hub (a captive portal, a wrong HF_ENDPOINT) lands here.
             return MeshError(
                 ErrorCode.UNAVAILABLE,
-                f"{subject}: {self._name} did not answer like a Hugging Face hub "
+                f"{subject}: {self.name} did not answer like a Hugging Face hub "
                 f"({type(exc).__name__}: {exc})",
             )
         return MeshError(
@@ -369,6 +393,159 @@ def _listing(siblings: Iterable[str]) -> str:
     if not names:
         return "no files"
     return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+
+
+# ---- the mesh ----------------------------------------------------------------------------------
+
+
+class _Source(Protocol):
+    """Where a model's bytes come from: the hub, or a hive of the mesh that holds the model."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def stream(self, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
+        """Append the rest of `remote` (from `sink.size` on) to `sink`; MeshError if it fails."""
+
+
+@dataclass(frozen=True)
+class MeshPeer:
+    """A hive of the mesh that holds a model, as a queen names it (operations.MESH_SOURCE:
+    "NAME tcp://HOST:PORT KEY", checked when the frame was read)."""
+
+    hive: str
+    endpoint: str
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> MeshPeer:
+        hive, endpoint, key = text.split(" ")
+        return cls(hive, endpoint, key)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The hives to take a model from, in order, and who this hive is to them."""
+
+    peers: tuple[MeshPeer, ...]
+    trust: Trust
+    hive_id: str
+
+
+#: `model_read` jobs a fetching hive keeps in flight to one holder, and the bytes each asks
+#: for: the credit of the transfer (docs/sharing.md). The holder never has more than
+#: READS_IN_FLIGHT * READ_BYTES of it unsent, however slow this hive writes.
+READS_IN_FLIGHT = 4
+READ_BYTES = 4 * MAX_CHUNK_BYTES
+
+
+async def _locate_in_mesh(
+    mesh: Mesh, ref: str, timeout_s: float
+) -> tuple[_RemoteFile | None, list[_Source]]:
+    """The file `ref` names, as the first peer that holds it whole (with a sha256) says, and
+    the peers that hold that same file; (None, []) where none does."""
+    remote: _RemoteFile | None = None
+    holders: list[_Source] = []
+    for peer in mesh.peers:
+        source = _PeerSource(peer, mesh)
+        try:
+            with trio.fail_after(timeout_s):
+                async with source.client() as client:
+                    job = await client.submit(ModelGet(model=ref))
+                    found = _remote_file(outcome(await job.end(), source.name), ref)
+        except trio.TooSlowError:
+            narrate("download", f"{source.name} did not say within {timeout_s:g}s whether it "
+                    f"has {ref}", level=Level.WARN)  # fmt: skip
+            continue
+        except MeshError as exc:
+            narrate("download", f"{source.name}: {exc.message}", level=Level.WARN)
+            continue
+        if remote is None:
+            remote = found
+            narrate("download", f"{source.name} holds {found.id} ({human_bytes(found.size)}, "
+                    f"revision {found.revision[:12]})", target=found.id)  # fmt: skip
+        if found == remote:
+            holders.append(source)
+        else:
+            narrate("download", f"{source.name} holds another revision of {found.id}",
+                    level=Level.WARN)  # fmt: skip
+    return remote, holders
+
+
+def _remote_file(record: Any, ref: str) -> _RemoteFile:
+    """The file a peer's catalog entry describes, if it is whole, has a sha256, and is what
+    `ref` names; MeshError otherwise. (What a peer says is checked as any frame is.)"""
+    if not isinstance(record, dict):
+        raise MeshError(ErrorCode.UNAVAILABLE, "it answered model_get with no entry")
+    id_, size, revision = record.get("id"), record.get("size"), record.get("revision")
+    sha256, status = record.get("sha256"), record.get("status")
+    if not (isinstance(id_, str) and isinstance(size, int) and isinstance(revision, str)):
+        raise MeshError(ErrorCode.UNAVAILABLE, "its catalog entry lacks an id, size or revision")
+    repo, file = parse_ref(id_)
+    asked_repo, asked_file = parse_ref(ref)
+    if file is None or repo != asked_repo or asked_file not in (None, file):
+        raise MeshError(ErrorCode.UNAVAILABLE, f"it answered with {id_}, not {ref}")
+    if status != str(ModelStatus.AVAILABLE):
+        raise MeshError(ErrorCode.UNAVAILABLE, f"its copy of {id_} is {status}, not whole")
+    if not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+        raise MeshError(ErrorCode.UNAVAILABLE, f"its copy of {id_} has no sha256 to check it by")
+    if size < 0 or not _REVISION.fullmatch(revision):
+        raise MeshError(ErrorCode.UNAVAILABLE, f"its entry of {id_} has a size or revision "
+                        "that no hub gives")  # fmt: skip
+    return _RemoteFile(repo, file, revision, size, sha256)
+
+
+class _PeerSource:
+    """A hive of the mesh that holds the model, as a source of its bytes."""
+
+    def __init__(self, peer: MeshPeer, mesh: Mesh) -> None:
+        self.peer, self.mesh = peer, mesh
+        self.name = f"hive {peer.hive}"
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[JobClient]:
+        """A connection to the peer, as this hive (its key, pinning the peer's)."""
+        async with AsyncExitStack() as stack:
+            try:
+                client = JobClient(
+                    self.peer.endpoint,
+                    name=self.mesh.hive_id,
+                    role=Actor.HIVE,
+                    server=self.name,
+                    lost_code=ErrorCode.HIVE_LOST,
+                    keys=self.mesh.trust.client_keys(self.peer.key),
+                )
+                await stack.enter_async_context(running_client(client))
+            except EndpointError as exc:
+                raise MeshError(ErrorCode.UNAVAILABLE, f"cannot reach {self.name}: {exc}") from None
+            yield client
+
+    async def stream(self, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
+        """`model_read` jobs, READS_IN_FLIGHT at a time, their CHUNKs written in order: a
+        new read is asked for only once the oldest one's bytes are on disk."""
+        async with self.client() as client:
+            reads: deque[tuple[int, int, ClientJob]] = deque()
+            asked = sink.size
+            while asked < remote.size or reads:
+                while asked < remote.size and len(reads) < READS_IN_FLIGHT:
+                    length = min(READ_BYTES, remote.size - asked)
+                    op = ModelRead(model=remote.id, offset=asked, length=length)
+                    reads.append((asked, length, await client.submit(op)))
+                    asked += length
+                offset, length, job = reads.popleft()
+                async for message in job:
+                    if isinstance(message, Chunk):
+                        if message.offset != sink.size:
+                            raise MeshError(ErrorCode.UNAVAILABLE, f"{self.name} sent bytes "
+                                            f"from {message.offset}, not {sink.size}")  # fmt: skip
+                        await trio.to_thread.run_sync(sink.write, message.data)
+                        progress.update(sink.size)
+                outcome(await job.end(), self.name)
+                if sink.size != offset + length:
+                    got = sink.size - offset
+                    raise MeshError(
+                        ErrorCode.UNAVAILABLE, f"{self.name} sent {got} of the {length} bytes asked"
+                    )
 
 
 # ---- one download ------------------------------------------------------------------------------
@@ -488,7 +665,7 @@ class _BadFile(Exception):
 
 
 async def _download(
-    catalog: Catalog, hub: _Hub, remote: _RemoteFile, interval_s: float
+    catalog: Catalog, sources: Sequence[_Source], remote: _RemoteFile, interval_s: float
 ) -> ModelEntry:
     previous = catalog.lookup(remote.id)
     now = time.time()
@@ -522,7 +699,7 @@ async def _download(
             )
             await trio.to_thread.run_sync(_remove, partial_path)
         await trio.to_thread.run_sync(catalog.put, entry)
-        await _fetch(hub, remote, sink, _Progress(remote.id, remote.size, interval_s))
+        await _fetch(sources, remote, sink, _Progress(remote.id, remote.size, interval_s))
         await trio.to_thread.run_sync(_publish, partial_path, entry.path)
         facts = await trio.to_thread.run_sync(_facts_or_none, entry.path)
         done = replace(entry, status=ModelStatus.AVAILABLE, gguf=facts)
@@ -580,41 +757,72 @@ async def _download(
     return done
 
 
-async def _fetch(hub: _Hub, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
-    """Bring the partial file to the full, verified file (not yet published)."""
+async def _fetch(
+    sources: Sequence[_Source], remote: _RemoteFile, sink: _PartialFile, progress: _Progress
+) -> None:
+    """Bring the partial file to the full, verified file (not yet published): from the first
+    of `sources`, and from the next where one fails, from the bytes it left (or, where what it
+    gave does not verify, from the start)."""
     offset = await trio.to_thread.run_sync(sink.open, remote.size)
     if offset and sink.hasher is not None:
         narrate("download", f"{remote.id}: checking the {human_bytes(offset)} already downloaded")
         await trio.to_thread.run_sync(sink.hash_existing)
-    needed = remote.size - offset
-    if needed > _free(sink.path.parent):
+    if remote.size - offset > _free(sink.path.parent):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sink.path.parent))
-    verb = f"resuming at {human_bytes(offset)} of" if offset else "downloading"
-    narrate("download", f"{remote.id}: {verb} {human_bytes(remote.size)} from {hub.endpoint}")
-    progress.start(offset)
-    if needed:
-        await _with_progress(progress, partial(_stream, hub, remote, sink, progress))
-    progress.report()
-    if sink.size != remote.size:
-        raise _BadFile(
-            f"{remote.file}: received {sink.size} bytes, the hub announced {remote.size}"
-        )
-    if sink.hasher is not None and sink.hasher.hexdigest() != remote.sha256:
-        raise _BadFile(
-            f"{remote.file}: sha256 is {sink.hasher.hexdigest()}, the hub announced {remote.sha256}"
-        )
+    for i, source in enumerate(sources):
+        following = sources[i + 1] if i + 1 < len(sources) else None
+        verb = f"resuming at {human_bytes(sink.size)} of" if sink.size else "downloading"
+        narrate("download", f"{remote.id}: {verb} {human_bytes(remote.size)} from {source.name}")
+        progress.start(sink.size, source.name)
+        try:
+            if sink.size < remote.size:
+                await _with_progress(progress, partial(source.stream, remote, sink, progress))
+            progress.report()
+            _verify(remote, sink, source)
+            break
+        except _BadFile as exc:
+            if following is None:
+                raise
+            narrate("download", f"{exc}; discarding those bytes, and taking {remote.id} "
+                    f"from {following.name}, from the start", level=Level.WARN)  # fmt: skip
+            await trio.to_thread.run_sync(sink.truncate)
+        except MeshError as exc:
+            if following is None:
+                raise
+            got = (
+                f" after {human_bytes(sink.size)} of {human_bytes(remote.size)}"
+                if sink.size
+                else ""
+            )
+            narrate("download", f"{source.name} failed{got} ({exc.message}); going on from "
+                    f"{following.name}", level=Level.WARN)  # fmt: skip
     await trio.to_thread.run_sync(sink.finish)
     checked = "size and sha256" if remote.sha256 else "size (the hub gave no sha256)"
     narrate("download", f"{remote.id}: verified {checked}")
 
 
+def _verify(remote: _RemoteFile, sink: _PartialFile, source: _Source) -> None:
+    """Raise _BadFile unless `sink` holds `remote`, as far as its size and sha256 tell."""
+    if sink.size != remote.size:
+        raise _BadFile(
+            f"{remote.file}: received {sink.size} bytes from {source.name}, expected {remote.size}"
+        )
+    if sink.hasher is not None and sink.hasher.hexdigest() != remote.sha256:
+        raise _BadFile(
+            f"{remote.file}: the bytes from {source.name} have sha256 {sink.hasher.hexdigest()}, "
+            f"not {remote.sha256}"
+        )
+
+
 async def _stream(hub: _Hub, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
     import httpx2
+    from huggingface_hub import hf_hub_url
 
     subject = f"file {remote.file} of {remote.repo}"
     offset = sink.size
+    url = hf_hub_url(remote.repo, remote.file, revision=remote.revision, endpoint=hub.endpoint)
     try:
-        async with hub.open_stream(remote.url, offset) as response:
+        async with hub.open_stream(url, offset) as response:
             if offset and response.status_code == 416:
                 # The hub's metadata and its bytes disagree; resuming cannot be trusted.
                 raise _BadFile(f"{subject}: the hub cannot serve bytes {offset}- of it")
@@ -800,9 +1008,12 @@ class _Progress:
         self.total = total
         self.interval_s = interval_s
         self.done = self._started_at = 0
+        self.source = ""
         self._samples: deque[tuple[float, int]] = deque()
 
-    def start(self, done: int) -> None:
+    def start(self, done: int, source: str = "") -> None:
+        """(Again) from `done` bytes, taken from `source` (what the reports name, if anything)."""
+        self.source = source
         self.done = self._started_at = done
         self._samples.clear()
         self._samples.append((trio.current_time(), done))
@@ -826,10 +1037,11 @@ class _Progress:
             eta_text = f"ETA {human_duration(eta)}"
         else:
             eta_text = "stalled" if self.done > self._started_at else "waiting for the first bytes"
+        source = f" from {self.source}" if self.source else ""
         narrate(
             self.action,
             f"{self.model}: {human_bytes(self.done)} of {human_bytes(self.total)} "
-            f"({percent:.1f}%), {human_bytes(rate)}/s, {eta_text}",
+            f"({percent:.1f}%){source}, {human_bytes(rate)}/s, {eta_text}",
             target=self.model,
         )
         emit_record(
@@ -840,6 +1052,7 @@ class _Progress:
                 "total": self.total,
                 "rate_bps": round(rate, 1),
                 "eta_s": None if eta is None else round(eta, 1),
+                "source": self.source or None,
             }
         )
 

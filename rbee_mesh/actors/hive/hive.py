@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import socket
 import time
@@ -29,7 +30,7 @@ import trio
 from rbee_mesh import __version__
 from rbee_mesh.actors.hive.catalog import Catalog, ModelEntry, ModelStatus, model_id, parse_ref
 from rbee_mesh.actors.hive.devices import DeviceReport, detect_devices
-from rbee_mesh.actors.hive.download import download_model, import_model
+from rbee_mesh.actors.hive.download import Mesh, MeshPeer, download_model, import_model
 from rbee_mesh.actors.hive.worker_pool import (
     ModelUnloadable,
     WorkerPool,
@@ -51,6 +52,7 @@ from rbee_mesh.inference.sizing import estimated_memory
 from rbee_mesh.protocol import (
     PROTOCOL_VERSION,
     Actor,
+    Chunk,
     ErrorCode,
     Heartbeat,
     Level,
@@ -59,7 +61,7 @@ from rbee_mesh.protocol import (
     encode,
 )
 from rbee_mesh.protocol import operations as ops
-from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT
+from rbee_mesh.protocol.constants import HEARTBEAT_PORT, HIVE_PORT, MAX_CHUNK_BYTES
 from rbee_mesh.transport import (
     PUBSUB_OPTIONS,
     Listener,
@@ -73,6 +75,11 @@ from rbee_mesh.transport.discovery import SERVICE_TYPE, HiveAnnouncement, announ
 from rbee_mesh.units import human_bytes
 
 log = logging.getLogger("rbee_mesh.hive")
+
+#: `model_read` jobs one peer runs here at once; more wait. An honest peer keeps fewer in
+#: flight (download.READS_IN_FLIGHT); this bounds what one that asks for more makes this hive
+#: read ahead of its sending.
+READS_PER_PEER = 8
 
 
 def default_hive_id() -> str:
@@ -138,6 +145,8 @@ class Hive:
             ops.Infer: self._op_infer,
             ops.HivePair: self._op_hive_pair,
             ops.Pair: self._op_pair,
+            ops.ModelRead: self._op_model_read,
+            ops.PeerTrust: self._op_peer_trust,
         }
         self.server = JobServer(
             control,
@@ -154,6 +163,10 @@ class Hive:
         self.server.schedule.add(self)
         self._beats = 0
         self._catalog_error = ""
+        #: Reads of this hive's models that other hives run at once, by their key; and the
+        #: bytes sent them in all.
+        self._reads: dict[str, trio.CapacityLimiter] = {}
+        self.served_bytes = 0
 
     # The hive's own heartbeat is a link on its server's heartbeat schedule: one it only sends.
 
@@ -258,6 +271,7 @@ class Hive:
             "devices": [d.to_record() for d in self.devices.devices],
             "workers": [w.summary() for w in self.pool.list()],
             "models": models,
+            "sharing": {"reading": self._reading(), "served_bytes": self.served_bytes},
         }
 
     # ---- operations --------------------------------------------------------------------------
@@ -311,8 +325,61 @@ class Hive:
         return f"{devices}{note}; {len(self.pool.list())} worker(s); {len(entries)} model(s)"
 
     async def _op_model_download(self, job: ServerJob, op: ops.ModelDownload) -> dict[str, Any]:
-        entry = await download_model(self.catalog, op.model, endpoint=self.config.hub_endpoint)
+        mesh = Mesh(tuple(map(MeshPeer.parse, op.peers)), self.config.trust, self.id)
+        entry = await download_model(
+            self.catalog, op.model, endpoint=self.config.hub_endpoint, mesh=mesh,
+            use_hub=op.source != "mesh",
+        )  # fmt: skip
         return entry.to_record()
+
+    async def _op_model_read(self, job: ServerJob, op: ops.ModelRead) -> dict[str, Any]:
+        """Bytes of a whole model, as CHUNKs: the asking hive's credit bounds what is unsent
+        (docs/sharing.md); a peer asking more at once waits for its earlier reads."""
+        entry = self.catalog.get(op.model)
+        if entry.status is not ModelStatus.AVAILABLE:
+            raise MeshError(ErrorCode.NOT_FOUND, f"{entry.id} is {entry.status} on hive {self.id}")
+        if op.offset + op.length > entry.size:
+            raise MeshError(
+                ErrorCode.INVALID_REQUEST,
+                f"{entry.id} is {entry.size} bytes; asked for {op.length} from {op.offset}",
+            )
+        limiter = self._reads.setdefault(job.peer.key, trio.CapacityLimiter(READS_PER_PEER))
+        try:
+            async with limiter:
+                await self._read(job, entry, op.offset, op.offset + op.length)
+        except OSError as exc:
+            raise MeshError(ErrorCode.UNAVAILABLE, f"cannot read {entry.id} on hive {self.id}: "
+                            f"{exc.strerror or exc}") from None  # fmt: skip
+        finally:
+            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
+                self._reads.pop(job.peer.key, None)
+        return {"model": entry.id, "bytes": op.length}
+
+    async def _read(self, job: ServerJob, entry: ModelEntry, offset: int, end: int) -> None:
+        with await trio.to_thread.run_sync(open, entry.path, "rb") as f:
+            while offset < end:
+                n = min(MAX_CHUNK_BYTES, end - offset)
+                data = await trio.to_thread.run_sync(os.pread, f.fileno(), n, offset)
+                if len(data) != n:
+                    raise MeshError(ErrorCode.UNAVAILABLE, f"{entry.id} on hive {self.id} is "
+                                    "shorter than its catalog entry says")  # fmt: skip
+                job.emit(Chunk(job_id=job.id, offset=offset, data=data))
+                offset += n
+                self.served_bytes += n
+
+    def _reading(self) -> int:
+        return sum(limiter.borrowed_tokens for limiter in self._reads.values())
+
+    async def _op_peer_trust(self, job: ServerJob, op: ops.PeerTrust) -> dict[str, Any]:
+        """Trust another hive of this queen's as a peer (what it may do: trust.PEERS); a key
+        trusted already, in whatever role, keeps that role."""
+        trust = self.config.trust
+        role = trust.role_of(op.key)
+        if role is None:
+            entry = await trio.to_thread.run_sync(trust.trust, op.key, Role.PEER, op.name)
+            narrate("peer_trust", f"hive {self.id} now lets hive {op.name} ({entry.fingerprint}) "
+                    "read its models")  # fmt: skip
+        return {"hive": op.name, "role": str(role or Role.PEER)}
 
     async def _op_model_import(self, job: ServerJob, op: ops.ModelImport) -> dict[str, Any]:
         source = Path(op.path)

@@ -30,6 +30,7 @@ from rbee_mesh.actors.jobserver import Ending, Handler, JobServer, ServerConfig,
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
+from rbee_mesh.actors.queen.sharing import Sharing
 from rbee_mesh.actors.records import JobHistory
 from rbee_mesh.actors.runtime import run_ping
 from rbee_mesh.actors.trust import (
@@ -114,6 +115,8 @@ class Queen:
                 ops.ApiKeyCreate: self._op_apikey_create,
                 ops.ApiKeyList: self._op_apikey_list,
                 ops.ApiKeyRevoke: self._op_apikey_revoke,
+                ops.ModelRead: self._not_here,
+                ops.PeerTrust: self._not_here,
             }
         )
         config = config or ServerConfig()
@@ -128,6 +131,7 @@ class Queen:
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
             subscriber=subscriber, trust=self.trust,
         )  # fmt: skip
+        self.sharing = Sharing(self.hives, self.trust)
         #: Where its HTTP API serves (http://HOST:PORT/v1), while it does (`api.serving_api`).
         self.api_url = ""
         self.max_queued = max_queued
@@ -247,7 +251,7 @@ class Queen:
         """Run a hive operation: on its pinned hive, on every hive (lists), or on the one that
         holds what it names; with several candidates and no pin, ask the user to choose."""
         if op.hive_pin is not None:
-            return await self.hives.forward(job, op, self.hives.get(op.hive_pin))
+            return await self._forward(job, op, self.hives.get(op.hive_pin))
         live = self.hives.live()
         if not live:
             known = ", ".join(f"{h.name} ({h.liveness_state})" for h in self.hives.links)
@@ -266,12 +270,27 @@ class Queen:
                 h for h in live if _names(await self.hives.fresh_models(h), op.model)
             ] or candidates
         if len(candidates) == 1:
-            return await self.hives.forward(job, op, candidates[0])
+            return await self._forward(job, op, candidates[0])
         names = ", ".join(h.name for h in candidates)
         raise MeshError(
             ErrorCode.INVALID_REQUEST,
             f"this mesh has {len(candidates)} hives that could run {op.NAME} ({names}); "
             "choose one with --hive",
+        )
+
+    async def _forward(self, job: ServerJob, op: ops.Operation, link: HiveLink) -> Any:
+        """Run `op` on `link`'s hive; a download, from the hives that hold its model, where
+        any does, and a spawn of a model the hive lacks and another holds, after it has taken
+        it from there (sharing.py)."""
+        if isinstance(op, ops.ModelDownload):
+            return await self.sharing.download(job, link, op)
+        if isinstance(op, ops.WorkerSpawn):
+            await self.sharing.provide(job, link, op.model)
+        return await self.hives.forward(job, op, link)
+
+    async def _not_here(self, job: ServerJob, op: ops.Operation) -> Any:
+        raise MeshError(
+            ErrorCode.INVALID_REQUEST, f"{op.NAME} is for a hive, from its queen or a peer"
         )
 
     async def _fan_out(self, job: ServerJob, op: ops.Operation, links: list[HiveLink]) -> list[Any]:
@@ -393,7 +412,7 @@ class Queen:
                     op = ops.ModelDownload(model=decision.model, hive=link.name)
                 else:
                     op = ops.WorkerSpawn(model=decision.model, hive=link.name)
-                await self.hives.forward(job, op, link)  # seen at once: the next look uses it
+                await self._forward(job, op, link)  # seen at once: the next look uses it
         finally:
             if not lock.locked():  # nobody waits for it any more
                 self._spawning.pop(key, None)
