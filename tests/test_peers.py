@@ -154,6 +154,30 @@ async def test_a_fetch_a_restart_interrupted_resumes_from_its_offset(
     assert any(f"resuming at {half / 2**20:.1f} MiB" in s and "from hive holder" in s for s in said)
 
 
+async def test_resumed_bytes_that_spoil_the_file_are_taken_again_from_the_start(
+    tmp_path: Path, model_file: bytes
+) -> None:
+    with trio.fail_after(60):
+        async with hive(tmp_path, "holder") as holder, hive(tmp_path, "taker") as taker:
+            held = holder.catalog.add_file(REPO, FILE, tmp_path / "model.bin")
+            holder.config.trust.trust(taker.config.trust.public, Role.PEER, "taker")
+            # A partial left by another source whose bytes were wrong (a disk that lied).
+            half = SIZE // 2
+            path = taker.catalog.model_path(REPO, FILE)
+            taker.catalog.put(replace(held, status=ModelStatus.DOWNLOADING, path=path))
+            taker.catalog.partial_path(REPO, FILE).write_bytes(bytes(half))
+            taker.catalog.mark_interrupted()
+            peer = MeshPeer("holder", holder.server.listener.endpoint, holder.config.trust.public)
+            mesh = Mesh((peer,), taker.config.trust, "taker")
+            with job_context() as job:
+                entry = await download_model(taker.catalog, MODEL, mesh=mesh, use_hub=False)
+    assert entry.path.read_bytes() == model_file
+    assert holder.served_bytes == (SIZE - half) + SIZE  # the rest, then all of it again
+    said = [n.human for n in job.narrations()]
+    assert any("discarding those bytes" in s and "from hive holder, from the start" in s
+               for s in said), said  # fmt: skip
+
+
 async def test_the_queen_runs_no_hive_to_hive_operation(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with (

@@ -231,34 +231,42 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
 
 #: The queen's HTTP API, served to the LAN in these tests (so it needs API keys).
 API = 7834
-#: An HTTP client on the LAN: GET URL with an optional bearer KEY; prints the status.
+#: An HTTP client on the LAN: GET URL with an optional bearer KEY; prints the status, and the
+#: body unless told not to read it (a stream of events does not end).
 HTTP_SCRIPT = r"""
 import sys, urllib.error, urllib.request
-url, key = sys.argv[1], sys.argv[2]
+url, key, read = sys.argv[1], sys.argv[2], sys.argv[3] == "body"
 request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
 try:
     with urllib.request.urlopen(request, timeout=20) as answer:
-        print(answer.status, answer.read().decode())
+        print(answer.status, answer.read().decode() if read else "")
 except urllib.error.HTTPError as exc:
     print(exc.code, exc.read().decode())
 """
 
 
 def test_the_api_on_the_lan_answers_only_live_api_keys(secured: Secured) -> None:
-    url = f"http://{secured.lan['q'].address}:{API}/v1/models"
+    base = f"http://{secured.lan['q'].address}:{API}"
 
-    def get(key: str = "") -> tuple[int, Any]:
-        done = secured.lan["a"].run([sys.executable, "-c", HTTP_SCRIPT, url, key], timeout=30)
+    def get(key: str = "", path: str = "/v1/models", read: str = "body") -> tuple[int, Any]:
+        argv = [sys.executable, "-c", HTTP_SCRIPT, base + path, key, read]
+        done = secured.lan["a"].run(argv, timeout=30)
         assert done.returncode == 0, done.stderr
         status, _, body = done.stdout.partition(" ")
-        return int(status), json.loads(body)
+        return int(status), json.loads(body) if path.startswith("/v1") else body
 
     assert get()[0] == 401
     assert get("rbee-sk-guessed")[0] == 401
+    # The metrics and the dashboard's events need a key too; the page itself holds nothing.
+    assert get(path="/metrics")[0] == 401 and get(path="/events", read="status")[0] == 401
+    assert get(path="/")[0] == 200
     key = secured.owner("apikey", "create", "notebook")["key"]
     assert key not in (secured.home("q") / "trust.json").read_text()  # only its hash is kept
     status, models = get(key)
     assert status == 200 and [m["id"] for m in models["data"]] == [SEEDED], models
+    status, metrics = get(key, path="/metrics")
+    assert status == 200 and "rbee_mesh_hives{" in metrics, metrics
+    assert get(key, path="/events", read="status")[0] == 200
     [listed] = secured.owner("apikey", "list")
     assert listed["name"] == "notebook" and "key" not in listed
     secured.owner("apikey", "revoke", "notebook")

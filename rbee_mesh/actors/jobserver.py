@@ -208,10 +208,11 @@ class Peer:
         )  # fmt: skip
         self.server._send(self, message)
 
-    async def writable(self) -> None:
-        """Wait while more than half its backlog of frames is queued: how a job that produces
-        frames faster than the peer reads them (a replay) is slowed rather than cut off."""
-        limit = self.server.config.peer_backlog // 2
+    async def writable(self, limit: int | None = None) -> None:
+        """Wait while more than `limit` frames (default: half its backlog) are queued: how a
+        job that produces frames faster than the peer reads them (a replay, a model's bytes) is
+        slowed rather than cut off."""
+        limit = self.server.config.peer_backlog // 2 if limit is None else limit
         while self.backlog > limit and not self.gone:
             self.drained = self.drained or trio.Event()
             await self.drained.wait()
@@ -357,6 +358,7 @@ class JobServer:
         on_peer_gone: Callable[[Peer, str, bool], None] | None = None,
         trust: Trust | None = None,
         history: JobHistory | None = None,
+        on_job_end: Callable[[ServerJob, Message], None] | None = None,
     ) -> None:
         """`assigns_job_ids`: refuse SUBMITs that carry a job id (the queen) or adopt it (a hive
         or a worker, whose jobs keep the queen's id so narration is routed without
@@ -364,7 +366,8 @@ class JobServer:
         when a client is dropped, why, and whether it left on purpose (DISCONNECT). `trust`:
         whose messages are taken, and what each role may submit (the listener's keys must be
         this trust's). `history`: the finished jobs remembered, and whether each job's frames
-        are recorded (default: `config.job_history` summaries, no frames)."""
+        are recorded (default: `config.job_history` summaries, no frames). `on_job_end`: told
+        of each job as it ends, with its terminal frame (the queen's metrics)."""
         self.listener = listener
         self.trust = trust or Trust.for_process()
         self._admitted = admitted(actor)
@@ -380,6 +383,7 @@ class JobServer:
         self.on_peer_gone = on_peer_gone
         #: How many jobs are running; `await server.job_count.wait_value(0)` waits for none.
         self.job_count = AsyncValue(0)
+        self.on_job_end = on_job_end
         self._peers: dict[bytes, Peer] = {}
         #: Connections open per key, and the keys told they hold too many (logged once).
         self._connections: Counter[str] = Counter()
@@ -948,6 +952,8 @@ class JobServer:
         if job.record is not None:
             job.record.end(terminal)
         self.history.ended(job.summary(), job.record)
+        if self.on_job_end is not None:
+            self.on_job_end(job, terminal)
         log.info(
             "job %s %s %s in %.3fs%s",
             job.id,

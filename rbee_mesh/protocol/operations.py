@@ -492,6 +492,30 @@ class JobCancel(Operation):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Top(Operation):
+    """The mesh, live: hives with their devices and workers, running jobs with the end of
+    their narration and text, recent failures; redrawn every --interval, until Ctrl-C (or
+    --count snapshots). With --json, each snapshot is a DATA record {"kind": "snapshot", ...}:
+    what the queen's dashboard shows (docs/observability.md)."""
+
+    NAME = "top"
+    TARGET = Actor.QUEEN
+    COMMAND = ("top",)
+    #: It lasts until its keeper leaves (or its count is reached).
+    DEADLINE_S = MAX_DEADLINE_S
+    #: Its frames are snapshots of the queen, which nobody replays.
+    RECORDED = False
+    interval_s: float = spec(
+        Float(0.1, 60.0), 1.0, arg=Arg("Seconds between snapshots, at least.", name="interval",
+                                       short="-i", metavar="SECONDS"),
+    )  # fmt: skip
+    count: int | None = spec(
+        Optional(Int(1, 1_000_000)), None,
+        arg=Arg("Snapshots to show, then end (default: until Ctrl-C).", short="-n"),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobWatch(Operation):
     """Follow the job JOB_ID (any keeper's, running or recently finished): its narration and
     output from the start, then live, as its submitter saw them; exit with its exit code.

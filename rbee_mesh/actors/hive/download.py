@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
@@ -51,12 +51,12 @@ from rbee_mesh.actors.hive.catalog import (
     model_id,
     parse_ref,
 )
-from rbee_mesh.actors.jobclient import ClientJob, JobClient, running_client
+from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient, running_client
 from rbee_mesh.actors.narration import emit_record, narrate
 from rbee_mesh.actors.runtime import SHUTDOWN_REASON
 from rbee_mesh.actors.trust import Trust
 from rbee_mesh.files import fsync_dir
-from rbee_mesh.protocol import Actor, Chunk, Level, ModelGet, ModelRead, outcome
+from rbee_mesh.protocol import Actor, Chunk, Level, Message, ModelGet, ModelRead, outcome
 from rbee_mesh.protocol.constants import MAX_CHUNK_BYTES
 from rbee_mesh.protocol.errors import ErrorCode, MeshError
 from rbee_mesh.transport import EndpointError
@@ -96,18 +96,19 @@ async def download_model(
     token: str | None = None,
     mesh: Mesh | None = None,
     use_hub: bool = True,
+    meter: Callable[[int], None] | None = None,
     progress_interval_s: float = 1.0,
     connect_timeout_s: float = 10.0,
     idle_timeout_s: float = 30.0,
 ) -> ModelEntry:
     """Download `ref` (``OWNER/REPO[:FILE]``) into `catalog` and return its available entry.
 
-    From the hives of `mesh` that hold it, in their order, where one does; else, or if each
-    fails (with `use_hub`), from the hub, resuming from the bytes already here whatever their
-    source. Without FILE, a GGUF file is chosen in the order of `QUANT_ORDER` (by the hub; a
-    hive of the mesh takes its one file of that repo). `endpoint` defaults to
-    ``$HF_ENDPOINT``, read at each call, else huggingface.co; `token` defaults to the one
-    huggingface-hub finds (``$HF_TOKEN`` or a saved login). The hub may not stay silent longer
+    From the hives of `mesh` that hold it, in their order, where one does; else, or if each fails
+    (with `use_hub`), from the hub, resuming from the bytes already here whatever their source;
+    `meter` is told of the bytes as they arrive. Without FILE, a GGUF file is chosen in the order
+    of `QUANT_ORDER` (by the hub; a hive of the mesh takes its one file of that repo). `endpoint`
+    defaults to ``$HF_ENDPOINT``, read at each call, else huggingface.co; `token` defaults to the
+    one huggingface-hub finds (``$HF_TOKEN`` or a saved login). The hub may not stay silent longer
     than `idle_timeout_s`; connecting for the transfer may take `connect_timeout_s`, and each
     metadata request at most `connect_timeout_s + idle_timeout_s` in all.
 
@@ -140,7 +141,8 @@ async def download_model(
         # Checked again under the lock: another job may have just finished the same model.
         if (ready := _already_here(catalog, remote.id)) is not None:
             return ready
-        return await _download(catalog, sources, remote, progress_interval_s)
+        progress = _Progress(remote.id, remote.size, progress_interval_s, meter=meter)
+        return await _download(catalog, sources, remote, progress)
 
 
 def choose_gguf(files: Iterable[str]) -> tuple[str, str] | None:
@@ -425,11 +427,13 @@ class MeshPeer:
 
 @dataclass(frozen=True)
 class Mesh:
-    """The hives to take a model from, in order, and who this hive is to them."""
+    """The hives to take a model from, in order, and who this hive is to them; how long one
+    may send nothing before it counts as failed."""
 
     peers: tuple[MeshPeer, ...]
     trust: Trust
     hive_id: str
+    idle_timeout_s: float = 30.0
 
 
 #: `model_read` jobs a fetching hive keeps in flight to one holder, and the bytes each asks
@@ -513,6 +517,8 @@ class _PeerSource:
                     role=Actor.HIVE,
                     server=self.name,
                     lost_code=ErrorCode.HIVE_LOST,
+                    # A read's frames, and a few more: what it asked for, no more, is buffered.
+                    config=ClientConfig(job_buffer=READ_BYTES // MAX_CHUNK_BYTES + 4),
                     keys=self.mesh.trust.client_keys(self.peer.key),
                 )
                 await stack.enter_async_context(running_client(client))
@@ -522,7 +528,8 @@ class _PeerSource:
 
     async def stream(self, remote: _RemoteFile, sink: _PartialFile, progress: _Progress) -> None:
         """`model_read` jobs, READS_IN_FLIGHT at a time, their CHUNKs written in order: a
-        new read is asked for only once the oldest one's bytes are on disk."""
+        new read is asked for only once the oldest one's bytes are on disk. Bytes other than
+        those asked for, or none for `idle_timeout_s`, fail it (MeshError)."""
         async with self.client() as client:
             reads: deque[tuple[int, int, ClientJob]] = deque()
             asked = sink.size
@@ -533,11 +540,13 @@ class _PeerSource:
                     reads.append((asked, length, await client.submit(op)))
                     asked += length
                 offset, length, job = reads.popleft()
-                async for message in job:
+                while (message := await self._next(job)) is not None:
                     if isinstance(message, Chunk):
-                        if message.offset != sink.size:
+                        end = message.offset + len(message.data)
+                        if message.offset != sink.size or end > offset + length:
                             raise MeshError(ErrorCode.UNAVAILABLE, f"{self.name} sent bytes "
-                                            f"from {message.offset}, not {sink.size}")  # fmt: skip
+                                            f"{message.offset}-{end}, not from {sink.size} "
+                                            f"up to {offset + length}")  # fmt: skip
                         await trio.to_thread.run_sync(sink.write, message.data)
                         progress.update(sink.size)
                 outcome(await job.end(), self.name)
@@ -546,6 +555,17 @@ class _PeerSource:
                     raise MeshError(
                         ErrorCode.UNAVAILABLE, f"{self.name} sent {got} of the {length} bytes asked"
                     )
+
+    async def _next(self, job: ClientJob) -> Message | None:
+        """The job's next frame (None after its last), or TIMEOUT if none comes in time."""
+        with trio.move_on_after(self.mesh.idle_timeout_s):
+            try:
+                return await job.__anext__()
+            except StopAsyncIteration:
+                return None
+        raise MeshError(
+            ErrorCode.TIMEOUT, f"{self.name} sent nothing for {self.mesh.idle_timeout_s:g}s"
+        )
 
 
 # ---- one download ------------------------------------------------------------------------------
@@ -665,7 +685,7 @@ class _BadFile(Exception):
 
 
 async def _download(
-    catalog: Catalog, sources: Sequence[_Source], remote: _RemoteFile, interval_s: float
+    catalog: Catalog, sources: Sequence[_Source], remote: _RemoteFile, progress: _Progress
 ) -> ModelEntry:
     previous = catalog.lookup(remote.id)
     now = time.time()
@@ -699,7 +719,7 @@ async def _download(
             )
             await trio.to_thread.run_sync(_remove, partial_path)
         await trio.to_thread.run_sync(catalog.put, entry)
-        await _fetch(sources, remote, sink, _Progress(remote.id, remote.size, interval_s))
+        await _fetch(sources, remote, sink, progress)
         await trio.to_thread.run_sync(_publish, partial_path, entry.path)
         facts = await trio.to_thread.run_sync(_facts_or_none, entry.path)
         done = replace(entry, status=ModelStatus.AVAILABLE, gguf=facts)
@@ -769,8 +789,12 @@ async def _fetch(
         await trio.to_thread.run_sync(sink.hash_existing)
     if remote.size - offset > _free(sink.path.parent):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sink.path.parent))
-    for i, source in enumerate(sources):
-        following = sources[i + 1] if i + 1 < len(sources) else None
+    left = deque(sources)
+    again = True  # the last source, once more from the start, if another's bytes spoilt it
+    while left:
+        source = left.popleft()
+        following = left[0] if left else None
+        started_at = sink.size
         verb = f"resuming at {human_bytes(sink.size)} of" if sink.size else "downloading"
         narrate("download", f"{remote.id}: {verb} {human_bytes(remote.size)} from {source.name}")
         progress.start(sink.size, source.name)
@@ -781,19 +805,18 @@ async def _fetch(
             _verify(remote, sink, source)
             break
         except _BadFile as exc:
-            if following is None:
+            if following is None and not (again and started_at):
                 raise
+            if following is None:  # the bytes before `started_at` were another source's
+                again, following = False, source
+                left.appendleft(source)
             narrate("download", f"{exc}; discarding those bytes, and taking {remote.id} "
                     f"from {following.name}, from the start", level=Level.WARN)  # fmt: skip
             await trio.to_thread.run_sync(sink.truncate)
         except MeshError as exc:
             if following is None:
                 raise
-            got = (
-                f" after {human_bytes(sink.size)} of {human_bytes(remote.size)}"
-                if sink.size
-                else ""
-            )
+            got = f" after {human_bytes(sink.size)}" if sink.size else ""
             narrate("download", f"{source.name} failed{got} ({exc.message}); going on from "
                     f"{following.name}", level=Level.WARN)  # fmt: skip
     await trio.to_thread.run_sync(sink.finish)
@@ -999,17 +1022,21 @@ async def _record_failure(catalog: Catalog, entry: ModelEntry, message: str) -> 
 # ---- progress ----------------------------------------------------------------------------------
 
 
+@dataclass
 class _Progress:
-    """Narrates and emits the progress of one download, every interval, stalls included."""
+    """Narrates and emits the progress of one download, every interval, stalls included; tells
+    `meter` of the bytes as they come."""
 
-    def __init__(self, model: str, total: int, interval_s: float, action: str = "download") -> None:
-        self.model = model
-        self.action = action
-        self.total = total
-        self.interval_s = interval_s
-        self.done = self._started_at = 0
-        self.source = ""
-        self._samples: deque[tuple[float, int]] = deque()
+    model: str
+    total: int
+    interval_s: float
+    action: str = "download"
+    meter: Callable[[int], None] | None = None
+    #: Bytes so far, and where they come from now.
+    done: int = 0
+    source: str = ""
+    _started_at: int = 0
+    _samples: deque[tuple[float, int]] = field(default_factory=deque)
 
     def start(self, done: int, source: str = "") -> None:
         """(Again) from `done` bytes, taken from `source` (what the reports name, if anything)."""
@@ -1019,6 +1046,8 @@ class _Progress:
         self._samples.append((trio.current_time(), done))
 
     def update(self, done: int) -> None:
+        if self.meter is not None and done > self.done:
+            self.meter(done - self.done)
         self.done = done
 
     def report(self) -> None:

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -76,9 +77,9 @@ from rbee_mesh.units import human_bytes
 
 log = logging.getLogger("rbee_mesh.hive")
 
-#: `model_read` jobs one peer runs here at once; more wait. An honest peer keeps fewer in
-#: flight (download.READS_IN_FLIGHT); this bounds what one that asks for more makes this hive
-#: read ahead of its sending.
+#: `model_read` jobs one peer runs here at once; more are refused (BUSY). An honest peer keeps
+#: fewer in flight (download.READS_IN_FLIGHT); this bounds what one that asks for more makes
+#: this hive read ahead of its sending.
 READS_PER_PEER = 8
 
 
@@ -165,8 +166,11 @@ class Hive:
         self._catalog_error = ""
         #: Reads of this hive's models that other hives run at once, by their key; and the
         #: bytes sent them in all.
-        self._reads: dict[str, trio.CapacityLimiter] = {}
+        self._reads: Counter[str] = Counter()
         self.served_bytes = 0
+        #: Downloads running, and the bytes all downloads brought since it started.
+        self.downloads = 0
+        self.downloaded_bytes = 0
 
     # The hive's own heartbeat is a link on its server's heartbeat schedule: one it only sends.
 
@@ -272,6 +276,7 @@ class Hive:
             "workers": [w.summary() for w in self.pool.list()],
             "models": models,
             "sharing": {"reading": self._reading(), "served_bytes": self.served_bytes},
+            "downloads": {"running": self.downloads, "bytes": self.downloaded_bytes},
         }
 
     # ---- operations --------------------------------------------------------------------------
@@ -326,16 +331,24 @@ class Hive:
 
     async def _op_model_download(self, job: ServerJob, op: ops.ModelDownload) -> dict[str, Any]:
         mesh = Mesh(tuple(map(MeshPeer.parse, op.peers)), self.config.trust, self.id)
-        entry = await download_model(
-            self.catalog, op.model, endpoint=self.config.hub_endpoint, mesh=mesh,
-            use_hub=op.source != "mesh",
-        )  # fmt: skip
+        self.downloads += 1
+        try:
+            entry = await download_model(
+                self.catalog, op.model, endpoint=self.config.hub_endpoint, mesh=mesh,
+                use_hub=op.source != "mesh", meter=self._downloaded,
+            )  # fmt: skip
+        finally:
+            self.downloads -= 1
         return entry.to_record()
+
+    def _downloaded(self, n: int) -> None:
+        self.downloaded_bytes += n
 
     async def _op_model_read(self, job: ServerJob, op: ops.ModelRead) -> dict[str, Any]:
         """Bytes of a whole model, as CHUNKs: the asking hive's credit bounds what is unsent
-        (docs/sharing.md); a peer asking more at once waits for its earlier reads."""
-        entry = self.catalog.get(op.model)
+        (docs/sharing.md); more than READS_PER_PEER reads of one peer at once are refused, and
+        a read waits while the peer's frames queue (ZeroMQ's queue to it full)."""
+        entry = await trio.to_thread.run_sync(self.catalog.get, op.model)
         if entry.status is not ModelStatus.AVAILABLE:
             raise MeshError(ErrorCode.NOT_FOUND, f"{entry.id} is {entry.status} on hive {self.id}")
         if op.offset + op.length > entry.size:
@@ -343,16 +356,19 @@ class Hive:
                 ErrorCode.INVALID_REQUEST,
                 f"{entry.id} is {entry.size} bytes; asked for {op.length} from {op.offset}",
             )
-        limiter = self._reads.setdefault(job.peer.key, trio.CapacityLimiter(READS_PER_PEER))
+        if self._reads[job.peer.key] >= READS_PER_PEER:
+            raise MeshError(ErrorCode.BUSY, f"hive {self.id} runs {READS_PER_PEER} reads of "
+                            "yours already", started=False)  # fmt: skip
+        self._reads[job.peer.key] += 1
         try:
-            async with limiter:
-                await self._read(job, entry, op.offset, op.offset + op.length)
+            await self._read(job, entry, op.offset, op.offset + op.length)
         except OSError as exc:
             raise MeshError(ErrorCode.UNAVAILABLE, f"cannot read {entry.id} on hive {self.id}: "
                             f"{exc.strerror or exc}") from None  # fmt: skip
         finally:
-            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
-                self._reads.pop(job.peer.key, None)
+            self._reads[job.peer.key] -= 1
+            if not self._reads[job.peer.key]:
+                del self._reads[job.peer.key]
         return {"model": entry.id, "bytes": op.length}
 
     async def _read(self, job: ServerJob, entry: ModelEntry, offset: int, end: int) -> None:
@@ -363,12 +379,13 @@ class Hive:
                 if len(data) != n:
                     raise MeshError(ErrorCode.UNAVAILABLE, f"{entry.id} on hive {self.id} is "
                                     "shorter than its catalog entry says")  # fmt: skip
+                await job.peer.writable(0)  # (ZeroMQ's queue to it is full: wait)
                 job.emit(Chunk(job_id=job.id, offset=offset, data=data))
                 offset += n
                 self.served_bytes += n
 
     def _reading(self) -> int:
-        return sum(limiter.borrowed_tokens for limiter in self._reads.values())
+        return sum(self._reads.values())
 
     async def _op_peer_trust(self, job: ServerJob, op: ops.PeerTrust) -> dict[str, Any]:
         """Trust another hive of this queen's as a peer (what it may do: trust.PEERS); a key

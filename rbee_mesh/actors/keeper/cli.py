@@ -108,12 +108,14 @@ class Cli:
         `detach`, print its id and exit once it is accepted (it runs on)."""
         import trio
 
-        from rbee_mesh.actors.keeper.render import WatchRenderer
+        from rbee_mesh.actors.keeper.render import TopRenderer, WatchRenderer
         from rbee_mesh.actors.keeper.session import run_job
 
         renderer = self.renderer()
         if op.NAME == "job_watch":
             renderer = WatchRenderer(renderer)
+        elif op.NAME == "top" and not self.as_json:
+            renderer = TopRenderer(renderer)
         code = trio.run(run_job, self.endpoint, op, renderer, timeout_s, self.trust, detach)
         sys.exit(code)
 

@@ -144,6 +144,68 @@ class WatchRenderer:
         self.inner.note(text)
 
 
+class TopRenderer:
+    """What `top` shows a person: each snapshot drawn over the last on a terminal (one after
+    the other elsewhere); its end and anything else as `inner` renders them."""
+
+    def __init__(self, inner: Renderer) -> None:
+        self.inner = inner
+        self.tty = sys.stdout.isatty()
+
+    def event(self, message: Message) -> None:
+        match message:
+            case Data() if message.record.get("kind") == "snapshot":
+                text = top_text(message.record)
+                click.echo(f"\x1b[H\x1b[2J{text}" if self.tty else f"{text}\n", nl=False)
+            case Done() | Accepted():
+                return
+            case _:
+                self.inner.event(message)
+
+    def problem(self, code: str, message: str) -> None:
+        self.inner.problem(code, message)
+
+    def note(self, text: str) -> None:
+        self.inner.note(text)
+
+
+def top_text(snapshot: dict[str, Any]) -> str:
+    """A snapshot of the mesh (the queen's dashboard's) as lines of text."""
+    q = snapshot.get("queen", {})
+    lines = [
+        f"queen {q.get('name')} · up {q.get('uptime_s')}s · {q.get('hives')} hive(s) · "
+        f"{q.get('jobs_running')} job(s) running · {q.get('queued')} queued",
+        "",
+        f"{'HIVE':<20} {'LIVENESS':<10} {'HEARD':>7}  {'MEMORY USED':<22} WORKERS",
+    ]
+    for h in snapshot.get("hives", []):
+        devices = h.get("devices") or [{}]
+        total = sum(d.get("memory_total") or 0 for d in devices)
+        used = total - sum(d.get("memory_free") or 0 for d in devices)
+        memory = f"{human_bytes(used)} of {human_bytes(total)}" if total else "-"
+        age = h.get("heartbeat_age_s")
+        heard = f"{age:.1f}s" if isinstance(age, int | float) else "-"
+        workers = h.get("workers", [])
+        lines.append(f"{h.get('hive', '?'):<20} {h.get('liveness', '?'):<10} {heard:>7}  "
+                     f"{memory:<22} {len(workers)}")  # fmt: skip
+        for w in workers:
+            lines.append(f"  {w.get('id')}  {w.get('model')}  {w.get('state')}  "
+                         f"{w.get('busy', 0)}/{w.get('slots', 0)} slots busy")  # fmt: skip
+    jobs = snapshot.get("jobs", [])
+    lines += ["", f"RUNNING JOBS ({len(jobs)})"]
+    for j in jobs:
+        lines.append(f"  {j.get('id')}  {j.get('op')}  {j.get('model') or ''}  {j.get('age_s')}s")
+        lines += [f"    {said}" for said in j.get("narration", [])[-2:]]
+        text = str(j.get("text") or "").replace("\n", " ")
+        if text:
+            lines.append(f"    > {text[-100:]}")
+    failures = snapshot.get("failures", [])
+    if failures:
+        lines += ["", "RECENT FAILURES"]
+        lines += [f"  {f.get('id')}  {f.get('op')}: {f.get('error')}" for f in failures]
+    return "\n".join(lines)
+
+
 class ProgressBar:
     """One line on a terminal's stderr, redrawn in place: bar, percent, bytes, rate, ETA."""
 

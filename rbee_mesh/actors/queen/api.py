@@ -7,9 +7,12 @@ to the queen by the API's own job client over the queen's own listener: it is sc
 queued, narrated (into the queen's log), listed by `rbee-mesh jobs` and cancellable like any
 other; a client that disconnects cancels it, which frees its worker within a token.
 
+The same server answers `GET /metrics` (Prometheus' scrape: metrics.py) and serves the live
+dashboard: its page at `/` and its snapshots at `/events` (dashboard.py; docs/observability.md).
+
 Bound to loopback the API takes any request from this machine. Bound anywhere else it takes
 only requests with an API key (`Authorization: Bearer KEY`, `rbee-mesh apikey create`), whose
-hash the trust file holds.
+hash the trust file holds: /metrics and /events too (the page itself holds nothing of the mesh).
 """
 
 from __future__ import annotations
@@ -28,17 +31,16 @@ from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient
 from rbee_mesh.actors.keeper.client import open_keeper
-from rbee_mesh.actors.queen import openai
+from rbee_mesh.actors.queen import dashboard, metrics, openai
 from rbee_mesh.actors.queen.openai import ApiError
 from rbee_mesh.actors.queen.queen import Queen
 from rbee_mesh.actors.runtime import single_errors
-from rbee_mesh.actors.trust import Trust
 from rbee_mesh.protocol import (
     MAX_BODY_BYTES,
     MeshError,
@@ -64,12 +66,13 @@ class Api:
     def __init__(
         self,
         client: JobClient,
-        trust: Trust,
+        queen: Queen,
         where: HttpBind,
         max_requests: int = MAX_API_REQUESTS,
     ) -> None:
         self.client = client
-        self.trust = trust
+        self.queen = queen
+        self.trust = queen.trust
         self.require_key = not where.loopback
         self.max_requests = max_requests
         #: Requests being served now (/health aside).
@@ -82,6 +85,9 @@ class Api:
         self.app = Starlette(
             middleware=middleware,
             routes=[
+                Route("/", self.dashboard),
+                Route("/events", self.events),
+                Route("/metrics", self.metrics),
                 Route("/health", self.health),
                 Route("/v1/models", self.models),
                 Route("/v1/models/{model:path}", self.model),
@@ -132,6 +138,29 @@ class Api:
             "requests": self.requests, "max_requests": self.max_requests,
         }  # fmt: skip
         return JSONResponse(body, status_code=200 if live else 503)
+
+    async def dashboard(self, request: HttpRequest) -> Response:
+        """The live dashboard's page: nothing of the mesh in it (its data comes from /events,
+        which asks for the key where the API does)."""
+        return HTMLResponse(dashboard.page())
+
+    async def events(self, request: HttpRequest) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            return _error(exc)
+        return StreamingResponse(
+            dashboard.events(self.queen), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )  # fmt: skip
+
+    async def metrics(self, request: HttpRequest) -> Response:
+        """Prometheus' scrape: the queen's metrics (metrics.py), in its text format."""
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            return _error(exc)
+        return Response(self.queen.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     async def models(self, request: HttpRequest) -> Response:
         return await self._answer(request, self._models)
@@ -271,7 +300,7 @@ async def serving_api(
         open_keeper(endpoint, config, queen.trust, name="api") as client,
         trio.open_nursery() as nursery,
     ):
-        api = Api(client, queen.trust, where, max_requests)
+        api = Api(client, queen, where, max_requests)
         http = HttpConfig()
         http.bind = [str(where)]
         http.accesslog = None

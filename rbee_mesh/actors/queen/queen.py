@@ -28,7 +28,9 @@ from rbee_mesh import __version__
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, running_client
 from rbee_mesh.actors.jobserver import Ending, Handler, JobServer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
+from rbee_mesh.actors.queen.dashboard import snapshot
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
+from rbee_mesh.actors.queen.metrics import Metrics
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.actors.queen.sharing import Sharing
 from rbee_mesh.actors.records import JobHistory
@@ -45,6 +47,7 @@ from rbee_mesh.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
     Actor,
+    Data,
     ErrorCode,
     Level,
     Liveness,
@@ -105,6 +108,7 @@ class Queen:
                 ops.JobList: self._op_job_list,
                 ops.JobCancel: self._op_job_cancel,
                 ops.JobWatch: self._op_job_watch,
+                ops.Top: self._op_top,
                 ops.Infer: self._op_infer,
                 ops.Invite: self._op_invite,
                 ops.Join: self._op_join,
@@ -123,9 +127,10 @@ class Queen:
         if config.max_jobs_per_peer is None:  # a keeper's share of the queen
             config = replace(config, max_jobs_per_peer=MAX_JOBS_PER_KEEPER)
         history = JobHistory(config.job_history, records=True, journal=journal)
+        self.metrics = Metrics(self)
         self.server = JobServer(
             listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config,
-            trust=self.trust, history=history,
+            trust=self.trust, history=history, on_job_end=self.metrics.job_ended,
         )  # fmt: skip
         self.hives = HiveRegistry(
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
@@ -144,7 +149,8 @@ class Queen:
         #: Inference jobs this queen has running on each worker (by worker id).
         self._inflight: Counter[str] = Counter()
         #: Jobs waiting for a worker, in arrival order.
-        self._queue: list[ServerJob] = []
+        #: Infer jobs waiting for a worker, in order.
+        self.queue: list[ServerJob] = []
         #: Bumped whenever a worker slot frees up: waiting jobs look again.
         self._released = AsyncValue(0)
         self._placing = trio.Lock()
@@ -319,6 +325,8 @@ class Queen:
         while True:
             link, worker, model = await self._reserve_worker(job, op)
             placed = time.time()
+            if attempt == 0:
+                self.metrics.queued.observe(max(0.0, placed - job.created))
             try:
                 pinned = replace(op, hive=link.name, worker=worker, model=model)
                 return _timed(await self.hives.forward(job, pinned, link), job, placed)
@@ -363,17 +371,17 @@ class Queen:
                         return self.hives.get(decision.hive), decision.worker, decision.model
                 if decision.action is Action.WAIT:
                     if not queued:
-                        if len(self._queue) >= self.max_queued:
+                        if len(self.queue) >= self.max_queued:
                             raise MeshError(
                                 ErrorCode.BUSY,
-                                f"{decision.reason}, and {len(self._queue)} jobs already wait "
+                                f"{decision.reason}, and {len(self.queue)} jobs already wait "
                                 "(the queue is full); try again later",
                                 started=False,
                             )
-                        self._queue.append(job)
+                        self.queue.append(job)
                         queued = True
-                    position = self._queue.index(job) + 1
-                    saying = f"{decision.reason}: position {position} of {len(self._queue)}"
+                    position = self.queue.index(job) + 1
+                    saying = f"{decision.reason}: position {position} of {len(self.queue)}"
                     if saying != said:  # as the queue moves, not at every look
                         narrate("queued", f"{saying} in the queue")
                         said = saying
@@ -391,7 +399,7 @@ class Queen:
                             del self._starting[starting]
         finally:
             if queued:
-                self._queue.remove(job)
+                self.queue.remove(job)
 
     async def _provide(self, job: ServerJob, decision: Decision) -> None:
         """Download the model or spawn a worker, as decided; the next look then uses it. One at
@@ -515,6 +523,16 @@ class Queen:
             level=Level.WARN,
         )
         return {"job": target.id, "state": "cancelled"}
+
+    async def _op_top(self, job: ServerJob, op: ops.Top) -> dict[str, Any]:
+        """Snapshots of the mesh (dashboard.py's), every `interval_s`, as DATA records."""
+        sent = 0
+        while True:
+            job.emit(Data(job_id=job.id, record={"kind": "snapshot", **snapshot(self)}))
+            sent += 1
+            if op.count is not None and sent >= op.count:
+                return {"snapshots": sent}
+            await trio.sleep(op.interval_s)
 
     async def _op_job_watch(self, job: ServerJob, op: ops.JobWatch) -> Ending:
         return await self.server.watch(job, op.job)

@@ -79,8 +79,9 @@ class Sharing:
         if any(_whole(row, ref) for row in await self.hives.fresh_models(link)):
             return
         holders = await self._holders(ref, link)
-        if holders:
-            held = next(r for r in await self.hives.fresh_models(holders[0]) if _whole(r, ref))
+        rows = await self.hives.fresh_models(holders[0]) if holders else []
+        held = next((row for row in rows if _whole(row, ref)), None)
+        if held is not None:
             narrate("download", f"hive {link.name} lacks {ref}: taking it from the mesh first")
             await self.download(job, link, ops.ModelDownload(model=held["id"], hive=link.name))
 

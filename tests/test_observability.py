@@ -1,0 +1,205 @@
+"""What the queen shows of the mesh (docs/observability.md): `/metrics` as Prometheus reads it,
+`top`'s snapshots, and the dashboard in a real headless Chromium (Debian's chromium and
+chromium-driver, driven with Selenium), live while a job generates.
+
+A queen and the hive of a state directory in this process, a real worker process, a
+random-weight model (which writes hundreds of tokens in a tenth of a second: for the dashboard,
+whose tokens must be seen arriving, SmolLM2, tests/real_model.py); the HTTP server on a free
+loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from rbee_mesh.actors.hive.catalog import Catalog
+from rbee_mesh.actors.keeper.client import open_keeper
+from rbee_mesh.actors.keeper.render import top_text
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
+from rbee_mesh.protocol import Data, Done, Infer, Ping, WorkerSpawn
+from rbee_mesh.protocol.operations import Top
+from tests import real_model
+from tests.conftest import Served, serving_a_mesh
+from tests.skips import skip_or_fail
+
+MODEL = "rbee-test/tiny:tiny.gguf"
+REAL_REPO = "rbee-test/smollm2"
+REAL = f"{REAL_REPO}:{real_model.FILE}"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Where the dashboard's screenshot is kept (a test artefact): RBEE_TEST_ARTIFACTS, else here.
+ARTIFACTS = Path(os.environ.get("RBEE_TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    state = tmp_path / "state"
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
+    Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
+    async with serving_a_mesh(state) as served:
+        yield served
+
+
+@pytest.fixture
+async def served_real(tmp_path: Path) -> AsyncIterator[Served]:
+    state = tmp_path / "state"
+    Catalog(state / "hive" / "models").add_file(REAL_REPO, real_model.FILE, real_model.smollm2())
+    async with serving_a_mesh(state) as served:
+        yield served
+
+
+def base(served: Served) -> str:
+    return served.url.removesuffix("/v1")
+
+
+async def get(url: str) -> str:
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=20) as answer:
+            return str(answer.read().decode())
+
+    return await trio.to_thread.run_sync(fetch)
+
+
+async def scrape(served: Served) -> dict[str, float]:
+    """/metrics, parsed by prometheus-client's own parser: {'name{label=value,...}': value}."""
+    text = await get(f"{base(served)}/metrics")
+    return {
+        sample.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())) + "}":
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }  # fmt: skip
+
+
+async def run(served: Served, op: Any) -> Any:
+    async with open_keeper(served.queen.listener.endpoint) as keeper:
+        job = await keeper.submit(op)
+        end = await job.end()
+    assert isinstance(end, Done), end
+    return end.result
+
+
+async def test_the_metrics_parse_and_move_as_jobs_run(served: Served) -> None:
+    with trio.fail_after(120):
+        before = await scrape(served)
+        await run(served, Ping())
+        await run(served, WorkerSpawn(model=MODEL))
+        await run(served, Infer(prompt="Once upon a time", model=MODEL, max_tokens=16, seed=1))
+        after = await scrape(served)
+    ping = "rbee_mesh_jobs_total{operation=ping,outcome=done}"
+    assert before.get(ping, 0) == 0 and after[ping] == 1
+    assert after["rbee_mesh_jobs_total{operation=infer,outcome=done}"] == 1
+    assert after["rbee_mesh_job_duration_seconds_count{operation=infer}"] == 1
+    assert after["rbee_mesh_time_to_first_token_seconds_count{}"] == 1
+    assert after["rbee_mesh_generation_tokens_per_second_count{}"] == 1
+    assert after["rbee_mesh_queue_wait_seconds_count{}"] == 1
+    assert after["rbee_mesh_hives{liveness=live}"] == 1
+    hive = served.hive.id
+    assert after[f"rbee_mesh_workers{{hive={hive},state=ready}}"] == 1
+    assert after[f"rbee_mesh_models_loaded{{hive={hive}}}"] == 1
+    assert after[f"rbee_mesh_hive_models{{hive={hive}}}"] == 1
+    assert 0 <= after[f"rbee_mesh_hive_heartbeat_age_seconds{{hive={hive}}}"] < 5
+    assert after["rbee_mesh_jobs_running{}"] == 0 and after["rbee_mesh_queue_depth{}"] == 0
+    assert "rbee_mesh_refused_handshakes_total{}" in after
+
+
+async def test_top_sends_snapshots_of_the_mesh_as_it_is(served: Served) -> None:
+    with trio.fail_after(60):
+        async with open_keeper(served.queen.listener.endpoint) as keeper:
+            job = await keeper.submit(Top(count=2, interval_s=0.1))
+            records = [m.record async for m in job if isinstance(m, Data)]
+    assert isinstance(job.terminal, Done) and job.terminal.result == {"snapshots": 2}
+    assert [r["kind"] for r in records] == ["snapshot", "snapshot"]
+    [hive] = records[-1]["hives"]
+    assert hive["hive"] == served.hive.id and hive["liveness"] == "live"
+    assert records[-1]["queen"]["jobs_running"] == 0  # top itself is not counted
+    text = top_text(records[-1])
+    assert served.hive.id in text and "RUNNING JOBS (0)" in text
+
+
+# ---- the dashboard in a real browser ---------------------------------------------------------
+
+
+def chromium() -> Any:
+    """Headless Chromium under Selenium, kept off every network but this machine's loopback."""
+    for binary in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        if not Path(binary).exists():
+            skip_or_fail(f"no {binary} (apt-get install chromium chromium-driver; .ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--disable-default-apps", "--disable-domain-reliability",
+        "--no-pings", "--window-size=1280,900",
+        # No name resolves but loopback's: nothing can leave this machine.
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+async def until(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
+    """The first truthy value of `check()` (the browser is another process: a bounded poll)."""
+    with trio.fail_after(timeout_s):
+        while not (value := await trio.to_thread.run_sync(check)):  # noqa: ASYNC110 -- no event
+            await trio.sleep(0.1)
+    return value
+
+
+@pytest.mark.slow
+async def test_the_dashboard_shows_the_hive_its_worker_and_a_jobs_tokens_live(
+    served_real: Served,
+) -> None:
+    served = served_real
+    from selenium.webdriver.common.by import By
+
+    browser = await trio.to_thread.run_sync(chromium)
+    try:
+        with trio.fail_after(180):
+            await trio.to_thread.run_sync(browser.get, f"{base(served)}/")
+            hives = await until(lambda: browser.find_element(By.ID, "hives").text, "the hives")
+            assert served.hive.id in hives and "live" in hives
+            await run(served, WorkerSpawn(model=REAL))
+
+            def worker() -> str:
+                rows = browser.find_elements(By.CSS_SELECTOR, "tr.worker")
+                return rows[0].text if rows and "ready" in rows[0].text else ""
+
+            assert REAL in await until(worker, "the worker, ready")
+
+            async with open_keeper(served.queen.listener.endpoint) as keeper:
+                op = Infer(prompt="Once upon a time", model=REAL, max_tokens=400, temperature=0)
+                job = await keeper.submit(op)
+
+                def text() -> str:
+                    shown = browser.find_elements(By.CSS_SELECTOR, ".job-text")
+                    return shown[0].text if shown else ""
+
+                first = await until(text, "the job's first tokens")
+                later = await until(lambda: (t := text()) != first and t, "more tokens")
+                await trio.to_thread.run_sync(_keep_screenshot, browser)
+                await job.cancel()
+                await job.end()
+            assert first and later and later != first  # the text grew while the job ran
+    finally:
+        await trio.to_thread.run_sync(browser.quit)
+
+
+def _keep_screenshot(browser: Any) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / "dashboard.png"
+    assert browser.save_screenshot(str(path)), "no screenshot"
+    assert path.stat().st_size > 10_000
+    shutil.copyfile(path, ARTIFACTS / "dashboard-latest.png")
