@@ -11,7 +11,6 @@ loopback port.
 from __future__ import annotations
 
 import os
-import shutil
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -107,6 +106,8 @@ async def test_the_metrics_parse_and_move_as_jobs_run(served: Served) -> None:
     assert after[f"rbee_mesh_models_loaded{{hive={hive}}}"] == 1
     assert after[f"rbee_mesh_hive_models{{hive={hive}}}"] == 1
     assert 0 <= after[f"rbee_mesh_hive_heartbeat_age_seconds{{hive={hive}}}"] < 5
+    assert 0 <= after[f"rbee_mesh_device_utilization_ratio{{device=cpu,hive={hive}}}"] <= 1
+    assert after[f"rbee_mesh_device_memory_free_bytes{{device=cpu,hive={hive}}}"] > 0
     assert after["rbee_mesh_jobs_running{}"] == 0 and after["rbee_mesh_queue_depth{}"] == 0
     assert "rbee_mesh_refused_handshakes_total{}" in after
 
@@ -150,6 +151,13 @@ def chromium() -> Any:
     return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
 
 
+def shown(browser: Any, selector: str) -> str:
+    """The text of the first element `selector` finds, read in one go in the page (which
+    replaces its elements at each snapshot: one found, then read, may be gone in between)."""
+    script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';"
+    return str(browser.execute_script(script, selector))
+
+
 async def until(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
     """The first truthy value of `check()` (the browser is another process: a bounded poll)."""
     with trio.fail_after(timeout_s):
@@ -163,32 +171,28 @@ async def test_the_dashboard_shows_the_hive_its_worker_and_a_jobs_tokens_live(
     served_real: Served,
 ) -> None:
     served = served_real
-    from selenium.webdriver.common.by import By
-
     browser = await trio.to_thread.run_sync(chromium)
     try:
         with trio.fail_after(180):
             await trio.to_thread.run_sync(browser.get, f"{base(served)}/")
-            hives = await until(lambda: browser.find_element(By.ID, "hives").text, "the hives")
+            hives = await until(lambda: shown(browser, "#hives .hive"), "the hive")
             assert served.hive.id in hives and "live" in hives
+            # (busy: from the hive's second heartbeat, which says since the first)
+            cpu = await until(lambda: "busy" in (t := shown(browser, ".device")) and t, "its cpu")
+            assert "used" in cpu  # memory and utilisation, each with its bar
             await run(served, WorkerSpawn(model=REAL))
-
-            def worker() -> str:
-                rows = browser.find_elements(By.CSS_SELECTOR, "tr.worker")
-                return rows[0].text if rows and "ready" in rows[0].text else ""
-
-            assert REAL in await until(worker, "the worker, ready")
+            worker = await until(
+                lambda: "ready" in (t := shown(browser, "tr.worker")) and t, "the worker, ready"
+            )
+            assert REAL in worker
 
             async with open_keeper(served.queen.listener.endpoint) as keeper:
                 op = Infer(prompt="Once upon a time", model=REAL, max_tokens=400, temperature=0)
                 job = await keeper.submit(op)
-
-                def text() -> str:
-                    shown = browser.find_elements(By.CSS_SELECTOR, ".job-text")
-                    return shown[0].text if shown else ""
-
-                first = await until(text, "the job's first tokens")
-                later = await until(lambda: (t := text()) != first and t, "more tokens")
+                first = await until(lambda: shown(browser, ".job-text"), "the job's first tokens")
+                later = await until(
+                    lambda: (t := shown(browser, ".job-text")) != first and t, "more tokens"
+                )
                 await trio.to_thread.run_sync(_keep_screenshot, browser)
                 await job.cancel()
                 await job.end()
@@ -202,4 +206,3 @@ def _keep_screenshot(browser: Any) -> None:
     path = ARTIFACTS / "dashboard.png"
     assert browser.save_screenshot(str(path)), "no screenshot"
     assert path.stat().st_size > 10_000
-    shutil.copyfile(path, ARTIFACTS / "dashboard-latest.png")

@@ -21,7 +21,7 @@ import logging
 import os
 import platform
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import pynvml
@@ -39,6 +39,9 @@ class Device:
     name: str
     memory_total: int
     memory_free: int
+    #: How busy it was lately, 0 to 1 (the CPU: since the last report; a GPU: NVML's last
+    #: sample period); None where it cannot be told.
+    utilization: float | None = field(default=None, kw_only=True)
 
     def to_record(self) -> dict[str, Any]:
         """A msgpack-able dict: id, kind, name, memory (bytes) and the fields of its kind."""
@@ -109,7 +112,32 @@ def _cpu() -> CpuDevice:
         memory_total=memory["MemTotal"],
         memory_free=memory["MemAvailable"],
         cores=len(os.sched_getaffinity(0)),
+        utilization=_cpu_load.since_last(),
     )
+
+
+class _CpuLoad:
+    """The machine's CPU time spent busy since the last look, from /proc/stat."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[int, int] | None = None
+
+    def since_last(self) -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as file:
+                fields = [int(v) for v in file.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        total, idle = sum(fields[:8]), sum(fields[3:5])  # (idle and iowait)
+        with self._lock:
+            last, self._last = self._last, (total - idle, total)
+        if last is None or total <= last[1]:
+            return None
+        return round(min(1.0, max(0.0, (total - idle - last[0]) / (total - last[1]))), 3)
+
+
+_cpu_load = _CpuLoad()
 
 
 def _meminfo() -> dict[str, int]:
@@ -135,6 +163,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.machine() or "cpu"
+
+
+def _gpu_utilization(handle: Any) -> float | None:
+    try:
+        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100
+    except pynvml.NVMLError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -179,6 +214,7 @@ class _Nvml:
                     memory_free=free,
                     index=gpu.index,
                     compute_capability=gpu.compute_capability,
+                    utilization=_gpu_utilization(gpu.handle),
                 )
             )
         return devices, note

@@ -176,18 +176,20 @@ def top_text(snapshot: dict[str, Any]) -> str:
         f"queen {q.get('name')} · up {q.get('uptime_s')}s · {q.get('hives')} hive(s) · "
         f"{q.get('jobs_running')} job(s) running · {q.get('queued')} queued",
         "",
-        f"{'HIVE':<20} {'LIVENESS':<10} {'HEARD':>7}  {'MEMORY USED':<22} WORKERS",
+        f"{'HIVE':<20} {'LIVENESS':<10} {'HEARD':>7}  {'MEMORY USED':<22} {'BUSY':>5}  WORKERS",
     ]
     for h in snapshot.get("hives", []):
         devices = h.get("devices") or [{}]
         total = sum(d.get("memory_total") or 0 for d in devices)
         used = total - sum(d.get("memory_free") or 0 for d in devices)
         memory = f"{human_bytes(used)} of {human_bytes(total)}" if total else "-"
+        loads = [d["utilization"] for d in devices if isinstance(d.get("utilization"), float)]
+        busy = f"{max(loads):.0%}" if loads else "-"
         age = h.get("heartbeat_age_s")
         heard = f"{age:.1f}s" if isinstance(age, int | float) else "-"
         workers = h.get("workers", [])
         lines.append(f"{h.get('hive', '?'):<20} {h.get('liveness', '?'):<10} {heard:>7}  "
-                     f"{memory:<22} {len(workers)}")  # fmt: skip
+                     f"{memory:<22} {busy:>5}  {len(workers)}")  # fmt: skip
         for w in workers:
             lines.append(f"  {w.get('id')}  {w.get('model')}  {w.get('state')}  "
                          f"{w.get('busy', 0)}/{w.get('slots', 0)} slots busy")  # fmt: skip

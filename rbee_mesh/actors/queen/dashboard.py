@@ -91,7 +91,7 @@ def _hive(link: Any) -> dict[str, Any]:
         "liveness": link.liveness_state,
         "heartbeat_age_s": None if silent is None else round(silent, 1),
         "devices": [
-            {k: d.get(k) for k in ("id", "name", "memory_total", "memory_free")}
+            {k: d.get(k) for k in ("id", "name", "memory_total", "memory_free", "utilization")}
             for d in state.get("devices", [])
             if isinstance(d, dict)
         ],

@@ -138,6 +138,14 @@ def _per_hive(links: list[Any]) -> Iterator[Metric]:
     downloading = GaugeMetricFamily(
         "rbee_mesh_hive_downloads_running", "Downloads the hive runs now.", labels=["hive"]
     )
+    utilization = GaugeMetricFamily(
+        "rbee_mesh_device_utilization_ratio", "How busy each device of the hive was lately, 0 "
+        "to 1 (the CPU's time busy; a GPU as NVML samples it).", labels=["hive", "device"],
+    )  # fmt: skip
+    memory_free = GaugeMetricFamily(
+        "rbee_mesh_device_memory_free_bytes", "Free memory of each device of the hive.",
+        labels=["hive", "device"],
+    )  # fmt: skip
     served = CounterMetricFamily(
         "rbee_mesh_hive_served_bytes", "Bytes of models the hive sent other hives since it "
         "started.", labels=["hive"],
@@ -158,7 +166,13 @@ def _per_hive(links: list[Any]) -> Iterator[Metric]:
         downloaded.add_metric([name], _number(downloads, "bytes"))
         downloading.add_metric([name], _number(downloads, "running"))
         served.add_metric([name], _number(_map(state, "sharing"), "served_bytes"))
-    yield from (workers, age, models, loaded, downloaded, downloading, served)
+        for device in state.get("devices", []):
+            if isinstance(device, dict) and isinstance(device.get("id"), str):
+                if isinstance(device.get("utilization"), int | float):
+                    utilization.add_metric([name, device["id"]], _number(device, "utilization"))
+                memory_free.add_metric([name, device["id"]], _number(device, "memory_free"))
+    yield from (workers, age, models, loaded, downloaded, downloading, served, utilization,
+                memory_free)  # fmt: skip
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
