@@ -11,6 +11,7 @@ loopback port.
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,10 +25,24 @@ from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.keeper.render import top_text
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
-from rbee_mesh.protocol import Data, Done, Infer, Ping, WorkerSpawn
+from rbee_mesh.protocol import (
+    Actor,
+    Data,
+    Done,
+    Error,
+    ErrorCode,
+    Infer,
+    Ping,
+    Ready,
+    Submit,
+    WorkerSpawn,
+    decode,
+    encode,
+)
 from rbee_mesh.protocol.operations import Top
 from tests import real_model
 from tests.conftest import Served, serving_a_mesh
+from tests.keyed import open_connection
 from tests.skips import skip_or_fail
 
 MODEL = "rbee-test/tiny:tiny.gguf"
@@ -112,6 +127,21 @@ async def test_the_metrics_parse_and_move_as_jobs_run(served: Served) -> None:
     assert "rbee_mesh_refused_handshakes_total{}" in after
 
 
+async def test_a_refused_submission_is_counted_by_operation_and_code(served: Served) -> None:
+    hello = Ready(job_id="", sender="t", role=Actor.KEEPER, session="t", ts=time.time())
+    late = Submit(job_id="", ref="t1", op=Ping(), accept_by=1.0)  # its sender gave up long ago
+    with trio.fail_after(30):
+        async with await open_connection(served.queen.listener.endpoint) as peer:
+            await peer.send(encode(hello))
+            await peer.send(encode(late))
+            while not isinstance(answer := decode(await peer.receive()), Error):
+                pass  # (its READY, heartbeats)
+        after = await scrape(served)
+    assert answer.code is ErrorCode.TIMEOUT and not answer.started
+    assert after["rbee_mesh_submits_refused_total{code=timeout,operation=ping}"] == 1
+    assert "rbee_mesh_jobs_total{operation=ping,outcome=done}" not in after  # no job ran
+
+
 async def test_top_sends_snapshots_of_the_mesh_as_it_is(served: Served) -> None:
     with trio.fail_after(60):
         async with open_keeper(served.queen.listener.endpoint) as keeper:
@@ -124,6 +154,18 @@ async def test_top_sends_snapshots_of_the_mesh_as_it_is(served: Served) -> None:
     assert records[-1]["queen"]["jobs_running"] == 0  # top itself is not counted
     text = top_text(records[-1])
     assert served.hive.id in text and "RUNNING JOBS (0)" in text
+
+
+def test_top_shows_a_terminal_nothing_it_would_take_for_a_command() -> None:
+    evil = "h\x1b[2J\x1b]0;pwned\x07"
+    text = top_text({
+        "queen": {"name": evil},
+        "hives": [{"hive": evil, "devices": [{"memory_total": "x"}], "workers": [{"id": evil}]}],
+        "jobs": [{"id": evil, "narration": [evil], "text": evil}],
+        "failures": [{"id": evil, "error": evil}],
+    })  # fmt: skip
+    assert "\x1b" not in text and "\x07" not in text
+    assert text.count("h [2J ]0;pwned ") >= 5  # each shown, as text
 
 
 # ---- the dashboard in a real browser ---------------------------------------------------------
@@ -160,10 +202,11 @@ def shown(browser: Any, selector: str) -> str:
 
 async def until(check: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
     """The first truthy value of `check()` (the browser is another process: a bounded poll)."""
-    with trio.fail_after(timeout_s):
+    with trio.move_on_after(timeout_s):
         while not (value := await trio.to_thread.run_sync(check)):  # noqa: ASYNC110 -- no event
             await trio.sleep(0.1)
-    return value
+        return value
+    raise AssertionError(f"the dashboard did not show {what} within {timeout_s:g}s")
 
 
 @pytest.mark.slow
@@ -197,8 +240,25 @@ async def test_the_dashboard_shows_the_hive_its_worker_and_a_jobs_tokens_live(
                 await job.cancel()
                 await job.end()
             assert first and later and later != first  # the text grew while the job ran
+            # What hives say is shown as text, never as markup (a hive's heartbeat is its own).
+            made = await trio.to_thread.run_sync(browser.execute_script, EVIL_SNAPSHOT)
+            assert made == {"images": 0, "shown": True}, made
     finally:
         await trio.to_thread.run_sync(browser.quit)
+
+
+#: Shows a snapshot whose hive says markup in every field it sends; what the page made of it.
+EVIL_SNAPSHOT = """
+const evil = '<img src=x onerror="window.pwned = 1">';
+show({queen: {name: "q", uptime_s: 1, jobs_running: 0, queued: 0},
+      hives: [{hive: "h", liveness: "live", heartbeat_age_s: 0.1, models: evil, workers_total: 1,
+               devices: [{id: evil, name: evil, memory_total: 1, memory_free: 0, utilization: 0}],
+               workers: [{id: evil, model: evil, state: evil, busy: evil, slots: evil}]}],
+      jobs: [{id: evil, op: evil, model: evil, age_s: evil, narration: [evil], text: evil}],
+      failures: [{id: evil, op: evil, error: evil}]});
+return {images: document.querySelectorAll("img").length,
+        shown: document.body.innerText.includes('<img src=x onerror="window.pwned = 1">')};
+"""
 
 
 def _keep_screenshot(browser: Any) -> None:

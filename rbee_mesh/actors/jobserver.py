@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from trio_util import AsyncValue
@@ -331,6 +331,14 @@ class ServerJob:
 Handler = Callable[[ServerJob, Any], Awaitable[Any]]
 
 
+class JobObserver(Protocol):
+    """Told of what a job server does (the queen's metrics)."""
+
+    def job_ended(self, job: ServerJob, terminal: Message) -> None: ...
+
+    def submit_refused(self, operation: str, code: ErrorCode) -> None: ...
+
+
 @dataclass(frozen=True)
 class Ending:
     """What a handler returns to end its job with this terminal frame, as another job ended
@@ -358,7 +366,7 @@ class JobServer:
         on_peer_gone: Callable[[Peer, str, bool], None] | None = None,
         trust: Trust | None = None,
         history: JobHistory | None = None,
-        on_job_end: Callable[[ServerJob, Message], None] | None = None,
+        observer: JobObserver | None = None,
     ) -> None:
         """`assigns_job_ids`: refuse SUBMITs that carry a job id (the queen) or adopt it (a hive
         or a worker, whose jobs keep the queen's id so narration is routed without
@@ -366,8 +374,8 @@ class JobServer:
         when a client is dropped, why, and whether it left on purpose (DISCONNECT). `trust`:
         whose messages are taken, and what each role may submit (the listener's keys must be
         this trust's). `history`: the finished jobs remembered, and whether each job's frames
-        are recorded (default: `config.job_history` summaries, no frames). `on_job_end`: told
-        of each job as it ends, with its terminal frame (the queen's metrics)."""
+        are recorded (default: `config.job_history` summaries, no frames). `observer`: told of
+        each job as it ends and of each submission refused (the queen's metrics)."""
         self.listener = listener
         self.trust = trust or Trust.for_process()
         self._admitted = admitted(actor)
@@ -383,7 +391,7 @@ class JobServer:
         self.on_peer_gone = on_peer_gone
         #: How many jobs are running; `await server.job_count.wait_value(0)` waits for none.
         self.job_count = AsyncValue(0)
-        self.on_job_end = on_job_end
+        self.observer = observer
         self._peers: dict[bytes, Peer] = {}
         #: Connections open per key, and the keys told they hold too many (logged once).
         self._connections: Counter[str] = Counter()
@@ -814,6 +822,8 @@ class JobServer:
             self._send(
                 peer, Error(job_id="", code=code, ref=submit.ref, message=why, started=False)
             )
+            if self.observer is not None:
+                self.observer.submit_refused(submit.op.NAME, code)
             return
         # An operation's own default may be longer than a frame may say (a long ping's).
         deadline = min(submit.timeout_s or submit.op.default_deadline_s, MAX_DEADLINE_S)
@@ -952,8 +962,8 @@ class JobServer:
         if job.record is not None:
             job.record.end(terminal)
         self.history.ended(job.summary(), job.record)
-        if self.on_job_end is not None:
-            self.on_job_end(job, terminal)
+        if self.observer is not None:
+            self.observer.job_ended(job, terminal)
         log.info(
             "job %s %s %s in %.3fs%s",
             job.id,

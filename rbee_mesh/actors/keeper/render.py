@@ -170,7 +170,8 @@ class TopRenderer:
 
 
 def top_text(snapshot: dict[str, Any]) -> str:
-    """A snapshot of the mesh (the queen's dashboard's) as lines of text."""
+    """A snapshot of the mesh (the queen's dashboard's) as lines of text, with nothing in it
+    that a terminal would take for a command (names and texts come from the mesh)."""
     q = snapshot.get("queen", {})
     lines = [
         f"queen {q.get('name')} · up {q.get('uptime_s')}s · {q.get('hives')} hive(s) · "
@@ -179,9 +180,9 @@ def top_text(snapshot: dict[str, Any]) -> str:
         f"{'HIVE':<20} {'LIVENESS':<10} {'HEARD':>7}  {'MEMORY USED':<22} {'BUSY':>5}  WORKERS",
     ]
     for h in snapshot.get("hives", []):
-        devices = h.get("devices") or [{}]
-        total = sum(d.get("memory_total") or 0 for d in devices)
-        used = total - sum(d.get("memory_free") or 0 for d in devices)
+        devices = h.get("devices") or []
+        total = sum(_count(d.get("memory_total")) for d in devices)
+        used = total - sum(_count(d.get("memory_free")) for d in devices)
         memory = f"{human_bytes(used)} of {human_bytes(total)}" if total else "-"
         loads = [d["utilization"] for d in devices if isinstance(d.get("utilization"), float)]
         busy = f"{max(loads):.0%}" if loads else "-"
@@ -189,7 +190,7 @@ def top_text(snapshot: dict[str, Any]) -> str:
         heard = f"{age:.1f}s" if isinstance(age, int | float) else "-"
         workers = h.get("workers", [])
         lines.append(f"{h.get('hive', '?'):<20} {h.get('liveness', '?'):<10} {heard:>7}  "
-                     f"{memory:<22} {busy:>5}  {len(workers)}")  # fmt: skip
+                     f"{memory:<22} {busy:>5}  {h.get('workers_total', len(workers))}")  # fmt: skip
         for w in workers:
             lines.append(f"  {w.get('id')}  {w.get('model')}  {w.get('state')}  "
                          f"{w.get('busy', 0)}/{w.get('slots', 0)} slots busy")  # fmt: skip
@@ -198,14 +199,18 @@ def top_text(snapshot: dict[str, Any]) -> str:
     for j in jobs:
         lines.append(f"  {j.get('id')}  {j.get('op')}  {j.get('model') or ''}  {j.get('age_s')}s")
         lines += [f"    {said}" for said in j.get("narration", [])[-2:]]
-        text = str(j.get("text") or "").replace("\n", " ")
+        text = str(j.get("text") or "")
         if text:
             lines.append(f"    > {text[-100:]}")
     failures = snapshot.get("failures", [])
     if failures:
         lines += ["", "RECENT FAILURES"]
         lines += [f"  {f.get('id')}  {f.get('op')}: {f.get('error')}" for f in failures]
-    return "\n".join(lines)
+    return "\n".join("".join(c if c.isprintable() else " " for c in line) for line in lines)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class ProgressBar:

@@ -75,8 +75,9 @@ class Api:
         self.trust = queen.trust
         self.require_key = not where.loopback
         self.max_requests = max_requests
-        #: Requests being served now (/health aside).
+        #: Requests being served now (/health aside), and dashboards following /events.
         self.requests = 0
+        self.viewers = 0
         # Without keys (on loopback), only requests that name this machine: a web page that
         # rebinds its own name to 127.0.0.1 reaches the port, but not with a Host of ours.
         local = ["127.0.0.1", "localhost", "::1", where.host]
@@ -145,12 +146,35 @@ class Api:
         return HTMLResponse(dashboard.page())
 
     async def events(self, request: HttpRequest) -> Response:
+        """The dashboard's snapshots, for as long as the page follows them and its key stays
+        valid; at most MAX_VIEWERS pages at once."""
         try:
             self._authorize(request)
+            if self.viewers >= dashboard.MAX_VIEWERS:
+                raise ApiError(
+                    429, f"{dashboard.MAX_VIEWERS} dashboards follow this queen already",
+                    type="rate_limit_error", code="busy",
+                )  # fmt: skip
         except ApiError as exc:
             return _error(exc)
+
+        def allowed() -> bool:
+            try:
+                self._authorize(request)  # (a key revoked meanwhile ends the stream)
+            except ApiError:
+                return False
+            return True
+
+        async def followed() -> AsyncIterator[str]:
+            self.viewers += 1
+            try:
+                async for event in dashboard.events(self.queen, allowed):
+                    yield event
+            finally:
+                self.viewers -= 1
+
         return StreamingResponse(
-            dashboard.events(self.queen), media_type="text/event-stream",
+            followed(), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )  # fmt: skip
 

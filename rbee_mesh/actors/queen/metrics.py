@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rbee_mesh.protocol import Cancelled, Done, Error, Message
+from rbee_mesh.actors.queen.dashboard import rows
+from rbee_mesh.protocol import Cancelled, Done, Error, ErrorCode, Message
 
 if TYPE_CHECKING:
     from rbee_mesh.actors.jobserver import ServerJob
@@ -60,10 +61,18 @@ class Metrics:
             "rbee_mesh_generation_tokens_per_second", "Tokens per second of each infer job, "
             "from its first token to its end.", buckets=_TOKEN_RATES, registry=self.registry,
         )  # fmt: skip
+        self.refused = Counter(
+            "rbee_mesh_submits_refused", "Submissions refused before they became jobs (busy, not "
+            "permitted, malformed, late), by operation and error code.", ["operation", "code"],
+            registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_State(queen))
 
+    def submit_refused(self, operation: str, code: ErrorCode) -> None:
+        self.refused.labels(operation, str(code).lower()).inc()
+
     def job_ended(self, job: ServerJob, terminal: Message) -> None:
-        """Count a job that ended (the job server's hook)."""
+        """Count a job that ended (the job server tells, as its observer)."""
         if isinstance(terminal, Error):
             outcome = str(terminal.code).lower()
         elif isinstance(terminal, Cancelled):
@@ -78,8 +87,8 @@ class Metrics:
             return
         self.first_token.observe(max(0.0, job.first_token - job.created))
         tokens = _generated_tokens(terminal)
-        if tokens and job.ended > job.first_token:
-            self.token_rate.observe(tokens / (job.ended - job.first_token))
+        if tokens >= 2 and job.ended > job.first_token:  # (the first token starts the clock)
+            self.token_rate.observe((tokens - 1) / (job.ended - job.first_token))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -150,27 +159,27 @@ def _per_hive(links: list[Any]) -> Iterator[Metric]:
         "rbee_mesh_hive_served_bytes", "Bytes of models the hive sent other hives since it "
         "started.", labels=["hive"],
     )  # fmt: skip
-    for link in links:
+    for link in links:  # (a hive's state is free-form: what is not of the shape is passed over)
         name = link.name
         state = link.state
-        rows = [w for w in state.get("workers", []) if isinstance(w, dict)]
-        for worker_state, n in sorted(Tally(str(w.get("state")) for w in rows).items()):
+        held = rows(state, "workers")
+        for worker_state, n in sorted(Tally(str(w.get("state")) for w in held).items()):
             workers.add_metric([name, worker_state], n)
         silent = link.client.silent_s
         if silent is not None:
             age.add_metric([name], silent)
         models.add_metric([name], link.model_count)
-        holding = {w.get("model") for w in rows if w.get("state") in ("ready", "busy")}
+        holding = {str(w.get("model")) for w in held if w.get("state") in ("ready", "busy")}
         loaded.add_metric([name], len(holding))
         downloads = _map(state, "downloads")
         downloaded.add_metric([name], _number(downloads, "bytes"))
         downloading.add_metric([name], _number(downloads, "running"))
         served.add_metric([name], _number(_map(state, "sharing"), "served_bytes"))
-        for device in state.get("devices", []):
-            if isinstance(device, dict) and isinstance(device.get("id"), str):
-                if isinstance(device.get("utilization"), int | float):
-                    utilization.add_metric([name, device["id"]], _number(device, "utilization"))
-                memory_free.add_metric([name, device["id"]], _number(device, "memory_free"))
+        for device in rows(state, "devices"):
+            device_id = str(device.get("id"))
+            if isinstance(device.get("utilization"), int | float):
+                utilization.add_metric([name, device_id], _number(device, "utilization"))
+            memory_free.add_metric([name, device_id], _number(device, "memory_free"))
     yield from (workers, age, models, loaded, downloaded, downloading, served, utilization,
                 memory_free)  # fmt: skip
 

@@ -28,7 +28,7 @@ from rbee_mesh import __version__
 from rbee_mesh.actors.jobclient import ClientConfig, JobClient, ServerUnreachable, running_client
 from rbee_mesh.actors.jobserver import Ending, Handler, JobServer, ServerConfig, ServerJob
 from rbee_mesh.actors.narration import narrate
-from rbee_mesh.actors.queen.dashboard import snapshot
+from rbee_mesh.actors.queen.dashboard import MOST_HIVES, snapshot
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
 from rbee_mesh.actors.queen.metrics import Metrics
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
@@ -52,6 +52,7 @@ from rbee_mesh.protocol import (
     Level,
     Liveness,
     MeshError,
+    TooLarge,
     outcome,
 )
 from rbee_mesh.protocol import operations as ops
@@ -130,7 +131,7 @@ class Queen:
         self.metrics = Metrics(self)
         self.server = JobServer(
             listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config,
-            trust=self.trust, history=history, on_job_end=self.metrics.job_ended,
+            trust=self.trust, history=history, observer=self.metrics,
         )  # fmt: skip
         self.hives = HiveRegistry(
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
@@ -323,10 +324,12 @@ class Queen:
         yet, dead, unreachable) is passed over, and the job placed again, within its deadline."""
         attempt = 0
         while True:
-            link, worker, model = await self._reserve_worker(job, op)
-            placed = time.time()
-            if attempt == 0:
-                self.metrics.queued.observe(max(0.0, placed - job.created))
+            try:
+                link, worker, model = await self._reserve_worker(job, op)
+            finally:  # (also a job that left the queue unplaced: its wait counts)
+                placed = time.time()
+                if attempt == 0:
+                    self.metrics.queued.observe(max(0.0, placed - job.created))
             try:
                 pinned = replace(op, hive=link.name, worker=worker, model=model)
                 return _timed(await self.hives.forward(job, pinned, link), job, placed)
@@ -525,10 +528,25 @@ class Queen:
         return {"job": target.id, "state": "cancelled"}
 
     async def _op_top(self, job: ServerJob, op: ops.Top) -> dict[str, Any]:
-        """Snapshots of the mesh (dashboard.py's), every `interval_s`, as DATA records."""
+        """Snapshots of the mesh (dashboard.py's), every `interval_s`, as DATA records, as fast
+        as its keeper reads them; one too large for a frame goes with fewer hives."""
+        if job.keep:
+            raise MeshError(ErrorCode.INVALID_REQUEST, "top shows the mesh to a keeper that "
+                            "reads it: it does not run on without one", started=False)  # fmt: skip
         sent = 0
         while True:
-            job.emit(Data(job_id=job.id, record={"kind": "snapshot", **snapshot(self)}))
+            await job.peer.writable(0)
+            most = MOST_HIVES
+            while True:
+                try:
+                    job.emit(
+                        Data(job_id=job.id, record={"kind": "snapshot", **snapshot(self, most)})
+                    )
+                    break
+                except TooLarge:  # (raised before anything is sent)
+                    if most == 0:
+                        raise
+                    most //= 2
             sent += 1
             if op.count is not None and sent >= op.count:
                 return {"snapshots": sent}
