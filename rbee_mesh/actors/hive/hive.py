@@ -1,14 +1,14 @@
 """The hive: one per machine. Its devices, its model catalog and downloads, its worker processes.
 
-A hive serves jobs on its control ROUTER with the one job server, as the queen and its workers
-do, adopting the queen's job ids so its narration needs no translation on the way back. Every
-`heartbeat_s` it publishes a HEARTBEAT on its PUB socket carrying its state: its devices (with
-free memory), its workers (a short row each) and a digest of its catalog, which a queen that
-sees it change asks for in full (`model_list`). So the heartbeat stays small whatever the
-catalog holds, carries no path of this machine, and is built from memory (the catalog is read
-from disk only when it changed). It answers READY with its id, where its heartbeats are, and the
-same state. When it can be reached from other machines it announces itself on the LAN (mDNS).
-Infer jobs run on its workers, picked by the queen or idle.
+A hive serves jobs on its control ROUTER with the one job server, as the queen and its workers do,
+adopting the queen's job ids so its narration needs no translation on the way back. Every
+`heartbeat_s` it publishes a HEARTBEAT on its PUB socket carrying its state: its devices (with free
+memory and utilisation), its workers (a short row each), what it downloads and serves other hives,
+and a digest of its catalog, which a queen that sees it change asks for in full (`model_list`). So
+the heartbeat stays small whatever the catalog holds, carries no path of this machine, and is built
+from memory (the catalog is read from disk only when it changed). It answers READY with its id,
+where its heartbeats are, and the same state. When it can be reached from other machines it
+announces itself on the LAN (mDNS). Infer jobs run on its workers, picked by the queen or idle.
 """
 
 from __future__ import annotations
