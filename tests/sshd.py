@@ -218,19 +218,23 @@ def user_manager(box: Sshd) -> Iterator[dict[str, str]]:
 
 
 def _remove_cgroups(groups: list[Path]) -> None:
-    """Every process left in `groups` killed, then the groups, innermost first."""
-    for group in groups:
-        for procs in group.rglob("cgroup.procs"):
-            for pid in procs.read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
+    """Every process left in `groups` killed (again, while any forks), then the groups,
+    innermost first."""
     deadline = time.monotonic() + 10
     for group in groups:
         for directory in [*sorted(group.rglob("*/"), key=lambda p: -len(p.parts)), group]:
             while directory.exists():
+                _kill_all_in(directory)
                 try:
                     directory.rmdir()
                 except OSError:  # (its killed processes not yet gone)
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+
+
+def _kill_all_in(group: Path) -> None:
+    for procs in group.rglob("cgroup.procs"):
+        for pid in procs.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)

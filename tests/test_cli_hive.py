@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rbee_mesh.actors.keeper import systemd
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from tests import hub as fake_hub
 from tests.clitools import NARRATION_LINE, Mesh, free_port, json_events
@@ -86,14 +87,17 @@ def test_hive_daemon_starts_answers_and_stops(mesh: Mesh) -> None:
 def test_a_systemd_unit_where_no_user_manager_runs_is_refused_and_auto_starts_a_daemon(
     mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No user manager answers here: its socket would be in this (empty) runtime directory.
+    # No user manager answers here: its socket would be in this (empty) runtime directory, and
+    # no session bus leads to one.
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
+    unit = systemd.unit_path("hive")
+    was = unit.exists()
     ports = ("--bind", "tcp://127.0.0.1:0", "--heartbeat-bind", "tcp://127.0.0.1:0")
     refused = mesh.run("hive", "start", "--service", "systemd", *ports)
     assert refused.returncode == 3, refused.stderr
     assert "cannot run the hive as a systemd user unit" in refused.stderr
-    assert not (mesh.home / "hive.json").exists() and not (tmp_path / "config").exists()
+    assert not (mesh.home / "hive.json").exists() and unit.exists() == was
     both = mesh.run("hive", "start", "--foreground", "--service", "auto", *ports)
     assert both.returncode == 2 and "takes no --service" in both.stderr
 
@@ -102,7 +106,7 @@ def test_a_systemd_unit_where_no_user_manager_runs_is_refused_and_auto_starts_a_
         assert started.returncode == 0, started.stderr
         record = json_events(started.stdout)[-1]
         assert record["service"] == "daemon" and record["not_systemd_because"]
-        assert alive(record["pid"]) and not (tmp_path / "config").exists()
+        assert alive(record["pid"]) and unit.exists() == was
     finally:
         assert mesh.run("hive", "stop").returncode == 0
 
