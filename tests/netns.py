@@ -215,9 +215,10 @@ class Lan:
 
     def shape(self, host: Host, rate: str) -> None:
         """Let the host send at most `rate` (tc's units, such as "40mbit"), as over a slow
-        cable: a token bucket (tbf) on its eth0; what it receives is not slowed."""
+        cable: a token bucket (tbf) on its eth0, queueing at most 50 ms of it; what it receives
+        is not slowed."""
         _ip("ip", "netns", "exec", host.netns, "tc", "qdisc", "replace", "dev", "eth0", "root",
-            "tbf", "rate", rate, "burst", "64kb", "latency", "400ms")  # fmt: skip
+            "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")  # fmt: skip
 
     def unshape(self, host: Host) -> None:
         _ip("ip", "netns", "exec", host.netns, "tc", "qdisc", "del", "dev", "eth0", "root")

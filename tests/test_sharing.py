@@ -29,9 +29,10 @@ pytestmark = pytest.mark.slow
 
 #: On hub A only (h1's).
 REPO_A, FILE_A = "rbee-test/shared-GGUF", "shared.Q4_K_M.gguf"
-#: On hub A only, large enough to be stopped halfway over a slowed link.
+#: On hub A only, large enough to be stopped halfway over a slowed link with more of it left
+#: than can be in flight then (the fetcher's credit, 16 MiB, and the kernel's buffers).
 REPO_C, FILE_C = "rbee-test/large-GGUF", "large.Q8_0.gguf"
-LARGE = 8 << 20
+LARGE = 64 << 20
 #: On hub B only (h2's and h3's), served slowly: both ask for it at once.
 REPO_B, FILE_B = "rbee-test/wanted-GGUF", "wanted.Q4_K_M.gguf"
 #: The hubs' processes, while the module's mesh runs.
@@ -184,8 +185,8 @@ def test_a_transfer_whose_source_dies_halfway_resumes_from_another_hive(mesh: Mu
     download(mesh, "h1", REPO_C)  # from hub A
     download(mesh, "h2", REPO_C)  # from h1
     partial = Catalog(mesh.home("h3") / "hive" / "models").partial_path(REPO_C, FILE_C)
-    for host in ("h1", "h2"):  # 8 MiB at 24 Mbit/s: about 3 s from either
-        mesh.lan.shape(mesh.lan[host], "24mbit")
+    for host in ("h1", "h2"):  # 64 MiB at 200 Mbit/s: about 3 s from either
+        mesh.lan.shape(mesh.lan[host], "200mbit")
     try:
         keeper = mesh.keeper_popen("model", "download", REPO_C, "--hive", "h3")
         deadline = time.monotonic() + 60
