@@ -23,7 +23,7 @@ from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.mesh import running_queen
 from rbee_mesh.actors.trust import Role, Trust
 from rbee_mesh.protocol import Actor, Chunk, Done, Error, ErrorCode, MeshError, ModelRead
-from rbee_mesh.protocol.operations import PeerTrust, WorkerSpawn
+from rbee_mesh.protocol.operations import PeerTrust, PeerUntrust, WorkerSpawn
 from tests.conftest import FAST_KEEPER, FAST_QUEEN, bind_endpoint, queen_address
 from tests.test_download import job_context
 
@@ -96,6 +96,27 @@ async def test_a_peer_reads_a_model_in_chunks_and_may_ask_nothing_else(
     assert [getattr(r, "code", None) for r in refused] == [
         ErrorCode.FORBIDDEN, ErrorCode.FORBIDDEN, ErrorCode.INVALID_REQUEST,
     ]  # fmt: skip
+
+
+async def test_a_peer_forgotten_is_cut_off_and_a_queen_keeps_its_role(tmp_path: Path) -> None:
+    me, queen = node(tmp_path / "me"), node(tmp_path / "queen")
+    with trio.fail_after(30):
+        async with hive(tmp_path, "holder") as holder:
+            trust = holder.config.trust
+            trust.trust(me.public, Role.PEER, "me")
+            trust.trust(queen.public, Role.QUEEN, "queen")
+            async with client_of(holder, trust) as owner:  # (its own node: the owner)
+                forgot = [
+                    await (await owner.submit(PeerUntrust(key=key))).end()
+                    for key in (me.public, queen.public)
+                ]
+            async with client_of(holder, me) as client:
+                with pytest.raises(ServerUnreachable):
+                    await client.submit(ModelRead(model=MODEL, offset=0, length=1))
+    assert [getattr(end, "result", None) for end in forgot] == [
+        {"forgotten": True, "hive": "me"}, {"forgotten": False},
+    ]  # fmt: skip
+    assert trust.role_of(me.public) is None and trust.role_of(queen.public) is Role.QUEEN
 
 
 async def test_a_key_nobody_introduced_is_refused_at_the_handshake(tmp_path: Path) -> None:

@@ -211,3 +211,13 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def test_a_hive_the_queen_no_longer_trusts_is_forgotten_as_a_peer(mesh: MultiHost) -> None:
+    def peers_of(host: str) -> list[str]:
+        trusted = json.loads((mesh.home(host) / "trust.json").read_text())
+        return [t["name"] for t in trusted if t["role"] == "peer"]
+
+    assert "h3" in peers_of("h2")  # h3 took models from h2 above
+    assert mesh.keeper("hive", "untrust", "h3").returncode == 0
+    assert "h3" not in peers_of("h2")

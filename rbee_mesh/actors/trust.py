@@ -99,7 +99,7 @@ API_KEY_PREFIX = "rbee-sk-"
 #: What a node may send with a one-time key: a join token's to a queen, a pairing code's to a hive.
 REDEEMING = frozenset({"join", "pair"})
 #: What a hive serves to its queens and peers alone: a queen runs them on no one's behalf.
-HIVE_TO_HIVE = frozenset({"model_read", "peer_trust"})
+HIVE_TO_HIVE = frozenset({"model_read", "peer_trust", "peer_untrust"})
 #: What a peer (another hive of the mesh) may ask of a hive: its models, to fetch one.
 PEERS = frozenset({"model_read", "model_get"})
 

@@ -357,6 +357,16 @@ class PeerTrust(Operation):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PeerUntrust(Operation):
+    """Sent by a queen to its hives when it stops trusting a hive: forget that hive as a peer
+    (its key, where it is trusted as a peer and as nothing else), and cut its connections."""
+
+    NAME = "peer_untrust"
+    TARGET = Actor.HIVE
+    key: str = spec(PUBLIC_KEY)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelImport(_OnHive):
     """Add the GGUF file at PATH on this machine to its hive's catalog: checked (a file that is
     not GGUF, or is truncated, is refused and nothing is added), copied with its sha256, and

@@ -148,6 +148,7 @@ class Hive:
             ops.Pair: self._op_pair,
             ops.ModelRead: self._op_model_read,
             ops.PeerTrust: self._op_peer_trust,
+            ops.PeerUntrust: self._op_peer_untrust,
         }
         self.server = JobServer(
             control,
@@ -397,6 +398,18 @@ class Hive:
             narrate("peer_trust", f"hive {self.id} now lets hive {op.name} ({entry.fingerprint}) "
                     "read its models")  # fmt: skip
         return {"hive": op.name, "role": str(role or Role.PEER)}
+
+    async def _op_peer_untrust(self, job: ServerJob, op: ops.PeerUntrust) -> dict[str, Any]:
+        """Forget a peer (a key trusted in another role keeps it), and cut it off."""
+        trust = self.config.trust
+        if trust.role_of(op.key) is not Role.PEER:
+            return {"forgotten": False}
+        entry = trust.find(op.key, Role.PEER)
+        await trio.to_thread.run_sync(trust.untrust, entry)
+        cut = self.server.drop_peers_with_key(op.key, "it is no longer trusted")
+        narrate("peer_untrust", f"hive {self.id} no longer lets hive {entry.name} "
+                f"({entry.fingerprint}) read its models; {cut} connection(s) cut")  # fmt: skip
+        return {"forgotten": True, "hive": entry.name}
 
     async def _op_model_import(self, job: ServerJob, op: ops.ModelImport) -> dict[str, Any]:
         source = Path(op.path)

@@ -122,6 +122,7 @@ class Queen:
                 ops.ApiKeyRevoke: self._op_apikey_revoke,
                 ops.ModelRead: self._not_here,
                 ops.PeerTrust: self._not_here,
+                ops.PeerUntrust: self._not_here,
             }
         )
         config = config or ServerConfig()
@@ -716,6 +717,7 @@ class Queen:
             if link.key == entry.key:
                 await self.hives.remove(link, "it is no longer trusted")
         narrate("hive_untrust", f"hive {entry.name} ({entry.fingerprint}) is cut off")
+        await self.sharing.forget(entry.key, entry.name)
         return entry.record()
 
     async def _op_keeper_list(self, job: ServerJob, op: ops.KeeperList) -> list[dict[str, Any]]:

@@ -96,6 +96,17 @@ class Sharing:
                 found.append(link)
         return sorted(found, key=lambda link: (_reading(link), link.name))[:MAX_MESH_SOURCES]
 
+    async def forget(self, key: str, name: str) -> None:
+        """A hive this queen no longer trusts: every live hive forgets it as a peer."""
+        self.introduced = {(holder, k) for holder, k in self.introduced if k != key}
+        for link in self.hives.live():
+            try:
+                job = await link.client.submit(ops.PeerUntrust(key=key))
+                outcome(await job.end(), link.client.server)
+            except MeshError as exc:
+                narrate("hive_untrust", f"hive {link.name} could not be told to forget hive "
+                        f"{name} as a peer: {exc.message}", level=Level.WARN)  # fmt: skip
+
     async def _introduce(self, holder: HiveLink, target: HiveLink) -> bool:
         """Have `holder` let `target` read its models; whether it does."""
         key = target.key or self.trust.public
