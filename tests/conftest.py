@@ -14,6 +14,7 @@ import openai
 import pytest
 import trio
 
+from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.actors.hive.hive import Hive, running_hive
 from rbee_mesh.actors.jobclient import ClientConfig, ClientJob, JobClient
 from rbee_mesh.actors.jobserver import ServerConfig
@@ -26,6 +27,7 @@ from rbee_mesh.actors.mesh import (
 )
 from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.actors.queen.queen import Queen
+from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import Infer, Message
 from rbee_mesh.transport import local_endpoint_for
 
@@ -123,3 +125,17 @@ async def serving_a_mesh(state: Path, max_queued: int = 64) -> AsyncIterator[Ser
         with trio.fail_after(5):
             await queen.hives.links[0].client.answered.wait()
         yield Served(queen, hive, url)
+
+
+#: The random-weight model in the catalog of `served`'s hive.
+TINY_MODEL = "rbee-test/tiny:tiny.gguf"
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """A mesh of this process serving its HTTP API, its hive holding TINY_MODEL."""
+    state = tmp_path / "state"
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
+    Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
+    async with serving_a_mesh(state) as served:
+        yield served

@@ -12,7 +12,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,24 +29,15 @@ from rbee_mesh.actors.queen.api import serving_api
 from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import Done, ErrorCode, MeshError, Ping
 from rbee_mesh.protocol.constants import DEFAULT_SLOTS
-from tests.conftest import FAST_QUEEN, Served, serving_a_mesh
+from tests.conftest import FAST_QUEEN, TINY_MODEL, Served, serving_a_mesh
 
-MODEL = "rbee-test/tiny:tiny.gguf"
+MODEL = TINY_MODEL
 HI: Any = [{"role": "user", "content": "hi"}]
 T = TypeVar("T")
 
 
 async def call(fn: Callable[[], T]) -> T:
     return await trio.to_thread.run_sync(fn)
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    state = tmp_path / "state"
-    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
-    Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
-    async with serving_a_mesh(state) as served:
-        yield served
 
 
 def chat(client: openai.OpenAI, **params: Any) -> Any:

@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from rbee_mesh.actors.hive.catalog import Catalog
 from rbee_mesh.actors.keeper.client import open_keeper
 from rbee_mesh.actors.keeper.render import top_text
-from rbee_mesh.inference.gguf_file import write_tiny_gguf
 from rbee_mesh.protocol import (
     Actor,
     Data,
@@ -41,25 +40,16 @@ from rbee_mesh.protocol import (
 )
 from rbee_mesh.protocol.operations import Top
 from tests import real_model
-from tests.conftest import Served, serving_a_mesh
+from tests.conftest import TINY_MODEL, Served, serving_a_mesh
 from tests.keyed import open_connection
 from tests.skips import skip_or_fail
 
-MODEL = "rbee-test/tiny:tiny.gguf"
+MODEL = TINY_MODEL
 REAL_REPO = "rbee-test/smollm2"
 REAL = f"{REAL_REPO}:{real_model.FILE}"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Where the dashboard's screenshot is kept (a test artefact): RBEE_TEST_ARTIFACTS, else here.
 ARTIFACTS = Path(os.environ.get("RBEE_TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    state = tmp_path / "state"
-    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=2048)
-    Catalog(state / "hive" / "models").add_file("rbee-test/tiny", "tiny.gguf", model)
-    async with serving_a_mesh(state) as served:
-        yield served
 
 
 @pytest.fixture

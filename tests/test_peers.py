@@ -152,49 +152,42 @@ async def test_a_hive_fetches_a_model_from_its_peer_and_verifies_it(
     assert nowhere.value.code is ErrorCode.NOT_FOUND
 
 
-async def test_a_fetch_a_restart_interrupted_resumes_from_its_offset(
-    tmp_path: Path, model_file: bytes
-) -> None:
+async def fetch_after_interruption(tmp_path: Path, partial: bytes) -> tuple[int, list[str]]:
+    """A taker that was interrupted fetching MODEL, with `partial` written, takes it from its
+    holder once started again: (the bytes the holder served, what the fetch narrated)."""
     with trio.fail_after(60):
         async with hive(tmp_path, "holder") as holder, hive(tmp_path, "taker") as taker:
             held = holder.catalog.add_file(REPO, FILE, tmp_path / "model.bin")
             holder.config.trust.trust(taker.config.trust.public, Role.PEER, "taker")
             # What a taker killed mid-transfer leaves: its entry, and the bytes it had written.
-            half = SIZE // 2 + 7
             path = taker.catalog.model_path(REPO, FILE)
             taker.catalog.put(replace(held, status=ModelStatus.DOWNLOADING, path=path))
-            taker.catalog.partial_path(REPO, FILE).write_bytes(model_file[:half])
+            taker.catalog.partial_path(REPO, FILE).write_bytes(partial)
             taker.catalog.mark_interrupted()  # as a hive starting again does
             peer = MeshPeer("holder", holder.server.listener.endpoint, holder.config.trust.public)
             mesh = Mesh((peer,), taker.config.trust, "taker")
             with job_context() as job:
                 entry = await download_model(taker.catalog, MODEL, mesh=mesh, use_hub=False)
-    assert entry.path.read_bytes() == model_file
-    assert holder.served_bytes == SIZE - half  # only what was missing
-    said = [n.human for n in job.narrations()]
+            assert entry.path.read_bytes() == (tmp_path / "model.bin").read_bytes()
+    return holder.served_bytes, [n.human for n in job.narrations()]
+
+
+async def test_a_fetch_a_restart_interrupted_resumes_from_its_offset(
+    tmp_path: Path, model_file: bytes
+) -> None:
+    half = SIZE // 2 + 7
+    served, said = await fetch_after_interruption(tmp_path, model_file[:half])
+    assert served == SIZE - half  # only what was missing
     assert any(f"resuming at {half / 2**20:.1f} MiB" in s and "from hive holder" in s for s in said)
 
 
 async def test_resumed_bytes_that_spoil_the_file_are_taken_again_from_the_start(
     tmp_path: Path, model_file: bytes
 ) -> None:
-    with trio.fail_after(60):
-        async with hive(tmp_path, "holder") as holder, hive(tmp_path, "taker") as taker:
-            held = holder.catalog.add_file(REPO, FILE, tmp_path / "model.bin")
-            holder.config.trust.trust(taker.config.trust.public, Role.PEER, "taker")
-            # A partial left by another source whose bytes were wrong (a disk that lied).
-            half = SIZE // 2
-            path = taker.catalog.model_path(REPO, FILE)
-            taker.catalog.put(replace(held, status=ModelStatus.DOWNLOADING, path=path))
-            taker.catalog.partial_path(REPO, FILE).write_bytes(bytes(half))
-            taker.catalog.mark_interrupted()
-            peer = MeshPeer("holder", holder.server.listener.endpoint, holder.config.trust.public)
-            mesh = Mesh((peer,), taker.config.trust, "taker")
-            with job_context() as job:
-                entry = await download_model(taker.catalog, MODEL, mesh=mesh, use_hub=False)
-    assert entry.path.read_bytes() == model_file
-    assert holder.served_bytes == (SIZE - half) + SIZE  # the rest, then all of it again
-    said = [n.human for n in job.narrations()]
+    # A partial left by another source whose bytes were wrong (a disk that lied).
+    half = SIZE // 2
+    served, said = await fetch_after_interruption(tmp_path, bytes(half))
+    assert served == (SIZE - half) + SIZE  # the rest, then all of it again
     assert any("discarding those bytes" in s and "from hive holder, from the start" in s
                for s in said), said  # fmt: skip
 

@@ -349,9 +349,11 @@ class Hive:
         """Bytes of a whole model, as CHUNKs: the asking hive's credit bounds what is unsent
         (docs/sharing.md); more than READS_PER_PEER reads of one peer at once are refused, and
         a read waits while the peer's frames queue (ZeroMQ's queue to it full)."""
-        entry = await trio.to_thread.run_sync(self.catalog.get, op.model)
-        if entry.status is not ModelStatus.AVAILABLE:
-            raise MeshError(ErrorCode.NOT_FOUND, f"{entry.id} is {entry.status} on hive {self.id}")
+        # The exact id (a peer reads what its model_get named): one entry read, no catalog scan.
+        entry = await trio.to_thread.run_sync(self.catalog.lookup, op.model)
+        if entry is None or entry.status is not ModelStatus.AVAILABLE:
+            held = "not here" if entry is None else str(entry.status)
+            raise MeshError(ErrorCode.NOT_FOUND, f"{op.model} is {held} on hive {self.id}")
         if op.offset + op.length > entry.size:
             raise MeshError(
                 ErrorCode.INVALID_REQUEST,

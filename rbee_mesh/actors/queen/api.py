@@ -184,6 +184,7 @@ class Api:
             self._authorize(request)
         except ApiError as exc:
             return _error(exc)
+        assert self.queen.metrics is not None  # (made before the server serves)
         return Response(self.queen.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     async def models(self, request: HttpRequest) -> Response:
@@ -324,6 +325,9 @@ async def serving_api(
         open_keeper(endpoint, config, queen.trust, name="api") as client,
         trio.open_nursery() as nursery,
     ):
+        if queen.metrics is None:
+            queen.metrics = metrics.Metrics(queen)
+            queen.server.observer = queen.metrics
         api = Api(client, queen, where, max_requests)
         http = HttpConfig()
         http.bind = [str(where)]

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_util import AsyncValue
@@ -30,7 +30,6 @@ from rbee_mesh.actors.jobserver import Ending, Handler, JobServer, ServerConfig,
 from rbee_mesh.actors.narration import narrate
 from rbee_mesh.actors.queen.dashboard import MOST_HIVES, snapshot
 from rbee_mesh.actors.queen.hives import HiveLink, HiveRegistry
-from rbee_mesh.actors.queen.metrics import Metrics
 from rbee_mesh.actors.queen.scheduler import Action, Decision, HiveView, place
 from rbee_mesh.actors.queen.sharing import Sharing
 from rbee_mesh.actors.records import JobHistory
@@ -69,6 +68,9 @@ from rbee_mesh.transport.discovery import (
     protocol_compatible,
     remember,
 )
+
+if TYPE_CHECKING:
+    from rbee_mesh.actors.queen.metrics import Metrics
 
 log = logging.getLogger("rbee_mesh.queen")
 
@@ -129,10 +131,12 @@ class Queen:
         if config.max_jobs_per_peer is None:  # a keeper's share of the queen
             config = replace(config, max_jobs_per_peer=MAX_JOBS_PER_KEEPER)
         history = JobHistory(config.job_history, records=True, journal=journal)
-        self.metrics = Metrics(self)
+        #: Its Prometheus metrics, once its HTTP server serves them (api.py makes them, and
+        #: makes them the job server's observer): a queen without one pays nothing for them.
+        self.metrics: Metrics | None = None
         self.server = JobServer(
             listener, name=self.name, actor=Actor.QUEEN, handlers=handlers, config=config,
-            trust=self.trust, history=history, observer=self.metrics,
+            trust=self.trust, history=history,
         )  # fmt: skip
         self.hives = HiveRegistry(
             queen_name=self.name, heartbeat_s=self.server.config.heartbeat_s,
@@ -329,7 +333,7 @@ class Queen:
                 link, worker, model = await self._reserve_worker(job, op)
             finally:  # (also a job that left the queue unplaced: its wait counts)
                 placed = time.time()
-                if attempt == 0:
+                if attempt == 0 and self.metrics is not None:
                     self.metrics.queued.observe(max(0.0, placed - job.created))
             try:
                 pinned = replace(op, hive=link.name, worker=worker, model=model)
