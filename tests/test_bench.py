@@ -36,7 +36,7 @@ def test_summary_gives_percentiles_rates_and_ratios_to_http_and_integrated() -> 
     assert narration["p50_vs_http"] is None  # no baseline for it in this run
 
 
-def test_targets_are_speed_ups_over_http_in_the_same_run_and_the_floor() -> None:
+def test_targets_are_speed_ups_over_http_in_the_same_run_and_the_floors() -> None:
     samples = {
         ("integrated", "control"): ([90e-6], [0]),
         ("tcp", "control"): ([700e-6], [0]),
@@ -44,15 +44,20 @@ def test_targets_are_speed_ups_over_http_in_the_same_run_and_the_floor() -> None
         ("tcp", "narration"): ([0.010], [1000]),
         ("http", "narration"): ([0.017], [1000]),
     }
-    verdicts = {t["target"]: t for t in bench.targets(bench.summarise(samples), floor_us=400.0)}
-    tcp = "control p50, localhost tcp vs HTTP + SSE"
-    assert (verdicts[tcp]["value"], verdicts[tcp]["met"]) == (4.29, True)  # goal 3x
-    integrated = "control p50, integrated (one process) vs HTTP + SSE"
-    assert (verdicts[integrated]["value"], verdicts[integrated]["met"]) == (33.33, True)
-    narration = "narration p50, localhost tcp vs HTTP + SSE"
-    assert (verdicts[narration]["value"], verdicts[narration]["met"]) == (1.7, False)  # goal 2x
+    floors = {"trio_tcp": 400.0, "protocol_tcp": 720.0, "protocol_integrated": 80.0}
+    verdicts = {t["target"]: t for t in bench.targets(bench.summarise(samples), floors)}
+    tcp = verdicts["control p50, localhost tcp vs HTTP + SSE"]
+    assert (tcp["value"], tcp["met"]) == (4.29, True)  # goal 3x
+    assert (tcp["bound"], tcp["reachable"]) == (4.17, True)  # the protocol alone: 3000/720
+    integrated = verdicts["control p50, integrated (one process) vs HTTP + SSE"]
+    assert (integrated["value"], integrated["met"]) == (33.33, True)
+    assert (integrated["bound"], integrated["reachable"]) == (37.5, True)
+    narration = verdicts["narration p50, localhost tcp vs HTTP + SSE"]
+    assert (narration["value"], narration["met"]) == (1.7, False)  # goal 2x
+    assert "bound" not in narration  # no floor is measured for it
     floor = verdicts["control p50, localhost tcp vs the trio floor"]
     assert (floor["value"], floor["met"]) == (1.75, False)  # goal within 1.6x
+    assert (floor["bound"], floor["reachable"]) == (1.8, False)  # the protocol alone: 720/400
     assert not any("tokens" in name for name in verdicts)  # not measured in this run
 
 
@@ -174,6 +179,12 @@ def test_quick_bench_measures_every_operation_in_every_mode(tmp_path: Path) -> N
                           for mode in ("curve", "plaintext")}  # fmt: skip
     for row in curve.values():
         assert 0 < row["p50_us"] <= row["p99_us"] and row["vs_plaintext"] > 0, row
+    # The floors under the control goals, measured in the same run.
+    floors = report["floors_us"]
+    assert set(floors) == {
+        "trio_tcp", "protocol_tcp", "protocol_integrated", "protocol_integrated_lean"
+    }  # fmt: skip
+    assert all(us > 0 for us in floors.values()), floors
     assert json.loads((tmp_path / "modes.json").read_text())["results"] == report["results"]
     assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
