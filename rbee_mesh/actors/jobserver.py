@@ -519,15 +519,16 @@ class JobServer:
             await trio.lowlevel.checkpoint()  # let others run, and wait for a slow watcher
             await watcher.peer.writable()
         # All it has was sent; from here, in the same step, each frame as it comes.
-        if record.terminal is None:
+        if record.end_frame is None:
             record.watchers.append(relay)
             try:
                 await record.ended.wait()
             finally:
                 with suppress(ValueError):
                     record.watchers.remove(relay)
-        assert record.terminal is not None
-        return Ending(record.terminal)
+        terminal = record.terminal
+        assert terminal is not None
+        return Ending(terminal)
 
     def _flush_at(self, job: ServerJob, when: float) -> None:
         self._flushes[job] = when
@@ -960,7 +961,7 @@ class JobServer:
         self.job_count.value = len(self._jobs)
         job.peer.jobs.discard(job)
         if job.record is not None:
-            job.record.end(terminal)
+            job.record.end(terminal.KIND, frames[3])
         self.history.ended(job.summary(), job.record)
         if self.observer is not None:
             self.observer.job_ended(job, terminal)

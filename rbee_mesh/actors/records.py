@@ -84,7 +84,10 @@ class JobRecord:
     #: Whether the frames were forgotten since (an old finished job's, or one from before a
     #: queen's restart that had none written), though its end is remembered.
     forgotten: bool = False
-    terminal: Message | None = None
+    #: Its terminal frame once it has ended, kept encoded: a finished job's result decoded (a
+    #: `status` of 1,000 hives is a million objects) would stay for the garbage collector to walk
+    #: at every full collection, for as long as the job is remembered.
+    end_frame: Frame | None = None
     watchers: list[Watcher] = field(default_factory=list)
     ended: trio.Event = field(default_factory=trio.Event)
 
@@ -126,10 +129,19 @@ class JobRecord:
         for watcher in self.watchers:
             watcher(kind, body)
 
-    def end(self, terminal: Message) -> None:
-        self.terminal = terminal
+    def end(self, kind: Kind, body: bytes) -> None:
+        """The job ended with this terminal frame (its kind and encoded body)."""
+        self.end_frame = (kind, body)
         self.watchers.clear()
         self.ended.set()
+
+    @property
+    def terminal(self) -> Message | None:
+        """Its terminal message, decoded (None while it runs)."""
+        if self.end_frame is None:
+            return None
+        kind, body = self.end_frame
+        return decode([HEADER, bytes([kind]), self.job_id.encode("ascii"), body])
 
     @property
     def messages_before_tail(self) -> int:
@@ -159,7 +171,8 @@ class JobRecord:
     # ---- the journal's form ------------------------------------------------------------------
 
     def to_journal(self) -> dict[str, Any]:
-        assert self.terminal is not None
+        assert self.end_frame is not None
+        kind, body = self.end_frame
         return {
             "accepted": self.accepted.to_wire(),
             "head": [[int(k), b] for k, b in self.head],
@@ -167,15 +180,17 @@ class JobRecord:
             "count": self.count,
             "messages": self.messages,
             "forgotten": self.forgotten,
-            "terminal": [int(self.terminal.KIND), _body(self.terminal)],
+            "terminal": [int(kind), body],
         }
 
     @classmethod
     def from_journal(cls, job_id: str, entry: dict[str, Any], budget: RecordBudget) -> JobRecord:
         """Raises ProtocolError, KeyError, TypeError or ValueError for an entry it cannot read."""
         accepted = Accepted.from_wire(entry["accepted"], "ACCEPTED", job_id=job_id)
-        kind, body = entry["terminal"]
-        terminal = decode([HEADER, bytes([kind]), job_id.encode("ascii"), bytes(body)])
+        kind, body = Kind(entry["terminal"][0]), bytes(entry["terminal"][1])
+        terminal = decode([HEADER, bytes([kind]), job_id.encode("ascii"), body])
+        if not terminal.is_terminal:
+            raise ValueError(f"a {kind.name} frame cannot end a job")
         head = [(Kind(k), bytes(b)) for k, b in entry["head"]]
         tail = deque((Kind(k), bytes(b)) for k, b in entry["tail"])
         record = cls(
@@ -187,7 +202,7 @@ class JobRecord:
             tail_messages=sum(messages_in(k, b) for k, b in tail),
         )  # fmt: skip
         budget.used += record.size
-        record.end(terminal)
+        record.end(kind, body)
         return record
 
 
@@ -388,5 +403,5 @@ def _lost(summary: dict[str, Any]) -> EndedJob:
         deadline_s=float(deadline_s or 1.0),
     )
     record = JobRecord(accepted, head_open=False, forgotten=True)
-    record.end(error)
+    record.end(Kind.ERROR, _body(error))
     return EndedJob(summary, record)
