@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -35,6 +34,7 @@ from functools import partial
 import trio
 import zmq
 
+from benchmarks.zmq_floor import percentiles
 from rbee_mesh.transport.zmq_trio import TrioSocket
 
 _HEADER, _JOB = b"RBEE\x06", b"job-0123456789ab"
@@ -236,17 +236,9 @@ def measure(runs: int) -> dict[str, dict[str, float]]:
     """The floors, p50 and p99 in us: in one process as the mesh lays its actors out
     (`integrated`) and in the leanest layout (`integrated_lean`), and over tcp."""
     return {
-        "integrated": _percentiles(trio.run(in_process, runs)),
-        "integrated_lean": _percentiles(trio.run(partial(in_process, runs, lean=True))),
-        "tcp": _percentiles(over_tcp(runs)),
-    }
-
-
-def _percentiles(times: list[float]) -> dict[str, float]:
-    times.sort()
-    return {
-        "p50_us": round(statistics.median(times) * 1e6, 1),
-        "p99_us": round(times[round(0.99 * (len(times) - 1))] * 1e6, 1),
+        "integrated": percentiles(trio.run(in_process, runs)),
+        "integrated_lean": percentiles(trio.run(partial(in_process, runs, lean=True))),
+        "tcp": percentiles(over_tcp(runs)),
     }
 
 

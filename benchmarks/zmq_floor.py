@@ -91,6 +91,11 @@ def round_trips(endpoint: str, runs: int) -> dict[str, float]:
         sock.recv_multipart()
         if i >= 200:  # the first ones connect and warm up
             times.append(time.perf_counter() - start)
+    return percentiles(times)
+
+
+def percentiles(times: list[float]) -> dict[str, float]:
+    """p50 and p99 (nearest rank) of round trips in seconds, in us."""
     times.sort()
     return {
         "p50_us": round(statistics.median(times) * 1e6, 1),
