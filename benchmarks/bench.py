@@ -374,9 +374,9 @@ SPEEDUP_GOALS = {
 #: And the control operation over localhost tcp within this factor of the trio floor: the same
 #: two hops through three processes with nothing in them (benchmarks/zmq_floor.py).
 FLOOR_GOAL = 1.6
-#: The floors under the control goals, measured in the run (`floors`): the mode each goal's
-#: protocol floor is of (benchmarks/protocol_floor.py).
-PROTOCOL_FLOOR_OF = {("control", "tcp"): "tcp", ("control", "integrated"): "integrated"}
+#: The goals under which the run measures the job protocol's own floor in the same mode
+#: (benchmarks/protocol_floor.py; `floors["protocol_" + mode]`).
+PROTOCOL_FLOORS = {("control", "tcp"), ("control", "integrated")}
 
 
 def targets(rows: Sequence[dict[str, Any]], floors: dict[str, float]) -> list[dict[str, Any]]:
@@ -396,7 +396,7 @@ def targets(rows: Sequence[dict[str, Any]], floors: dict[str, float]) -> list[di
             "goal": f">= {goal:g}x faster",
             "met": speedup >= goal,
         }
-        floor = floors.get(f"protocol_{PROTOCOL_FLOOR_OF.get((op, mode))}")
+        floor = floors.get(f"protocol_{mode}") if (op, mode) in PROTOCOL_FLOORS else None
         if floor and (op, "http") in by:
             bound = round(by[op, "http"]["p50_us"] / floor, 2)
             target.update(bound=bound, reachable=bound >= goal)

@@ -30,18 +30,22 @@ import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from multiprocessing.connection import Connection
 
 import trio
 import zmq
 
 from benchmarks.zmq_floor import percentiles
+from rbee_mesh.protocol.codec import HEADER
 from rbee_mesh.transport.zmq_trio import TrioSocket
 
-_HEADER, _JOB = b"RBEE\x06", b"job-0123456789ab"
-SUBMIT = [_HEADER, b"\x01", b"", b"s" * 95]
-ACCEPTED = [_HEADER, b"\x02", _JOB, b"a" * 51]
-NARRATION = [_HEADER, b"\x03", _JOB, b"n" * 129]
-DONE = [_HEADER, b"\x06", _JOB, b"d" * 126]
+_JOB = b"job-0123456789ab"
+#: A keeper's SUBMIT has no job id; the queen's, forwarding it, has the job's.
+SUBMIT = [HEADER, b"\x01", b"", b"s" * 95]
+FORWARDED = [HEADER, b"\x01", _JOB, b"s" * 95]
+ACCEPTED = [HEADER, b"\x02", _JOB, b"a" * 51]
+NARRATION = [HEADER, b"\x03", _JOB, b"n" * 129]
+DONE = [HEADER, b"\x06", _JOB, b"d" * 126]
 _KIND_ACCEPTED, _KIND_NARRATION, _KIND_DONE = ACCEPTED[1], NARRATION[1], DONE[1]
 WARM_UP = 200
 
@@ -81,7 +85,7 @@ async def queen(receive: Receive, send: Send, down: Send, up: Receive) -> None:
     async def job(peer: bytes) -> None:
         answers, answered = trio.open_memory_channel[list[bytes]](10)
         waiting[_JOB], keepers[_JOB] = answers, peer
-        down(SUBMIT)
+        down(FORWARDED)
         await answered.receive()  # ACCEPTED
         done = await answered.receive()
         del waiting[_JOB]
@@ -112,7 +116,7 @@ async def relaying_queen(receive: Receive, send: Send, down: Send, up: Receive) 
             peer, *_ = await receive()
             send([peer, *ACCEPTED])
             keepers[_JOB] = peer
-            down(SUBMIT)
+            down(FORWARDED)
 
 
 async def keeper(
@@ -171,10 +175,11 @@ async def in_process(runs: int, *, lean: bool = False) -> list[float]:
 # ---- three processes ------------------------------------------------------------------------
 
 
-def _router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> TrioSocket:
+def _router(ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[TrioSocket, str]:
+    """A ROUTER on an ephemeral loopback port, and its endpoint."""
     sock = TrioSocket(ctx.socket(zmq.ROUTER))
-    sock.socket.bind(endpoint)
-    return sock
+    sock.socket.bind("tcp://127.0.0.1:*")
+    return sock, sock.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> TrioSocket:
@@ -183,18 +188,20 @@ def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> TrioSocket:
     return sock
 
 
-def _hive_process(endpoint: str) -> None:
+def _hive_process(bound: Connection) -> None:
     async def serve() -> None:
-        sock = _router(zmq.Context(), endpoint)
+        sock, endpoint = _router(zmq.Context())
+        bound.send(endpoint)
         await hive(sock.recv_multipart, sock.send_multipart_nowait)
 
     trio.run(serve)
 
 
-def _queen_process(endpoint: str, hive_endpoint: str) -> None:
+def _queen_process(bound: Connection, hive_endpoint: str) -> None:
     async def serve() -> None:
         ctx = zmq.Context()
-        front, back = _router(ctx, endpoint), _dealer(ctx, hive_endpoint)
+        (front, endpoint), back = _router(ctx), _dealer(ctx, hive_endpoint)
+        bound.send(endpoint)
         await queen(
             front.recv_multipart, front.send_multipart_nowait, back.send_multipart_nowait,
             back.recv_multipart,
@@ -203,29 +210,41 @@ def _queen_process(endpoint: str, hive_endpoint: str) -> None:
     trio.run(serve)
 
 
-def over_tcp(runs: int, port: int = 17951) -> list[float]:
-    """The three actors as processes on localhost tcp (the queen's and the hive's ports:
-    `port` and the next)."""
-    queen_endpoint, hive_endpoint = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
-    procs = [
-        multiprocessing.Process(target=_hive_process, args=(hive_endpoint,), daemon=True),
-        multiprocessing.Process(
-            target=_queen_process, args=(queen_endpoint, hive_endpoint), daemon=True
-        ),
-    ]
-    for proc in procs:
-        proc.start()
+def _start(procs: list[multiprocessing.Process], target: Callable[..., None], *args: str) -> str:
+    """Start a server process; the endpoint it bound."""
+    mine, theirs = multiprocessing.Pipe()
+    proc = multiprocessing.Process(target=target, args=(theirs, *args), daemon=True)
+    procs.append(proc)
+    proc.start()
+    if not mine.poll(30):
+        raise RuntimeError(
+            f"{target.__name__} bound nothing within 30 s (exit code {proc.exitcode})"
+        )
+    return str(mine.recv())
 
-    async def client() -> list[float]:
-        sock = _dealer(zmq.Context(), queen_endpoint)
-        with trio.fail_after(10):  # both servers up and connected: a first job goes through
-            await sock.send_multipart(SUBMIT)
-            while (await sock.recv_multipart())[1] != _KIND_DONE:
-                pass
-        return await keeper(sock.send_multipart_nowait, sock.recv_multipart, runs)
+
+def over_tcp(runs: int) -> list[float]:
+    """The three actors as processes on localhost tcp (ephemeral ports)."""
+    procs: list[multiprocessing.Process] = []
+
+    async def client(endpoint: str) -> list[float]:
+        ctx = zmq.Context()
+        sock = _dealer(ctx, endpoint)
+        try:
+            # A bound on the whole: a server that dies midway must not hang the benchmark.
+            with trio.fail_after(30 + runs * 0.01):
+                await sock.send_multipart(SUBMIT)  # both servers up and connected: it comes back
+                while (await sock.recv_multipart())[1] != _KIND_DONE:
+                    pass
+                return await keeper(sock.send_multipart_nowait, sock.recv_multipart, runs)
+        finally:
+            await sock.aclose()
+            ctx.destroy(linger=0)
 
     try:
-        return trio.run(client)
+        hive_endpoint = _start(procs, _hive_process)
+        queen_endpoint = _start(procs, _queen_process, hive_endpoint)
+        return trio.run(client, queen_endpoint)
     finally:
         for proc in procs:
             proc.kill()

@@ -146,6 +146,7 @@ async def test_a_long_stream_keeps_its_head_and_its_end_and_the_replay_says_what
     [ended] = [j for j in mem_queen.server.history if j.summary["id"] == job.job_id]
     assert ended.record is not None
     assert JOB_RECORD_BYTES * 0.9 < ended.record.size <= JOB_RECORD_BYTES
+    assert ended.record.end_frame == (Kind.DONE, encode(seen[-1])[3])  # its end, as sent
     _, frames = as_watched(replayed)
     gaps = [m for m in frames if isinstance(m, Narration) and m.action == "watch"]
     assert len(gaps) == 1
@@ -211,7 +212,7 @@ def test_the_history_forgets_the_oldest_jobs_and_frames_past_its_limits() -> Non
 
 def test_the_history_keeps_each_result_encoded_not_as_objects_for_the_collector() -> None:
     # A queen remembers its last jobs; a `status` of 1,000 hives is a result of thousands of
-    # objects, which, kept decoded, every full garbage collection would walk (100-250 ms each
+    # objects, which, kept decoded, every full garbage collection would walk (45-250 ms each
     # at 1,000 simulated hives).
     history = JobHistory(limit=20, records=True)
     gc.collect()
@@ -252,6 +253,30 @@ def test_the_journal_brings_back_what_ended_and_ends_what_ran_when_the_queen_die
     assert lost.record.accepted.ref == "r7" and lost.record.forgotten
     before.close()
     after.close()
+
+
+@pytest.mark.parametrize(
+    "terminal",
+    [[int(Kind.NARRATION), b"\x80"], [int(Kind.DONE)], [99, b"\x80"], "done"],
+    ids=["not-a-terminal-kind", "no-body", "unknown-kind", "not-a-list"],
+)
+def test_a_journal_record_whose_end_cannot_be_read_loses_that_record_only(
+    tmp_path: Path, terminal: object
+) -> None:
+    journal = tmp_path / "jobs.journal"
+    first = JobHistory(limit=10, journal=journal)
+    first.ended(summary("job-one"), record_of("job-one", 1))
+    first.close()
+    damaged = record_of("job-two", 1).to_journal()
+    damaged["terminal"] = terminal
+    with journal.open("ab") as f:
+        f.write(msgpack.packb({"end": {"summary": summary("job-two"), "record": damaged}}))
+        f.write(msgpack.packb({"end": {"summary": summary("job-three"), "record": None}}))
+    again = JobHistory(limit=10, journal=journal)
+    assert [e.summary["id"] for e in again] == ["job-one", "job-two", "job-three"]
+    two = again.get("job-two")
+    assert two is not None and two.record is None  # the summary is kept, the record is not
+    again.close()
 
 
 def test_a_journal_torn_mid_line_keeps_what_came_before(tmp_path: Path) -> None:

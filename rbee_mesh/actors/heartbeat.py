@@ -8,10 +8,10 @@ number of links from one task, and calls each link back for the third.
 
 With many links the work is spread: the links are taken a slice at a time, the slices spread
 over the interval, so that a queen of 1,000 hives neither holds its loop for the whole check
-(2-3 ms) nor sends 1,000 heartbeats in one burst. A slice is small (25 links, ~0.5 ms): a job
-that arrives while one is tended waits for it, and slices of 100 put the p99 of a forwarded
-`worker list` at 1,000 simulated hives at 8.4-10.5 ms, against 5.6-7.8 ms with 25
-(docs/benchmarks.md, "Scale").
+(2-3 ms) nor sends 1,000 heartbeats in one burst. A slice is small (25 links): a job that
+arrives while one is tended (its links checked, and beaten where due) waits for it, and slices
+of 100 put the p99 of a forwarded `worker list` at 1,000 simulated hives at 8.4-10.5 ms,
+against 5.6-7.8 ms with 25 (docs/benchmarks.md, "Scale").
 
 A schedule that was itself asleep (its process frozen or starved for longer than a heartbeat
 interval) judges no one on waking: the frames its peers sent meanwhile are still unread in the

@@ -31,7 +31,17 @@ import msgpack
 import trio
 
 from rbee_mesh.files import write_atomic
-from rbee_mesh.protocol import Accepted, Error, ErrorCode, Kind, Message, ProtocolError, decode
+from rbee_mesh.protocol import (
+    TERMINAL_KINDS,
+    Accepted,
+    Error,
+    ErrorCode,
+    Kind,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+)
 from rbee_mesh.protocol.codec import HEADER, batch_length
 from rbee_mesh.protocol.constants import (
     FINISHED_JOBS_KEPT,
@@ -187,10 +197,11 @@ class JobRecord:
     def from_journal(cls, job_id: str, entry: dict[str, Any], budget: RecordBudget) -> JobRecord:
         """Raises ProtocolError, KeyError, TypeError or ValueError for an entry it cannot read."""
         accepted = Accepted.from_wire(entry["accepted"], "ACCEPTED", job_id=job_id)
-        kind, body = Kind(entry["terminal"][0]), bytes(entry["terminal"][1])
-        terminal = decode([HEADER, bytes([kind]), job_id.encode("ascii"), body])
-        if not terminal.is_terminal:
+        kind, body = entry["terminal"]
+        kind, body = Kind(kind), bytes(body)
+        if kind not in TERMINAL_KINDS:
             raise ValueError(f"a {kind.name} frame cannot end a job")
+        decode([HEADER, bytes([kind]), job_id.encode("ascii"), body])  # (checked, and kept packed)
         head = [(Kind(k), bytes(b)) for k, b in entry["head"]]
         tail = deque((Kind(k), bytes(b)) for k, b in entry["tail"])
         record = cls(
@@ -209,11 +220,6 @@ class JobRecord:
 def messages_in(kind: Kind, body: bytes) -> int:
     """How many messages a recorded frame holds: a BATCH its frames, any other one."""
     return batch_length(body) if kind is Kind.BATCH else 1
-
-
-def _body(message: Message) -> bytes:
-    packed: bytes = msgpack.packb(message.to_wire(), use_bin_type=True)
-    return packed
 
 
 @dataclass(eq=False)
@@ -403,5 +409,5 @@ def _lost(summary: dict[str, Any]) -> EndedJob:
         deadline_s=float(deadline_s or 1.0),
     )
     record = JobRecord(accepted, head_open=False, forgotten=True)
-    record.end(Kind.ERROR, _body(error))
+    record.end(Kind.ERROR, encode(error)[3])
     return EndedJob(summary, record)
