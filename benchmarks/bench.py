@@ -25,7 +25,10 @@ Each mode's keeper side is an agent process (benchmarks/agent.py). The driver in
 them: every round runs a batch of each operation in each mode, in a new random order, so that
 machine noise falls on all modes alike. Reported per mode and operation: p50, p99, the rate
 (operations, events or tokens per second) and the p50 as a ratio to the HTTP baseline and to the
-integrated mode.
+integrated mode. With the control operation, the floors under it are measured in the same run:
+the trio floor (two tcp hops with nothing in them, benchmarks/zmq_floor.py) and the job
+protocol alone (its frames and task steps, in one process and over tcp,
+benchmarks/protocol_floor.py); each control goal then says the best the protocol allows.
 
 `--serve` runs another benchmark instead: concurrent requests served by llama-cpp-python and by
 rbee-mesh (benchmarks/serving.py); `--detection` how long failures take to notice
@@ -753,8 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "integrated (one process), localhost ipc, localhost tcp, remote tcp (network namespaces) "
         "and HTTP + SSE (uvicorn + starlette), interleaved round by round; with the tokens, "
         "inference on a real model by llama-cpp-python in process, the mesh's infer and the "
-        "OpenAI-compatible API, when the model file is there (--real-model). Prints a table (or "
-        "JSON) and writes modes.json and modes.png (or scale.json, cli_startup.json).",
+        "OpenAI-compatible API, when the model file is there (--real-model); with the control "
+        "operation, the floors under it (trio alone, and the job protocol alone), and beside each "
+        "control goal the best the protocol allows. Prints a table (or JSON) and writes "
+        "modes.json and modes.png (or scale.json, cli_startup.json).",
     )
     parser.add_argument(
         "--quick", action="store_true", help="fewer rounds and runs: done within a minute"
